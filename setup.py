@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="finetrain",
+    version="0.1.0",
+    description="Distributed fine-tuning: FSDP2, DeepSpeed ZeRO, peft, document-isolated packing, rehearsal mixing",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["trainer", "trainer.*", "launch", "launch.*"]),
+    # torch is installed first by `make setup` (CPU or CUDA build as the machine has);
+    # any release satisfying this range is kept as is.
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+        "submitit>=1.5",
+    ],
+    extras_require={
+        # DeepSpeed compiles against the installed torch: pip install --no-build-isolation
+        "deepspeed": ["deepspeed>=0.16"],
+        "flash-attn": ["flash-attn>=2.6"],  # CUDA only
+        "wandb": ["wandb>=0.18"],
+        # real models and text used by the demo configs, benchmarks and tests
+        "data": ["gguf>=0.10", "gensim>=4.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["finetrain=launch.cli:main"]},
+)

@@ -1,0 +1,90 @@
+"""Process group from the environment: torchrun, Slurm (srun/submitit), or nothing.
+
+A world of one still gets a real process group (over an in-memory store), so the
+strategy code and the collectives in the loop run exactly as they do on N ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size): torchrun's variables first, then Slurm's."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    return rank, local_rank, world
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Start the process group for this process; idempotent."""
+    rank, local_rank, world = world_from_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            if "MASTER_ADDR" not in os.environ:
+                raise RuntimeError(
+                    f"WORLD_SIZE={world} but MASTER_ADDR is not set: launch with torchrun or srun "
+                    "(finetrain train --nproc N does this for you)"
+                )
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    device_id=device if backend == "nccl" else None)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place, returning the tensor (fp64/int64 keep counts exact)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

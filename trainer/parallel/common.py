@@ -1,0 +1,55 @@
+"""Pieces shared by the strategies: activation checkpointing, DCP save/load, clipping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant, so it
+    composes with FSDP2, DDP, DeepSpeed and frozen peft base weights)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"parallel.activation_checkpointing: {type(base).__name__} does not support it")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Model and optimizer as a DCP checkpoint (sharded when the model is), scheduler alongside."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        torch.save(scheduler.state_dict(), path / "scheduler.pt")
+
+
+def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Inverse of dcp_save; DCP reshards, so the world size may differ from the saver's."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+
+
+def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model state on rank 0's CPU; empty on other ranks."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def clip_and_norm(parameters, max_norm: float) -> float:
+    """Global gradient norm before clipping; clip when max_norm > 0 (DTensor-aware)."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=False)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
