@@ -209,8 +209,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
         _apply_override(raw, item)
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors)
-    if not errors:
-        errors.extend(validate(cfg, check_files=check_files, base_dir=Path(path).parent if path else Path(".")))
+    try:
+        errors.extend(validate(cfg, check_files=check_files))
+    except (TypeError, ValueError, AttributeError):
+        if not errors:  # range checks only trip over values already reported as mistyped
+            raise
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg
@@ -345,7 +348,7 @@ def _describe(hint) -> str:
 # ------------------------------------------------------------------------ validation
 
 
-def validate(cfg: Config, check_files: bool = True, base_dir: Path = Path(".")) -> list[str]:
+def validate(cfg: Config, check_files: bool = True) -> list[str]:
     """Range and consistency checks that types alone cannot express."""
     errors = []
 

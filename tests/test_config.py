@@ -1,0 +1,106 @@
+"""Config: every class of bad input stops at start-up, names the key, exits 2, writes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY_LLAMA, write_jsonl
+from trainer.config import ConfigError, load_config
+
+
+def base_config(tmp_path: Path) -> dict:
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                              {"role": "assistant", "content": "hello"}]}])
+    return {
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"config": dict(TINY_LLAMA), "tokenizer": "train-bpe"},
+        "data": {"seq_len": 64, "datasets": [{"name": "sft", "path": str(data), "format": "chat"}]},
+        "train": {"max_steps": 2},
+    }
+
+
+def write_config(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_valid_config_loads_with_defaults(tmp_path):
+    cfg = load_config(write_config(tmp_path, base_config(tmp_path)))
+    assert cfg.optim.lr == 2e-5
+    assert cfg.data.datasets[0].name == "sft"
+    assert cfg.parallel.strategy == "auto"
+
+
+def test_overrides_apply_with_types(tmp_path):
+    cfg = load_config(write_config(tmp_path, base_config(tmp_path)),
+                      ["optim.lr=1e-5", "data.packing=false", "parallel.strategy=fsdp", "data.datasets.0.weight=0.5"])
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.packing is False
+    assert cfg.parallel.strategy == "fsdp"
+    assert cfg.data.datasets[0].weight == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["optim.lrr=1e-5"], "unknown key optim.lrr; did you mean optim.lr?"),
+        (["trian.max_steps=3"], "unknown key trian; did you mean train?"),
+        (["optim.lr=0"], "optim.lr: must be > 0, got 0.0"),
+        (["optim.lr=fast"], "optim.lr: expected a number, got 'fast'"),
+        (["data.seq_len=8"], "data.seq_len: must be >= 16, got 8"),
+        (["data.datasets.0.weight=-1"], "data.datasets.0.weight: must be > 0, got -1.0"),
+        (["data.datasets.0.path=/nonexistent/x.jsonl"], "data.datasets.0.path: /nonexistent/x.jsonl does not exist"),
+        (["peft.method=lorax"], "peft.method: 'lorax' is not one of none, lora, dora, ia3, prompt_tuning, prefix_tuning (did you mean lora?)"),
+        (["data.packing=maybe"], "data.packing: expected true or false, got 'maybe'"),
+        (["train.global_batch_size=6", "train.micro_batch_size=4"], "train.global_batch_size: 6 is not a multiple of train.micro_batch_size 4"),
+        (["train.epochs=1"], "train: set exactly one of train.max_steps and train.epochs"),
+        (["parallel.strategy=ddp", "parallel.offload=params"], "parallel.offload: params offload needs strategy fsdp or zero3"),
+        (["peft.method=prefix_tuning"], "data.packing: prefix tuning feeds its prefix as a KV cache"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path, base_config(tmp_path)), overrides)
+    assert expected in str(err.value)
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path, base_config(tmp_path)), ["optim.lr=-1", "data.seq_len=4"])
+    lines = str(err.value).splitlines()
+    assert any(line.startswith("optim.lr") for line in lines)
+    assert any(line.startswith("data.seq_len") for line in lines)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  name: x\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml:\d+: not valid YAML"):
+        load_config(path)
+
+
+def test_missing_model_and_data(tmp_path):
+    path = write_config(tmp_path, {"train": {"max_steps": 1}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "model: set model.path" in str(err.value)
+    assert "data.datasets: at least one dataset is required" in str(err.value)
+
+
+@pytest.mark.parametrize("entry", [["-m", "trainer"], ["-m", "launch.cli", "train"]])
+def test_cli_exits_2_and_writes_nothing(tmp_path, entry):
+    cfg = base_config(tmp_path)
+    path = write_config(tmp_path, cfg)
+    proc = subprocess.run([sys.executable, *entry, str(path), "optim.lrr=1e-5", "data.seq_len=4"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown key optim.lrr; did you mean optim.lr?" in proc.stderr
+    assert "data.seq_len: must be >= 16" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not Path(cfg["run"]["output_dir"]).exists()

@@ -1,0 +1,198 @@
+"""Atomic checkpoints, retention, resume discovery and Hugging Face export.
+
+A checkpoint is the folder `checkpoints/step-00000042/`. It is written as
+`.incomplete-step-00000042/`, gets its completion mark `COMPLETE` last, and is then
+renamed into place, so a run killed mid-save leaves only a folder that resume
+ignores (and the next save clears). Inside: the strategy's own files (DCP shards,
+or DeepSpeed's), `trainer_state.pt` (step, data loader position, counters, W&B run id),
+the resolved `config.yaml` and the `tokenizer/`, so that a checkpoint is exportable
+on its own.
+
+No RNG state is stored: every step reseeds torch from (run.seed, step, rank)
+(`seed_step`), which makes a resumed step draw exactly what it would have drawn,
+at any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from trainer.config import Config, dump_yaml, load_config
+from trainer.distributed import DistInfo, barrier
+
+log = logging.getLogger("finetrain")
+
+COMPLETE_MARK = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch for one optimizer step; a function of (seed, step, rank) only."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / COMPLETE_MARK).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def read_mark(path: Path) -> dict:
+    mark = path / COMPLETE_MARK
+    if not mark.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARK} mark)")
+    return json.loads(mark.read_text())
+
+
+class Checkpointer:
+    def __init__(self, cfg: Config, dist_info: DistInfo, strategy_name: str):
+        self.cfg = cfg
+        self.dist = dist_info
+        self.strategy_name = strategy_name
+        self.directory = cfg.checkpoint_dir
+
+    def resume_path(self) -> Path | None:
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            found = complete_checkpoints(self.directory)
+            return found[-1] if found else None
+        path = Path(resume)
+        read_mark(path)  # refuse a half-written folder given by hand, too
+        return path
+
+    def save(self, step: int, strategy, trainer_state: dict, tokenizer) -> Path:
+        """Collective: every rank writes its shards, rank 0 seals and renames."""
+        final = self.directory / step_dir_name(step)
+        staging = self.directory / f".incomplete-{step_dir_name(step)}"
+        if self.dist.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(".incomplete-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir()
+        barrier()
+        strategy.save(staging)
+        barrier()
+        if self.dist.is_main:
+            torch.save(trainer_state, staging / "trainer_state.pt")
+            (staging / "config.yaml").write_text(dump_yaml(self.cfg))
+            tokenizer.save_pretrained(staging / "tokenizer")
+            mark = {"step": step, "world_size": self.dist.world_size, "strategy": self.strategy_name,
+                    "format": "deepspeed" if self.strategy_name.startswith("zero") else "dcp"}
+            _write_synced(staging / COMPLETE_MARK, json.dumps(mark))
+            if final.exists():  # same step saved again (e.g. signal right after a periodic save)
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            _fsync_dir(self.directory)
+            self._apply_retention()
+            log.info("saved checkpoint %s", final)
+        barrier()
+        return final
+
+    def load(self, path: Path, strategy) -> dict:
+        mark = read_mark(path)
+        saved_format = mark["format"]
+        wanted = "deepspeed" if self.strategy_name.startswith("zero") else "dcp"
+        if saved_format != wanted:
+            raise ValueError(
+                f"checkpoint {path} was written by strategy {mark['strategy']} ({saved_format} format); "
+                f"parallel.strategy {self.strategy_name} reads {wanted} checkpoints. Resume with the same "
+                "family of strategy, or start fresh with checkpoint.resume=never"
+            )
+        strategy.load(path)
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        log.info("resumed from %s (step %d, saved on %d ranks)", path, mark["step"], mark["world_size"])
+        return state
+
+    def _apply_retention(self) -> None:
+        for old in complete_checkpoints(self.directory)[: -self.cfg.checkpoint.keep_last]:
+            # Remove the mark first: a crash halfway leaves an ignored folder, never a broken "complete" one.
+            (old / COMPLETE_MARK).unlink()
+            shutil.rmtree(old)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
+    """Write a Hugging Face folder from a checkpoint: the full model, the peft adapter
+    (loads with `peft.PeftModel.from_pretrained`), or with `merge` the merged model."""
+    from transformers import AutoTokenizer
+
+    from trainer.models import build_model
+    from trainer.peft import is_peft_model, merge_adapter
+
+    checkpoint = Path(checkpoint)
+    mark = read_mark(checkpoint)
+    cfg = load_config(checkpoint / "config.yaml", check_files=False)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
+    model = build_model(cfg, tokenizer, attention="sdpa")
+    load_model_weights(checkpoint, mark, model)
+    if merge:
+        if not is_peft_model(model):
+            raise ValueError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
+        model = merge_adapter(model)
+    elif is_peft_model(model) and cfg.model.config is not None:
+        log.warning("the adapter's base model is a random init (model.config); export with --merge for a standalone model")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_model_weights(checkpoint: Path, mark: dict, model: torch.nn.Module) -> None:
+    """Load the trained weights of `checkpoint` into a freshly built (unwrapped) model, in one process."""
+    if mark["format"] == "deepspeed":
+        from trainer.parallel.zero import consolidated_state_dict
+
+        state = consolidated_state_dict(checkpoint)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        frozen_ok = [k for k in missing if not _is_trainable(model, k)]
+        if unexpected or len(missing) != len(frozen_ok):
+            raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
+    set_model_state_dict(model, state["model"])
+
+
+def _is_trainable(model: torch.nn.Module, key: str) -> bool:
+    params = dict(model.named_parameters())
+    return key in params and params[key].requires_grad
