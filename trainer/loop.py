@@ -110,109 +110,126 @@ def prepare_run_dir(cfg: Config, dist_info: DistInfo) -> None:
     barrier()
 
 
-def train(cfg: Config, debug: bool = False) -> dict:
-    """Run (or resume) training as configured; returns the last logged record."""
-    dist_info = init_distributed()
-    strategy_name = resolve_strategy(cfg, dist_info.world_size)
-    if debug:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    prepare_run_dir(cfg, dist_info)
-    torch.manual_seed(cfg.run.seed)
+class Trainer:
+    """Everything a run needs, set up in the order it is needed; `fit()` is the loop."""
 
-    attention = resolve_attention(cfg.model, dist_info.device)
-    # Rank 0 first: it may train or convert the tokenizer and fill the data cache.
-    tokenizer = None
-    for turn in (True, False):
-        if dist_info.is_main == turn:
-            tokenizer = load_tokenizer(cfg, lambda: training_texts(cfg))
-        barrier()
-    loader = build_train_loader(cfg, tokenizer, attention, dist_info.rank, dist_info.world_size)
-    eval_sets = build_eval_sets(cfg, tokenizer, attention, dist_info.rank, dist_info.world_size)
-    accum = accumulation_steps(cfg, dist_info.world_size)
-    steps = total_steps(cfg, loader)
+    def __init__(self, cfg: Config, debug: bool = False):
+        self.cfg = cfg
+        self.debug = debug
+        self.dist = dist_info = init_distributed()
+        self.strategy_name = resolve_strategy(cfg, dist_info.world_size)
+        if debug:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        prepare_run_dir(cfg, dist_info)
+        torch.manual_seed(cfg.run.seed)
 
-    strategy = build_strategy(cfg, dist_info)
-    model = strategy.build_model(lambda: build_model(cfg, tokenizer, attention))
-    trainable, total = parameter_counts(model)
-    strategy.setup(model, steps)
-    log.info("strategy %s on %d rank(s), attention %s, %d micro-batch(es) of %d per step, %d steps; "
-             "%s of %s parameters trainable", strategy_name, dist_info.world_size, attention, accum,
-             cfg.train.micro_batch_size, steps, f"{trainable:,}", f"{total:,}")
+        self.attention = resolve_attention(cfg.model, dist_info.device)
+        # Rank 0 first: it may train or convert the tokenizer and fill the data cache.
+        for turn in (True, False):
+            if dist_info.is_main == turn:
+                self.tokenizer = load_tokenizer(cfg, lambda: training_texts(cfg))
+            barrier()
+        self.loader = build_train_loader(cfg, self.tokenizer, self.attention, dist_info.rank, dist_info.world_size)
+        self.eval_sets = build_eval_sets(cfg, self.tokenizer, self.attention, dist_info.rank, dist_info.world_size)
+        self.accum = accumulation_steps(cfg, dist_info.world_size)
+        self.total_steps = total_steps(cfg, self.loader)
 
-    checkpointer = Checkpointer(cfg, dist_info, strategy_name)
-    state = {"step": 0, "counts": None, "wandb_run_id": None}
-    resume_from = checkpointer.resume_path()
-    if resume_from is not None:
-        state = checkpointer.load(resume_from, strategy)
-        loader.load_state_dict(state["loader"])
+        self.strategy = build_strategy(cfg, dist_info)
+        model = self.strategy.build_model(lambda: build_model(cfg, self.tokenizer, self.attention))
+        trainable, self.num_params = parameter_counts(model)
+        self.strategy.setup(model, self.total_steps)
+        log.info("strategy %s on %d rank(s), attention %s, %d micro-batch(es) of %d per step, %d steps; "
+                 "%s of %s parameters trainable", self.strategy_name, dist_info.world_size, self.attention,
+                 self.accum, cfg.train.micro_batch_size, self.total_steps, f"{trainable:,}", f"{self.num_params:,}")
 
-    names = [dataset_name(ds) for ds in cfg.data.datasets]
-    counts = state["counts"] if state["counts"] is not None else torch.zeros(2 + 2 * len(names), dtype=torch.float64)
-    metrics = MetricsLogger(cfg, dist_info.is_main, steps, state["step"], state["wandb_run_id"])
-    flops_token = flops_per_token(getattr(strategy.unwrapped_model(), "config", None), total, cfg.data.seq_len)
-    device_peak = peak_flops(dist_info.device)
-    stop = StopSignal()
-    step = state["step"]
-    record: dict = {}
+        self.dataset_names = [dataset_name(ds) for ds in cfg.data.datasets]
+        self.checkpointer = Checkpointer(cfg, dist_info, self.strategy_name)
+        self.step = 0
+        self.counts = torch.zeros(2 + 2 * len(self.dataset_names), dtype=torch.float64)
+        wandb_run_id = None
+        resume_from = self.checkpointer.resume_path()
+        if resume_from is not None:
+            state = self.checkpointer.load(resume_from, self.strategy)
+            self.loader.load_state_dict(state["loader"])
+            self.step, self.counts, wandb_run_id = state["step"], state["counts"], state["wandb_run_id"]
+        self.start_step = self.step
+        self.metrics = MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id)
 
-    def save():
-        trainer_state = {"step": step, "loader": loader.state_dict(), "counts": counts,
-                         "wandb_run_id": metrics.wandb_run_id}
-        checkpointer.save(step, strategy, trainer_state, tokenizer)
+    def save(self) -> None:
+        trainer_state = {"step": self.step, "loader": self.loader.state_dict(), "counts": self.counts,
+                         "wandb_run_id": self.metrics.wandb_run_id}
+        self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer)
 
-    strategy.model.train()
-    try:
-        while step < steps:
-            seed_step(cfg.run.seed, step, dist_info.rank)
-            batches = loader.next_step(accum)
-            if debug and step == state["step"] and dist_info.is_main:
-                print(describe_batch(batches[0], tokenizer), flush=True)
-            with StepTimer(dist_info.device) as timer:
-                result = train_step(strategy, batches, cfg.model.task)
-            step += 1
-            step_data = all_reduce_sum(step_counts(batches, names))
-            counts += step_data
-            metrics.advance()
+    def fit(self) -> dict:
+        """Train to the last step (or a stop signal); returns the last logged record."""
+        cfg, strategy = self.cfg, self.strategy
+        flops_token = flops_per_token(getattr(strategy.unwrapped_model(), "config", None), self.num_params, cfg.data.seq_len)
+        device_peak = peak_flops(self.dist.device)
+        stop = StopSignal()
+        record: dict = {}
+        strategy.model.train()
+        try:
+            while self.step < self.total_steps:
+                seed_step(cfg.run.seed, self.step, self.dist.rank)
+                batches = self.loader.next_step(self.accum)
+                if self.debug and self.step == self.start_step and self.dist.is_main:
+                    print(describe_batch(batches[0], self.tokenizer), flush=True)
+                with StepTimer(self.dist.device) as timer:
+                    result = train_step(strategy, batches, cfg.model.task)
+                self.step += 1
+                step_data = all_reduce_sum(step_counts(batches, self.dataset_names))
+                self.counts += step_data
+                self.metrics.advance()
 
-            if step % cfg.train.log_every == 0 or step == steps:
-                real_tokens, row_tokens = float(step_data[0]), float(step_data[1])
-                record = {
-                    "step": step,
-                    "loss": result["loss"],
-                    "lr": strategy.lr(),
-                    "grad_norm": result["grad_norm"],
-                    "tokens": result["targets"],
-                    "tokens_per_s": real_tokens / timer.seconds,
-                    "packing_efficiency": real_tokens / max(row_tokens, 1.0),
-                    "padding_tokens": int(row_tokens - real_tokens),
-                    "step_time_s": timer.seconds,
-                    "time": time.time(),
-                }
-                if device_peak:
-                    record["mfu"] = flops_token * real_tokens / dist_info.world_size / timer.seconds / device_peak
-                for i, name in enumerate(names):
-                    record[f"data/{name}/examples"] = int(counts[2 + 2 * i])
-                    record[f"data/{name}/tokens"] = int(counts[3 + 2 * i])
-                for key, value in loader.stats.items():
-                    record[f"data/{key}"] = value
-                record.update(memory_stats(dist_info.device))
-                metrics.log(record)
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    record = self.step_record(result, step_data, timer.seconds, flops_token, device_peak)
+                    self.metrics.log(record)
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
+                    self.evaluate()
 
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps and eval_sets:
-                metrics.log({"step": step, **evaluate(strategy, eval_sets, cfg.model.task)})
+                stopping = stop.agreed()
+                periodic = cfg.train.save_every and self.step % cfg.train.save_every == 0
+                if stopping or periodic or self.step == self.total_steps:
+                    self.save()
+                if stopping:
+                    log.warning("stopped at step %d by a signal; checkpoint saved: rerun the same command to resume", self.step)
+                    return record
+            return {**record, **self.evaluate()}
+        finally:
+            stop.restore()
+            self.metrics.close()
 
-            stopping = stop.agreed()
-            if stopping or step == steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-                save()
-            if stopping:
-                log.warning("stopped at step %d after a signal; checkpoint saved, resume with the same command", step)
-                return record
+    def evaluate(self) -> dict:
+        if not self.eval_sets:
+            return {}
+        results = evaluate(self.strategy, self.eval_sets, self.cfg.model.task)
+        self.metrics.log({"step": self.step, **results})
+        return results
 
-        if eval_sets:
-            final_eval = evaluate(strategy, eval_sets, cfg.model.task)
-            metrics.log({"step": step, **final_eval})
-            record = {**record, **final_eval}
+    def step_record(self, result: dict, step_data: torch.Tensor, seconds: float, flops_token: float, device_peak) -> dict:
+        real_tokens, row_tokens = float(step_data[0]), float(step_data[1])
+        record = {
+            "step": self.step,
+            "loss": result["loss"],
+            "lr": self.strategy.lr(),
+            "grad_norm": result["grad_norm"],
+            "tokens": result["targets"],
+            "tokens_per_s": real_tokens / seconds,
+            "packing_efficiency": real_tokens / max(row_tokens, 1.0),
+            "padding_tokens": int(row_tokens - real_tokens),
+            "step_time_s": seconds,
+            "time": time.time(),
+        }
+        if device_peak:
+            record["mfu"] = flops_token * real_tokens / self.dist.world_size / seconds / device_peak
+        for i, name in enumerate(self.dataset_names):
+            record[f"data/{name}/examples"] = int(self.counts[2 + 2 * i])
+            record[f"data/{name}/tokens"] = int(self.counts[3 + 2 * i])
+        for key, value in self.loader.stats.items():
+            record[f"data/{key}"] = value
+        record.update(memory_stats(self.dist.device))
         return record
-    finally:
-        stop.restore()
-        metrics.close()
+
+
+def train(cfg: Config, debug: bool = False) -> dict:
+    return Trainer(cfg, debug).fit()

@@ -1,0 +1,125 @@
+"""End to end through the CLI: the loss falls, metrics are complete, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
+from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints
+
+
+def test_tiny_run_learns_and_logs_every_step(tmp_path):
+    cfg = causal_config(tmp_path, rows=96, train={"max_steps": 24, "log_every": 3, "eval_every": 12},
+                        data={"eval": {"fraction": 0.1}})
+    run_cli(write_config(cfg, tmp_path / "config.yaml"))
+    out = Path(cfg["run"]["output_dir"])
+    records = read_metrics(out)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(3, 25, 3))
+    assert train_records[-1]["loss"] < 0.75 * train_records[0]["loss"]
+    first = train_records[0]
+    for key in ("lr", "grad_norm", "tokens", "tokens_per_s", "packing_efficiency", "data/sft/examples", "data/sft/tokens"):
+        assert key in first, key
+    assert first["tokens"] > 0 and 0 < first["packing_efficiency"] <= 1
+    # cumulative per-dataset counters grow
+    assert train_records[-1]["data/sft/examples"] > first["data/sft/examples"]
+    eval_records = [r for r in records if "eval/sft/loss" in r]
+    assert [r["step"] for r in eval_records] == [12, 24]
+    assert eval_records[-1]["eval/sft/loss"] < eval_records[0]["eval/sft/loss"] * 1.05
+    assert (out / "config.yaml").is_file()
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000024"]
+
+
+def _wait_for_records(path: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and sum(1 for line in path.read_text().splitlines() if '"loss"' in line) >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {count} records:\n{proc.stderr.read()[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for metrics")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_resume_after_signal_is_exact(tmp_path, sig):
+    steps = 60
+    sections = dict(train={"max_steps": steps, "log_every": 1, "save_every": 20}, optim={"lr": 3e-3, "warmup_steps": 5})
+    reference = causal_config(tmp_path / "reference", rows=96, **sections)
+    run_cli(write_config(reference, tmp_path / "reference.yaml"))
+    expected = step_losses(Path(reference["run"]["output_dir"]))
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    cfg = causal_config(tmp_path / "stopped", rows=96, **sections)
+    config_path = write_config(cfg, tmp_path / "stopped.yaml")
+    out = Path(cfg["run"]["output_dir"])
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config_path)], cwd=REPO,
+                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_records(out / "metrics.jsonl", 25, proc)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-4000:]
+    saved = complete_checkpoints(out / "checkpoints")
+    stopped_at = int(saved[-1].name.split("-")[1])
+    assert 25 <= stopped_at < steps, stopped_at
+    # A folder that was never sealed (as after kill -9 mid-save) must be ignored by resume.
+    (out / "checkpoints" / "step-00000099").mkdir()
+    (out / "checkpoints" / "step-00000099" / "trainer_state.pt").write_text("garbage")
+
+    run_cli(config_path)
+    resumed = step_losses(out)
+    assert sorted(resumed) == list(range(1, steps + 1)), "every step logged exactly once across the two runs"
+    for step in range(1, steps + 1):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"loss"' in line]) == steps
+
+
+@pytest.mark.slow
+def test_resume_after_kill_between_saves_is_exact(tmp_path):
+    """kill -9 after step 30 with saves every 20: resume from 20 and repeat 21-30 identically."""
+    steps = 40
+    sections = dict(train={"max_steps": steps, "log_every": 1, "save_every": 20})
+    reference = causal_config(tmp_path / "reference", rows=96, **sections)
+    run_cli(write_config(reference, tmp_path / "reference.yaml"))
+    expected = step_losses(Path(reference["run"]["output_dir"]))
+
+    cfg = causal_config(tmp_path / "killed", rows=96, **sections)
+    config_path = write_config(cfg, tmp_path / "killed.yaml")
+    out = Path(cfg["run"]["output_dir"])
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config_path)], cwd=REPO,
+                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_records(out / "metrics.jsonl", 30, proc)
+    proc.kill()
+    proc.wait()
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")][-1] in ("step-00000020", "step-00000040")
+    run_cli(config_path)
+    records = [r for r in read_metrics(out) if "loss" in r]
+    last = {r["step"]: r["loss"] for r in records}  # a repeated step keeps its later value
+    for step in range(1, steps + 1):
+        assert last[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_incomplete_checkpoint_folders_are_ignored(tmp_path):
+    directory = tmp_path / "checkpoints"
+    for name, complete in [("step-00000010", True), ("step-00000020", False), (".incomplete-step-00000030", True)]:
+        (directory / name).mkdir(parents=True)
+        if complete:
+            (directory / name / COMPLETE_MARK).write_text(json.dumps({"step": 1}))
+    assert [p.name for p in complete_checkpoints(directory)] == ["step-00000010"]
+
+
+def test_debug_mode_prints_first_batch_and_runs_few_steps(tmp_path):
+    cfg = causal_config(tmp_path, train={"max_steps": 100})
+    proc = run_cli(write_config(cfg, tmp_path / "config.yaml"), "--debug")
+    losses = step_losses(Path(cfg["run"]["output_dir"]))
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    assert "row 0" in proc.stdout, proc.stdout[-2000:]
