@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO
 from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
 from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints
+from wandb_log import run_history
 
 
 def test_tiny_run_learns_and_logs_every_step(tmp_path):
@@ -32,7 +33,8 @@ def test_tiny_run_learns_and_logs_every_step(tmp_path):
     # cumulative per-dataset counters grow
     assert train_records[-1]["data/sft/examples"] > first["data/sft/examples"]
     eval_records = [r for r in records if "eval/sft/loss" in r]
-    assert [r["step"] for r in eval_records] == [12, 24]
+    assert [r["step"] for r in eval_records] == [0, 12, 24]  # step 0: the baseline for forgetting
+    assert eval_records[-1]["eval/sft/loss_change"] == pytest.approx(eval_records[-1]["eval/sft/loss"] - eval_records[0]["eval/sft/loss"])
     assert eval_records[-1]["eval/sft/loss"] < eval_records[0]["eval/sft/loss"] * 1.05
     assert (out / "config.yaml").is_file()
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000024"]
@@ -59,7 +61,8 @@ def test_resume_after_signal_is_exact(tmp_path, sig):
     expected = step_losses(Path(reference["run"]["output_dir"]))
     assert sorted(expected) == list(range(1, steps + 1))
 
-    cfg = causal_config(tmp_path / "stopped", rows=96, **sections)
+    cfg = causal_config(tmp_path / "stopped", rows=96, logging={"progress_bar": False, "wandb": {"mode": "offline"}},
+                        **sections)
     config_path = write_config(cfg, tmp_path / "stopped.yaml")
     out = Path(cfg["run"]["output_dir"])
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config_path)], cwd=REPO,
@@ -81,6 +84,11 @@ def test_resume_after_signal_is_exact(tmp_path, sig):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len([line for line in lines if '"loss"' in line]) == steps
+    # W&B: both processes logged into one run, each step once, the same values as metrics.jsonl
+    run_id, history = run_history(out)
+    logged = {row["_step"]: row["loss"] for row in history if "loss" in row}
+    assert sorted(logged) == list(range(1, steps + 1))
+    assert all(logged[step] == pytest.approx(resumed[step]) for step in logged)
 
 
 @pytest.mark.slow

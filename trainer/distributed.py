@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,22 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+def slurm_rendezvous() -> None:
+    """Under plain `srun python -m trainer` (no torchrun), point every task at the job's
+    first node; the port is derived from the job id so concurrent jobs do not collide."""
+    if "MASTER_ADDR" in os.environ or "RANK" in os.environ or "SLURM_JOB_NODELIST" not in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                           capture_output=True, text=True, check=True).stdout.split()
+    os.environ["MASTER_ADDR"] = hosts[0]
+    os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Start the process group for this process; idempotent."""
+    slurm_rendezvous()
     rank, local_rank, world = world_from_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

@@ -146,18 +146,20 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, dist_info, self.strategy_name)
         self.step = 0
         self.counts = torch.zeros(2 + 2 * len(self.dataset_names), dtype=torch.float64)
+        self.baseline_eval = None
         wandb_run_id = None
         resume_from = self.checkpointer.resume_path()
         if resume_from is not None:
             state = self.checkpointer.load(resume_from, self.strategy)
             self.loader.load_state_dict(state["loader"])
             self.step, self.counts, wandb_run_id = state["step"], state["counts"], state["wandb_run_id"]
+            self.baseline_eval = state["baseline_eval"]
         self.start_step = self.step
         self.metrics = MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id)
 
     def save(self) -> None:
         trainer_state = {"step": self.step, "loader": self.loader.state_dict(), "counts": self.counts,
-                         "wandb_run_id": self.metrics.wandb_run_id}
+                         "wandb_run_id": self.metrics.wandb_run_id, "baseline_eval": self.baseline_eval}
         self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer)
 
     def fit(self) -> dict:
@@ -167,6 +169,8 @@ class Trainer:
         device_peak = peak_flops(self.dist.device)
         stop = StopSignal()
         record: dict = {}
+        if self.step == 0 and self.cfg.train.eval_every:
+            self.evaluate()  # the baseline that forgetting is measured against
         strategy.model.train()
         try:
             while self.step < self.total_steps:
@@ -200,9 +204,16 @@ class Trainer:
             self.metrics.close()
 
     def evaluate(self) -> dict:
+        """Held-out loss per dataset, and its change since step 0: on rehearsal data
+        a rising `loss_change` is forgetting."""
         if not self.eval_sets:
             return {}
         results = evaluate(self.strategy, self.eval_sets, self.cfg.model.task)
+        if self.baseline_eval is None:
+            self.baseline_eval = {k: v for k, v in results.items() if k.endswith("/loss")}
+        for key, initial in self.baseline_eval.items():
+            if key in results:
+                results[key + "_change"] = results[key] - initial
         self.metrics.log({"step": self.step, **results})
         return results
 
