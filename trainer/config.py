@@ -359,8 +359,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     m = cfg.model
     need(m.path is not None or m.config is not None, "model: set model.path (a Hugging Face folder) or model.config (random init)")
     need(not (m.path and m.config), "model: set only one of model.path and model.config")
-    if m.path and check_files:
-        need(Path(m.path).is_dir(), f"model.path: {m.path} is not a folder")
+    if m.path and check_files and not m.path.startswith("builtin:"):
+        need(Path(m.path).is_dir(), f"model.path: {m.path} is not a folder (or a builtin: model)")
     if m.config is not None:
         need("model_type" in m.config, "model.config: needs model_type (e.g. llama, bert)")
     if m.tokenizer is None and m.path is None:

@@ -89,9 +89,10 @@ def train_step(strategy, batches: list, task: str) -> dict:
             summed = summed_loss(logits, labels, task)
             strategy.backward(summed / denominator)
         loss_sum += summed.detach().double().cpu()
+    lr = strategy.lr()  # the rate this update uses; the scheduler moves on in step()
     grad_norm = strategy.step()
     loss = float(all_reduce_sum(loss_sum.reshape(1)).item()) / denominator
-    return {"loss": loss, "grad_norm": grad_norm, "targets": int(global_targets.item())}
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "targets": int(global_targets.item())}
 
 
 def step_counts(batches: list, names: list[str]) -> torch.Tensor:
@@ -222,7 +223,7 @@ class Trainer:
         record = {
             "step": self.step,
             "loss": result["loss"],
-            "lr": self.strategy.lr(),
+            "lr": result["lr"],
             "grad_norm": result["grad_norm"],
             "tokens": result["targets"],
             "tokens_per_s": real_tokens / seconds,
