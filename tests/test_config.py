@@ -62,6 +62,7 @@ def test_overrides_apply_with_types(tmp_path):
         (["train.epochs=1"], "train: set exactly one of train.max_steps and train.epochs"),
         (["parallel.strategy=ddp", "parallel.offload=params"], "parallel.offload: params offload needs strategy fsdp or zero3"),
         (["peft.method=prefix_tuning"], "data.packing: prefix tuning feeds its prefix as a KV cache"),
+        (["peft.method=prompt_tuning"], "data.packing: prompt tuning prepends its virtual tokens once per row"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, expected):

