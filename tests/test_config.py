@@ -105,3 +105,10 @@ def test_cli_exits_2_and_writes_nothing(tmp_path, entry):
     assert "data.seq_len: must be >= 16" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not Path(cfg["run"]["output_dir"]).exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    # paths to 8B checkpoints and cluster data only exist where they run
+    cfg = load_config(path, check_files=False)
+    assert cfg.train.max_steps or cfg.train.epochs
