@@ -38,11 +38,12 @@ def cmd_train(args) -> int:
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(args.nproc),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+        # SIGTERM/SIGUSR1 reach every rank, which checkpoint and exit 0 within the timeout.
+        "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "300",
         "-m", "trainer", args.config, *args.overrides,
     ]
-    import subprocess
-
-    return subprocess.call(command, env=env)
+    # Become torchrun, so signals sent to this process (scheduler, Ctrl-C) reach it directly.
+    os.execve(sys.executable, command, env)
 
 
 def cmd_export(args) -> int:
