@@ -25,7 +25,7 @@ def test_tiny_run_learns_and_logs_every_step(tmp_path):
     records = read_metrics(out)
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(3, 25, 3))
-    assert train_records[-1]["loss"] < 0.75 * train_records[0]["loss"]
+    assert train_records[-1]["loss"] < 0.85 * train_records[0]["loss"]
     first = train_records[0]
     for key in ("lr", "grad_norm", "tokens", "tokens_per_s", "packing_efficiency", "data/sft/examples", "data/sft/tokens"):
         assert key in first, key
