@@ -42,23 +42,27 @@ def test_a_crashed_rank_ends_the_job_quickly_with_its_error(tmp_path):
     cfg = causal_config(tmp_path, parallel={"strategy": "ddp", "mixed_precision": "fp32"},
                         train={"max_steps": 100000, "log_every": 1})
     config_path = write_config(cfg, tmp_path / "config.yaml")
+    # its own session, so that whatever happens the whole job can be killed at the end
     launcher = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config_path), "--nproc", "2"],
-                                cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = Path(cfg["run"]["output_dir"]) / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
-        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
-        assert time.time() < deadline, "the run never started"
-        time.sleep(0.1)
-    workers = children(launcher.pid)  # `finetrain train --nproc` execs torchrun, whose children are the ranks
-    assert len(workers) == 2, workers
-    os.kill(max(workers), signal.SIGKILL)
-    killed_at = time.time()
+                                cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     try:
+        metrics = Path(cfg["run"]["output_dir"]) / "metrics.jsonl"
+        deadline = time.time() + 240
+        while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert time.time() < deadline, "the run never started"
+            time.sleep(0.1)
+        workers = children(launcher.pid)  # `finetrain train --nproc` execs torchrun, whose children are the ranks
+        assert len(workers) == 2, workers
+        os.kill(max(workers), signal.SIGKILL)
+        killed_at = time.time()
         code = launcher.wait(timeout=120)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert code != 0
     assert time.time() - killed_at < 90, "the surviving rank hung"
     stderr = launcher.stderr.read()
