@@ -399,6 +399,9 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
             need(ds.format != "classification", f"{key}.format: classification data needs model.task: sequence_classification")
     need(0 <= d.eval.fraction < 1, f"data.eval.fraction: must be in [0, 1), got {d.eval.fraction}")
     need(not (d.eval.path and d.eval.fraction), "data.eval: set path or fraction, not both")
+    if d.eval.path:
+        need((d.eval.format == "classification") == (m.task == "sequence_classification"),
+             f"data.eval.format: {d.eval.format} does not fit model.task {m.task}")
     if d.eval.path and check_files and not d.eval.path.startswith("builtin:"):
         need(Path(d.eval.path).exists(), f"data.eval.path: {d.eval.path} does not exist")
     if d.packing and m.task == "sequence_classification":

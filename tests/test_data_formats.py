@@ -1,0 +1,252 @@
+"""Formats (chat, instruction, text, classification), field mapping, over-long examples,
+and invariant 6 for data: every kind of bad row is named by file and line, or skipped
+and counted."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
+from trainer.config import load_config
+from trainer.data import DataError, build_train_loader, training_texts
+from trainer.data.formats import ChatEncoder, field_names
+from trainer.data.tokenized import tokenize_source
+
+CHAT = {"messages": [{"role": "user", "content": "What is two plus three?"},
+                     {"role": "assistant", "content": "Five."},
+                     {"role": "user", "content": "And times?"},
+                     {"role": "assistant", "content": "Six."}]}
+
+
+def config(tmp_path: Path, rows: list, fmt: str = "chat", name: str = "sft.jsonl", fields: dict | None = None,
+           task: str = "causal_lm", **data):
+    path = tmp_path / name
+    write_jsonl(path, rows)
+    dataset = {"name": "sft", "path": str(path), "format": fmt}
+    if fields:
+        dataset["fields"] = fields
+    model = {"config": dict(TINY_LLAMA), "tokenizer": "train-bpe"}
+    if task == "sequence_classification":
+        model = {"config": dict(TINY_BERT), "tokenizer": "train-bpe", "task": task, "num_labels": 3}
+        data.setdefault("packing", False)
+    cfg = {"run": {"output_dir": str(tmp_path / "run")}, "model": model,
+           "data": {"seq_len": 128, "datasets": [dataset], "cache_dir": str(tmp_path / "cache"), **data},
+           "train": {"micro_batch_size": 2, "global_batch_size": 2, "max_steps": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return load_config(tmp_path / "config.yaml"), path
+
+
+def examples_of(cfg, tokenizer):
+    """The training data set of a one-data-set config, as the loader sees it."""
+    return build_train_loader(cfg, tokenizer, "sdpa", 0, 1).stream.datasets[0]
+
+
+def target_text(tokenizer, ds, i: int) -> str:
+    tokens, targets = ds.data.example_tokens(i), ds.data.example_targets(i)
+    return tokenizer.decode(tokens[targets].tolist())
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_chat_targets_are_exactly_the_assistant_turns(tmp_path, tiny_tokenizer):
+    cfg, _ = config(tmp_path, [CHAT])
+    ds = examples_of(cfg, tiny_tokenizer)
+    assert target_text(tiny_tokenizer, ds, 0) == "Five.<|im_end|>\nSix.<|im_end|>\n"
+    rendered = tiny_tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
+    assert tiny_tokenizer.decode(ds.data.example_tokens(0).tolist()) == rendered
+
+
+def test_train_on_prompt_targets_everything(tmp_path, tiny_tokenizer):
+    cfg, _ = config(tmp_path, [CHAT], train_on_prompt=True)
+    ds = examples_of(cfg, tiny_tokenizer)
+    assert ds.data.example_targets(0).all()
+
+
+def test_sharegpt_fields_and_roles(tmp_path, tiny_tokenizer):
+    sharegpt = {"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+                                  for m in CHAT["messages"]]}
+    cfg, _ = config(tmp_path, [sharegpt], fields={"messages": "conversations", "role": "from", "content": "value"})
+    mapped = examples_of(cfg, tiny_tokenizer)
+    reference, _ = config(tmp_path / "ref", [CHAT])
+    plain = examples_of(reference, tiny_tokenizer)
+    assert np.array_equal(mapped.data.tokens, plain.data.tokens)
+    assert np.array_equal(mapped.data.targets, plain.data.targets)
+
+
+def test_alpaca_instruction_fields(tmp_path, tiny_tokenizer):
+    rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Say hello.", "input": "", "output": "hello"}]
+    cfg, _ = config(tmp_path, rows, fmt="instruction", fields={"prompt": "instruction", "response": "output"})
+    ds = examples_of(cfg, tiny_tokenizer)
+    text = tiny_tokenizer.decode(ds.data.example_tokens(0).tolist())
+    assert "<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>" in text
+    assert target_text(tiny_tokenizer, ds, 0) == "5<|im_end|>\n"
+    assert "Say hello.<|im_end|>" in tiny_tokenizer.decode(ds.data.example_tokens(1).tolist())
+
+
+def test_text_documents_end_with_eos_and_train_on_everything(tmp_path, tiny_tokenizer):
+    cfg, _ = config(tmp_path, [{"text": "The quick brown fox."}], fmt="text")
+    ds = examples_of(cfg, tiny_tokenizer)
+    tokens = ds.data.example_tokens(0).tolist()
+    assert tokens[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.decode(tokens[:-1]) == "The quick brown fox."
+    assert ds.data.example_targets(0).all() and ds.splittable
+
+
+def test_classification_class_names_map_in_sorted_order(tmp_path, tiny_tokenizer):
+    rows = [{"text": "red blue", "label": "pos"}, {"text": "cat dog", "label": "neg"}, {"text": "sun", "label": "mixed"}]
+    cfg, _ = config(tmp_path, rows, fmt="classification", task="sequence_classification")
+    ds = examples_of(cfg, tiny_tokenizer)
+    assert ds.class_ids.tolist() == [2, 1, 0]  # mixed=0, neg=1, pos=2
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    batch = loader.next_step(1)[0]
+    assert batch.labels.dim() == 1 and batch.num_targets == 2
+    assert set(batch.inputs) == {"input_ids", "attention_mask"}
+
+
+def test_classification_integer_labels_are_checked(tmp_path, tiny_tokenizer):
+    cfg, path = config(tmp_path, [{"text": "a", "label": 1}, {"text": "b", "label": 7}], fmt="classification",
+                       task="sequence_classification")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: label 7 is not in [0, 3)")):
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+
+
+def test_unknown_field_mapping_is_refused(tmp_path, tiny_tokenizer):
+    cfg, _ = config(tmp_path, [CHAT], fields={"mesages": "conversations"})
+    with pytest.raises(ValueError, match=r"data.datasets.0.fields: unknown field 'mesages' for format chat"):
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+
+
+def test_template_that_rewrites_history_is_detected(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer, field_names("chat", {}, "fields"), train_on_prompt=False)
+    original = tiny_tokenizer.chat_template
+    try:  # a template that prints the number of turns first changes every prefix
+        tiny_tokenizer.chat_template = "{{ messages|length }}" + original
+        with pytest.raises(ValueError, match="renders earlier turns differently"):
+            encoder.encode(CHAT)
+    finally:
+        tiny_tokenizer.chat_template = original
+
+
+def test_training_texts_yield_record_text(tmp_path, tiny_tokenizer):
+    cfg, _ = config(tmp_path, [CHAT, "{broken"])
+    texts = list(training_texts(cfg))
+    assert texts == [m["content"] for m in CHAT["messages"]]
+
+
+# ----------------------------------------------------------------------------- over-long examples
+
+
+def long_chat(words: int) -> dict:
+    return {"messages": [{"role": "user", "content": "say " + "word " * words},
+                         {"role": "assistant", "content": "ok " * 5}]}
+
+
+def test_overlong_truncate_drop_error(tmp_path, tiny_tokenizer):
+    rows = [CHAT, long_chat(10), long_chat(200), {"messages": [{"role": "user", "content": "q"},
+                                                              {"role": "assistant", "content": "answer " * 200}]}]
+    cfg, path = config(tmp_path, rows, overlong="truncate")
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    ds = loader.stream.datasets[0]
+    # row 3's prompt alone fills the row (no target left): dropped; row 4 truncated
+    assert loader.stats["sft/overlong_truncated"] == 1 and loader.stats["sft/overlong_dropped"] == 1
+    assert sorted(ds.examples.tolist()) == [0, 1, 3] and ds.lengths[3] == 128
+
+    cfg, path = config(tmp_path / "drop", rows, overlong="drop")
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    assert loader.stats["sft/overlong_dropped"] == 2 and sorted(loader.stream.datasets[0].examples.tolist()) == [0, 1]
+
+    cfg, path = config(tmp_path / "error", rows, overlong="error")
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: example of ") + r"\d+ tokens is longer than data.seq_len 128"):
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+
+
+# ----------------------------------------------------------------------------- bad rows
+
+BAD_ROWS = [
+    ("chat", '{"messages": [', "not valid JSON"),
+    ("chat", "[1, 2]", "expected a JSON object, got list"),
+    ("chat", b'{"messages": "caf\xe9"}', "not valid UTF-8 (byte 0xe9"),
+    ("chat", {"msgs": []}, 'missing field "messages"'),
+    ("chat", {"messages": "hello"}, 'field "messages" must be list, got str'),
+    ("chat", {"messages": []}, "empty conversation"),
+    ("chat", {"messages": [{"role": "user"}]}, 'turn 0: missing field "content"'),
+    ("chat", {"messages": [{"role": "user", "content": 5}]}, 'turn 0: field "content" must be str, got int'),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ("instruction", {"prompt": "hi"}, 'missing field "response"'),
+    ("instruction", {"prompt": "hi", "response": "  "}, 'empty field "response"'),
+    ("text", {"text": ""}, 'empty field "text"'),
+    ("text", {"text": ["a"]}, 'field "text" must be str, got list'),
+]
+
+
+@pytest.mark.parametrize("fmt,bad,message", BAD_ROWS, ids=[m for _, _, m in BAD_ROWS])
+def test_bad_row_is_named_by_file_and_line(tmp_path, tiny_tokenizer, fmt, bad, message):
+    good = {"chat": CHAT, "instruction": {"prompt": "p", "response": "r"}, "text": {"text": "some text"}}[fmt]
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(good).encode()] * 2 + [bad if isinstance(bad, bytes) else
+                                               (bad if isinstance(bad, str) else json.dumps(bad)).encode()]
+    path.write_bytes(b"\n".join(lines + [json.dumps(good).encode()]) + b"\n")
+    cfg, _ = config(tmp_path, [], fmt=fmt, name="unused.jsonl")
+    cfg.data.datasets[0].path = str(path)
+    with pytest.raises(DataError) as err:
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    assert str(err.value).startswith(f"{path}:3: ")
+    assert message in str(err.value)
+
+
+def test_bad_classification_label_type(tmp_path, tiny_tokenizer):
+    cfg, path = config(tmp_path, [{"text": "a", "label": 1}, {"text": "b", "label": 0.5}], fmt="classification",
+                       task="sequence_classification")
+    with pytest.raises(DataError, match=re.escape(f'{path}:2: field "label" must be int or str, got float')):
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+
+
+def test_skip_mode_counts_bad_rows(tmp_path, tiny_tokenizer):
+    rows = [CHAT, "{oops", {"messages": []}, CHAT, {"messages": "x"}, CHAT]
+    cfg, _ = config(tmp_path, rows, on_bad_row="skip")
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    assert loader.stats["sft/bad_rows_skipped"] == 3
+    assert len(loader.stream.datasets[0].examples) == 3
+    assert loader.stream.datasets[0].data.rows.tolist() == [1, 4, 6]
+
+
+def test_only_bad_rows_is_an_error_even_when_skipping(tmp_path, tiny_tokenizer):
+    cfg, path = config(tmp_path, ["{oops", {"messages": []}], on_bad_row="skip")
+    with pytest.raises(DataError, match=re.escape(f"{path}: no usable examples (2 bad rows skipped; first: {path}:1: not valid JSON")):
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+
+
+def test_bad_row_in_a_parquet_file_names_the_row(tmp_path, tiny_tokenizer):
+    import datasets
+
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_list([{"text": "fine", "label": 1}, {"text": None, "label": 0}]).to_parquet(str(path))
+    names = field_names("classification", {}, "fields")
+    with pytest.raises(DataError, match=re.escape(f'{path}: row 2: missing field "text"')):
+        tokenize_source(path, str(path), "classification", names, tiny_tokenizer, False, "error", tmp_path / "hf")
+
+
+def test_undecodable_csv_line(tmp_path, tiny_tokenizer):
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"text,label\nfine,1\nbad \xff byte,0\n")
+    names = field_names("classification", {}, "fields")
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: not valid UTF-8 (byte 0xff")):
+        tokenize_source(path, str(path), "classification", names, tiny_tokenizer, False, "error", tmp_path / "hf")
+
+
+def test_packing_with_prompt_tuning_is_refused(tmp_path, tiny_tokenizer):
+    cfg, _ = config(tmp_path, [CHAT])
+    cfg.peft.method = "prompt_tuning"
+    with pytest.raises(ValueError, match="data.packing: prompt tuning"):
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    cfg.data.packing = False
+    batch = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).next_step(1)[0]
+    assert "position_ids" not in batch.inputs  # peft would drop them with a warning on every forward

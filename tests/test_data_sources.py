@@ -1,0 +1,177 @@
+"""Sources (jsonl, json, parquet, csv, save_to_disk), the tokenization cache, builtin
+data sets, and the evaluation sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
+from trainer.config import load_config
+from trainer.data import build_eval_sets, build_train_loader
+from trainer.data import tokenized as tokenized_module
+from trainer.data.builtin import BUILTINS, materialize
+from trainer.data.formats import field_names
+from trainer.data.tokenized import load_tokenized, tokenize_source
+
+ROWS = [{"text": f"sample number {i} " + "word " * (i % 7), "label": i % 2} for i in range(12)]
+
+
+def write_source(kind: str, folder: Path) -> Path:
+    import datasets
+
+    table = datasets.Dataset.from_list(ROWS)
+    if kind == "jsonl":
+        return write_jsonl(folder / "rows.jsonl", ROWS)
+    if kind == "json":
+        path = folder / "rows.json"
+        path.write_text(json.dumps(ROWS, indent=1))
+        return path
+    if kind == "parquet":
+        table.to_parquet(str(folder / "rows.parquet"))
+        return folder / "rows.parquet"
+    if kind == "csv":
+        table.to_csv(str(folder / "rows.csv"), index=False)
+        return folder / "rows.csv"
+    table.save_to_disk(str(folder / "saved"))
+    return folder / "saved"
+
+
+@pytest.mark.parametrize("kind", ["json", "parquet", "csv", "save_to_disk"])
+def test_every_source_kind_reads_like_jsonl(tmp_path, tiny_tokenizer, kind):
+    names = field_names("classification", {}, "fields")
+    reference = tokenize_source(write_source("jsonl", tmp_path), "ref", "classification", names, tiny_tokenizer,
+                                False, "error", tmp_path / "hf")
+    path = write_source(kind, tmp_path)
+    data = tokenize_source(path, str(path), "classification", names, tiny_tokenizer, False, "error", tmp_path / "hf")
+    assert np.array_equal(data.tokens, reference.tokens) and np.array_equal(data.offsets, reference.offsets)
+    assert data.labels == reference.labels == [r["label"] for r in ROWS]
+    assert data.where(3) == f"{path}: row 4"
+
+
+def test_json_lines_named_json(tmp_path, tiny_tokenizer):
+    path = tmp_path / "rows.json"
+    write_jsonl(path, ROWS)
+    data = tokenize_source(path, str(path), "text", field_names("text", {}, "fields"), tiny_tokenizer, False, "error")
+    assert len(data) == len(ROWS) and data.where(0) == f"{path}:1"
+
+
+def test_tokenization_is_cached_by_content_and_tokenizer(tmp_path, tiny_tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    names = field_names("text", {}, "fields")
+    args = (path, str(path), "text", names)
+    first = load_tokenized(*args, tiny_tokenizer, False, "error", tmp_path / "cache")
+    cached = list((tmp_path / "cache" / "tokenized").iterdir())
+    assert len(cached) == 1
+
+    def fail(*_, **__):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(tokenized_module, "_MEMO", {})
+    monkeypatch.setattr(tokenized_module, "tokenize_source", fail)
+    second = load_tokenized(*args, tiny_tokenizer, False, "error", tmp_path / "cache")
+    assert np.array_equal(second.tokens, first.tokens) and second.rows.tolist() == first.rows.tolist()
+
+    monkeypatch.undo()
+    write_jsonl(path, ROWS[:5])  # new content: a new entry
+    assert len(load_tokenized(*args, tiny_tokenizer, False, "error", tmp_path / "cache")) == 5
+    load_tokenized(*args, tiny_tokenizer, True, "error", tmp_path / "cache")  # a setting that changes targets
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 3
+
+
+BUILTIN_SIZES = {"toy-chat": (2000, 2000), "chatterbot": (500, 5000), "gensim-lee": (250, 400),
+                 "gensim-wiki": (50, 200), "polarity": (200, 200), "newsgroups": (150, 200)}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_builtin_data_sets_build_and_tokenize(tmp_path, tmp_path_factory, tiny_tokenizer, name):
+    cache = tmp_path_factory.getbasetemp() / "builtin-cache"
+    fmt = BUILTINS[name][0]
+    path = materialize(f"builtin:{name}", cache)
+    assert materialize(f"builtin:{name}", cache) == path  # built once
+    data = tokenize_source(path, f"builtin:{name}", fmt, field_names(fmt, {}, "fields"), tiny_tokenizer, False, "error")
+    low, high = BUILTIN_SIZES[name]
+    assert low <= len(data) <= high and data.skipped == 0
+    if fmt == "classification":
+        assert len(set(data.labels)) == 2
+    if name == "newsgroups":  # headers (which name the group) are stripped
+        assert not any(json.loads(line)["text"].startswith("From:") for line in path.read_text().splitlines())
+    if name == "toy-chat":  # deterministic
+        assert path.read_bytes() == materialize("builtin:toy-chat", tmp_path / "again").read_bytes()
+
+
+def test_builtin_format_mismatch_is_refused(tmp_path, tiny_tokenizer):
+    cfg = loader_config(tmp_path, [{"name": "lee", "path": "builtin:gensim-lee", "format": "chat"}])
+    with pytest.raises(ValueError, match="data.datasets.0.format: builtin:gensim-lee is text data; set format: text"):
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+
+
+# ----------------------------------------------------------------------------- evaluation sets
+
+
+def loader_config(tmp_path: Path, datasets: list[dict], model: dict | None = None, **data):
+    cfg = {"run": {"output_dir": str(tmp_path / "run")},
+           "model": model or {"config": dict(TINY_LLAMA), "tokenizer": "train-bpe"},
+           "data": {"seq_len": 128, "datasets": datasets, "cache_dir": str(tmp_path / "cache"), **data},
+           "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_steps": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return load_config(tmp_path / "config.yaml")
+
+
+def chat(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+
+
+def text_datasets(tmp_path: Path) -> list[dict]:
+    sft = write_jsonl(tmp_path / "sft.jsonl", [chat(i) for i in range(60)])
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"document {i} " + "text " * (i % 50)} for i in range(40)])
+    return [{"name": "sft", "path": str(sft), "format": "chat", "weight": 0.8},
+            {"name": "general", "path": str(general), "format": "text", "weight": 0.2}]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_held_out_fraction_per_data_set_split_over_ranks(tmp_path, tiny_tokenizer, packing):
+    cfg = loader_config(tmp_path, text_datasets(tmp_path), eval={"fraction": 0.25}, packing=packing)
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    held = [build_eval_sets(cfg, tiny_tokenizer, "sdpa", rank, 2) for rank in range(2)]
+    assert set(held[0]) == set(held[1]) == {"sft", "general"}
+    for name, expected in (("sft", 15), ("general", 10)):
+        counts = [sum(b.examples[name] for b in h[name]) for h in held]
+        assert sum(counts) == expected and min(counts) > 0
+        ids = [{tuple(r) for b in h[name] for r in b.inputs["input_ids"].tolist()} for h in held]
+        assert not ids[0] & ids[1]
+        for batch in held[0][name]:  # one data set per eval batch
+            assert all(v == 0 for k, v in batch.examples.items() if k != name)
+            assert batch.inputs["input_ids"].shape[0] <= 2
+    train_examples = {(d.name, int(e)) for d in loader.stream.datasets for e in d.examples}
+    assert len(train_examples) == 45 + 30
+
+
+def test_eval_file_is_one_data_set(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "eval.jsonl", [chat(100 + i) for i in range(5)])
+    cfg = loader_config(tmp_path, text_datasets(tmp_path), eval={"path": str(path)})
+    sets = build_eval_sets(cfg, tiny_tokenizer, "varlen_reference", 0, 1)
+    assert list(sets) == ["eval"]
+    assert sum(b.examples["eval"] for b in sets["eval"]) == 5
+    assert "cu_seq_lens_q" in sets["eval"][0].inputs
+
+
+def test_eval_with_fewer_examples_than_ranks_is_refused(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "eval.jsonl", [chat(0)])
+    cfg = loader_config(tmp_path, text_datasets(tmp_path), eval={"path": str(path)})
+    with pytest.raises(ValueError, match="data.eval: data set 'eval' has 1 held-out examples, fewer than the 2 ranks"):
+        build_eval_sets(cfg, tiny_tokenizer, "sdpa", 0, 2)
+
+
+def test_classification_eval_uses_the_training_label_ids(tmp_path, tiny_tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": ["neg", "pos"][i % 2]} for i in range(8)])
+    held = write_jsonl(tmp_path / "eval.jsonl", [{"text": "x", "label": "pos"}, {"text": "y", "label": "neg"}])
+    cfg = loader_config(tmp_path, [{"name": "cls", "path": str(train), "format": "classification"}],
+                        eval={"path": str(held), "format": "classification"}, packing=False,
+                        model={"config": dict(TINY_BERT), "tokenizer": "train-bpe", "task": "sequence_classification"})
+    sets = build_eval_sets(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    assert sets["eval"][0].labels.tolist() == [1, 0]

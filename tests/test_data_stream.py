@@ -1,0 +1,233 @@
+"""Invariant 5 and resumable sharded loading: exact mixing shares, per-epoch reshuffles,
+identical streams after resume, disjoint rank shards whose union is the 1-rank stream,
+and resume on another world size."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_LLAMA, write_jsonl
+from trainer.config import load_config
+from trainer.data import build_train_loader
+
+WORDS = "red green blue cat dog bird fish tree river stone cloud sun moon star apple bread".split()
+
+
+def chat_rows(n: int, seed: int, min_words: int = 1, max_words: int = 12) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+        rows.append({"messages": [{"role": "user", "content": f"{i}: " + " ".join(words)},
+                                  {"role": "assistant", "content": " ".join(reversed(words))}]})
+    return rows
+
+
+def make_config(tmp_path: Path, datasets: list[tuple[str, int, float]], **data) -> object:
+    """datasets: (name, rows, weight) chat files of different sizes."""
+    entries = []
+    for k, (name, rows, weight) in enumerate(datasets):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", chat_rows(rows, seed=k, max_words=4 + 6 * k))
+        entries.append({"name": name, "path": str(path), "format": "chat", "weight": weight})
+    train = data.pop("train", {})
+    cfg = {
+        "run": {"output_dir": str(tmp_path / "run"), "seed": 7},
+        "model": {"config": dict(TINY_LLAMA), "tokenizer": "train-bpe"},
+        "data": {"seq_len": 256, "datasets": entries, "cache_dir": str(tmp_path / "cache"), **data},
+        "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 10, **train},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path)
+
+
+def drawn(loader, rows: int) -> list[tuple[int, int, int]]:
+    """(data set, example, length) of the examples starting in the next `rows` rows."""
+    out = []
+    for _ in range(rows):
+        out += [(p.dataset, p.example, p.length) for p in loader.stream.next_row() if p.first]
+    return out
+
+
+def window_shares(seq: list[tuple[int, int, int]], datasets: int, window: int, by: str) -> np.ndarray:
+    """Share of each data set in every window of `window` consecutive examples: [windows, datasets]."""
+    amount = np.array([1 if by == "examples" else n for _, _, n in seq], dtype=float)
+    per = np.zeros((len(seq) + 1, datasets))
+    for i, (d, _, _) in enumerate(seq):
+        per[i + 1] = per[i]
+        per[i + 1, d] += amount[i]
+    sums = per[window:] - per[:-window]
+    return sums / sums.sum(axis=1, keepdims=True)
+
+
+def flatten(batches) -> list[tuple]:
+    return [(b.inputs["input_ids"].tolist(), b.labels.tolist(), b.examples, b.tokens) for b in batches]
+
+
+WEIGHTS = [("task", 400, 0.6), ("general", 900, 0.3), ("small", 50, 0.1)]
+
+
+@pytest.mark.parametrize("mix_by", ["examples", "tokens"])
+def test_schedule_shares_within_one_percent_over_every_window(tmp_path, tiny_tokenizer, mix_by):
+    cfg = make_config(tmp_path, WEIGHTS, packing=False, mix_by=mix_by)
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    seq = drawn(loader, 5000)
+    shares = window_shares(seq, 3, 1000, mix_by)
+    deviation = np.abs(shares - np.array([0.6, 0.3, 0.1])).max()
+    assert deviation <= 0.01, deviation
+    if mix_by == "tokens":  # lengths differ by data set, so example shares are far from the weights
+        assert np.abs(window_shares(seq, 3, 1000, "examples")[0] - [0.6, 0.3, 0.1]).max() > 0.05
+
+
+@pytest.mark.parametrize("mix_by", ["examples", "tokens"])
+def test_packed_stream_keeps_the_shares(tmp_path, tiny_tokenizer, mix_by):
+    """Counted where examples start in packed rows (what the metrics report), the look-ahead
+    buffer only reorders within a few rows."""
+    cfg = make_config(tmp_path, WEIGHTS, packing=True, mix_by=mix_by)
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    seq = drawn(loader, 1200)
+    assert len(seq) > 3000
+    shares = window_shares(seq, 3, 1000, mix_by)
+    assert np.abs(shares - np.array([0.6, 0.3, 0.1])).max() <= 0.01
+
+
+def test_each_example_once_per_epoch_of_its_data_set_reshuffled(tmp_path, tiny_tokenizer):
+    cfg = make_config(tmp_path, WEIGHTS, packing=False)  # unpacked rows come in draw order
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    seq = drawn(loader, 6500)
+    for d, ds in enumerate(loader.stream.datasets):
+        order = [e for dd, e, _ in seq if dd == d]
+        size = len(ds.examples)
+        epochs = [order[i: i + size] for i in range(0, len(order) - size + 1, size)]
+        assert len(epochs) >= 2
+        for epoch in epochs:
+            assert sorted(epoch) == sorted(ds.examples.tolist())
+        assert epochs[0] != epochs[1]  # a new shuffle each epoch
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("mix_by", ["examples", "tokens"])
+def test_identical_stream_after_resume(tmp_path, tiny_tokenizer, packing, mix_by):
+    cfg = make_config(tmp_path, WEIGHTS, packing=packing, mix_by=mix_by)
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    for _ in range(37):
+        loader.next_step(4)
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    assert len(pickle.dumps(state)) < 20_000
+    resumed = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    resumed.load_state_dict(state)
+    for _ in range(60):  # crosses epoch boundaries of every data set
+        assert flatten(resumed.next_step(4)) == flatten(loader.next_step(4))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_two_rank_shards_are_disjoint_and_make_the_one_rank_stream(tmp_path, tiny_tokenizer, packing):
+    cfg = make_config(tmp_path, WEIGHTS, packing=packing)  # global batch 8 = 2 rows x 2 micro x 2 ranks
+    single = build_train_loader(cfg, tiny_tokenizer, "varlen_reference", 0, 1)
+    ranks = [build_train_loader(cfg, tiny_tokenizer, "varlen_reference", r, 2) for r in range(2)]
+    for _ in range(20):
+        shards = [loader.next_step(2) for loader in ranks]
+        assert flatten(shards[0] + shards[1]) == flatten(single.next_step(4))
+        ids = [{tuple(row) for b in shard for row in b.inputs["input_ids"].reshape(2, -1).tolist()} for shard in shards]
+        assert not ids[0] & ids[1]
+        for shard in shards:
+            assert "cu_seq_lens_q" in shard[0].inputs if packing else "attention_mask" in shard[0].inputs
+
+
+def test_resume_two_ranks_on_one_rank(tmp_path, tiny_tokenizer):
+    cfg = make_config(tmp_path, WEIGHTS, packing=True)
+    reference = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    ranks = [build_train_loader(cfg, tiny_tokenizer, "sdpa", r, 2) for r in range(2)]
+    for _ in range(15):
+        reference.next_step(4)
+        for loader in ranks:
+            loader.next_step(2)
+    states = [pickle.dumps(loader.state_dict()) for loader in ranks]
+    assert states[0] == states[1]  # the state does not depend on the rank
+    resumed = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    resumed.load_state_dict(pickle.loads(states[0]))
+    for _ in range(10):
+        assert flatten(resumed.next_step(4)) == flatten(reference.next_step(4))
+
+
+def test_resume_refuses_a_changed_stream(tmp_path, tiny_tokenizer):
+    cfg = make_config(tmp_path, WEIGHTS, packing=True)
+    state = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).state_dict()
+    cfg.data.packing = False
+    with pytest.raises(ValueError, match="data.packing"):
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).load_state_dict(state)
+
+
+def test_steps_per_epoch_padded_is_one_pass_over_the_primary(tmp_path, tiny_tokenizer):
+    cfg = make_config(tmp_path, [("task", 96, 1.0)], packing=False)
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    assert loader.steps_per_epoch() == 96 / 8
+
+
+def test_packed_epoch_is_a_clean_pass(tmp_path, tiny_tokenizer):
+    """The packer drains at the end of each epoch of the primary data set: the rows of one
+    epoch hold every example exactly once, and the next epoch starts on a fresh row."""
+    cfg = make_config(tmp_path, [("task", 101, 1.0)], packing=True)
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    rows = loader.stream.epoch_rows()
+    assert loader.steps_per_epoch() == rows / 8
+    first = [p.example for _ in range(rows) for p in loader.stream.next_row()]
+    assert sorted(first) == list(range(101))
+    second = [p.example for _ in range(rows) for p in loader.stream.next_row()]
+    assert sorted(second) == list(range(101)) and second != first
+
+
+def test_mixed_epoch_counts_rehearsal_at_its_weight(tmp_path, tiny_tokenizer):
+    cfg = make_config(tmp_path, [("task", 90, 0.9), ("general", 500, 0.1)], packing=False)
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    assert loader.steps_per_epoch() == pytest.approx(100 / 8)  # 90 task + 10 rehearsal examples
+    counts = Counter(d for d, _, _ in drawn(loader, 100))
+    assert counts == {0: 90, 1: 10}
+
+
+def test_batches_report_per_dataset_counts(tmp_path, tiny_tokenizer):
+    cfg = make_config(tmp_path, WEIGHTS, packing=True)
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    batches = loader.next_step(4)
+    for b in batches:
+        assert set(b.examples) == {"task", "general", "small"}
+        assert sum(b.tokens.values()) == b.num_tokens == int((b.inputs["input_ids"] != tiny_tokenizer.pad_token_id).sum())
+        assert b.num_slots == 2 * 256
+        assert isinstance(b.inputs["attention_mask"], torch.Tensor) and b.inputs["attention_mask"].shape == (2, 1, 256, 256)
+    assert loader.stats["small/epoch"] >= 0 and loader.stats["task/overlong_truncated"] == 0
+
+
+def _rank_worker(rank: int, config_path: str, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from conftest import TOY_TEXTS
+    from trainer.models import train_bpe_tokenizer
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        tokenizer = train_bpe_tokenizer(TOY_TEXTS, TINY_LLAMA["vocab_size"])
+        loader = build_train_loader(load_config(config_path), tokenizer, "sdpa", rank, 2)
+        torch.save([flatten(loader.next_step(2)) for _ in range(3)], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_cache_and_split_the_stream(tmp_path, tiny_tokenizer):
+    """Rank 0 tokenizes into the cache while rank 1 waits at the barrier, then reads it."""
+    cfg = make_config(tmp_path, WEIGHTS, packing=True)
+    torch.multiprocessing.spawn(_rank_worker, args=(str(tmp_path / "config.yaml"), str(tmp_path / "store"),
+                                                   str(tmp_path / "steps")), nprocs=2)
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == len(WEIGHTS)
+    shards = [torch.load(tmp_path / f"steps.{rank}") for rank in range(2)]
+    single = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    for step in range(3):
+        assert shards[0][step] + shards[1][step] == flatten(single.next_step(4))

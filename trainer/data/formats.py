@@ -1,0 +1,236 @@
+"""Records to token ids and target masks, one encoder per data format.
+
+- chat: `messages` [{role, content}] rendered with the tokenizer's chat template; the
+  targets are the assistant turns (all tokens with `data.train_on_prompt`).
+- instruction: `prompt` (+ optional `input`, `system`) and `response`, rendered as a
+  user/assistant exchange through the same chat template.
+- text: the text followed by EOS; every token is a target (continued pretraining).
+- classification: `text` and `label`; an integer class id, or a class name (string).
+
+Field names are mapped per dataset (`fields: {messages: conversations, role: from,
+content: value}` reads sharegpt, `{prompt: instruction, input: input, response: output}`
+reads alpaca); sharegpt's role names `human` and `gpt` are read as user and assistant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_FIELDS = {
+    "chat": {"messages": "messages", "role": "role", "content": "content"},
+    "instruction": {"prompt": "prompt", "input": "input", "response": "response", "system": "system"},
+    "text": {"text": "text"},
+    "classification": {"text": "text", "label": "label"},
+}
+ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
+
+
+class RowError(ValueError):
+    """What is wrong with one record; the caller prefixes its file and line."""
+
+
+@dataclass
+class Encoded:
+    tokens: list[int]
+    targets: list[bool] = field(default_factory=list)  # causal formats: which tokens are trained on
+    label: int | str | None = None  # classification: raw label, mapped to an id when all are known
+
+
+def field_names(fmt: str, mapping: dict, where: str) -> dict[str, str]:
+    """finetrain's field names -> the file's, checking the mapping names real fields."""
+    names = dict(DEFAULT_FIELDS[fmt])
+    unknown = sorted(set(mapping) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r} for format {fmt}; known: {', '.join(names)}")
+    for key, value in mapping.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{where}.{key}: expected a field name, got {value!r}")
+        names[key] = value
+    return names
+
+
+def _get(record: dict, names: dict, key: str, kind: type | tuple, required: bool = True):
+    name = names[key]
+    shown = f'"{name}"' if name == key else f'"{name}" ({key})'
+    if name not in record or record[name] is None:
+        if required:
+            raise RowError(f"missing field {shown}")
+        return None
+    value = record[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise RowError(f"field {shown} must be {expected}, got {type(value).__name__} {_short(value)}")
+    return value
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ChatEncoder:
+    """Renders a conversation with the chat template and marks the assistant turns.
+
+    An assistant turn's span is found by rendering prefixes of the conversation: it starts
+    where the prefix up to it, with the generation prompt, ends, and ends where the prefix
+    including it ends. This works for any template that renders a conversation as the
+    concatenation of its prefixes, and is checked for each record."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+        if not tokenizer.chat_template:
+            raise ValueError("chat and instruction data need a tokenizer with a chat template")
+        if not tokenizer.is_fast:
+            raise ValueError(f"chat and instruction data need a fast tokenizer (character offsets); "
+                             f"{type(tokenizer).__name__} is not")
+        self.tokenizer = tokenizer
+        self.names = names
+        self.train_on_prompt = train_on_prompt
+
+    def messages(self, record: dict) -> list[dict]:
+        turns = _get(record, self.names, "messages", list)
+        if not turns:
+            raise RowError(f'empty conversation: field "{self.names["messages"]}" has no turns')
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise RowError(f'turn {i} of "{self.names["messages"]}" must be an object, got {type(turn).__name__}')
+            try:
+                role = _get(turn, self.names, "role", str)
+                content = _get(turn, self.names, "content", str)
+            except RowError as err:
+                raise RowError(f"turn {i}: {err}") from None
+            messages.append({"role": ROLE_ALIASES.get(role, role), "content": content})
+        if not any(m["role"] == "assistant" for m in messages) and not self.train_on_prompt:
+            raise RowError("conversation has no assistant turn (nothing to train on)")
+        return messages
+
+    def encode(self, record: dict) -> Encoded:
+        return self.encode_messages(self.messages(record))
+
+    def encode_messages(self, messages: list[dict]) -> Encoded:
+        text = self._render(messages, generation_prompt=False)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tokens = encoding["input_ids"]
+        if self.train_on_prompt:
+            return Encoded(tokens, [True] * len(tokens))
+        spans = self._assistant_spans(messages, text)
+        targets = [any(a <= begin < b for a, b in spans) for begin, _ in encoding["offset_mapping"]]
+        if not any(targets[1:]):
+            raise RowError("no target tokens (assistant turns are empty)")
+        return Encoded(tokens, targets)
+
+    def _assistant_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in `text`, the rendered conversation."""
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = self._prefix(messages[:k])
+            end = self._render(messages[: k + 1], generation_prompt=False)
+            if not (text.startswith(start) and text.startswith(end) and len(start) <= len(end)):
+                raise RowError(
+                    "the tokenizer's chat template renders earlier turns differently once later turns follow, "
+                    "so assistant turns cannot be located; use data.train_on_prompt or another template"
+                )
+            spans.append((len(start), len(end)))
+        return spans
+
+    def _prefix(self, messages: list[dict]) -> str:
+        """The text before an assistant turn's content (its header included)."""
+        try:
+            return self._render(messages, generation_prompt=True)
+        except RowError:
+            if messages:
+                raise
+            return ""  # templates may reject an empty conversation; nothing precedes the first turn
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as err:
+            raise RowError(f"the chat template rejects this conversation: {err}") from None
+
+
+class InstructionEncoder:
+    """prompt/input/response as one user turn and one assistant turn (optional system turn)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+        self.chat = ChatEncoder(tokenizer, names, train_on_prompt)
+        self.names = names
+
+    def encode(self, record: dict) -> Encoded:
+        prompt = _get(record, self.names, "prompt", str)
+        extra = _get(record, self.names, "input", str, required=False)
+        response = _get(record, self.names, "response", str)
+        system = _get(record, self.names, "system", str, required=False)
+        if not prompt.strip():
+            raise RowError(f'empty field "{self.names["prompt"]}"')
+        if not response.strip():
+            raise RowError(f'empty field "{self.names["response"]}"')
+        user = f"{prompt}\n\n{extra}" if extra and extra.strip() else prompt
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+        return self.chat.encode_messages(messages)
+
+
+class TextEncoder:
+    """A document and its EOS: packed documents are then separated by EOS."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("text data needs a tokenizer with an EOS token to end each document")
+        self.tokenizer = tokenizer
+        self.names = names
+
+    def encode(self, record: dict) -> Encoded:
+        text = _get(record, self.names, "text", str)
+        if not text.strip():
+            raise RowError(f'empty field "{self.names["text"]}"')
+        tokens = self.tokenizer(text)["input_ids"]
+        if not tokens or tokens[-1] != self.tokenizer.eos_token_id:
+            tokens.append(self.tokenizer.eos_token_id)
+        return Encoded(tokens, [True] * len(tokens))
+
+
+class ClassificationEncoder:
+    """Text with the tokenizer's special tokens, and its label (int, or a class name)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+        self.tokenizer = tokenizer
+        self.names = names
+
+    def encode(self, record: dict) -> Encoded:
+        text = _get(record, self.names, "text", str)
+        label = _get(record, self.names, "label", (int, str))
+        if not text.strip():
+            raise RowError(f'empty field "{self.names["text"]}"')
+        if isinstance(label, str) and not label.strip():
+            raise RowError(f'empty field "{self.names["label"]}"')
+        return Encoded(self.tokenizer(text)["input_ids"], label=label)
+
+
+ENCODERS = {
+    "chat": ChatEncoder,
+    "instruction": InstructionEncoder,
+    "text": TextEncoder,
+    "classification": ClassificationEncoder,
+}
+
+
+def build_encoder(fmt: str, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+    return ENCODERS[fmt](tokenizer, names, train_on_prompt)
+
+
+def record_texts(fmt: str, record: dict, names: dict) -> list[str]:
+    """The free text of a record (for training a tokenizer); empty when malformed."""
+    if fmt == "chat":
+        turns = record.get(names["messages"])
+        if not isinstance(turns, list):
+            return []
+        return [t[names["content"]] for t in turns if isinstance(t, dict) and isinstance(t.get(names["content"]), str)]
+    keys = {"instruction": ("prompt", "input", "response", "system"), "text": ("text",),
+            "classification": ("text",)}[fmt]
+    return [record[names[k]] for k in keys if isinstance(record.get(names[k]), str)]
