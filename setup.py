@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         # DeepSpeed compiles against the installed torch: pip install --no-build-isolation
-        "deepspeed": ["deepspeed>=0.16"],
+        "deepspeed": ["deepspeed>=0.19.8"],
         "flash-attn": ["flash-attn>=2.6"],  # CUDA only
         "wandb": ["wandb>=0.18"],
         # real models and text used by the demo configs, benchmarks and tests

@@ -62,7 +62,8 @@ def cmd_estimate(args) -> int:
     from trainer.estimate import estimate_memory, format_table
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        # only the model's config.json is read: data and checkpoints may live on the cluster
+        cfg = load_config(args.config, args.overrides, check_files=False)
     except ConfigError as err:
         print(f"finetrain: config error in {args.config}:\n{err}", file=sys.stderr)
         return err.exit_code

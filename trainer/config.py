@@ -91,7 +91,7 @@ class DataConfig:
     mix_by: Literal["examples", "tokens"] = "examples"
     overlong: Literal["truncate", "drop", "error"] = "truncate"
     on_bad_row: Literal["error", "skip"] = "error"
-    cache_dir: Optional[str] = None  # tokenization cache; default: ~/.cache/finetrain
+    cache_dir: Optional[str] = None  # finetrain's cache (see cache_root); default: $FINETRAIN_CACHE or ~/.cache/finetrain
 
 
 @dataclass
@@ -463,6 +463,14 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     need(s.max_requeues >= 0, f"slurm.max_requeues: must be >= 0, got {s.max_requeues}")
     need(s.signal_delay_s >= 0, f"slurm.signal_delay_s: must be >= 0, got {s.signal_delay_s}")
     return errors
+
+
+def cache_root(cfg: Config | None = None) -> Path:
+    """The one cache of finetrain (tokenized data, converted models, compiled DeepSpeed ops):
+    data.cache_dir, else $FINETRAIN_CACHE, else ~/.cache/finetrain."""
+    if cfg is not None and cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir).expanduser()
+    return Path(os.environ.get("FINETRAIN_CACHE", Path.home() / ".cache" / "finetrain"))
 
 
 def dataset_name(ds: DatasetConfig) -> str:

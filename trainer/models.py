@@ -24,7 +24,7 @@ from transformers import (
 )
 
 import trainer.attention  # noqa: F401  registers the "varlen_reference" attention
-from trainer.config import Config, ModelConfig
+from trainer.config import Config, ModelConfig, cache_root
 
 log = logging.getLogger("finetrain")
 
@@ -38,7 +38,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-MODEL_CACHE = Path(os.environ.get("FINETRAIN_CACHE", Path.home() / ".cache" / "finetrain")) / "models"
+MODEL_CACHE = cache_root() / "models"
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -48,13 +48,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    bpe_trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(texts, trainer=trainer)
+    backend.train_from_iterator(texts, trainer=bpe_trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer

@@ -18,7 +18,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for module in model.modules():
         is_norm = isinstance(module, (nn.LayerNorm, nn.Embedding)) or "norm" in type(module).__name__.lower()
         for name, param in module.named_parameters(recurse=False):
-            if is_norm or param.ndim < 2 or name == "bias":
+            # ZeRO-3 partitioned parameters are empty 1-D tensors; ds_shape is the real one.
+            if is_norm or len(getattr(param, "ds_shape", param.shape)) < 2 or name == "bias":
                 no_decay_ids.add(id(param))
     for param in model.parameters():
         if not param.requires_grad:

@@ -11,7 +11,6 @@ a `TrainLoader` that hands each rank its rows of every optimizer step: of the
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from trainer.config import Config, DatasetConfig, dataset_name
+from trainer.config import Config, DatasetConfig, cache_root, dataset_name
 from trainer.data.builtin import builtin_format, is_builtin, materialize
 from trainer.data.collate import Batch, Collator
 from trainer.data.formats import field_names, record_texts
@@ -33,12 +32,6 @@ from trainer.distributed import barrier
 log = logging.getLogger("finetrain")
 
 STATE_VERSION = 1
-
-
-def data_cache_dir(cfg: Config) -> Path:
-    if cfg.data.cache_dir:
-        return Path(cfg.data.cache_dir).expanduser()
-    return Path(os.environ.get("FINETRAIN_CACHE", Path.home() / ".cache" / "finetrain"))
 
 
 def resolve_source(path: str, fmt: str, key: str, cache_dir: Path) -> Path:
@@ -66,7 +59,7 @@ class _Source:
 def _tokenize_all(cfg: Config, tokenizer, rank: int, entries: list[tuple[str, str, DatasetConfig]],
                   report: bool = True) -> list[_Source]:
     """Tokenize (or load cached) data sets; rank 0 fills the cache before the others read it."""
-    cache_dir = data_cache_dir(cfg)
+    cache_dir = cache_root(cfg)
     sources: list[_Source] = []
     for turn in (True, False):
         if (rank == 0) == turn:
@@ -290,7 +283,7 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
 def training_texts(cfg: Config) -> Iterator[str]:
     """The free text of every training record (bad rows skipped here; they are reported
     when the data is tokenized), to train a tokenizer on."""
-    cache_dir = data_cache_dir(cfg)
+    cache_dir = cache_root(cfg)
     for name, key, ds in _entries(cfg):
         path = resolve_source(ds.path, ds.format, key, cache_dir)
         names = field_names(ds.format, ds.fields, f"{key}.fields")

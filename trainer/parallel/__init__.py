@@ -1,4 +1,8 @@
-"""Parallel strategies behind one interface (see base.py); `build_strategy` picks one."""
+"""Parallel strategies behind one interface (see base.py); `build_strategy` picks one.
+
+Every key of `parallel.*` either works on the chosen strategy or is refused here,
+before a model is built, with a message that says what to set instead.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,49 @@ from trainer.config import Config
 from trainer.distributed import DistInfo
 from trainer.parallel.base import Strategy
 
+SHARDED = ("fsdp", "zero1", "zero2", "zero3")
+
 
 def resolve_strategy(cfg: Config, world_size: int) -> str:
+    """`auto` is fsdp on more than one process, single on one."""
     if cfg.parallel.strategy == "auto":
         return "fsdp" if world_size > 1 else "single"
     return cfg.parallel.strategy
 
 
+def check_strategy(cfg: Config, name: str, world_size: int) -> None:
+    """Refuse a combination of keys that the strategy `name` cannot honour."""
+    par = cfg.parallel
+    picked = f"parallel.strategy {name}" + (" (picked by auto)" if par.strategy == "auto" else "")
+    if name == "single" and world_size > 1:
+        raise ValueError(f"{picked} runs on one process, but the world has {world_size}; use ddp, fsdp or zero1-3")
+    if par.offload == "optimizer" and name not in SHARDED:
+        raise ValueError(f"parallel.offload optimizer: {picked} keeps the whole optimizer on the device; "
+                         "use fsdp or zero1-3 (both also run on one device)")
+    if par.offload == "params" and name not in ("fsdp", "zero3"):
+        raise ValueError(f"parallel.offload params: {picked} does not shard parameters; use fsdp or zero3")
+    if not par.reshard_after_forward and name == "zero3":
+        raise ValueError("parallel.reshard_after_forward false: zero3 always re-partitions parameters after "
+                         "forward; use zero2 (or fsdp) to keep them gathered")
+    if par.deepspeed_config and not name.startswith("zero"):
+        raise ValueError(f"parallel.deepspeed_config: only read by zero1-3, not by {picked}")
+
+
 def build_strategy(cfg: Config, dist_info: DistInfo) -> Strategy:
     name = resolve_strategy(cfg, dist_info.world_size)
+    check_strategy(cfg, name, dist_info.world_size)
     if name == "single":
         from trainer.parallel.single import SingleDevice
 
-        if dist_info.world_size > 1:
-            raise ValueError(f"parallel.strategy: single runs on one process, but the world has {dist_info.world_size}; use ddp, fsdp or zero1-3")
         return SingleDevice(cfg, dist_info)
-    raise ValueError(f"parallel.strategy: {name} is not available yet")
+    if name == "ddp":
+        from trainer.parallel.ddp import DDPStrategy
+
+        return DDPStrategy(cfg, dist_info)
+    if name == "fsdp":
+        from trainer.parallel.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, dist_info)
+    from trainer.parallel.zero import ZeroStrategy
+
+    return ZeroStrategy(cfg, dist_info)

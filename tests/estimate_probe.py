@@ -1,0 +1,65 @@
+"""Measures one real training step's memory on CPU, in a fresh process, for test_estimate.py.
+
+    python tests/estimate_probe.py '{"model": {...}, "micro": 4, "seq_len": 256, "checkpointing": false}'
+
+Prints JSON: the resident-memory growth from before the model is built to the peak of
+one optimizer step (forward, backward, AdamW's first step, which allocates its state),
+and the bytes autograd saved for backward during the forward.
+
+CPU memory is measured as the process's peak resident set (ru_maxrss): it counts every
+byte the step touched, allocator slack included, and it cannot be reset, so each
+measurement needs its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from conftest import TOY_TEXTS  # noqa: E402
+from trainer.config import Config  # noqa: E402
+from trainer.distributed import init_distributed  # noqa: E402
+from trainer.estimate import peak_resident_bytes, saved_tensor_bytes  # noqa: E402
+from trainer.loss import summed_loss  # noqa: E402
+from trainer.models import build_model, decoder_layers, train_bpe_tokenizer  # noqa: E402
+from trainer.parallel import build_strategy  # noqa: E402
+
+
+def current_resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def main(spec: dict) -> None:
+    cfg = Config()
+    cfg.model.config = spec["model"]
+    cfg.parallel.strategy = "single"
+    cfg.parallel.mixed_precision = "fp32"
+    cfg.parallel.activation_checkpointing = spec["checkpointing"]
+    cfg.train.micro_batch_size = spec["micro"]
+    cfg.data.seq_len = spec["seq_len"]
+    tokenizer = train_bpe_tokenizer(TOY_TEXTS, vocab_size=300)
+    strategy = build_strategy(cfg, init_distributed())
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.model.config["vocab_size"], (spec["micro"], spec["seq_len"]))
+
+    before = current_resident_bytes()
+    model = strategy.build_model(lambda: build_model(cfg, tokenizer, "sdpa"))
+    strategy.setup(model, total_steps=1)
+    with saved_tensor_bytes(model, decoder_layers(model)) as saved:
+        logits = strategy.model(input_ids=ids).logits
+        loss = summed_loss(logits, ids, "causal_lm") / ids.numel()
+    strategy.backward(loss)
+    strategy.step()
+    print(json.dumps({"growth": peak_resident_bytes() - before, "saved": saved,
+                      "logits": logits.numel() * logits.element_size()}))
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,253 @@
+"""Every strategy trains the same model (invariants 2, 3 and 4 of DESIGN.md), on CPU.
+
+Three torchrun launches run many small runs each (tests/parallel_worker.py): one rank
+(the single-device references, 1-rank checkpoints), two ranks (ddp, fsdp, zero1-3 with
+full fine-tuning and LoRA, other micro-batch splits, resumes of the 1-rank
+checkpoints), one rank again (resumes of the 2-rank checkpoints). Losses and gradient
+norms are compared per step at 1e-4 relative (float32): the gradient norm is compared
+too because AdamW's update barely moves when every gradient is scaled by a constant
+(a wrong averaging factor), but the norm does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_LLAMA
+
+WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
+SHARDED = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+RTOL = 1e-4
+
+
+def extensions_dir() -> str:
+    """DeepSpeed compiles a CPU op on first use (minutes on 2 cores): keep it across sessions."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(tempfile.gettempdir()) / f"finetrain-torch-extensions-{os.getuid()}")
+
+
+def launch(tmp: Path, name: str, nproc: int, runs: list[dict], timeout: int = 600) -> dict:
+    """Run `runs` in one torchrun launch of `nproc` ranks; return {run name: measurements}."""
+    spec = tmp / f"{name}.json"
+    results = tmp / f"{name}-results.json"
+    spec.write_text(json.dumps({"out": str(tmp / name), "results": str(results), "runs": runs}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
+               TORCH_EXTENSIONS_DIR=extensions_dir(), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(WORKER), str(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{name}: torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(results.read_text())
+
+
+def assert_same_curve(got: dict, want: dict, what: str) -> None:
+    """`got` (possibly resumed after `start_step` steps) follows `want` step by step."""
+    start = got["start_step"]
+    assert len(got["losses"]) == len(want["losses"]) - start, what
+    for key in ("losses", "grad_norms", "lrs"):
+        expected = torch.tensor(want[key][start:], dtype=torch.float64)
+        actual = torch.tensor(got[key], dtype=torch.float64)
+        torch.testing.assert_close(actual, expected, rtol=RTOL, atol=0, msg=lambda m: f"{what} {key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    """A seeded tiny Llama saved as a Hugging Face folder: the 'pretrained' model that LoRA
+    and ZeRO-3's partitioned loading (deepspeed.zero.Init) start from."""
+    from parallel_worker import Run, make_config, make_model
+
+    folder = tmp_path_factory.mktemp("pretrained")
+    make_model(make_config(Run(name="pretrained", strategy="single"), folder, world_size=1)).save_pretrained(folder / "model")
+    return str(folder / "model")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, pretrained) -> dict:
+    tmp = tmp_path_factory.mktemp("parallel")
+    ck = {key: str(tmp / "checkpoints" / key)
+          for key in ("fsdp-1", "zero2-1", "zero3-1", "fsdp-2", "zero2-2", "zero3-2",
+                      "zero1-final", "zero3-final", "zero2-lora-final")}
+    def saves(name: str) -> dict:
+        """Saved after step 2 for the resumes at the other world size; zero runs also after
+        the last step, with the full state dict beside it, for the one-process consolidation."""
+        if name in ("fsdp", "zero2", "zero3-micro4"):
+            return {"save_at": 2, "save_dir": ck[f"{name.removesuffix('-micro4')}-2"]}
+        if f"{name}-final" in ck:
+            return {"save_at": 4, "save_dir": ck[f"{name}-final"], "full_state_path": ck[f"{name}-final"] + ".pt"}
+        return {}
+
+    one_rank = launch(tmp, "one-rank", 1, [
+        {"name": "single", "strategy": "single", "micro": 8, "accum": 1},
+        {"name": "single-accum", "strategy": "single", "micro": 2, "accum": 4},
+        {"name": "single-tied", "strategy": "single", "micro": 8, "accum": 1, "tied": True},
+        {"name": "single-lora", "strategy": "single", "micro": 8, "accum": 1, "peft": True, "model_path": pretrained},
+        {"name": "fsdp-1", "strategy": "fsdp", "micro": 4, "accum": 2, "save_at": 2, "save_dir": ck["fsdp-1"]},
+        {"name": "zero2-1", "strategy": "zero2", "micro": 4, "accum": 2, "save_at": 2, "save_dir": ck["zero2-1"]},
+        {"name": "zero3-1", "strategy": "zero3", "micro": 4, "accum": 2, "save_at": 2, "save_dir": ck["zero3-1"]},
+    ])
+    two_ranks = launch(tmp, "two-ranks", 2, [
+        # First, so that ZeRO-3's partitioned build meets a DeepSpeed that nothing has set up yet.
+        {"name": "zero3-pretrained", "strategy": "zero3", "model_path": pretrained, "export_check": True},
+        *[{"name": s, "strategy": s, "export_check": True, **saves(s)} for s in SHARDED],
+        *[{"name": f"{s}-lora", "strategy": s, "peft": True, "model_path": pretrained,
+           "activation_checkpointing": True, "export_check": True, **saves(f"{s}-lora")} for s in SHARDED],
+        *[{"name": f"{s}-micro4", "strategy": s, "micro": 4, "accum": 1, **saves(f"{s}-micro4")} for s in SHARDED],
+        *[{"name": f"{s}-tied", "strategy": s, "tied": True, "activation_checkpointing": True} for s in SHARDED],
+        {"name": "fsdp-from-1", "strategy": "fsdp", "load_dir": ck["fsdp-1"], "load_step": 2},
+        {"name": "zero2-from-1", "strategy": "zero2", "load_dir": ck["zero2-1"], "load_step": 2},
+        {"name": "zero3-from-1", "strategy": "zero3", "load_dir": ck["zero3-1"], "load_step": 2},
+    ])
+    one_rank_again = launch(tmp, "one-rank-again", 1, [
+        {"name": "fsdp-from-2", "strategy": "fsdp", "micro": 4, "accum": 2, "load_dir": ck["fsdp-2"], "load_step": 2},
+        {"name": "zero2-from-2", "strategy": "zero2", "micro": 4, "accum": 2, "load_dir": ck["zero2-2"], "load_step": 2},
+        {"name": "zero3-from-2", "strategy": "zero3", "micro": 4, "accum": 2, "load_dir": ck["zero3-2"], "load_step": 2},
+    ])
+    return {**one_rank, **two_ranks, **one_rank_again, "checkpoints": ck}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_every_strategy_follows_the_single_device_curve(runs, strategy):
+    """Invariant 3, full fine-tuning: micro 2 x accumulation 2 x 2 ranks vs micro 8 on one."""
+    assert runs["single"]["losses"][-1] < runs["single"]["losses"][0] - 0.05  # it learns: the check has teeth
+    assert_same_curve(runs[strategy], runs["single"], strategy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_every_strategy_follows_the_single_device_curve_with_lora(runs, strategy):
+    """Invariant 3 with LoRA on a pretrained folder, activation checkpointing on (off in the reference)."""
+    assert_same_curve(runs[f"{strategy}-lora"], runs["single-lora"], f"{strategy}-lora")
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_loading_matches_single(runs):
+    """ZeRO-3 built under deepspeed.zero.Init from a pretrained folder trains like single
+    (this is where decay/no-decay grouping sees partitioned, empty parameters)."""
+    assert_same_curve(runs["zero3-pretrained"], runs["single"], "zero3-pretrained")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_micro_batch_accumulation_and_world_size_leave_the_update_unchanged(runs, strategy):
+    """Invariant 2 on rows of uneven length: (micro 4 x accum 1 x 2 ranks) == (micro 2 x
+    accum 2 x 2 ranks) == (micro 8 x 1 rank) == (micro 2 x accum 4 x 1 rank)."""
+    assert_same_curve(runs["single-accum"], runs["single"], "single micro 2 x accum 4")
+    assert_same_curve(runs[f"{strategy}-micro4"], runs["single"], f"{strategy} micro 4")
+    assert_same_curve(runs[f"{strategy}-micro4"], runs[strategy], f"{strategy} micro 4 vs micro 2 x accum 2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_tied_embeddings_stay_tied_and_checkpointing_changes_nothing(runs, strategy):
+    """Tied input/output embeddings are still one parameter after wrapping, and full
+    fine-tuning with activation checkpointing (off in the reference) follows the curve."""
+    run = runs[f"{strategy}-tied"]
+    assert run["tied_intact"]
+    assert_same_curve(run, runs["single-tied"], f"{strategy}-tied")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ("fsdp", "zero3"))
+def test_sharding_halves_each_ranks_parameters_and_optimizer_state(runs, strategy):
+    """Per-rank bytes of parameters + optimizer state on 2 ranks are half of the same
+    strategy's on 1 rank (within 2%: ZeRO pads partitions, FSDP pads uneven shards)."""
+    whole = runs[f"{strategy}-1"]["state_bytes"][0]
+    for rank_bytes in runs[strategy]["state_bytes"]:
+        for key in ("params", "optimizer"):
+            assert rank_bytes[key] == pytest.approx(whole[key] / 2, rel=0.02), (strategy, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ("fsdp", "zero2", "zero3"))
+@pytest.mark.parametrize("direction", ("2-to-1", "1-to-2"))
+def test_resume_on_another_world_size_continues_the_curve(runs, strategy, direction):
+    """Invariant 4 across world sizes: saved after step 2 on N ranks, resumed on M; steps
+    3-4 equal the uninterrupted run at 1e-4 relative (DCP reshards; ZeRO goes through
+    DeepSpeed's universal checkpoint, whose ZeRO-3 loader needs the repairs in zero.py:
+    without them step 4 is off by 2e-4 in loss and 5e-3 in gradient norm)."""
+    resumed = runs[f"{strategy}-from-{direction[0]}"]
+    assert resumed["start_step"] == 2
+    assert_same_curve(resumed, runs["single"], f"{strategy} resumed {direction}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run_name", [*SHARDED, "zero3-pretrained", *[f"{s}-lora" for s in SHARDED]])
+def test_full_state_dict_loads_into_plain_transformers(runs, run_name):
+    """full_state_dict, loaded (strict) into a freshly built transformers (or peft) model,
+    gives the trained model's logits (float32, 1e-5)."""
+    assert 0 <= runs[run_name]["export_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("zero1-final", "zero3-final", "zero2-lora-final"))
+def test_zero_checkpoint_consolidates_in_one_process(runs, name):
+    """consolidated_state_dict (what `finetrain export` reads for zero1-3) rebuilds, in one
+    process and without DeepSpeed's engine, the weights full_state_dict gathered live;
+    frozen peft base weights may be absent (export takes them from the base model)."""
+    from trainer.parallel.zero import consolidated_state_dict
+
+    checkpoint = Path(runs["checkpoints"][name])
+    live = torch.load(str(checkpoint) + ".pt", weights_only=True)
+    consolidated = consolidated_state_dict(checkpoint)
+    assert set(consolidated) <= set(live)
+    for key, value in live.items():
+        if key in consolidated:
+            torch.testing.assert_close(consolidated[key], value, rtol=0, atol=0, msg=key)
+        else:
+            assert "lora_" not in key, f"{name}: trained weight {key} missing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ("single", *SHARDED))
+def test_memory_estimate_matches_what_each_rank_holds(runs, strategy):
+    """The estimator's per-rank parameter and optimizer bytes equal the tensors a live
+    strategy holds (2 ranks, float32) within 2%."""
+    from trainer.config import Config
+    from trainer.estimate import meta_model, model_shape, strategy_memory
+
+    cfg = Config()
+    cfg.model.config = dict(TINY_LLAMA)
+    cfg.parallel.mixed_precision = "fp32"
+    world = 1 if strategy == "single" else 2
+    row = strategy_memory(strategy, model_shape(meta_model(cfg, torch.float32)), 0, cfg, world)
+    for measured in runs[strategy]["state_bytes"]:
+        assert measured["params"] == pytest.approx(row["params"] - row["gathered"], rel=0.02), strategy
+        assert measured["optimizer"] == pytest.approx(row["optimizer"], rel=0.02), strategy
+
+
+@pytest.fixture(scope="module")
+def offload_and_bf16_runs(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("offload")
+    return launch(tmp, "offload-bf16", 2, [
+        {"name": "fsdp-offload", "strategy": "fsdp", "offload": "params"},
+        {"name": "zero2-offload", "strategy": "zero2", "offload": "optimizer"},
+        {"name": "zero3-offload", "strategy": "zero3", "offload": "params", "export_check": True},
+        *[{"name": f"{s}-bf16", "strategy": s, "mixed_precision": "bf16"} for s in ("ddp", "fsdp", "zero2", "zero3")],
+    ], timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run_name", ["fsdp-offload", "zero2-offload", "zero3-offload"])
+def test_offload_trains_the_same_model(runs, offload_and_bf16_runs, run_name):
+    """CPU offload changes where state lives, not the update: FSDP2's CPUOffloadPolicy,
+    DeepSpeed's offload_optimizer (its CPU Adam) and offload_param follow the single curve."""
+    assert_same_curve(offload_and_bf16_runs[run_name], runs["single"], run_name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ("ddp", "fsdp", "zero2", "zero3"))
+def test_bf16_mixed_precision_stays_close_to_float32(runs, offload_and_bf16_runs, strategy):
+    """bf16 compute (fp32 master weights, fp32 reductions) tracks the fp32 curve to bf16's
+    precision: 0.2% of the loss, 3% of the gradient norm (seen: 0.02% and 1%)."""
+    got, want = offload_and_bf16_runs[f"{strategy}-bf16"], runs["single"]
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=2e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(want["grad_norms"]), rtol=3e-2, atol=0)

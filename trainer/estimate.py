@@ -1,0 +1,400 @@
+"""Per-device memory before launch: parameters, gradients, optimizer state, activations.
+
+The model is built on the meta device (no memory, seconds even for 8B), so every
+count is the real architecture's, peft wrapper included. Activations are measured
+too, not guessed: one micro-batch (train.micro_batch_size x data.seq_len) runs
+forward on meta tensors while a saved-tensors hook adds up what autograd keeps for
+backward, with attention standing in as FlashAttention does (it keeps q, k, v, the
+output and the log-sum-exp, never the seq_len^2 scores).
+
+What each strategy keeps per device (N devices, T trainable of P parameters,
+m master bytes, c compute bytes):
+
+- single, ddp: P*m weights, T*m grads, 2*T*m AdamW moments.
+- fsdp: everything above divided by N, plus the units gathered at a time in c
+  (the root for the whole step; two decoder layers, or all of them when
+  `reshard_after_forward` is false). `offload` puts the shards in host memory.
+- zero1/2/3 (DeepSpeed): weights in c (zero3: partitioned, small ones whole),
+  grads in c (zero2/3 partitioned) plus the reduction buckets, and 12*T/N bytes
+  of fp32 master copy and moments. `offload` moves those (and zero3 weights) to the host.
+
+`resident_state_bytes` measures the same quantities on a live strategy, which is
+how the tests hold this estimate to the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from trainer.config import Config
+from trainer.parallel import check_strategy
+from trainer.parallel.zero import bucket_elements, persistence_threshold
+
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
+META_ATTENTION = "finetrain_meta"
+ADAM_MOMENTS = 2
+
+
+@dataclasses.dataclass
+class Unit:
+    """Parameter elements of one sharding unit (all, and those that train)."""
+
+    total: int = 0
+    trainable: int = 0
+
+    @classmethod
+    def of(cls, modules: list) -> "Unit":
+        params = {id(p): p for module in modules for p in module.parameters()}.values()
+        return cls(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+
+
+@dataclasses.dataclass
+class ModelShape:
+    """Parameter counts (elements) of the model as built for training, by FSDP unit."""
+
+    total: int
+    trainable: int
+    layer: Unit  # the largest decoder layer
+    layers: int
+    embedding: Unit  # a unit of its own when untied from the head, else empty
+    head: Unit
+    root: Unit  # everything else (final norm, tied embeddings, prompt encoders)
+    hidden_size: int
+    numels: list  # of every parameter, for ZeRO's per-parameter partitioning
+    trainable_numels: list
+
+
+@dataclasses.dataclass
+class ActivationShape:
+    """Bytes autograd keeps for one micro-batch, split by where they are saved."""
+
+    in_layers: int  # all decoder layers together
+    outside: int  # embeddings, final norm, head, loss
+    layer_input: int  # one layer's input (what activation checkpointing keeps instead)
+    logits: int  # the model output, alive until the loss backward
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def model_config(cfg: Config):
+    from transformers import AutoConfig
+
+    from trainer.models import resolve_model_path
+
+    m = cfg.model
+    if m.path:
+        config = AutoConfig.from_pretrained(resolve_model_path(m.path))
+    else:
+        params = dict(m.config)
+        config = AutoConfig.for_model(params.pop("model_type"), **params)
+    if m.task == "sequence_classification":
+        config.num_labels = m.num_labels
+        if config.pad_token_id is None:
+            config.pad_token_id = 0
+    config.use_cache = False
+    return config
+
+
+def meta_model(cfg: Config, dtype: torch.dtype) -> nn.Module:
+    """The training model (peft included) with every tensor on the meta device."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from trainer.peft import apply_peft
+
+    _register_meta_attention()
+    auto = AutoModelForCausalLM if cfg.model.task == "causal_lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = auto.from_config(model_config(cfg), dtype=dtype, attn_implementation=META_ATTENTION)
+        if cfg.peft.method != "none":
+            model = apply_peft(model, cfg.peft, cfg.model.task)
+    return model
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    from trainer.models import decoder_layers
+    from trainer.parallel.fsdp import separate_embeddings
+
+    layers = decoder_layers(model)
+    embedding, head = separate_embeddings(model)
+    units = [*layers, *(m for m in (embedding, head) if m is not None)]
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    params = list(model.parameters())  # tied weights once
+    root = [p for p in params if id(p) not in in_units]
+    return ModelShape(
+        total=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        layer=max((Unit.of([layer]) for layer in layers), key=lambda u: u.total),
+        layers=len(layers),
+        embedding=Unit.of([embedding] if embedding is not None else []),
+        head=Unit.of([head] if head is not None else []),
+        root=Unit(sum(p.numel() for p in root), sum(p.numel() for p in root if p.requires_grad)),
+        hidden_size=getattr(getattr(model, "config", None), "hidden_size", 0),
+        numels=[p.numel() for p in params],
+        trainable_numels=[p.numel() for p in params if p.requires_grad],
+    )
+
+
+# -------------------------------------------------------------------------- activations
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """What FlashAttention keeps for backward: q, k, v, output and log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("the meta attention only measures memory")
+
+
+def _meta_attention(module, query, key, value, attention_mask, **kwargs):
+    return _FlashLikeAttention.apply(query, key, value).transpose(1, 2), None
+
+
+def _register_meta_attention() -> None:
+    """Registered without a mask function, so transformers builds no mask (none is needed
+    to count memory, and building one would read values of meta tensors)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(META_ATTENTION, _meta_attention)
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(model: nn.Module, layers: list[nn.Module]):
+    """Count the bytes autograd saves for backward (parameters excluded), split into
+    inside the decoder layers and outside; yields the running totals."""
+    totals = {"in_layers": 0, "outside": 0}
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
+    meta_params = {id(p) for p in model.parameters()}
+    seen: set = set()
+    depth = [0]
+
+    def enter(module, args):
+        depth[0] += 1
+
+    def leave(module, args, output):
+        depth[0] -= 1
+
+    def pack(tensor):
+        if isinstance(tensor, nn.Parameter) or id(tensor) in meta_params:
+            return tensor
+        if tensor.device.type == "meta":
+            # Meta tensors have no storage to compare: a view is counted as the tensor it views.
+            base = tensor if tensor._base is None else tensor._base
+            key, size = ("meta", id(base)), base.numel() * base.element_size()
+        else:
+            key, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+            if key in param_storages:
+                return tensor
+        if key not in seen:
+            seen.add(key)
+            totals["in_layers" if depth[0] else "outside"] += size
+        return tensor
+
+    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield totals
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def activation_shape(cfg: Config, compute_dtype: torch.dtype) -> ActivationShape:
+    """Forward one micro-batch on meta tensors and count what autograd keeps."""
+    from trainer.loss import summed_loss
+    from trainer.models import decoder_layers
+
+    model = meta_model(cfg, compute_dtype)
+    model.train()
+    rows, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    ids = torch.zeros(rows, seq, dtype=torch.long, device="meta")
+    labels = torch.zeros(rows, dtype=torch.long, device="meta") if cfg.model.task == "sequence_classification" else ids
+    layers = decoder_layers(model)
+    with saved_tensor_bytes(model, layers) as totals:
+        logits = model(input_ids=ids).logits
+        summed_loss(logits, labels, cfg.model.task)
+    hidden = getattr(model.config, "hidden_size", 0)
+    element = torch.empty((), dtype=compute_dtype).element_size()
+    return ActivationShape(
+        in_layers=totals["in_layers"],
+        outside=totals["outside"],
+        layer_input=rows * seq * hidden * element,
+        logits=logits.numel() * logits.element_size(),
+    )
+
+
+def activation_bytes(acts: ActivationShape, layers: int, checkpointing: bool) -> int:
+    """Peak activations of one micro-batch; with checkpointing each layer keeps only its
+    input, and one layer's activations come back at a time during backward."""
+    if not checkpointing:
+        return acts.in_layers + acts.outside + acts.logits
+    return layers * acts.layer_input + acts.in_layers // max(layers, 1) + acts.outside + acts.logits
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def strategy_memory(name: str, shape: ModelShape, acts: int, cfg: Config, world: int) -> dict:
+    """Per-device bytes under strategy `name` on `world` devices. `params` includes
+    `gathered`, the weights all-gathered for compute at the busiest moment; `host` is
+    what offload keeps in this rank's CPU memory instead."""
+    m = _dtype_bytes(getattr(torch, cfg.model.dtype))
+    c = 2 if cfg.parallel.mixed_precision == "bf16" else m
+    offload = cfg.parallel.offload != "none"
+    P, T = shape.total, shape.trainable
+    row = {"params": 0, "gathered": 0, "grads": 0, "optimizer": 0, "host": 0}
+    if name in ("single", "ddp"):
+        row.update(params=P * m, grads=T * m, optimizer=ADAM_MOMENTS * T * m)
+    elif name == "fsdp":
+        shard_params, shard_grads = math.ceil(P / world) * m, math.ceil(T / world) * m
+        shard_moments = ADAM_MOMENTS * shard_grads
+        # The root and the head stay gathered from the end of forward into backward; decoder
+        # layers two at a time (the one running, the one prefetched), or all of them when
+        # not resharded after forward. Gradients are unsharded one unit at a time (plus the
+        # root's, reduced last).
+        layers = 2 if cfg.parallel.reshard_after_forward else shape.layers
+        gathered = (shape.root.total + shape.head.total + layers * shape.layer.total) * c
+        largest = max(shape.layer.trainable, shape.head.trainable, shape.embedding.trainable)
+        gathered_grads = (shape.root.trainable + largest) * c
+        if offload:
+            row.update(params=gathered, gathered=gathered, grads=gathered_grads,
+                       host=shard_params + shard_grads + shard_moments)
+        else:
+            row.update(params=shard_params + gathered, gathered=gathered, grads=shard_grads + gathered_grads,
+                       optimizer=shard_moments)
+    else:
+        stage = int(name.removeprefix("zero"))
+        bucket = bucket_elements(shape.hidden_size)
+        fp32_partition = 4 * sum(math.ceil(n / world) for n in shape.trainable_numels)
+        moments = ADAM_MOMENTS * fp32_partition
+        # ZeRO-3 computing in fp32 steps its weight partitions in place: no second copy.
+        master = 0 if stage == 3 and c == 4 and not offload else fp32_partition
+        if stage == 3:
+            # Every parameter is partitioned; small ones are also kept whole on every rank.
+            partitioned = c * sum(math.ceil(n / world) for n in shape.numels)
+            persistent = c * sum(n for n in shape.numels if n < persistence_threshold(shape.hidden_size))
+            gathered = c * 2 * shape.layer.total  # the layer running and the one prefetched
+            weights = partitioned + persistent + gathered
+            grads = c * sum(math.ceil(n / world) for n in shape.trainable_numels) + c * bucket
+        else:
+            partitioned, gathered = 0, 0
+            weights = P * c
+            reduced = T * c if stage == 1 else c * sum(math.ceil(n / world) for n in shape.trainable_numels)
+            grads = reduced + (4 if stage == 1 else c) * bucket
+        row.update(params=weights, gathered=gathered, grads=grads, optimizer=master + moments)
+        if offload:
+            # The master copy, the moments and the fp32 gradient partition live on the host.
+            row.update(optimizer=0, host=2 * fp32_partition + moments)
+            if cfg.parallel.offload == "params":
+                row["params"] -= partitioned
+                row["host"] += partitioned
+    row["activations"] = acts
+    row["total"] = row["params"] + row["grads"] + row["optimizer"] + row["activations"]
+    return row
+
+
+def estimate_memory(cfg: Config, nodes: int, gpus_per_node: int) -> list[dict]:
+    """One row per strategy: per-device bytes of params, grads, optimizer state and
+    activations (plus host bytes under offload); `note` says why a strategy cannot run."""
+    world = nodes * gpus_per_node
+    if world < 1:
+        raise ValueError(f"estimate: --nodes {nodes} x --gpus-per-node {gpus_per_node} is no device")
+    master = getattr(torch, cfg.model.dtype)
+    compute = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else master
+    shape = model_shape(meta_model(cfg, master))
+    acts = activation_bytes(activation_shape(cfg, compute), shape.layers, cfg.parallel.activation_checkpointing)
+    rows = []
+    for name in STRATEGIES:
+        probe = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, strategy=name))
+        try:
+            check_strategy(probe, name, world)
+            note = ""
+        except ValueError as err:
+            note = str(err)
+        rows.append({"strategy": name, "devices": world, "trainable": shape.trainable, "parameters": shape.total,
+                     **strategy_memory(name, shape, acts, probe, world), "note": note})
+    return rows
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table, one row per strategy; strategies that cannot run say why below it."""
+    if not rows:
+        return ""
+    first = rows[0]
+    lines = [f"{first['parameters']:,} parameters ({first['trainable']:,} trainable) on {first['devices']} device(s); "
+             "memory per device",
+             "",
+             "| strategy | params | grads | optimizer | activations | total | host (offload) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    notes = []
+    for row in rows:
+        cells = [format_bytes(row[k]) for k in ("params", "grads", "optimizer", "activations", "total", "host")]
+        if row["note"]:
+            cells = ["—"] * len(cells)
+            notes.append(f"- {row['strategy']}: {row['note']}")
+        lines.append(f"| {row['strategy']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+# ------------------------------------------------------------------------ measurement
+
+
+def resident_state_bytes(strategy) -> dict:
+    """Bytes this rank actually holds: its parameters (local shards; ZeRO-3 partitions)
+    and its optimizer state (moments, plus DeepSpeed's fp32 master copies)."""
+    def local(tensor):
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    seen: set = set()
+
+    def size(tensor) -> int:
+        tensor = local(tensor)
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen or tensor.numel() == 0:
+            return 0
+        seen.add(key)
+        return tensor.untyped_storage().nbytes()
+
+    model = strategy.unwrapped_model()
+    params = 0
+    for param in model.parameters():
+        if hasattr(param, "ds_tensor"):  # a ZeRO-3 partition; small parameters also stay whole
+            params += size(param.ds_tensor) + (size(param.data) if getattr(param, "ds_persist", False) else 0)
+        else:
+            params += size(param)
+    inner = getattr(strategy.optimizer, "optimizer", strategy.optimizer)  # DeepSpeed wraps the client optimizer
+    optimizer = sum(size(p) for group in inner.param_groups for p in group["params"])  # master copies, if separate
+    for state in inner.state.values():
+        optimizer += sum(size(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return {"params": params, "optimizer": optimizer}
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+

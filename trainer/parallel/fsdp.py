@@ -1,0 +1,126 @@
+"""FSDP2: parameters, gradients and optimizer state sharded over ranks as DTensors.
+
+Each decoder layer is its own `fully_shard` unit (gathered just before it runs,
+resharded after), and so are the input embedding and the LM head unless they are
+tied; the root takes the rest (final norm, tied embeddings, peft prompt encoders).
+Gradients are reduce-scattered after every micro-batch: skipping that
+(`set_requires_gradient_sync(False)`) would hold an unsharded gradient of the
+whole model on every rank until the last micro-batch, which is the memory that
+sharding exists to save.
+
+`parallel.offload` (FSDP2 has a single CPU offload policy, `CPUOffloadPolicy`):
+the sharded parameters, their gradients and the optimizer state live in host
+memory and the optimizer step runs on the CPU; each unit's shard is copied to
+the device for its all-gather. FSDP2 cannot keep parameters on the device while
+the optimizer state is on the host (the optimizer updates the shards in place),
+so `optimizer` and `params` mean the same thing here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from trainer.models import decoder_layers
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel.base import Strategy
+from trainer.parallel.common import (
+    apply_activation_checkpointing,
+    clip_and_norm,
+    dcp_load,
+    dcp_save,
+    gathered_model_state,
+)
+
+log = logging.getLogger("finetrain")
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def mixed_precision_policy(self) -> MixedPrecisionPolicy:
+        """bf16 compute and all-gathers; gradients reduced in fp32, master weights untouched."""
+        if self.compute_dtype() == torch.float32:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=self.compute_dtype(), reduce_dtype=torch.float32)
+
+    def offload_policy(self) -> OffloadPolicy:
+        if self.cfg.parallel.offload == "none":
+            return OffloadPolicy()
+        log.info("parallel.offload %s: FSDP2 keeps the sharded parameters, gradients and optimizer "
+                 "state in host memory and steps the optimizer on the CPU", self.cfg.parallel.offload)
+        return CPUOffloadPolicy(pin_memory=self.dist.device.type == "cuda")
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        if self.cfg.parallel.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        tied = _tied_parameter_names(model)
+        mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
+        policies = {"mesh": mesh, "mp_policy": self.mixed_precision_policy(), "offload_policy": self.offload_policy()}
+        reshard = self.cfg.parallel.reshard_after_forward
+        embedding, head = separate_embeddings(model)
+        if embedding is not None:
+            fully_shard(embedding, reshard_after_forward=reshard, **policies)
+        for layer in decoder_layers(model):
+            fully_shard(layer, reshard_after_forward=reshard, **policies)
+        # The head (and the root: final norm, tied embeddings) is needed again as soon as
+        # backward starts, so resharding it after forward would only add an all-gather.
+        if head is not None:
+            fully_shard(head, reshard_after_forward=False, **policies)
+        fully_shard(model, reshard_after_forward=False, **policies)
+        _check_still_tied(model, tied)
+        self.model = model
+        self.optimizer = build_optimizer(model, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total_steps)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The reduce-scatter averages over ranks; the loss is already divided by the
+        # global target count, so the sum over ranks is the gradient we want.
+        (loss * self.dist.world_size).backward()
+
+    def step(self) -> float:
+        norm = clip_and_norm(self.model.parameters(), self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save(self, path: Path) -> None:
+        dcp_save(path, self.model, self.optimizer, self.scheduler)
+
+    def load(self, path: Path) -> None:
+        dcp_load(path, self.model, self.optimizer, self.scheduler)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return gathered_model_state(self.model)
+
+
+def separate_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The input embedding and the LM head as units of their own, so that their (large,
+    vocabulary-sized) gradients are reduce-scattered as soon as they are computed rather
+    than held unsharded until the root finishes. Tied, they stay together in the root."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embedding is None or head is None or head.weight is embedding.weight:
+        return None, None
+    return embedding, head
+
+
+def _tied_parameter_names(model: nn.Module) -> list[list[str]]:
+    """Groups of names that share one parameter (e.g. input embedding and LM head)."""
+    by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _check_still_tied(model: nn.Module, groups: list[list[str]]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for names in groups:
+        if any(params[name] is not params[names[0]] for name in names[1:]):
+            raise RuntimeError(f"fsdp: sharding untied the shared parameters {names}")

@@ -1,0 +1,309 @@
+"""DeepSpeed ZeRO stages 1-3: one engine whose config is generated from finetrain's keys.
+
+Stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the
+parameters. `parallel.offload: optimizer` moves the optimizer state and step to the
+CPU (DeepSpeed's CPU Adam, with finetrain's decay groups); `params` additionally
+keeps the stage-3 parameter shards in host memory.
+
+The loop owns the accumulation boundary: the engine runs with
+`managed_gradient_accumulation: false`, so `backward` only accumulates (stage 2/3
+reduce into their partitions as they go) and `step` is the boundary that
+finishes the reduction and updates. Checkpoints are DeepSpeed's own; a checkpoint
+saved at another world size is converted once to DeepSpeed's universal format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from trainer.config import Config, cache_root
+from trainer.distributed import DistInfo, barrier
+from trainer.optim import build_optimizer, build_scheduler, parameter_groups
+from trainer.parallel.base import Strategy
+from trainer.parallel.common import apply_activation_checkpointing
+
+log = logging.getLogger("finetrain")
+
+CHECKPOINT_TAG = "deepspeed"  # <checkpoint>/deepspeed/: the engine's files as saved
+UNIVERSAL_TAG = "universal"  # <checkpoint>/universal/: converted on the first resume at another world size
+
+# Keys the loop decides; a user DeepSpeed JSON may repeat them only with the same value.
+_OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+               "managed_gradient_accumulation")
+# Sections finetrain builds itself (optim.*); DeepSpeed would build a second optimizer from them.
+_REFUSED_SECTIONS = ("optimizer", "scheduler")
+
+
+def extensions_dir(cfg: Config) -> Path:
+    """Where DeepSpeed compiles its ops (CPU Adam, shared-memory comms): the cache dir, never ~."""
+    return cache_root(cfg) / "torch_extensions"
+
+
+def model_hidden_size(cfg: Config) -> int | None:
+    """The model's hidden size, read from model.config or the folder's config.json."""
+    if cfg.model.config is not None:
+        return cfg.model.config.get("hidden_size")
+    from transformers import AutoConfig
+
+    from trainer.models import resolve_model_path
+
+    return getattr(AutoConfig.from_pretrained(resolve_model_path(cfg.model.path)), "hidden_size", None)
+
+
+def bucket_elements(hidden_size: int) -> int:
+    """Gradient reduction bucket: hidden^2 elements (as transformers' "auto" sizes it).
+    DeepSpeed's default, 5e8 elements, allocates gigabytes even for a small model."""
+    return hidden_size * hidden_size
+
+
+def persistence_threshold(hidden_size: int) -> int:
+    """ZeRO-3 keeps parameters smaller than this (norms, biases) whole on every rank."""
+    return 10 * hidden_size
+
+
+def generated_config(cfg: Config, world_size: int, hidden_size: int | None) -> dict:
+    """The DeepSpeed config that finetrain's keys (and the model's width) imply."""
+    stage = int(cfg.parallel.strategy.removeprefix("zero"))
+    micro = cfg.train.micro_batch_size
+    accumulation = max(1, cfg.train.global_batch_size // (micro * world_size))
+    pin = torch.cuda.is_available()
+    zero: dict = {"stage": stage}
+    if hidden_size:
+        zero["reduce_bucket_size"] = bucket_elements(hidden_size)
+        if stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * bucket_elements(hidden_size))
+            zero["stage3_param_persistence_threshold"] = persistence_threshold(hidden_size)
+    if cfg.parallel.offload in ("optimizer", "params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.parallel.offload == "params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.optim.max_grad_norm,
+        "bf16": {"enabled": cfg.parallel.mixed_precision == "bf16"},
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # finetrain logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+
+
+def deepspeed_config(cfg: Config, world_size: int, hidden_size: int | None) -> dict:
+    """The generated config with `parallel.deepspeed_config` merged over it (key by key)."""
+    config = generated_config(cfg, world_size, hidden_size)
+    if not cfg.parallel.deepspeed_config:
+        return config
+    path = Path(cfg.parallel.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"parallel.deepspeed_config: {path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"parallel.deepspeed_config: {path} must hold a JSON object")
+    for section in _REFUSED_SECTIONS:
+        if section in user:
+            raise ValueError(f"parallel.deepspeed_config: {path} sets {section!r}; finetrain builds the optimizer "
+                             "and schedule from optim.* (remove the section)")
+    for key in _OWNED_KEYS:
+        if key in user and user[key] != "auto" and user[key] != config[key]:
+            raise ValueError(f"parallel.deepspeed_config: {path} sets {key}={user[key]!r} but finetrain's batch "
+                             f"keys give {config[key]!r}; set train.micro_batch_size / train.global_batch_size instead")
+    if "zero_optimization" in user and user["zero_optimization"].get("stage", config["zero_optimization"]["stage"]) \
+            != config["zero_optimization"]["stage"]:
+        raise ValueError(f"parallel.deepspeed_config: {path} sets zero_optimization.stage "
+                         f"{user['zero_optimization']['stage']}, but parallel.strategy is {cfg.parallel.strategy}")
+    return _merge(config, user)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class ZeroStrategy(Strategy):
+    def __init__(self, cfg: Config, dist_info: DistInfo):
+        super().__init__(cfg, dist_info)
+        self.name = cfg.parallel.strategy
+        self.stage = int(self.name.removeprefix("zero"))
+        self.ds_config = deepspeed_config(cfg, dist_info.world_size, model_hidden_size(cfg))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir(cfg)))
+        # DeepSpeed reads the rank layout from the environment, which a world of one
+        # started without torchrun does not have.
+        for key, value in (("RANK", dist_info.rank), ("LOCAL_RANK", dist_info.local_rank),
+                           ("WORLD_SIZE", dist_info.world_size)):
+            os.environ.setdefault(key, str(value))
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
+        import deepspeed
+
+        # DeepSpeed's communication layer wraps the process group that is already up; its
+        # config objects (zero.Init's included) read the world size from it.
+        deepspeed.init_distributed(dist_backend=dist_info.backend, dist_init_required=False)
+        self.engine = None
+
+    def build_model(self, make_model: Callable[[], nn.Module]) -> nn.Module:
+        """ZeRO-3 loads a pretrained model already partitioned: while transformers sees the
+        DeepSpeed config it builds under `deepspeed.zero.Init` and loads each rank's shard.
+        A random init (model.config: a test or debug model) is built whole and partitioned
+        by the engine instead, because transformers' ZeRO-3 init draws its random numbers
+        in another order, and every strategy must start from the same weights."""
+        if self.stage != 3 or self.cfg.model.path is None:
+            return make_model()
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        hf_deepspeed_config = HfDeepSpeedConfig(self.ds_config)  # noqa: F841  (transformers keeps a weak reference)
+        try:
+            return make_model()
+        finally:
+            unset_hf_deepspeed_config()
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        import deepspeed
+
+        if self.cfg.parallel.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        optimizer = self._client_optimizer(model)
+        scheduler = build_scheduler(optimizer, self.cfg.optim, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False)
+        if not hasattr(self.engine, "managed_gradient_accumulation"):
+            raise RuntimeError(f"parallel.strategy {self.name}: DeepSpeed {deepspeed.__version__} cannot leave the "
+                               "accumulation boundary to the caller; install deepspeed>=0.19.8")
+        self.model = self.engine
+
+    def _client_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """finetrain's AdamW groups; with offload, the same groups on DeepSpeed's vectorised
+        CPU Adam (torch's AdamW is several times slower there)."""
+        if self.cfg.parallel.offload == "none":
+            return build_optimizer(model, self.cfg.optim)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        groups = parameter_groups(model, self.cfg.optim.weight_decay)
+        if not groups:
+            raise ValueError("the model has no trainable parameters (check peft.method / target_modules)")
+        o = self.cfg.optim
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over ranks (undone by the world-size factor) and
+        # would divide by the accumulation steps (scale_wrt_gas=False): the loss is
+        # already divided by the global target count of the step.
+        self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.step()  # reduce, clip (gradient_clipping), update, schedule, zero grads
+        return float(self.engine.get_global_grad_norm())
+
+    # ------------------------------------------------------------------ state
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG)
+
+    def load(self, path: Path) -> None:
+        saved_world = saved_world_size(path / CHECKPOINT_TAG)
+        if saved_world == self.dist.world_size:
+            loaded, _ = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG)
+        else:
+            log.info("%s was saved on %d ranks, resuming on %d: loading its universal form",
+                     path, saved_world, self.dist.world_size)
+            if self.dist.is_main:
+                convert_to_universal(path)
+            barrier()
+            settings = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+                        for group in self.optimizer.param_groups]
+            # The engine reads this flag when loading; it is not known when the engine is built.
+            self.engine._config.load_universal_checkpoint = True
+            try:
+                loaded, _ = self.engine.load_checkpoint(str(path), tag=UNIVERSAL_TAG)
+            finally:
+                self.engine._config.load_universal_checkpoint = False
+            self._repair_universal_optimizer_state(settings)
+        if loaded is None:
+            raise RuntimeError(f"{path}: DeepSpeed found no checkpoint to load")
+
+    def _repair_universal_optimizer_state(self, settings: list[dict]) -> None:
+        """DeepSpeed's ZeRO-3 universal loader gives every parameter group the settings of the
+        first (weight decay included) and one shared step-count tensor, which AdamW then
+        advances once per group; put back each group's own settings and its own counter."""
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights at master precision (the fp32 optimizer copy for trainable
+        parameters, not the bf16 compute copy), gathered rank by rank: collective."""
+        from deepspeed import zero
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        master_dtype = getattr(torch, self.cfg.model.dtype)
+        param_ids = {id(p) for p in module.parameters()}
+        gathered: dict[int, torch.Tensor] = {}
+        state = {}
+        for key, value in module.state_dict(keep_vars=True).items():
+            if id(value) not in param_ids:
+                state[key] = value.detach().cpu().clone()
+                continue
+            if id(value) not in gathered:  # tied weights appear under two keys
+                if value.requires_grad:
+                    tensor = safe_get_full_fp32_param(value)
+                else:
+                    with zero.GatheredParameters([value], enabled=hasattr(value, "ds_id")):
+                        tensor = value.data.clone()
+                gathered[id(value)] = tensor.detach().to("cpu", master_dtype)
+            state[key] = gathered[id(value)]
+        return state if self.dist.is_main else {}
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.engine.module
+
+
+def saved_world_size(tag_dir: Path) -> int:
+    """Data-parallel ranks a DeepSpeed checkpoint was saved on: one optimizer shard each."""
+    shards = list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if not shards:
+        raise FileNotFoundError(f"{tag_dir}: no DeepSpeed ZeRO optimizer shards (not a zero1-3 checkpoint)")
+    return len(shards)
+
+
+def convert_to_universal(path: Path) -> Path:
+    """Write <path>/universal from <path>/deepspeed (once; written aside, then renamed)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = path / UNIVERSAL_TAG
+    if target.is_dir():
+        return target
+    staging = path / f".{UNIVERSAL_TAG}-incomplete"
+    shutil.rmtree(staging, ignore_errors=True)
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=str(path / CHECKPOINT_TAG), output_folder=str(staging), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+    os.rename(staging, target)
+    return target
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state of a zero1-3 checkpoint, in one process (for export)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=CHECKPOINT_TAG)
