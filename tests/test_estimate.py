@@ -113,8 +113,7 @@ def test_estimate_matches_the_measured_peak_of_a_real_step():
     """One real step of a 7M-parameter Llama (micro 4 x 256 tokens, float32) on CPU, in a
     fresh process each: the peak resident growth (model, grads, AdamW state, activations,
     allocator slack) is the estimated total within 25%; the bytes autograd actually saves
-    are the estimated activations within 25%; and what activation checkpointing saves is
-    the estimated saving within 25%."""
+    are the estimated activations within 25%, with and without activation checkpointing."""
     cfg = make_cfg(PROBE_MODEL, mixed_precision="fp32")
     cfg.data.seq_len, cfg.train.micro_batch_size = 256, 4
     plain = probe({"model": PROBE_MODEL, "micro": 4, "seq_len": 256, "checkpointing": False})
@@ -127,7 +126,10 @@ def test_estimate_matches_the_measured_peak_of_a_real_step():
     assert ckpt["growth"] == pytest.approx(estimate_ckpt["total"], rel=0.25)
     saved = plain["saved"]["in_layers"] + plain["saved"]["outside"] + plain["logits"]
     assert saved == pytest.approx(estimate["activations"], rel=0.25)
-    assert plain["growth"] - ckpt["growth"] == pytest.approx(estimate["activations"] - estimate_ckpt["activations"], rel=0.25)
+    # what checkpointing saves, from the bytes autograd keeps (the difference of two peak
+    # resident sizes is dominated by allocator noise)
+    saved_ckpt = ckpt["saved"]["in_layers"] + ckpt["saved"]["outside"] + ckpt["logits"]
+    assert saved - saved_ckpt == pytest.approx(estimate["activations"] - estimate_ckpt["activations"], rel=0.25)
 
 
 def test_estimate_command_prints_a_table_per_strategy(tmp_path):
