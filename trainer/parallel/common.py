@@ -1,4 +1,5 @@
-"""Pieces shared by the strategies: activation checkpointing, DCP save/load, clipping."""
+"""Pieces shared by the strategies: activation checkpointing, DCP save/load, clipping, and
+the torch-optimizer strategy that single, ddp and fsdp build on."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel.base import Strategy
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -53,3 +57,37 @@ def clip_and_norm(parameters, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+class TorchStrategy(Strategy):
+    """single, ddp and fsdp: a torch optimizer over the (possibly sharded) parameters,
+    gradients clipped DTensor-aware, state in DCP. Subclasses wrap the model in `setup`."""
+
+    def build_optimizer(self, model: nn.Module, total_steps: int) -> None:
+        self.optimizer = build_optimizer(model, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total_steps)
+
+    def autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=self.compute_dtype(),
+                              enabled=self.compute_dtype() != torch.float32)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DDP's all-reduce and FSDP's reduce-scatter average over ranks; the loss is already
+        # divided by the global target count, so the sum over ranks is the gradient we want.
+        (loss * self.dist.world_size).backward()
+
+    def step(self) -> float:
+        norm = clip_and_norm(self.model.parameters(), self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save(self, path: Path) -> None:
+        dcp_save(path, self.unwrapped_model(), self.optimizer, self.scheduler)
+
+    def load(self, path: Path) -> None:
+        dcp_load(path, self.unwrapped_model(), self.optimizer, self.scheduler)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return gathered_model_state(self.unwrapped_model())

@@ -18,8 +18,8 @@ so `optimizer` and `params` mean the same thing here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,20 +27,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from trainer.models import decoder_layers
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.parallel.base import Strategy
-from trainer.parallel.common import (
-    apply_activation_checkpointing,
-    clip_and_norm,
-    dcp_load,
-    dcp_save,
-    gathered_model_state,
-)
+from trainer.parallel.common import TorchStrategy, apply_activation_checkpointing
 
 log = logging.getLogger("finetrain")
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(TorchStrategy):
     name = "fsdp"
 
     def mixed_precision_policy(self) -> MixedPrecisionPolicy:
@@ -75,29 +67,10 @@ class FSDPStrategy(Strategy):
         fully_shard(model, reshard_after_forward=False, **policies)
         _check_still_tied(model, tied)
         self.model = model
-        self.optimizer = build_optimizer(model, self.cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total_steps)
+        self.build_optimizer(model, total_steps)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # The reduce-scatter averages over ranks; the loss is already divided by the
-        # global target count, so the sum over ranks is the gradient we want.
-        (loss * self.dist.world_size).backward()
-
-    def step(self) -> float:
-        norm = clip_and_norm(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def save(self, path: Path) -> None:
-        dcp_save(path, self.model, self.optimizer, self.scheduler)
-
-    def load(self, path: Path) -> None:
-        dcp_load(path, self.model, self.optimizer, self.scheduler)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return gathered_model_state(self.model)
+    def autocast(self):
+        return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters itself
 
 
 def separate_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
