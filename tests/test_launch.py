@@ -67,3 +67,24 @@ def test_a_crashed_rank_ends_the_job_quickly_with_its_error(tmp_path):
     assert time.time() - killed_at < 90, "the surviving rank hung"
     stderr = launcher.stderr.read()
     assert "SIGKILL" in stderr or "Signal 9" in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
+def test_resume_on_another_world_size_continues_the_curve(tmp_path, strategy):
+    """Train 6 steps on 2 ranks, resume to 12 on 1 rank: steps 7-12 match an uninterrupted 2-rank run."""
+    sections = dict(parallel={"strategy": strategy, "mixed_precision": "fp32"},
+                    optim={"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant"},
+                    train={"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 12, "log_every": 1})
+    reference = causal_config(tmp_path / "reference", **sections)
+    run_cli(write_config(reference, tmp_path / "reference.yaml"), "--nproc", "2")
+    expected = step_losses(Path(reference["run"]["output_dir"]))
+
+    resumed = causal_config(tmp_path / "resumed", **sections)
+    config_path = write_config(resumed, tmp_path / "resumed.yaml")
+    run_cli(config_path, "--nproc", "2", "train.max_steps=6")
+    run_cli(config_path)  # one rank, same folder: resumes from step 6
+    got = step_losses(Path(resumed["run"]["output_dir"]))
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
