@@ -178,6 +178,7 @@ def saved_tensor_bytes(model: nn.Module, layers: list[nn.Module]):
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
     meta_params = {id(p) for p in model.parameters()}
     seen: set = set()
+    alive: list = []  # keeps every counted meta tensor alive, so no id() is reused for another
     depth = [0]
 
     def enter(module, args):
@@ -192,6 +193,7 @@ def saved_tensor_bytes(model: nn.Module, layers: list[nn.Module]):
         if tensor.device.type == "meta":
             # Meta tensors have no storage to compare: a view is counted as the tensor it views.
             base = tensor if tensor._base is None else tensor._base
+            alive.append(base)
             key, size = ("meta", id(base)), base.numel() * base.element_size()
         else:
             key, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
