@@ -1,4 +1,4 @@
-"""The `finetrain` command: train, export, estimate.
+"""The `finetrain` command: train, submit, export, estimate.
 
 `finetrain train` validates the config in this process first, so a bad key stops
 before any worker or process group starts; with --nproc N it then hands over to
@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from launch.submit import add_submit_parser
 from trainer.config import ConfigError, load_config
 
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--nodes", type=int, default=1)
     estimate.add_argument("--gpus-per-node", type=int, default=1)
     estimate.set_defaults(run=cmd_estimate)
+
+    add_submit_parser(sub)
     return parser
 
 

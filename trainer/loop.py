@@ -197,7 +197,7 @@ class Trainer:
                 if stopping or periodic or self.step == self.total_steps:
                     self.save()
                 if stopping:
-                    log.warning("stopped at step %d by a signal; checkpoint saved: rerun the same command to resume", self.step)
+                    log.warning("stopped at step %d by a signal; checkpoint saved (checkpoint.resume=auto continues from it)", self.step)
                     return record
             return {**record, **self.evaluate()}
         finally:
