@@ -1,50 +1,43 @@
 """The `finetrain` command: train, submit, export, estimate.
 
 `finetrain train` validates the config in this process first, so a bad key stops
-before any worker or process group starts; with --nproc N it then hands over to
-torchrun, which runs `python -m trainer` on every rank.
+before any worker or process group starts; with --nproc N (and --nnodes M) it then runs
+torch's elastic agent, as torchrun does, which starts `python -m trainer` on every rank
+(see launch/elastic.py for how it differs from plain torchrun).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from launch.submit import add_submit_parser
-from trainer.config import ConfigError, load_config
+from trainer.__main__ import report_user_error
+from trainer.config import UserError, load_config
 
 
 def cmd_train(args) -> int:
+    from launch.elastic import default_rdzv_id, run_ranks
     from trainer.__main__ import debug_overrides, main as run_rank
 
-    if args.debug and args.nproc > 1:
-        print("finetrain: --debug runs a world of one; drop --nproc", file=sys.stderr)
-        return 2
+    if args.debug and (args.nproc > 1 or args.nnodes > 1):
+        return report_user_error(UserError("--debug runs a world of one; drop --nproc and --nnodes"), None)
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        return report_user_error(UserError(f"--nnodes {args.nnodes}: set --rdzv-endpoint HOST:PORT, the address "
+                                           "of the first node (the same on every node)"), None)
+    if args.nproc < 1 or args.nnodes < 1:
+        return report_user_error(UserError("--nproc and --nnodes must be >= 1"), None)
     overrides = debug_overrides(args.overrides) if args.debug else args.overrides
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"finetrain: config error in {args.config}:\n{err}", file=sys.stderr)
-        return err.exit_code
-    if args.nproc == 1:
+    except UserError as err:
+        return report_user_error(err, args.config, overrides)
+    if args.nproc == 1 and args.nnodes == 1:
         return run_rank([args.config, *args.overrides] + (["--debug"] if args.debug else []))
-    # torchrun and its workers keep their temporary files under the run folder.
-    scratch = Path(cfg.run.output_dir) / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, TMPDIR=str(scratch.resolve()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(args.nproc),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-        # SIGTERM/SIGUSR1 reach every rank, which checkpoint and exit 0 within the timeout.
-        "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "300",
-        "-m", "trainer", args.config, *args.overrides,
-    ]
-    # Become torchrun, so signals sent to this process (scheduler, Ctrl-C) reach it directly.
-    os.execve(sys.executable, command, env)
+    return run_ranks([args.config, *args.overrides], args.nproc, args.nnodes, args.rdzv_endpoint,
+                     args.rdzv_id or default_rdzv_id(cfg.run.output_dir), scratch=cfg.output_dir / "tmp")
 
 
 def cmd_export(args) -> int:
@@ -52,9 +45,8 @@ def cmd_export(args) -> int:
 
     try:
         out = export_checkpoint(Path(args.checkpoint), Path(args.out), merge=args.merge)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"finetrain export: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report_user_error(err, None)
     print(f"exported {args.checkpoint} to {out}")
     return 0
 
@@ -65,10 +57,9 @@ def cmd_estimate(args) -> int:
     try:
         # only the model's config.json is read: data and checkpoints may live on the cluster
         cfg = load_config(args.config, args.overrides, check_files=False)
-    except ConfigError as err:
-        print(f"finetrain: config error in {args.config}:\n{err}", file=sys.stderr)
-        return err.exit_code
-    print(format_table(estimate_memory(cfg, args.nodes, args.gpus_per_node)))
+        print(format_table(estimate_memory(cfg, args.nodes, args.gpus_per_node)))
+    except UserError as err:
+        return report_user_error(err, args.config, args.overrides)
     return 0
 
 
@@ -79,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train on this machine (one process, or N through torchrun)")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    train.add_argument("--nproc", type=int, default=1, help="local processes (ranks)")
+    train.add_argument("--nproc", type=int, default=1, help="ranks on this node (torchrun's --nproc-per-node)")
+    train.add_argument("--nnodes", type=int, default=1, help="nodes; run this command on each (c10d rendezvous)")
+    train.add_argument("--rdzv-endpoint", help="HOST:PORT of the first node, for --nnodes > 1")
+    train.add_argument("--rdzv-id", help="rendezvous id shared by the nodes (default: the Slurm job, or the run folder)")
     train.add_argument("--debug", action="store_true", help="world of one, 5 deterministic steps, print the first batch")
     train.set_defaults(run=cmd_train)
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, UserError, load_config
 
 log = logging.getLogger("finetrain")
 
@@ -46,7 +46,7 @@ class SlurmTraining:
         """Train; returns the last step reached. Requeues when stopped before the end."""
         from submitit import JobEnvironment
 
-        from trainer.__main__ import setup_logging
+        from trainer.__main__ import report_user_error, setup_logging
         from trainer.distributed import shutdown
         from trainer.loop import Trainer
 
@@ -55,10 +55,11 @@ class SlurmTraining:
         requeue = signal.getsignal(preempt_signal)  # submitit's checkpoint-and-requeue handler
         signal.signal(preempt_signal, lambda signum, frame: _stop_or_requeue(requeue, signum, frame))
 
-        cfg = load_config(self.config, self.overrides)
-        trainer = Trainer(cfg)
         try:
+            trainer = Trainer(load_config(self.config, self.overrides))
             trainer.fit()
+        except UserError as err:
+            sys.exit(report_user_error(err, self.config, self.overrides))
         finally:
             shutdown()
         if trainer.step < trainer.total_steps and job_state() == "RUNNING":
@@ -99,7 +100,7 @@ def tasks_per_node(gpus_per_node: int, requested: int | None) -> int:
     """One rank per GPU; CPU jobs take `--tasks-per-node` ranks (default 1)."""
     if gpus_per_node > 0:
         if requested not in (None, gpus_per_node):
-            raise ValueError(f"--tasks-per-node {requested}: GPU jobs run one task per GPU "
+            raise UserError(f"--tasks-per-node {requested}: GPU jobs run one task per GPU "
                              f"(--gpus-per-node {gpus_per_node})")
         return gpus_per_node
     return requested or 1
@@ -120,7 +121,7 @@ def slurm_overrides(args) -> list[str]:
 def executor_parameters(cfg: Config, args) -> dict:
     """submitit's parameters for this job (names as submitit's AutoExecutor takes them)."""
     if args.nodes < 1 or args.gpus_per_node < 0 or (args.tasks_per_node or 1) < 1:
-        raise ValueError("--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0")
+        raise UserError("--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0")
     slurm = cfg.slurm
     params = {
         "name": args.job_name or cfg.run.name,
@@ -142,13 +143,13 @@ def executor_parameters(cfg: Config, args) -> dict:
 
 
 def submit(args) -> "submitit.Job":
-    """Validate the config, then submit; raises ConfigError before anything reaches Slurm."""
+    """Validate the config, then submit; raises a UserError before anything reaches Slurm."""
     import submitit
 
     config = str(Path(args.config).resolve())
     overrides = [*args.overrides, *slurm_overrides(args)]
     cfg = load_config(config, overrides)
-    params = executor_parameters(cfg, args)  # ValueError on a bad task layout
+    params = executor_parameters(cfg, args)  # UserError on a bad task layout
     folder = Path(cfg.run.output_dir).resolve() / "slurm"
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=cfg.slurm.max_requeues)
     executor.update_parameters(**params)
@@ -156,14 +157,12 @@ def submit(args) -> "submitit.Job":
 
 
 def cmd_submit(args) -> int:
+    from trainer.__main__ import report_user_error
+
     try:
         job = submit(args)
-    except ConfigError as err:
-        print(f"finetrain: config error in {args.config}:\n{err}", file=sys.stderr)
-        return err.exit_code
-    except ValueError as err:
-        print(f"finetrain submit: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report_user_error(err, args.config, [*args.overrides, *slurm_overrides(args)])
     print(f"submitted job {job.job_id}; logs in {job.paths.folder}")
     return 0
 

@@ -80,10 +80,12 @@ def trainer_env() -> dict:
                 PYTHONPATH=str(REPO))
 
 
-def run_cli(config: Path, *args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(config: Path, *args: str, timeout: int = 600, check: bool = True,
+            env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """`finetrain train CONFIG args...` in a subprocess."""
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(config), *args],
-                          capture_output=True, text=True, cwd=REPO, env=trainer_env(), timeout=timeout)
+                          capture_output=True, text=True, cwd=REPO, env={**trainer_env(), **(env_extra or {})},
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"finetrain exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from conftest import REPO
 from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
+from trainer.checkpoint import complete_checkpoints
 
 
 def children(pid: int) -> list[int]:
@@ -88,3 +90,131 @@ def test_resume_on_another_world_size_continues_the_curve(tmp_path, strategy):
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 13):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def wait_for_losses(output_dir: Path, count: int, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= count):
+        for proc in procs:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "the run never got going"
+        time.sleep(0.1)
+
+
+def start_in_session(*args: str) -> subprocess.Popen:
+    """`finetrain train ...` as the leader of a new process group (as a shell job is)."""
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", *args], cwd=REPO, env=trainer_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def assert_follows(got: dict, expected: dict, steps: int) -> None:
+    assert sorted(got) == list(range(1, steps + 1)), "every step logged exactly once across the runs"
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+STOP_SECTIONS = dict(parallel={"strategy": "fsdp", "mixed_precision": "fp32"},
+                     train={"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 40, "log_every": 1})
+
+
+@pytest.fixture(scope="module")
+def reference_curve(tmp_path_factory) -> dict:
+    """The uninterrupted run on one node with two ranks."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = causal_config(tmp, rows=96, **STOP_SECTIONS)
+    run_cli(write_config(cfg, tmp / "config.yaml"), "--nproc", "2")
+    return step_losses(Path(cfg["run"]["output_dir"]))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path, reference_curve):
+    cfg = causal_config(tmp_path, rows=96, **STOP_SECTIONS)
+    config_path = write_config(cfg, tmp_path / "config.yaml")
+    out = Path(cfg["run"]["output_dir"])
+    launcher = start_in_session(str(config_path), "--nproc", "2")
+    try:
+        wait_for_losses(out, 10, [launcher])
+        os.killpg(launcher.pid, signal.SIGTERM)  # what Slurm, Kubernetes or a terminal do
+        code = launcher.wait(timeout=300)
+    finally:
+        kill_group(launcher)
+    stderr = launcher.stderr.read()
+    assert code == 0, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    saved = complete_checkpoints(out / "checkpoints")
+    assert saved and 10 <= int(saved[-1].name.split("-")[1]) < 40
+    run_cli(config_path, "--nproc", "2")
+    assert_follows(step_losses(out), reference_curve, 40)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_node_and_resume_after_sigterm_to_both(tmp_path, reference_curve):
+    """Two agents with one rank each, rendezvousing over c10d on localhost, stand in for two
+    nodes: they follow the 1 node x 2 ranks curve, a SIGTERM to both saves, and the resumed
+    two-node run continues the curve."""
+    cfg = causal_config(tmp_path, rows=96, **STOP_SECTIONS)
+    config_path = write_config(cfg, tmp_path / "config.yaml")
+    out = Path(cfg["run"]["output_dir"])
+
+    def start_nodes(port: int) -> list[subprocess.Popen]:
+        return [start_in_session(str(config_path), "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", f"localhost:{port}")
+                for _ in range(2)]
+
+    nodes = start_nodes(free_port())
+    try:
+        wait_for_losses(out, 10, nodes)
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGTERM)
+        codes = [node.wait(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            kill_group(node)
+    stderrs = [node.stderr.read() for node in nodes]
+    assert codes == [0, 0], [s[-2000:] for s in stderrs]
+    assert not any("Traceback" in s for s in stderrs), [s[-2000:] for s in stderrs]
+    assert complete_checkpoints(out / "checkpoints")
+
+    nodes = start_nodes(free_port())
+    try:
+        codes = [node.wait(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            kill_group(node)
+    assert codes == [0, 0], [node.stderr.read()[-2000:] for node in nodes]
+    assert_follows(step_losses(out), reference_curve, 40)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_repeated_signal_is_one_request_and_a_later_second_kills(tmp_path):
+    """Slurm and the launcher may deliver one stop twice within a moment: that is one request.
+    A second signal after the repeat window ends the process at once."""
+    script = tmp_path / "stop.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from trainer.loop import StopSignal\n"
+        "stop = StopSignal()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(0.2)\n"
+        "print('requested', stop.requested, flush=True)\n"
+        "time.sleep(StopSignal.REPEAT_WINDOW_S + 0.5)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+        "print('survived', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["requested", "True"], proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGTERM

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import Config, dump_yaml, load_config
+from trainer.config import Config, ConfigError, UserError, dump_yaml, load_config
 from trainer.distributed import DistInfo, barrier
 
 log = logging.getLogger("finetrain")
@@ -57,7 +57,7 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 def read_mark(path: Path) -> dict:
     mark = path / COMPLETE_MARK
     if not mark.is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARK} mark)")
+        raise UserError(f"{path}: not a complete checkpoint (no {COMPLETE_MARK} mark)")
     return json.loads(mark.read_text())
 
 
@@ -112,8 +112,8 @@ class Checkpointer:
         saved_format = mark["format"]
         wanted = "deepspeed" if self.strategy_name.startswith("zero") else "dcp"
         if saved_format != wanted:
-            raise ValueError(
-                f"checkpoint {path} was written by strategy {mark['strategy']} ({saved_format} format); "
+            raise ConfigError(
+                f"parallel.strategy: checkpoint {path} was written by strategy {mark['strategy']} ({saved_format} format); "
                 f"parallel.strategy {self.strategy_name} reads {wanted} checkpoints. Resume with the same "
                 "family of strategy, or start fresh with checkpoint.resume=never"
             )
@@ -163,7 +163,7 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     load_model_weights(checkpoint, mark, model)
     if merge:
         if not is_peft_model(model):
-            raise ValueError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
+            raise UserError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
         model = merge_adapter(model)
     elif is_peft_model(model) and cfg.model.config is not None:
         log.warning("the adapter's base model is a random init (model.config); export with --merge for a standalone model")
@@ -183,7 +183,7 @@ def load_model_weights(checkpoint: Path, mark: dict, model: torch.nn.Module) -> 
         missing, unexpected = model.load_state_dict(state, strict=False)
         frozen_ok = [k for k in missing if not _is_trainable(model, k)]
         if unexpected or len(missing) != len(frozen_ok):
-            raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise UserError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict

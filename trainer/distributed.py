@@ -10,9 +10,14 @@ import datetime
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from trainer.config import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             if "MASTER_ADDR" not in os.environ:
-                raise RuntimeError(
+                raise UserError(
                     f"WORLD_SIZE={world} but MASTER_ADDR is not set: launch with torchrun or srun "
                     "(finetrain train --nproc N does this for you)"
                 )
@@ -103,3 +108,35 @@ def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def agree(step: Callable[[], T]) -> T:
+    """Run `step` (which must not communicate) on every rank; a UserError raised on any rank
+    is raised on every rank, so that a mistake one rank sees (a bad row it read, a file its
+    node lacks) ends them all with the same one-line message, instead of leaving the others
+    waiting in the next collective until the job dies with a traceback."""
+    error: UserError | None = None
+    result = None
+    try:
+        result = step()
+    except UserError as err:
+        error = err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        seen: list = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, None if error is None else (type(error), str(error)))
+        first = next((item for item in seen if item is not None), None)
+        if error is None and first is not None:
+            error = first[0](first[1])
+    if error is not None:
+        error.agreed = True  # every rank raises it: rank 0 reports it for all
+        raise error
+    return result
+
+
+def main_first(step: Callable[[], T]) -> T:
+    """Run `step` on rank 0, then on the other ranks (rank 0 fills a cache that the others
+    then read); a UserError on any rank is raised on every rank (see `agree`)."""
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    first = agree(lambda: step() if is_main else None)
+    later = agree(lambda: None if is_main else step())
+    return first if is_main else later

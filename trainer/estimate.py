@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError, UserError
 from trainer.parallel import check_strategy
 from trainer.parallel.zero import bucket_elements, persistence_threshold
 
@@ -316,7 +316,7 @@ def estimate_memory(cfg: Config, nodes: int, gpus_per_node: int) -> list[dict]:
     activations (plus host bytes under offload); `note` says why a strategy cannot run."""
     world = nodes * gpus_per_node
     if world < 1:
-        raise ValueError(f"estimate: --nodes {nodes} x --gpus-per-node {gpus_per_node} is no device")
+        raise UserError(f"estimate: --nodes {nodes} x --gpus-per-node {gpus_per_node} is no device")
     master = getattr(torch, cfg.model.dtype)
     compute = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else master
     shape = model_shape(meta_model(cfg, master))
@@ -327,7 +327,7 @@ def estimate_memory(cfg: Config, nodes: int, gpus_per_node: int) -> list[dict]:
         try:
             check_strategy(probe, name, world)
             note = ""
-        except ValueError as err:
+        except ConfigError as err:
             note = str(err)
         rows.append({"strategy": name, "devices": world, "trainable": shape.trainable, "parameters": shape.total,
                      **strategy_memory(name, shape, acts, probe, world), "note": note})

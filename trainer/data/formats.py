@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from trainer.config import ConfigError
+
 DEFAULT_FIELDS = {
     "chat": {"messages": "messages", "role": "role", "content": "content"},
     "instruction": {"prompt": "prompt", "input": "input", "response": "response", "system": "system"},
@@ -44,10 +46,10 @@ def field_names(fmt: str, mapping: dict, where: str) -> dict[str, str]:
     names = dict(DEFAULT_FIELDS[fmt])
     unknown = sorted(set(mapping) - set(names))
     if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} for format {fmt}; known: {', '.join(names)}")
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} for format {fmt}; known: {', '.join(names)}")
     for key, value in mapping.items():
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{where}.{key}: expected a field name, got {value!r}")
+            raise ConfigError(f"{where}.{key}: expected a field name, got {value!r}")
         names[key] = value
     return names
 
@@ -81,9 +83,9 @@ class ChatEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
         if not tokenizer.chat_template:
-            raise ValueError("chat and instruction data need a tokenizer with a chat template")
+            raise ConfigError("model.tokenizer: chat and instruction data need a tokenizer with a chat template")
         if not tokenizer.is_fast:
-            raise ValueError(f"chat and instruction data need a fast tokenizer (character offsets); "
+            raise ConfigError(f"model.tokenizer: chat and instruction data need a fast tokenizer (character offsets); "
                              f"{type(tokenizer).__name__} is not")
         self.tokenizer = tokenizer
         self.names = names
@@ -181,7 +183,7 @@ class TextEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
         if tokenizer.eos_token_id is None:
-            raise ValueError("text data needs a tokenizer with an EOS token to end each document")
+            raise ConfigError("model.tokenizer: text data needs a tokenizer with an EOS token to end each document")
         self.tokenizer = tokenizer
         self.names = names
 

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from trainer.config import Config, DatasetConfig, cache_root, dataset_name
+from trainer.config import Config, ConfigError, DatasetConfig, UserError, cache_root, dataset_name
 from trainer.data.builtin import builtin_format, is_builtin, materialize
 from trainer.data.collate import Batch, Collator
 from trainer.data.formats import field_names, record_texts
@@ -27,7 +27,7 @@ from trainer.data.packing import pack_pieces
 from trainer.data.sources import DataError, read_rows
 from trainer.data.stream import GlobalStream, StreamDataset
 from trainer.data.tokenized import TokenizedDataset, load_tokenized
-from trainer.distributed import barrier
+from trainer.distributed import main_first
 
 log = logging.getLogger("finetrain")
 
@@ -41,9 +41,9 @@ def resolve_source(path: str, fmt: str, key: str, cache_dir: Path) -> Path:
     try:
         native = builtin_format(path)
     except ValueError as err:
-        raise ValueError(f"{key}.path: {err}") from None
+        raise ConfigError(f"{key}.path: {err}") from None
     if fmt != native:
-        raise ValueError(f"{key}.format: {path} is {native} data; set format: {native}")
+        raise ConfigError(f"{key}.format: {path} is {native} data; set format: {native}")
     return materialize(path, cache_dir)
 
 
@@ -60,20 +60,21 @@ def _tokenize_all(cfg: Config, tokenizer, rank: int, entries: list[tuple[str, st
                   report: bool = True) -> list[_Source]:
     """Tokenize (or load cached) data sets; rank 0 fills the cache before the others read it."""
     cache_dir = cache_root(cfg)
-    sources: list[_Source] = []
-    for turn in (True, False):
-        if (rank == 0) == turn:
-            for name, key, ds in entries:
-                path = resolve_source(ds.path, ds.format, key, cache_dir)
-                names = field_names(ds.format, ds.fields, f"{key}.fields")
-                data = load_tokenized(path, ds.path, ds.format, names, tokenizer, cfg.data.train_on_prompt,
-                                      cfg.data.on_bad_row, cache_dir)
-                if data.skipped and report:
-                    log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", ds.path, data.skipped,
-                                "; ".join(data.skipped_where[:3]))
-                sources.append(_Source(name, data, ds.weight))
-        barrier()
-    return sources
+
+    def load_all() -> list[_Source]:
+        sources = []
+        for name, key, ds in entries:
+            path = resolve_source(ds.path, ds.format, key, cache_dir)
+            names = field_names(ds.format, ds.fields, f"{key}.fields")
+            data = load_tokenized(path, ds.path, ds.format, names, tokenizer, cfg.data.train_on_prompt,
+                                  cfg.data.on_bad_row, cache_dir)
+            if data.skipped and report and rank == 0:
+                log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", ds.path, data.skipped,
+                            "; ".join(data.skipped_where[:3]))
+            sources.append(_Source(name, data, ds.weight))
+        return sources
+
+    return main_first(load_all)
 
 
 def _class_ids(sources: list[_Source], num_labels: int) -> dict[str, np.ndarray]:
@@ -81,7 +82,7 @@ def _class_ids(sources: list[_Source], num_labels: int) -> dict[str, np.ndarray]
     sorted order of all names in the run's data, e.g. neg -> 0, pos -> 1."""
     names = sorted({label for s in sources for label in s.data.labels if isinstance(label, str)})
     if names and len(names) > num_labels:
-        raise ValueError(f"model.num_labels: {num_labels}, but the data has {len(names)} classes: {', '.join(names)}")
+        raise ConfigError(f"model.num_labels: {num_labels}, but the data has {len(names)} classes: {', '.join(names)}")
     mapping = {label: i for i, label in enumerate(names)}
     if names:
         log.info("class names -> label ids: %s", ", ".join(f"{k}={v}" for k, v in mapping.items()))
@@ -140,7 +141,7 @@ def _held_out(examples: np.ndarray, name: str, cfg: Config) -> tuple[np.ndarray,
     if fraction and count == 0:
         count = 1
     if count >= len(examples):
-        raise ValueError(f"data.eval.fraction: {fraction} of data set {name!r} ({len(examples)} examples) "
+        raise ConfigError(f"data.eval.fraction: {fraction} of data set {name!r} ({len(examples)} examples) "
                          "leaves nothing to train on")
     rng = np.random.default_rng([cfg.run.seed, zlib.crc32(name.encode()), 0xE7A1])
     chosen = np.zeros(len(examples), dtype=bool)
@@ -174,13 +175,13 @@ def _prepare(cfg: Config, tokenizer, rank: int, report: bool = True
 def _pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("model.tokenizer: has neither a pad nor an eos token to pad rows with")
+        raise ConfigError("model.tokenizer: has neither a pad nor an eos token to pad rows with")
     return pad
 
 
 def _check_packing(cfg: Config) -> None:
     if cfg.data.packing and cfg.peft.method == "prompt_tuning":
-        raise ValueError("data.packing: prompt tuning prepends its virtual tokens to each row and drops position_ids, "
+        raise ConfigError("data.packing: prompt tuning prepends its virtual tokens to each row and drops position_ids, "
                          "so packed documents would attend to each other; set data.packing=false")
 
 
@@ -229,7 +230,7 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')}, expected {STATE_VERSION}")
+            raise UserError(f"data loader state version {state.get('version')}, expected {STATE_VERSION}")
         self.stream.load_state_dict(state["stream"])
 
 
@@ -249,7 +250,7 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
     if cfg.data.eval.path:
         classification = cfg.model.task == "sequence_classification"
         if (cfg.data.eval.format == "classification") != classification:
-            raise ValueError(f"data.eval.format: {cfg.data.eval.format} data cannot evaluate model.task {cfg.model.task}")
+            raise ConfigError(f"data.eval.format: {cfg.data.eval.format} data cannot evaluate model.task {cfg.model.task}")
         eval_cfg = DatasetConfig(name="eval", path=cfg.data.eval.path, format=cfg.data.eval.format)
         sources = _tokenize_all(cfg, tokenizer, rank, [("eval", "data.eval", eval_cfg)])
         if cfg.model.task == "sequence_classification":
@@ -270,7 +271,7 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
     for ds in sets:
         examples = ds.examples[: cfg.data.eval.max_examples]
         if len(examples) < world_size:
-            raise ValueError(f"data.eval: data set {ds.name!r} has {len(examples)} held-out examples, fewer than the "
+            raise ConfigError(f"data.eval: data set {ds.name!r} has {len(examples)} held-out examples, fewer than the "
                              f"{world_size} ranks; raise data.eval.fraction")
         pieces = [p for e in examples[rank::world_size] for p in ds.pieces(0, int(e), cfg.data.seq_len)]
         rows = pack_pieces(pieces, cfg.data.seq_len) if cfg.data.packing else [[p] for p in pieces]

@@ -13,6 +13,8 @@ import zlib
 
 import numpy as np
 
+from trainer.config import ConfigError
+
 
 class MixingSchedule:
     """Which data set supplies the next example."""
@@ -40,7 +42,7 @@ class MixingSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["taken"]) != len(self.taken):
-            raise ValueError(f"data: the checkpoint mixes {len(state['taken'])} data sets, the config {len(self.taken)}")
+            raise ConfigError(f"data.datasets: the checkpoint mixes {len(state['taken'])} data sets, the config {len(self.taken)}")
         self.taken = list(state["taken"])
 
 
@@ -50,7 +52,7 @@ class DatasetOrder:
 
     def __init__(self, examples: np.ndarray, seed: int, name: str):
         if len(examples) == 0:
-            raise ValueError(f"data set {name!r} has no usable examples")
+            raise ConfigError(f"data.datasets: data set {name!r} has no usable examples")
         self.examples = examples
         self.seed = seed
         self.name = name
@@ -84,6 +86,6 @@ class DatasetOrder:
 
     def load_state_dict(self, state: dict) -> None:
         if state["size"] != len(self.examples):
-            raise ValueError(f"data set {self.name!r}: the checkpoint's epoch has {state['size']} examples, "
+            raise ConfigError(f"data.datasets: data set {self.name!r}: the checkpoint's epoch has {state['size']} examples, "
                              f"the data now {len(self.examples)}; the data changed since the checkpoint")
         self.epoch, self.cursor = state["epoch"], state["cursor"]

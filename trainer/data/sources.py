@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from trainer.config import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input data; the message starts with the file and line or row."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainer.config import ConfigError
 from trainer.data.mixing import DatasetOrder, MixingSchedule
 from trainer.data.packing import Piece, RowPacker, split_example
 from trainer.data.tokenized import TokenizedDataset
@@ -121,10 +122,10 @@ class GlobalStream:
     def load_state_dict(self, state: dict) -> None:
         for key in ("packing", "seq_len"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"data.{key}: the checkpoint was written with {state[key]}, the config has "
+                raise ConfigError(f"data.{key}: the checkpoint was written with {state[key]}, the config has "
                                  f"{getattr(self, key)}; the data stream cannot continue across that change")
         if {ds.name for ds in self.datasets} != set(state["orders"]):
-            raise ValueError(f"data.datasets: the checkpoint's data sets {sorted(state['orders'])} differ from "
+            raise ConfigError(f"data.datasets: the checkpoint's data sets {sorted(state['orders'])} differ from "
                              f"the config's {[ds.name for ds in self.datasets]}")
         self.schedule.load_state_dict(state["schedule"])
         for ds, order in zip(self.datasets, self.orders):

@@ -6,7 +6,7 @@ before a model is built, with a message that says what to set instead.
 
 from __future__ import annotations
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.distributed import DistInfo
 from trainer.parallel.base import Strategy
 
@@ -25,22 +25,28 @@ def check_strategy(cfg: Config, name: str, world_size: int) -> None:
     par = cfg.parallel
     picked = f"parallel.strategy {name}" + (" (picked by auto)" if par.strategy == "auto" else "")
     if name == "single" and world_size > 1:
-        raise ValueError(f"{picked} runs on one process, but the world has {world_size}; use ddp, fsdp or zero1-3")
+        raise ConfigError(f"{picked} runs on one process, but the world has {world_size}; use ddp, fsdp or zero1-3")
     if par.offload == "optimizer" and name not in SHARDED:
-        raise ValueError(f"parallel.offload optimizer: {picked} keeps the whole optimizer on the device; "
+        raise ConfigError(f"parallel.offload optimizer: {picked} keeps the whole optimizer on the device; "
                          "use fsdp or zero1-3 (both also run on one device)")
     if par.offload == "params" and name not in ("fsdp", "zero3"):
-        raise ValueError(f"parallel.offload params: {picked} does not shard parameters; use fsdp or zero3")
+        raise ConfigError(f"parallel.offload params: {picked} does not shard parameters; use fsdp or zero3")
     if not par.reshard_after_forward and name == "zero3":
-        raise ValueError("parallel.reshard_after_forward false: zero3 always re-partitions parameters after "
+        raise ConfigError("parallel.reshard_after_forward false: zero3 always re-partitions parameters after "
                          "forward; use zero2 (or fsdp) to keep them gathered")
     if par.deepspeed_config and not name.startswith("zero"):
-        raise ValueError(f"parallel.deepspeed_config: only read by zero1-3, not by {picked}")
+        raise ConfigError(f"parallel.deepspeed_config: only read by zero1-3, not by {picked}")
+
+
+def checked_strategy(cfg: Config, world_size: int) -> str:
+    """The strategy the run uses; ConfigError when the config asks what it cannot do."""
+    name = resolve_strategy(cfg, world_size)
+    check_strategy(cfg, name, world_size)
+    return name
 
 
 def build_strategy(cfg: Config, dist_info: DistInfo) -> Strategy:
-    name = resolve_strategy(cfg, dist_info.world_size)
-    check_strategy(cfg, name, dist_info.world_size)
+    name = checked_strategy(cfg, dist_info.world_size)
     if name == "single":
         from trainer.parallel.single import SingleDevice
 

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from trainer.config import ConfigError
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import Strategy
 
@@ -24,7 +25,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     composes with FSDP2, DDP, DeepSpeed and frozen peft base weights)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
-        raise ValueError(f"parallel.activation_checkpointing: {type(base).__name__} does not support it")
+        raise ConfigError(f"parallel.activation_checkpointing: {type(base).__name__} does not support it")
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.config import Config, cache_root
+from trainer.config import Config, ConfigError, UserError, cache_root
 from trainer.distributed import DistInfo, barrier
 from trainer.optim import build_optimizer, build_scheduler, parameter_groups
 from trainer.parallel.base import Strategy
@@ -109,20 +109,20 @@ def deepspeed_config(cfg: Config, world_size: int, hidden_size: int | None) -> d
     try:
         user = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"parallel.deepspeed_config: {path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        raise ConfigError(f"parallel.deepspeed_config: {path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(user, dict):
-        raise ValueError(f"parallel.deepspeed_config: {path} must hold a JSON object")
+        raise ConfigError(f"parallel.deepspeed_config: {path} must hold a JSON object")
     for section in _REFUSED_SECTIONS:
         if section in user:
-            raise ValueError(f"parallel.deepspeed_config: {path} sets {section!r}; finetrain builds the optimizer "
+            raise ConfigError(f"parallel.deepspeed_config: {path} sets {section!r}; finetrain builds the optimizer "
                              "and schedule from optim.* (remove the section)")
     for key in _OWNED_KEYS:
         if key in user and user[key] != "auto" and user[key] != config[key]:
-            raise ValueError(f"parallel.deepspeed_config: {path} sets {key}={user[key]!r} but finetrain's batch "
+            raise ConfigError(f"parallel.deepspeed_config: {path} sets {key}={user[key]!r} but finetrain's batch "
                              f"keys give {config[key]!r}; set train.micro_batch_size / train.global_batch_size instead")
     if "zero_optimization" in user and user["zero_optimization"].get("stage", config["zero_optimization"]["stage"]) \
             != config["zero_optimization"]["stage"]:
-        raise ValueError(f"parallel.deepspeed_config: {path} sets zero_optimization.stage "
+        raise ConfigError(f"parallel.deepspeed_config: {path} sets zero_optimization.stage "
                          f"{user['zero_optimization']['stage']}, but parallel.strategy is {cfg.parallel.strategy}")
     return _merge(config, user)
 
@@ -199,7 +199,7 @@ class ZeroStrategy(Strategy):
 
         groups = parameter_groups(model, self.cfg.optim.weight_decay)
         if not groups:
-            raise ValueError("the model has no trainable parameters (check peft.method / target_modules)")
+            raise ConfigError("peft.target_modules: the model has no trainable parameters (check peft.method and peft.target_modules)")
         o = self.cfg.optim
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
 
@@ -282,7 +282,7 @@ def saved_world_size(tag_dir: Path) -> int:
     """Data-parallel ranks a DeepSpeed checkpoint was saved on: one optimizer shard each."""
     shards = list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     if not shards:
-        raise FileNotFoundError(f"{tag_dir}: no DeepSpeed ZeRO optimizer shards (not a zero1-3 checkpoint)")
+        raise UserError(f"{tag_dir}: no DeepSpeed ZeRO optimizer shards (not a zero1-3 checkpoint)")
     return len(shards)
 
 
