@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import TINY_LLAMA, TOY_TEXTS  # noqa: E402
 from trainer.config import Config  # noqa: E402
-from trainer.distributed import all_reduce_sum, barrier, init_distributed  # noqa: E402
+from trainer.distributed import agree, all_reduce_sum, barrier, init_distributed  # noqa: E402
+from trainer.config import UserError  # noqa: E402
 from trainer.estimate import resident_state_bytes  # noqa: E402
+from trainer.evaluate import model_logits  # noqa: E402
 from trainer.loss import IGNORE_INDEX, count_targets, summed_loss  # noqa: E402
 from trainer.models import build_model, train_bpe_tokenizer  # noqa: E402
 from trainer.parallel import build_strategy  # noqa: E402
@@ -43,13 +45,14 @@ class Run:
     micro: int = 2
     accum: int = 2
     steps: int = 4
-    peft: bool = False
+    peft: str = "none"  # a peft.method
     model_path: str | None = None  # a saved folder (pretrained-style); None: seeded random init
     tied: bool = False
     activation_checkpointing: bool = False
     offload: str = "none"
     mixed_precision: str = "fp32"
     deepspeed_config: str | None = None
+    replicate: int = 1  # fsdp: HSDP replicas
     save_at: int | None = None  # save after this many steps into save_dir
     save_dir: str | None = None
     load_dir: str | None = None  # resume from here (saved after load_step steps)
@@ -73,13 +76,13 @@ def make_config(run: Run, out: Path, world_size: int) -> Config:
     cfg.model.path = run.model_path
     cfg.model.config = None if run.model_path else model_config(run)
     cfg.data.cache_dir = str(out / "cache")
-    if run.peft:
-        cfg.peft.method, cfg.peft.r, cfg.peft.alpha = "lora", 4, 8.0
+    cfg.peft.method, cfg.peft.r, cfg.peft.alpha, cfg.peft.num_virtual_tokens = run.peft, 4, 8.0, 4
     cfg.parallel.strategy = run.strategy
     cfg.parallel.mixed_precision = run.mixed_precision
     cfg.parallel.activation_checkpointing = run.activation_checkpointing
     cfg.parallel.offload = run.offload
     cfg.parallel.deepspeed_config = run.deepspeed_config
+    cfg.parallel.replicate = run.replicate
     cfg.optim.lr = 1e-2
     cfg.optim.weight_decay = 0.1
     cfg.optim.warmup_steps = 1
@@ -127,7 +130,7 @@ def train_step(strategy, batches) -> dict:
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last else strategy.no_sync():
             with strategy.autocast():
-                logits = strategy.model(input_ids=ids).logits
+                logits = model_logits(strategy.model, {"input_ids": ids}, labels)
             summed = summed_loss(logits, labels, "causal_lm")
             strategy.backward(summed / count)
         loss_sum += summed.detach().double()
@@ -161,9 +164,12 @@ def tied_intact(strategy) -> bool:
 def execute(run: Run, out: Path) -> dict:
     dist_info = init_distributed()
     cfg = make_config(run, out, dist_info.world_size)
-    strategy = build_strategy(cfg, dist_info)
-    model = strategy.build_model(lambda: make_model(cfg))
-    strategy.setup(model, run.steps)
+    try:  # what the trainer sets up under `agree`; a refusal is a result too
+        strategy = agree(lambda: build_strategy(cfg, dist_info))
+        model = agree(lambda: strategy.build_model(lambda: make_model(cfg)))
+        agree(lambda: strategy.setup(model, run.steps))
+    except UserError as err:
+        return {"refused": str(err)}
     start = 0
     if run.load_dir:
         strategy.load(Path(run.load_dir))

@@ -25,6 +25,8 @@ from conftest import REPO, TINY_LLAMA
 
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
 SHARDED = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+PEFT_METHODS = ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
+PEFT_STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 RTOL = 1e-4
 
 
@@ -74,7 +76,7 @@ def runs(tmp_path_factory, pretrained) -> dict:
     tmp = tmp_path_factory.mktemp("parallel")
     ck = {key: str(tmp / "checkpoints" / key)
           for key in ("fsdp-1", "zero2-1", "zero3-1", "fsdp-2", "zero2-2", "zero3-2",
-                      "zero1-final", "zero3-final", "zero2-lora-final")}
+                      "zero1-final", "zero3-final", "zero2-lora-final", "hsdp-4")}
     def saves(name: str) -> dict:
         """Saved after step 2 for the resumes at the other world size; zero runs also after
         the last step, with the full state dict beside it, for the one-process consolidation."""
@@ -88,7 +90,8 @@ def runs(tmp_path_factory, pretrained) -> dict:
         {"name": "single", "strategy": "single", "micro": 8, "accum": 1},
         {"name": "single-accum", "strategy": "single", "micro": 2, "accum": 4},
         {"name": "single-tied", "strategy": "single", "micro": 8, "accum": 1, "tied": True},
-        {"name": "single-lora", "strategy": "single", "micro": 8, "accum": 1, "peft": True, "model_path": pretrained},
+        *[{"name": f"single-{method}", "strategy": "single", "micro": 8, "accum": 1, "peft": method,
+           "model_path": pretrained} for method in PEFT_METHODS],
         {"name": "fsdp-1", "strategy": "fsdp", "micro": 4, "accum": 2, "save_at": 2, "save_dir": ck["fsdp-1"]},
         {"name": "zero2-1", "strategy": "zero2", "micro": 4, "accum": 2, "save_at": 2, "save_dir": ck["zero2-1"]},
         {"name": "zero3-1", "strategy": "zero3", "micro": 4, "accum": 2, "save_at": 2, "save_dir": ck["zero3-1"]},
@@ -97,20 +100,32 @@ def runs(tmp_path_factory, pretrained) -> dict:
         # First, so that ZeRO-3's partitioned build meets a DeepSpeed that nothing has set up yet.
         {"name": "zero3-pretrained", "strategy": "zero3", "model_path": pretrained, "export_check": True},
         *[{"name": s, "strategy": s, "export_check": True, **saves(s)} for s in SHARDED],
-        *[{"name": f"{s}-lora", "strategy": s, "peft": True, "model_path": pretrained,
+        *[{"name": f"{s}-lora", "strategy": s, "peft": "lora", "model_path": pretrained,
            "activation_checkpointing": True, "export_check": True, **saves(f"{s}-lora")} for s in SHARDED],
         *[{"name": f"{s}-micro4", "strategy": s, "micro": 4, "accum": 1, **saves(f"{s}-micro4")} for s in SHARDED],
         *[{"name": f"{s}-tied", "strategy": s, "tied": True, "activation_checkpointing": True} for s in SHARDED],
+        *[{"name": f"{s}-{method}", "strategy": s, "peft": method, "model_path": pretrained}
+          for method in PEFT_METHODS if method != "lora" for s in PEFT_STRATEGIES],
         {"name": "fsdp-from-1", "strategy": "fsdp", "load_dir": ck["fsdp-1"], "load_step": 2},
         {"name": "zero2-from-1", "strategy": "zero2", "load_dir": ck["zero2-1"], "load_step": 2},
         {"name": "zero3-from-1", "strategy": "zero3", "load_dir": ck["zero3-1"], "load_step": 2},
+    ])
+    # HSDP: 2 replicas of 2-rank shard groups, micro 1 x accumulation 2 x 4 ranks = the 8 rows of a step.
+    four_ranks = launch(tmp, "four-ranks", 4, [
+        {"name": "hsdp", "strategy": "fsdp", "replicate": 2, "micro": 1, "accum": 2,
+         "save_at": 2, "save_dir": ck["hsdp-4"], "export_check": True},
+        {"name": "hsdp-from-fsdp-2", "strategy": "fsdp", "replicate": 2, "micro": 1, "accum": 2,
+         "load_dir": ck["fsdp-2"], "load_step": 2},
+    ])
+    two_ranks_again = launch(tmp, "two-ranks-again", 2, [
+        {"name": "fsdp-from-hsdp", "strategy": "fsdp", "load_dir": ck["hsdp-4"], "load_step": 2},
     ])
     one_rank_again = launch(tmp, "one-rank-again", 1, [
         {"name": "fsdp-from-2", "strategy": "fsdp", "micro": 4, "accum": 2, "load_dir": ck["fsdp-2"], "load_step": 2},
         {"name": "zero2-from-2", "strategy": "zero2", "micro": 4, "accum": 2, "load_dir": ck["zero2-2"], "load_step": 2},
         {"name": "zero3-from-2", "strategy": "zero3", "micro": 4, "accum": 2, "load_dir": ck["zero3-2"], "load_step": 2},
     ])
-    return {**one_rank, **two_ranks, **one_rank_again, "checkpoints": ck}
+    return {**one_rank, **two_ranks, **four_ranks, **two_ranks_again, **one_rank_again, "checkpoints": ck}
 
 
 @pytest.mark.slow
@@ -251,3 +266,56 @@ def test_bf16_mixed_precision_stays_close_to_float32(runs, offload_and_bf16_runs
     got, want = offload_and_bf16_runs[f"{strategy}-bf16"], runs["single"]
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=2e-3, atol=0)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(want["grad_norms"]), rtol=3e-2, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", PEFT_METHODS)
+@pytest.mark.parametrize("strategy", PEFT_STRATEGIES)
+def test_every_peft_method_on_every_strategy_trains_the_single_device_curve(runs, method, strategy):
+    """Each cell of the peft x strategy matrix trains as single does, or is refused at start-up
+    with a message that names the key (none is refused today; a crash fails the launch)."""
+    run = runs[f"{strategy}-{method}"]
+    if "refused" in run:
+        assert run["refused"].startswith(("peft.", "parallel.")), run["refused"]
+        return
+    reference = runs[f"single-{method}"]
+    assert reference["losses"][-1] != reference["losses"][0]  # the adapter trains
+    assert_same_curve(run, reference, f"{strategy}-{method}")
+
+
+@pytest.mark.slow
+def test_hsdp_follows_the_single_device_curve_with_half_the_state_per_rank(runs):
+    """parallel.replicate 2 on 4 ranks: shard groups of 2, replicated twice; same curve as single,
+    and each rank holds half of the unsharded parameters and optimizer state (as 2-rank fsdp)."""
+    assert_same_curve(runs["hsdp"], runs["single"], "hsdp")
+    whole = runs["fsdp-1"]["state_bytes"][0]
+    assert len(runs["hsdp"]["state_bytes"]) == 4
+    for rank_bytes in runs["hsdp"]["state_bytes"]:
+        for key in ("params", "optimizer"):
+            assert rank_bytes[key] == pytest.approx(whole[key] / 2, rel=0.02), key
+    assert 0 <= runs["hsdp"]["export_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resumed", ["fsdp-from-hsdp", "hsdp-from-fsdp-2"])
+def test_hsdp_checkpoints_resume_as_plain_fsdp_and_back(runs, resumed):
+    """Saved by HSDP on 4 ranks, resumed by plain FSDP on 2 (and the reverse): steps 3-4 equal
+    the uninterrupted run."""
+    assert runs[resumed]["start_step"] == 2
+    assert_same_curve(runs[resumed], runs["single"], resumed)
+
+
+@pytest.mark.slow
+def test_memory_estimate_knows_hsdp(runs):
+    """`finetrain estimate` with parallel.replicate 2 on 4 devices gives what an HSDP rank holds."""
+    from trainer.config import Config
+    from trainer.estimate import meta_model, model_shape, strategy_memory
+
+    cfg = Config()
+    cfg.model.config = dict(TINY_LLAMA)
+    cfg.parallel.mixed_precision = "fp32"
+    cfg.parallel.replicate = 2
+    row = strategy_memory("fsdp", model_shape(meta_model(cfg, torch.float32)), 0, cfg, 4)
+    for measured in runs["hsdp"]["state_bytes"]:
+        assert measured["params"] == pytest.approx(row["params"] - row["gathered"], rel=0.02)
+        assert measured["optimizer"] == pytest.approx(row["optimizer"], rel=0.02)

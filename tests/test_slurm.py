@@ -5,6 +5,7 @@ Two CPU ranks per job (`--gpus-per-node 0 --tasks-per-node 2`), one CPU each.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -153,3 +154,45 @@ def test_bad_config_is_refused_before_submitting(tmp_path, slurm_cluster):
     assert proc.returncode == 2 and "one task per GPU" in proc.stderr
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout == before
     assert not (Path(cfg["run"]["output_dir"]) / "slurm").exists()
+
+
+def sbatch(config: Path, output_dir: Path) -> str:
+    """`sbatch slurm/train.sbatch CONFIG` with two CPU tasks on the one node: two launchers
+    with one rank each, rendezvousing as two nodes would."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    env = {**trainer_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["sbatch", "--parsable", "--nodes", "1", "--ntasks-per-node", "2", "--cpus-per-task", "1",
+                           "--time", "10", "--output", str(output_dir / "sbatch-%j.out"),
+                           str(REPO / "slurm" / "train.sbatch"), str(config)],
+                          capture_output=True, text=True, cwd=output_dir, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+@pytest.mark.parametrize("stop", ["scontrol requeue", "USR1 to the batch script"])
+def test_sbatch_script_trains_stops_requeues_and_resumes_exactly(tmp_path, slurm_cluster, stop):
+    sections = dict(train={"max_steps": STEPS, "log_every": 1, "micro_batch_size": 2, "global_batch_size": 4})
+    reference = causal_config(tmp_path / "reference", **sections)
+    run_cli(write_config(reference, tmp_path / "reference.yaml"))
+    expected = step_losses(Path(reference["run"]["output_dir"]))
+
+    cfg = causal_config(tmp_path / "job", **sections)
+    config = write_config(cfg, tmp_path / "job.yaml")
+    output_dir = Path(cfg["run"]["output_dir"])
+    job_id = sbatch(config, output_dir)
+    wait_for_steps(output_dir, 20)
+    if stop == "scontrol requeue":  # Slurm sends SIGTERM to every process of the job, then requeues it
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+    else:  # as at the time limit: the script passes it to the ranks, then requeues the job itself
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    fields = wait_for_job(job_id, output_dir, timeout_s=300)
+
+    log = (output_dir / f"sbatch-{job_id}.out").read_text()
+    assert fields["Restarts"] == "1", log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    saved = sorted(int(p.name.split("-")[1]) for p in (output_dir / "checkpoints").glob("step-*"))
+    assert len(saved) == 2 and 20 <= saved[0] < STEPS and saved[1] == STEPS, saved
+    assert f"resumed from {output_dir / 'checkpoints' / f'step-{saved[0]:08d}'}" in log
+    got = step_losses(output_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(got)], rel=1e-4)

@@ -108,6 +108,9 @@ class ParallelConfig:
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True  # fsdp: ZeRO-3 style; False keeps params gathered (ZeRO-2 style)
+    # fsdp: HSDP, parameters sharded within groups of world/replicate ranks (a node, say) and
+    # replicated across the `replicate` groups, so all-gathers stay inside a group.
+    replicate: int = 1
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON whose keys override the generated ones
 
 
@@ -462,6 +465,10 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     if par.offload == "optimizer":
         need(par.strategy in ("fsdp", "zero1", "zero2", "zero3", "auto"),
              "parallel.offload: optimizer offload needs strategy fsdp or zero1-3")
+    need(par.replicate >= 1, f"parallel.replicate: must be >= 1, got {par.replicate}")
+    if par.replicate > 1:
+        need(par.strategy in ("fsdp", "auto"), f"parallel.replicate: HSDP ({par.replicate} replicas) needs "
+             f"parallel.strategy fsdp, got {par.strategy}")
     if m.dtype == "bfloat16" and par.mixed_precision == "fp32":
         errors.append("model.dtype: bfloat16 master weights cannot compute in parallel.mixed_precision fp32")
 

@@ -11,9 +11,9 @@ What each strategy keeps per device (N devices, T trainable of P parameters,
 m master bytes, c compute bytes):
 
 - single, ddp: P*m weights, T*m grads, 2*T*m AdamW moments.
-- fsdp: everything above divided by N, plus the units gathered at a time in c
-  (the root for the whole step; two decoder layers, or all of them when
-  `reshard_after_forward` is false). `offload` puts the shards in host memory.
+- fsdp: everything above divided by N (by N/R with `parallel.replicate` R: HSDP), plus
+  the units gathered at a time in c (the root for the whole step; two decoder layers, or
+  all of them when `reshard_after_forward` is false). `offload` puts the shards in host memory.
 - zero1/2/3 (DeepSpeed): weights in c (zero3: partitioned, small ones whole),
   grads in c (zero2/3 partitioned) plus the reduction buckets, and 12*T/N bytes
   of fp32 master copy and moments. `offload` moves those (and zero3 weights) to the host.
@@ -264,7 +264,8 @@ def strategy_memory(name: str, shape: ModelShape, acts: int, cfg: Config, world:
     if name in ("single", "ddp"):
         row.update(params=P * m, grads=T * m, optimizer=ADAM_MOMENTS * T * m)
     elif name == "fsdp":
-        shard_params, shard_grads = math.ceil(P / world) * m, math.ceil(T / world) * m
+        group = max(1, world // cfg.parallel.replicate)  # HSDP shards within a group, replicates across
+        shard_params, shard_grads = math.ceil(P / group) * m, math.ceil(T / group) * m
         shard_moments = ADAM_MOMENTS * shard_grads
         # The root and the head stay gathered from the end of forward into backward; decoder
         # layers two at a time (the one running, the one prefetched), or all of them when

@@ -68,7 +68,7 @@ def _tokenize_all(cfg: Config, tokenizer, rank: int, entries: list[tuple[str, st
             names = field_names(ds.format, ds.fields, f"{key}.fields")
             data = load_tokenized(path, ds.path, ds.format, names, tokenizer, cfg.data.train_on_prompt,
                                   cfg.data.on_bad_row, cache_dir)
-            if data.skipped and report and rank == 0:
+            if data.skipped and report:
                 log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", ds.path, data.skipped,
                             "; ".join(data.skipped_where[:3]))
             sources.append(_Source(name, data, ds.weight))
@@ -236,7 +236,7 @@ class TrainLoader:
 
 def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> TrainLoader:
     _check_packing(cfg)
-    datasets, _, weights, stats = _prepare(cfg, tokenizer, rank)
+    datasets, _, weights, stats = _prepare(cfg, tokenizer, rank, report=rank == 0)
     stream = GlobalStream(datasets, weights, cfg.data.mix_by, cfg.data.seq_len, cfg.data.packing, cfg.run.seed)
     return TrainLoader(stream, _collator(cfg, datasets, tokenizer, attention), cfg.train.micro_batch_size,
                        cfg.train.global_batch_size, rank, world_size, stats)

@@ -34,6 +34,13 @@ def check_strategy(cfg: Config, name: str, world_size: int) -> None:
     if not par.reshard_after_forward and name == "zero3":
         raise ConfigError("parallel.reshard_after_forward false: zero3 always re-partitions parameters after "
                          "forward; use zero2 (or fsdp) to keep them gathered")
+    if par.replicate > 1:
+        if name != "fsdp":
+            raise ConfigError(f"parallel.replicate: HSDP ({par.replicate} replicas) needs parallel.strategy fsdp; "
+                              f"{picked} cannot replicate shard groups")
+        if world_size % par.replicate:
+            raise ConfigError(f"parallel.replicate: {par.replicate} replicas do not divide the world of "
+                              f"{world_size} ranks into equal shard groups")
     if par.deepspeed_config and not name.startswith("zero"):
         raise ConfigError(f"parallel.deepspeed_config: only read by zero1-3, not by {picked}")
 

@@ -41,6 +41,16 @@ class FSDPStrategy(TorchStrategy):
             return MixedPrecisionPolicy()
         return MixedPrecisionPolicy(param_dtype=self.compute_dtype(), reduce_dtype=torch.float32)
 
+    def device_mesh(self):
+        """1-D over all ranks; with `parallel.replicate` R > 1 a 2-D (replicate, shard) mesh, on
+        which fully_shard shards within each group of world/R ranks and replicates across the
+        R groups (HSDP): gradients are reduce-scattered in the group, then all-reduced across."""
+        replicas = self.cfg.parallel.replicate
+        if replicas == 1:
+            return init_device_mesh(self.dist.device.type, (self.dist.world_size,))
+        return init_device_mesh(self.dist.device.type, (replicas, self.dist.world_size // replicas),
+                                mesh_dim_names=("replicate", "shard"))
+
     def offload_policy(self) -> OffloadPolicy:
         if self.cfg.parallel.offload == "none":
             return OffloadPolicy()
@@ -52,7 +62,7 @@ class FSDPStrategy(TorchStrategy):
         if self.cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
         tied = _tied_parameter_names(model)
-        mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
+        mesh = self.device_mesh()
         policies = {"mesh": mesh, "mp_policy": self.mixed_precision_policy(), "offload_policy": self.offload_policy()}
         reshard = self.cfg.parallel.reshard_after_forward
         embedding, head = separate_embeddings(model)
