@@ -20,12 +20,14 @@ import logging
 import os
 import re
 import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from trainer.config import Config, ConfigError, UserError, dump_yaml, load_config
-from trainer.distributed import DistInfo, barrier
+from trainer.distributed import DistInfo, all_reduce_max, barrier
 
 log = logging.getLogger("finetrain")
 
@@ -61,12 +63,26 @@ def read_mark(path: Path) -> dict:
     return json.loads(mark.read_text())
 
 
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are still being written in the background."""
+
+    step: int
+    staging: Path
+    final: Path
+    future: Future
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, dist_info: DistInfo, strategy_name: str):
         self.cfg = cfg
         self.dist = dist_info
         self.strategy_name = strategy_name
         self.directory = cfg.checkpoint_dir
+        self.pending: PendingSave | None = None
+        # The background writes' collectives get a process group of their own: two threads
+        # issuing collectives on one group could interleave them differently on each rank.
+        self.write_group = torch.distributed.new_group(backend="gloo") if cfg.checkpoint.async_ else None
 
     def resume_path(self) -> Path | None:
         resume = self.cfg.checkpoint.resume
@@ -79,8 +95,11 @@ class Checkpointer:
         read_mark(path)  # refuse a half-written folder given by hand, too
         return path
 
-    def save(self, step: int, strategy, trainer_state: dict, tokenizer) -> Path:
-        """Collective: every rank writes its shards, rank 0 seals and renames."""
+    def save(self, step: int, strategy, trainer_state: dict, tokenizer, wait: bool = False) -> Path:
+        """Collective: every rank writes its shards, rank 0 seals and renames. With
+        `checkpoint.async` the shards are written in the background and the checkpoint is
+        sealed later (`poll`), or before this returns when `wait` (a stop, the last step)."""
+        self.wait()  # one write in flight at a time
         final = self.directory / step_dir_name(step)
         staging = self.directory / f".incomplete-{step_dir_name(step)}"
         if self.dist.is_main:
@@ -89,12 +108,42 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir()
         barrier()
-        strategy.save(staging)
-        barrier()
+        future = strategy.save_async(staging, self.write_group) if self.write_group is not None else None
+        if future is None:
+            strategy.save(staging)
         if self.dist.is_main:
             torch.save(trainer_state, staging / "trainer_state.pt")
             (staging / "config.yaml").write_text(dump_yaml(self.cfg))
             tokenizer.save_pretrained(staging / "tokenizer")
+        if future is None:
+            self._seal(step, staging, final)
+        else:
+            self.pending = PendingSave(step, staging, final, future)
+            if wait:
+                self.wait()
+        return final
+
+    def poll(self) -> None:
+        """Seal the checkpoint being written once every rank's write has finished (collective:
+        call it on every rank at the same point of every step)."""
+        if self.pending is None:
+            return
+        unfinished = torch.tensor([0 if self.pending.future.done() else 1], dtype=torch.int32)
+        if not all_reduce_max(unfinished).item():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written is written and sealed (collective)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        pending.future.result()  # a failed write raises here, and the checkpoint is never sealed
+        self._seal(pending.step, pending.staging, pending.final)
+
+    def _seal(self, step: int, staging: Path, final: Path) -> None:
+        """Once every rank has written its part: the COMPLETE mark, then the final name."""
+        barrier()
+        if self.dist.is_main:
             mark = {"step": step, "world_size": self.dist.world_size, "strategy": self.strategy_name,
                     "format": "deepspeed" if self.strategy_name.startswith("zero") else "dcp"}
             _write_synced(staging / COMPLETE_MARK, json.dumps(mark))
@@ -105,7 +154,6 @@ class Checkpointer:
             self._apply_retention()
             log.info("saved checkpoint %s", final)
         barrier()
-        return final
 
     def load(self, path: Path, strategy) -> dict:
         mark = read_mark(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import os
 import re
 import types
@@ -142,6 +143,9 @@ class CheckpointConfig:
     dir: str = "checkpoints"  # relative to run.output_dir
     keep_last: int = 2
     resume: str = "auto"  # auto | never | PATH
+    # key `async`: DCP's async_save writes in the background while training goes on; the
+    # checkpoint is sealed (COMPLETE, final name) only once every rank's write has finished.
+    async_: bool = False
 
 
 @dataclass
@@ -274,17 +278,25 @@ def _build(cls, raw: Any, prefix: str, errors: list[str]):
         errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
         return cls()
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {_key(f.name): f.name for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
-        if key not in names:
+        if key not in fields:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             errors.append(f"unknown key {full}{hint}")
             continue
-        kwargs[key] = _coerce(hints[key], value, full, errors, tuple(full.split(".")))
+        kwargs[fields[key]] = _coerce(hints[fields[key]], value, full, errors, tuple(full.split(".")))
     return cls(**kwargs)
+
+
+def _key(field_name: str) -> str:
+    """The config key of a dataclass field: a key that is a Python keyword (`async`) lives in
+    the field of that name with an underscore (`async_`)."""
+    bare = field_name.rstrip("_")
+    return bare if bare != field_name and keyword.iskeyword(bare) else field_name
 
 
 def _coerce(hint, value, key: str, errors: list[str], path: tuple):
@@ -545,7 +557,15 @@ def dataset_name(ds: DatasetConfig) -> str:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as nested dicts under its keys (what config.yaml holds)."""
+    def keys(node):
+        if isinstance(node, dict):
+            return {_key(k): keys(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [keys(v) for v in node]
+        return node
+
+    return keys(dataclasses.asdict(cfg))
 
 
 def dump_yaml(cfg: Config) -> str:

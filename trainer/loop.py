@@ -170,10 +170,10 @@ class Trainer:
         self.step, self.counts, self.baseline_eval = state["step"], state["counts"], state["baseline_eval"]
         return state["wandb_run_id"]
 
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
         trainer_state = {"step": self.step, "loader": self.loader.state_dict(), "counts": self.counts,
                          "wandb_run_id": self.metrics.wandb_run_id, "baseline_eval": self.baseline_eval}
-        self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer)
+        self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer, wait=wait)
 
     def fit(self) -> dict:
         """Train to the last step (or a stop signal); returns the last logged record."""
@@ -204,10 +204,12 @@ class Trainer:
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
                     self.evaluate()
 
+                self.checkpointer.poll()  # seal a checkpoint written in the background once it is
                 stopping = stop.agreed()
                 periodic = cfg.train.save_every and self.step % cfg.train.save_every == 0
-                if stopping or periodic or self.step == self.total_steps:
-                    self.save()
+                last = self.step == self.total_steps
+                if stopping or periodic or last:
+                    self.save(wait=stopping or last)
                 if stopping:
                     if self.dist.is_main:
                         log.warning("stopped at step %d by a signal; checkpoint saved (checkpoint.resume=auto "

@@ -41,6 +41,9 @@ def check_strategy(cfg: Config, name: str, world_size: int) -> None:
         if world_size % par.replicate:
             raise ConfigError(f"parallel.replicate: {par.replicate} replicas do not divide the world of "
                               f"{world_size} ranks into equal shard groups")
+    if cfg.checkpoint.async_ and name.startswith("zero"):
+        raise ConfigError(f"checkpoint.async: {picked} writes DeepSpeed's own checkpoint files, which it does "
+                          "synchronously; use fsdp (or ddp, single) for background saves, or checkpoint.async=false")
     if par.deepspeed_config and not name.startswith("zero"):
         raise ConfigError(f"parallel.deepspeed_config: only read by zero1-3, not by {picked}")
 

@@ -70,6 +70,11 @@ class Strategy(ABC):
     def save(self, path: Path) -> None:
         """Write model + optimizer + scheduler state into folder `path` (collective)."""
 
+    def save_async(self, path: Path, process_group) -> "concurrent.futures.Future":
+        """Like `save`, but return once the state is copied aside; the future completes when
+        this rank's files are written. Only strategies that save through DCP have it."""
+        raise NotImplementedError(f"{self.name} saves synchronously")
+
     @abstractmethod
     def load(self, path: Path) -> None:
         """Restore what `save` wrote, possibly at another world size (collective)."""

@@ -37,6 +37,18 @@ def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
 
 
+def dcp_save_async(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, process_group):
+    """dcp_save whose write goes on in a background thread: the state is copied to host memory
+    before this returns (training may then change it), the files are written from that copy.
+    The thread's collectives run on `process_group`, apart from the training loop's."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"),
+                            process_group=process_group)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        torch.save(scheduler.state_dict(), path / "scheduler.pt")
+    return future
+
+
 def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Inverse of dcp_save; DCP reshards, so the world size may differ from the saver's."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -86,6 +98,9 @@ class TorchStrategy(Strategy):
 
     def save(self, path: Path) -> None:
         dcp_save(path, self.unwrapped_model(), self.optimizer, self.scheduler)
+
+    def save_async(self, path: Path, process_group):
+        return dcp_save_async(path, self.unwrapped_model(), self.optimizer, self.scheduler, process_group)
 
     def load(self, path: Path) -> None:
         dcp_load(path, self.unwrapped_model(), self.optimizer, self.scheduler)

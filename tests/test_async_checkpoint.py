@@ -1,0 +1,141 @@
+"""`checkpoint.async: true`: DCP writes in the background while training goes on; a checkpoint
+gets its COMPLETE mark and final name only once every rank's write has finished, so resume
+never picks up a half-written one, and a stop or the last step waits for the write in flight."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from runs import causal_config, run_cli, step_losses, trainer_env, write_config
+from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints
+
+SEALING = '''
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+from trainer.checkpoint import COMPLETE_MARK, Checkpointer
+from trainer.config import Config
+from trainer.distributed import barrier, init_distributed
+
+class ControlledWrite:
+    """A strategy whose background write finishes when the test says so."""
+    def __init__(self):
+        self.future = Future()
+    def save_async(self, path, process_group):
+        (path / f"shard-{{dist.get_rank()}}").write_text("written")
+        return self.future
+
+class Tokenizer:
+    def save_pretrained(self, path):
+        Path(path).mkdir()
+
+cfg = Config()
+cfg.run.output_dir = {out!r}
+cfg.checkpoint.async_ = True
+info = init_distributed()
+checkpointer = Checkpointer(cfg, info, "fsdp")
+strategy = ControlledWrite()
+final = checkpointer.save(7, strategy, {{"step": 7}}, Tokenizer())
+sealed = []
+for finishing_rank in (0, 1):
+    if info.rank == finishing_rank:
+        strategy.future.set_result(None)
+    barrier()
+    checkpointer.poll()
+    sealed.append((final / COMPLETE_MARK).is_file())
+assert checkpointer.pending is None
+if info.rank == 0:
+    print("sealed after each rank finished:", sealed, sorted(p.name for p in final.iterdir()))
+dist.destroy_process_group()
+'''
+
+
+def test_the_mark_appears_only_after_every_rank_has_written(tmp_path):
+    script = tmp_path / "sealing.py"
+    script.write_text(SEALING.format(repo=str(REPO), out=str(tmp_path / "run")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(script)],
+                          capture_output=True, text=True, env=trainer_env(), timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("sealed after each rank finished: [False, True] ['COMPLETE', 'config.yaml', 'shard-0', 'shard-1', "
+            "'tokenizer', 'trainer_state.pt']") in proc.stdout, proc.stdout
+
+
+SECTIONS = dict(train={"max_steps": 40, "log_every": 1, "save_every": 5}, checkpoint={"async": True})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted run, saving synchronously."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = causal_config(tmp, rows=96, train=SECTIONS["train"])
+    run_cli(write_config(cfg, tmp / "config.yaml"))
+    return step_losses(Path(cfg["run"]["output_dir"]))
+
+
+def start(config: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config), "--nproc", "2"], cwd=REPO,
+                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def wait_for_losses(out: Path, count: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count('"loss"') >= count):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_async_saves_resume_exactly_after_a_stop_or_a_kill(tmp_path, reference, stop):
+    """Two ranks with fsdp save every 5 steps in the background. SIGTERM: the write in flight
+    is finished and sealed before exit 0. SIGKILL (to every process, mid-run, usually with a
+    write in flight): only sealed checkpoints remain visible. Either way the resumed run
+    follows the uninterrupted one."""
+    ranks: list[int] = []
+    cfg = causal_config(tmp_path, rows=96, parallel={"strategy": "fsdp", "mixed_precision": "fp32"}, **SECTIONS)
+    config = write_config(cfg, tmp_path / "config.yaml")
+    out = Path(cfg["run"]["output_dir"])
+    proc = start(config)
+    try:
+        wait_for_losses(out, 17, proc)
+        ranks = children(proc.pid)
+        os.killpg(proc.pid, stop)
+        if stop == signal.SIGKILL:  # the whole job dies at once, as when a scheduler kills it
+            for pid in ranks:
+                os.killpg(pid, signal.SIGKILL)
+        code = proc.wait(timeout=300)
+    finally:
+        for pid in [proc.pid, *ranks]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    saved = complete_checkpoints(out / "checkpoints")
+    if stop == signal.SIGTERM:
+        assert code == 0, proc.stderr.read()[-3000:]
+        assert int(saved[-1].name.split("-")[1]) >= 17  # the stop's own checkpoint, sealed before exit
+    for path in saved:
+        assert (path / COMPLETE_MARK).is_file() and (path / "dcp" / ".metadata").is_file()
+    run_cli(config, "--nproc", "2")
+    got = step_losses(out)  # a step repeated after the kill keeps its later value
+    assert sorted(got) == list(range(1, 41))
+    for step in range(1, 41):
+        assert got[step] == pytest.approx(reference[step], rel=1e-5), step
