@@ -27,6 +27,9 @@ setup(
         # DeepSpeed compiles against the installed torch: pip install --no-build-isolation
         "deepspeed": ["deepspeed>=0.19.8"],
         "flash-attn": ["flash-attn>=2.6"],  # CUDA only
+        # model.quantization: nf4 (QLoRA); its 4-bit kernels run on CUDA and CPU. An extra because
+        # the wheel carries kernels for every CUDA/ROCm/XPU toolkit (over 100 MB) that only QLoRA uses.
+        "qlora": ["bitsandbytes>=0.50"],
         "wandb": ["wandb>=0.18"],
         # real models and text used by the demo configs, benchmarks and tests
         "data": ["gguf>=0.10", "gensim>=4.3"],

@@ -34,6 +34,9 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
 }
 
+# QLoRA's tiny Llama: bitsandbytes quantizes blocks of 64 elements, so its widths are multiples of 64.
+NF4_LLAMA = {**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128}
+
 TINY_BERT = {
     "model_type": "bert",
     "vocab_size": 320,

@@ -46,6 +46,7 @@ class Run:
     accum: int = 2
     steps: int = 4
     peft: str = "none"  # a peft.method
+    quantization: str = "none"  # model.quantization (nf4: QLoRA on model_path)
     model_path: str | None = None  # a saved folder (pretrained-style); None: seeded random init
     tied: bool = False
     activation_checkpointing: bool = False
@@ -75,6 +76,7 @@ def make_config(run: Run, out: Path, world_size: int) -> Config:
     cfg.run.output_dir = str(out / run.name)
     cfg.model.path = run.model_path
     cfg.model.config = None if run.model_path else model_config(run)
+    cfg.model.quantization = run.quantization
     cfg.data.cache_dir = str(out / "cache")
     cfg.peft.method, cfg.peft.r, cfg.peft.alpha, cfg.peft.num_virtual_tokens = run.peft, 4, 8.0, 4
     cfg.parallel.strategy = run.strategy
@@ -135,9 +137,10 @@ def train_step(strategy, batches) -> dict:
             strategy.backward(summed / count)
         loss_sum += summed.detach().double()
     lr = strategy.lr()
+    with_grad = [name for name, p in strategy.unwrapped_model().named_parameters() if p.grad is not None]
     grad_norm = strategy.step()
     loss = float(all_reduce_sum(loss_sum.reshape(1)).item()) / count
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "with_grad": with_grad}
 
 
 @torch.no_grad()
@@ -180,6 +183,8 @@ def execute(run: Run, out: Path) -> dict:
         for key in ("loss", "grad_norm", "lr"):
             result[key + ("es" if key == "loss" else "s")].append(record[key])
         if step == 0:
+            result["with_grad"] = record["with_grad"]  # torch strategies only (DeepSpeed keeps its own)
+            result["trainable"] = [name for name, p in strategy.unwrapped_model().named_parameters() if p.requires_grad]
             bytes_here = resident_state_bytes(strategy)
             everyone = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, bytes_here)

@@ -15,6 +15,7 @@ at any world size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -212,6 +213,8 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     if merge:
         if not is_peft_model(model):
             raise UserError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
+        if cfg.model.quantization != "none":
+            model = dequantized_copy(model, cfg, tokenizer)
         model = merge_adapter(model)
     elif is_peft_model(model) and cfg.model.config is not None:
         log.warning("the adapter's base model is a random init (model.config); export with --merge for a standalone model")
@@ -220,6 +223,20 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def dequantized_copy(model: torch.nn.Module, cfg: Config, tokenizer) -> torch.nn.Module:
+    """The QLoRA `model` (adapter included) rebuilt without quantization, each 4-bit weight
+    replaced by its dequantized matrix: merging the adapter into it gives a plain model (no
+    quantization_config) that computes what training computed. Merging into the 4-bit
+    layers themselves would re-quantize the sum and lose the adapter's small updates."""
+    from trainer.models import build_model
+    from trainer.quantization import dequantized_state_dict
+
+    plain_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
+    plain = build_model(plain_cfg, tokenizer, attention="sdpa")
+    plain.load_state_dict(dequantized_state_dict(model, getattr(torch, cfg.model.dtype)), strict=True)
+    return plain
 
 
 def load_model_weights(checkpoint: Path, mark: dict, model: torch.nn.Module) -> None:
@@ -234,11 +251,14 @@ def load_model_weights(checkpoint: Path, mark: dict, model: torch.nn.Module) -> 
             raise UserError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
         return
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-    state = {"model": get_model_state_dict(model)}
+    from trainer.quantization import quantized_linears, without_quantized_weights
+
+    state = {"model": without_quantized_weights(model, get_model_state_dict(model))}
     dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
-    set_model_state_dict(model, state["model"])
+    # Only the frozen 4-bit weights (rebuilt from model.path) may be absent from the checkpoint.
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not quantized_linears(model)))
 
 
 def _is_trainable(model: torch.nn.Module, key: str) -> bool:

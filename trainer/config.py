@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import keyword
 import os
 import re
@@ -51,6 +52,9 @@ class ModelConfig:
     # in-process on the training data with the vocab size of `config`.
     tokenizer: Optional[str] = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # nf4 (QLoRA): the linear layers of the pretrained base are quantized to 4-bit NormalFloat
+    # by bitsandbytes as they load, and stay frozen; the adapter, embeddings, norms and head keep `dtype`.
+    quantization: Literal["none", "nf4"] = "none"
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager", "varlen_reference"] = "auto"
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     num_labels: int = 2
@@ -392,6 +396,13 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     elif m.tokenizer and check_files and not m.tokenizer.startswith("builtin:"):
         need(Path(m.tokenizer).is_dir(), f"model.tokenizer: {m.tokenizer} is not a folder (or use train-bpe)")
     need(m.num_labels >= 2 or m.task != "sequence_classification", "model.num_labels: must be >= 2")
+    if m.quantization != "none":
+        need(m.config is None, f"model.quantization: {m.quantization} quantizes pretrained weights as they load; "
+             "set model.path (model.config is a random init, which has nothing to quantize)")
+        need(cfg.peft.method != "none", f"model.quantization: {m.quantization} freezes the base in 4-bit, which "
+             "cannot be trained; set peft.method (lora, dora, ia3, prompt_tuning or prefix_tuning)")
+        need(importlib.util.find_spec("bitsandbytes") is not None,
+             f"model.quantization: {m.quantization} needs the bitsandbytes package (pip install 'finetrain[qlora]')")
 
     p = cfg.peft
     if p.method != "none":

@@ -8,7 +8,8 @@ backward, with attention standing in as FlashAttention does (it keeps q, k, v, t
 output and the log-sum-exp, never the seq_len^2 scores).
 
 What each strategy keeps per device (N devices, T trainable of P parameters,
-m master bytes, c compute bytes):
+m master bytes, c compute bytes; with `model.quantization: nf4` the frozen linear
+weights take about 0.52 bytes each instead of m, see trainer/quantization.py):
 
 - single, ddp: P*m weights, T*m grads, 2*T*m AdamW moments.
 - fsdp: everything above divided by N (by N/R with `parallel.replicate` R: HSDP), plus
@@ -34,6 +35,7 @@ from torch import nn
 from trainer.config import Config, ConfigError, UserError
 from trainer.parallel import check_strategy
 from trainer.parallel.zero import bucket_elements, persistence_threshold
+from trainer.quantization import is_quantized_weight, nf4_bytes, quant_state_bytes, quantize_skeleton
 
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 META_ATTENTION = "finetrain_meta"
@@ -42,15 +44,17 @@ ADAM_MOMENTS = 2
 
 @dataclasses.dataclass
 class Unit:
-    """Parameter elements of one sharding unit (all, and those that train)."""
+    """Parameter elements of one sharding unit (all, those that train, those held in 4-bit)."""
 
     total: int = 0
     trainable: int = 0
+    quantized: int = 0
 
     @classmethod
     def of(cls, modules: list) -> "Unit":
         params = {id(p): p for module in modules for p in module.parameters()}.values()
-        return cls(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+        return cls(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+                   sum(p.numel() for p in params if is_quantized_weight(p)))
 
 
 @dataclasses.dataclass
@@ -67,6 +71,7 @@ class ModelShape:
     hidden_size: int
     numels: list  # of every parameter, for ZeRO's per-parameter partitioning
     trainable_numels: list
+    quantized_numels: list  # of every 4-bit weight (model.quantization)
 
 
 @dataclasses.dataclass
@@ -101,8 +106,9 @@ def model_config(cfg: Config):
     return config
 
 
-def meta_model(cfg: Config, dtype: torch.dtype) -> nn.Module:
-    """The training model (peft included) with every tensor on the meta device."""
+def meta_model(cfg: Config, dtype: torch.dtype, quantize: bool = True) -> nn.Module:
+    """The training model (peft included) with every tensor on the meta device; with
+    `model.quantization` (and `quantize`) its linear layers are the 4-bit ones loading makes."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from trainer.peft import apply_peft
@@ -111,6 +117,8 @@ def meta_model(cfg: Config, dtype: torch.dtype) -> nn.Module:
     auto = AutoModelForCausalLM if cfg.model.task == "causal_lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
         model = auto.from_config(model_config(cfg), dtype=dtype, attn_implementation=META_ATTENTION)
+        if quantize and cfg.model.quantization != "none":
+            quantize_skeleton(model, cfg)
         if cfg.peft.method != "none":
             model = apply_peft(model, cfg.peft, cfg.model.task)
     return model
@@ -137,6 +145,7 @@ def model_shape(model: nn.Module) -> ModelShape:
         hidden_size=getattr(getattr(model, "config", None), "hidden_size", 0),
         numels=[p.numel() for p in params],
         trainable_numels=[p.numel() for p in params if p.requires_grad],
+        quantized_numels=[p.numel() for p in params if is_quantized_weight(p)],
     )
 
 
@@ -214,11 +223,13 @@ def saved_tensor_bytes(model: nn.Module, layers: list[nn.Module]):
 
 
 def activation_shape(cfg: Config, compute_dtype: torch.dtype) -> ActivationShape:
-    """Forward one micro-batch on meta tensors and count what autograd keeps."""
+    """Forward one micro-batch on meta tensors and count what autograd keeps. bitsandbytes'
+    4-bit matmul cannot run on meta tensors, so a 4-bit base is measured unquantized: the
+    input it keeps for backward is the one an adapter on the same layer keeps anyway."""
     from trainer.loss import summed_loss
     from trainer.models import decoder_layers
 
-    model = meta_model(cfg, compute_dtype)
+    model = meta_model(cfg, compute_dtype, quantize=False)
     model.train()
     rows, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     ids = torch.zeros(rows, seq, dtype=torch.long, device="meta")
@@ -260,19 +271,29 @@ def strategy_memory(name: str, shape: ModelShape, acts: int, cfg: Config, world:
     c = 2 if cfg.parallel.mixed_precision == "bf16" else m
     offload = cfg.parallel.offload != "none"
     P, T = shape.total, shape.trainable
+    # 4-bit weights: half a byte per element, packed (sharded by fsdp like any parameter), and
+    # their quantization constants (per-block scales, lookup tables), kept whole on every rank.
+    Q = sum(shape.quantized_numels)
+    packed = sum(math.ceil(n / 2) for n in shape.quantized_numels)
+    constants = sum(nf4_bytes(n) for n in shape.quantized_numels) - packed
     row = {"params": 0, "gathered": 0, "grads": 0, "optimizer": 0, "host": 0}
     if name in ("single", "ddp"):
-        row.update(params=P * m, grads=T * m, optimizer=ADAM_MOMENTS * T * m)
+        row.update(params=(P - Q) * m + packed + constants, grads=T * m, optimizer=ADAM_MOMENTS * T * m)
     elif name == "fsdp":
         group = max(1, world // cfg.parallel.replicate)  # HSDP shards within a group, replicates across
-        shard_params, shard_grads = math.ceil(P / group) * m, math.ceil(T / group) * m
+        shard_params = math.ceil((P - Q) / group) * m + math.ceil(packed / group) + constants
+        shard_grads = math.ceil(T / group) * m
         shard_moments = ADAM_MOMENTS * shard_grads
+
+        def unsharded(unit: Unit) -> int:
+            return (unit.total - unit.quantized) * c + math.ceil(unit.quantized / 2)
+
         # The root and the head stay gathered from the end of forward into backward; decoder
         # layers two at a time (the one running, the one prefetched), or all of them when
         # not resharded after forward. Gradients are unsharded one unit at a time (plus the
         # root's, reduced last).
         layers = 2 if cfg.parallel.reshard_after_forward else shape.layers
-        gathered = (shape.root.total + shape.head.total + layers * shape.layer.total) * c
+        gathered = unsharded(shape.root) + unsharded(shape.head) + layers * unsharded(shape.layer)
         largest = max(shape.layer.trainable, shape.head.trainable, shape.embedding.trainable)
         gathered_grads = (shape.root.trainable + largest) * c
         if offload:
@@ -382,7 +403,7 @@ def resident_state_bytes(strategy) -> dict:
         return tensor.untyped_storage().nbytes()
 
     model = strategy.unwrapped_model()
-    params = 0
+    params = quant_state_bytes(model)  # 4-bit weights' scales and lookup tables: not parameters
     for param in model.parameters():
         if hasattr(param, "ds_tensor"):  # a ZeRO-3 partition; small parameters also stay whole
             params += size(param.ds_tensor) + (size(param.data) if getattr(param, "ds_persist", False) else 0)

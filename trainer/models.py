@@ -191,6 +191,7 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
     (random init, a fresh classification head, adapters) come from `run.seed`, so every
     process builds the identical model."""
     from trainer.peft import apply_peft
+    from trainer.quantization import bnb_config, prepare_quantized
 
     m = cfg.model
     path = resolve_model_path(m.path) if m.path else None
@@ -215,9 +216,12 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
 
     auto_cls = AutoModelForCausalLM if m.task == "causal_lm" else AutoModelForSequenceClassification
     kwargs = {"config": config, "dtype": getattr(torch, m.dtype), "attn_implementation": attention}
+    if m.quantization != "none":
+        kwargs["quantization_config"] = bnb_config(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         model = auto_cls.from_pretrained(path, **kwargs) if path else auto_cls.from_config(**kwargs)
+        prepare_quantized(model)
         if cfg.peft.method != "none":
             model = apply_peft(model, cfg.peft, m.task)
     trainable, total = parameter_counts(model)
@@ -248,11 +252,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; correct for sharded (DTensor) and
-    ZeRO-3-partitioned (ds_numel) parameters alike."""
+    """(trainable, total) parameter counts; correct for sharded (DTensor), ZeRO-3-partitioned
+    (ds_numel) and packed 4-bit parameters alike."""
+    from trainer.quantization import logical_numel
+
     trainable = total = 0
     for param in model.parameters():
-        n = getattr(param, "ds_numel", None) or param.numel()
+        n = getattr(param, "ds_numel", None) or logical_numel(param)
         total += n
         if param.requires_grad:
             trainable += n

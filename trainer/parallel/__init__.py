@@ -44,6 +44,10 @@ def check_strategy(cfg: Config, name: str, world_size: int) -> None:
     if cfg.checkpoint.async_ and name.startswith("zero"):
         raise ConfigError(f"checkpoint.async: {picked} writes DeepSpeed's own checkpoint files, which it does "
                           "synchronously; use fsdp (or ddp, single) for background saves, or checkpoint.async=false")
+    if cfg.model.quantization != "none" and name.startswith("zero"):
+        raise ConfigError(f"model.quantization {cfg.model.quantization}: {picked} saves the 4-bit base with "
+                          "bitsandbytes' quantization state in DeepSpeed's checkpoint, which DeepSpeed's loader "
+                          "refuses, so the run could not resume; use fsdp (shards the 4-bit base), ddp or single")
     if par.deepspeed_config and not name.startswith("zero"):
         raise ConfigError(f"parallel.deepspeed_config: only read by zero1-3, not by {picked}")
 

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 from trainer.config import ConfigError
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import Strategy
+from trainer.quantization import quantized_linears, without_quantized_weights
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -29,9 +30,16 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def checkpointed_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model and optimizer state a checkpoint holds: all of it but frozen 4-bit weights,
+    which re-quantizing the base model reproduces bit for bit (trainer/quantization.py)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return without_quantized_weights(model, model_sd), optim_sd
+
+
 def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Model and optimizer as a DCP checkpoint (sharded when the model is), scheduler alongside."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = checkpointed_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
@@ -41,7 +49,7 @@ def dcp_save_async(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
     """dcp_save whose write goes on in a background thread: the state is copied to host memory
     before this returns (training may then change it), the files are written from that copy.
     The thread's collectives run on `process_group`, apart from the training loop's."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = checkpointed_state(model, optimizer)
     future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"),
                             process_group=process_group)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -51,16 +59,19 @@ def dcp_save_async(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
 
 def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Inverse of dcp_save; DCP reshards, so the world size may differ from the saver's."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = checkpointed_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # Only the frozen 4-bit weights (rebuilt from model.path) may be absent from the checkpoint.
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=not quantized_linears(model)))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
 
 def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model state on rank 0's CPU; empty on other ranks."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Full (unsharded) model state on rank 0's CPU, without frozen 4-bit weights; empty on other ranks."""
+    return without_quantized_weights(
+        model, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
 
 
 def clip_and_norm(parameters, max_norm: float) -> float:
