@@ -221,7 +221,8 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         model = auto_cls.from_pretrained(path, **kwargs) if path else auto_cls.from_config(**kwargs)
-        prepare_quantized(model)
+        if m.quantization != "none":
+            prepare_quantized(model)
         if cfg.peft.method != "none":
             model = apply_peft(model, cfg.peft, m.task)
     trainable, total = parameter_counts(model)
