@@ -47,3 +47,4 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/packing.py
 	$(PY) bench/strategies.py
+	$(PY) bench/qlora_memory.py
