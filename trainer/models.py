@@ -189,7 +189,9 @@ def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> 
 def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str) -> nn.Module:
     """The model on CPU in `model.dtype`, with its task head and peft wrapper. New weights
     (random init, a fresh classification head, adapters) come from `run.seed`, so every
-    process builds the identical model."""
+    process builds the identical model. With `model.quantization` transformers loads it
+    onto this process's CUDA device when there is one: bitsandbytes quantizes where the
+    weights land, and moving the 4-bit weights later would leave their scales behind."""
     from trainer.peft import apply_peft
     from trainer.quantization import bnb_config, prepare_quantized
 

@@ -26,8 +26,9 @@ NESTED_BLOCK_SIZE = 256  # scales per second-level scale (double quantization)
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:
-    """The dtype the 4-bit weights are dequantized to for each matmul: the run's compute dtype."""
-    return torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else getattr(torch, cfg.model.dtype)
+    """The dtype the 4-bit weights are dequantized to for each matmul: the compute dtype of
+    every strategy (`Strategy.compute_dtype`), known here before a strategy exists."""
+    return torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else torch.float32
 
 
 def bnb_config(cfg: Config):
@@ -58,6 +59,15 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     except ImportError:  # without bitsandbytes nothing can be quantized
         return {}
     return {name: module for name, module in model.named_modules() if isinstance(module, Linear4bit)}
+
+
+def is_quantized_weight(param: torch.Tensor) -> bool:
+    """A 4-bit weight (before sharding: FSDP2 turns it into a DTensor)."""
+    try:
+        from bitsandbytes.nn import Params4bit
+    except ImportError:
+        return False
+    return isinstance(param, Params4bit)
 
 
 def prepare_quantized(model: nn.Module) -> None:
@@ -104,26 +114,20 @@ def logical_numel(param: torch.Tensor) -> int:
     return quant_state.shape.numel() if quant_state is not None else param.numel()
 
 
-def quantized_state_keys(model: nn.Module) -> list[str]:
-    """State-dict prefixes of the 4-bit weights: `<linear>.weight` and its quant-state
-    entries `<linear>.weight.absmax`, ... (the same names sharded or not)."""
-    return [f"{name}.weight" for name in quantized_linears(model)]
-
-
 def without_quantized_weights(model: nn.Module, state: dict) -> dict:
-    """`state` (a model state dict) without the frozen 4-bit weights: what checkpoints hold."""
-    prefixes = quantized_state_keys(model)
-    if not prefixes:
+    """`state` (a model state dict) without the frozen 4-bit weights: `<linear>.weight` and its
+    quant-state entries `<linear>.weight.absmax`, ... (the same names sharded or not)."""
+    weights = {f"{name}.weight" for name in quantized_linears(model)}
+    if not weights:
         return state
-    dropped = set(prefixes)
     return {key: value for key, value in state.items()
-            if key not in dropped and not key.startswith(tuple(p + "." for p in prefixes))}
+            if key not in weights and not key.startswith(tuple(w + "." for w in weights))}
 
 
 @torch.no_grad()
 def dequantized_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The state dict of an unquantized twin of `model` (same names): each 4-bit weight
-    dequantized to `dtype`, exactly the matrix the training forward multiplied with."""
+    dequantized to `dtype`, the matrix every training forward dequantizes and multiplies with."""
     from bitsandbytes.functional import dequantize_4bit
 
     linears = quantized_linears(model)
@@ -169,11 +173,3 @@ def quantize_skeleton(model: nn.Module, cfg: Config) -> None:
 
     quantizer = AutoHfQuantizer.from_config(bnb_config(cfg), pre_quantized=False)
     quantizer.preprocess_model(model, dtype=getattr(torch, cfg.model.dtype), device_map=None)
-
-
-def is_quantized_weight(param: torch.Tensor) -> bool:
-    try:
-        from bitsandbytes.nn import Params4bit
-    except ImportError:
-        return False
-    return isinstance(param, Params4bit)

@@ -81,8 +81,8 @@ class Strategy(ABC):
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The unsharded model state dict (peft names included), on CPU, on rank 0;
-        an empty dict on other ranks (collective)."""
+        """The unsharded model state dict (peft names included; frozen 4-bit weights left out),
+        on CPU, on rank 0; an empty dict on other ranks (collective)."""
 
     def unwrapped_model(self) -> nn.Module:
         return self.model
