@@ -191,7 +191,7 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
     (random init, a fresh classification head, adapters) come from `run.seed`, so every
     process builds the identical model. With `model.quantization` transformers loads it
     onto this process's CUDA device when there is one: bitsandbytes quantizes where the
-    weights land, and moving the 4-bit weights later would leave their scales behind."""
+    weights land, and FSDP2 would move 4-bit weights to the device without their scales."""
     from trainer.peft import apply_peft
     from trainer.quantization import bnb_config, prepare_quantized
 
