@@ -18,14 +18,15 @@ import time
 import torch
 
 from trainer.checkpoint import Checkpointer, seed_step
-from trainer.config import Config, dataset_name, dump_yaml
-from trainer.data import build_eval_sets, build_train_loader, describe_batch, training_texts
+from trainer.config import Config, cache_root, dataset_name, dump_yaml
+from trainer.data import build_train_loader, describe_batch, training_texts
 from trainer.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
-from trainer.evaluate import evaluate, model_logits, to_device
+from trainer.evaluate import Evaluator, model_logits, to_device
 from trainer.loss import summed_loss
-from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops
+from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops, run_description
 from trainer.models import build_model, load_tokenizer, parameter_counts, resolve_attention
 from trainer.parallel import build_strategy, resolve_strategy
+from trainer.summary import RunSummary
 
 log = logging.getLogger("finetrain")
 
@@ -118,6 +119,7 @@ class Trainer:
         self.cfg = cfg
         self.debug = debug
         self.dist = dist_info = init_distributed()
+        self.summary = RunSummary(cfg, dist_info.is_main)  # wall time counts from here
         self.strategy_name = resolve_strategy(cfg, dist_info.world_size)
         if debug:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -131,7 +133,7 @@ class Trainer:
                 self.tokenizer = load_tokenizer(cfg, lambda: training_texts(cfg))
             barrier()
         self.loader = build_train_loader(cfg, self.tokenizer, self.attention, dist_info.rank, dist_info.world_size)
-        self.eval_sets = build_eval_sets(cfg, self.tokenizer, self.attention, dist_info.rank, dist_info.world_size)
+        self.evaluator = Evaluator.from_config(cfg, self.tokenizer, self.attention, dist_info)
         self.accum = accumulation_steps(cfg, dist_info.world_size)
         self.total_steps = total_steps(cfg, self.loader)
 
@@ -147,47 +149,55 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, dist_info, self.strategy_name)
         self.step = 0
         self.counts = torch.zeros(2 + 2 * len(self.dataset_names), dtype=torch.float64)
-        self.baseline_eval = None
         wandb_run_id = None
-        resume_from = self.checkpointer.resume_path()
-        if resume_from is not None:
-            state = self.checkpointer.load(resume_from, self.strategy)
+        self.checkpoint = self.checkpointer.resume_path()
+        if self.checkpoint is not None:
+            state = self.checkpointer.load(self.checkpoint, self.strategy)
             self.loader.load_state_dict(state["loader"])
             self.step, self.counts, wandb_run_id = state["step"], state["counts"], state["wandb_run_id"]
-            self.baseline_eval = state["baseline_eval"]
+            self.evaluator.forgetting.load_state_dict(state["forgetting"])
+            self.summary.load_state_dict(state["summary"])
         self.start_step = self.step
-        self.metrics = MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id)
+        description = run_description(cfg, self.strategy_name, dist_info.world_size, trainable, self.num_params,
+                                      self.loader.dataset_examples) if dist_info.is_main else None
+        self.metrics = MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id, description)
 
     def save(self) -> None:
         trainer_state = {"step": self.step, "loader": self.loader.state_dict(), "counts": self.counts,
-                         "wandb_run_id": self.metrics.wandb_run_id, "baseline_eval": self.baseline_eval}
-        self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer)
+                         "wandb_run_id": self.metrics.wandb_run_id, "forgetting": self.evaluator.forgetting.state_dict(),
+                         "summary": self.summary.state_dict()}
+        self.checkpoint = self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer)
 
     def fit(self) -> dict:
         """Train to the last step (or a stop signal); returns the last logged record."""
         cfg, strategy = self.cfg, self.strategy
         flops_token = flops_per_token(getattr(strategy.unwrapped_model(), "config", None), self.num_params, cfg.data.seq_len)
-        device_peak = peak_flops(self.dist.device)
+        device_peak = peak_flops(self.dist.device, strategy.compute_dtype(), cfg.logging.peak_flops,
+                                 cache_root(cfg)) if self.dist.is_main else None
         stop = StopSignal()
         record: dict = {}
-        if self.step == 0 and self.cfg.train.eval_every:
-            self.evaluate()  # the baseline that forgetting is measured against
+        ended = None  # "finished" or "stopped": summarised once the progress bar is closed
+        if self.step == 0:
+            self.evaluate()  # the baseline that loss_change (forgetting) is measured against
         strategy.model.train()
         try:
             while self.step < self.total_steps:
                 seed_step(cfg.run.seed, self.step, self.dist.rank)
-                batches = self.loader.next_step(self.accum)
+                with StepTimer(self.dist.device) as data_timer:
+                    batches = self.loader.next_step(self.accum)
                 if self.debug and self.step == self.start_step and self.dist.is_main:
                     print(describe_batch(batches[0], self.tokenizer), flush=True)
-                with StepTimer(self.dist.device) as timer:
+                with StepTimer(self.dist.device) as compute_timer:
                     result = train_step(strategy, batches, cfg.model.task)
                 self.step += 1
+                self.summary.count_step(data_timer.seconds + compute_timer.seconds)
                 step_data = all_reduce_sum(step_counts(batches, self.dataset_names))
                 self.counts += step_data
                 self.metrics.advance()
 
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                    record = self.step_record(result, step_data, timer.seconds, flops_token, device_peak)
+                    record = self.step_record(result, step_data, data_timer.seconds, compute_timer.seconds,
+                                              flops_token, device_peak)
                     self.metrics.log(record)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
                     self.evaluate()
@@ -198,28 +208,31 @@ class Trainer:
                     self.save()
                 if stopping:
                     log.warning("stopped at step %d by a signal; checkpoint saved (checkpoint.resume=auto continues from it)", self.step)
+                    ended = "stopped"
                     return record
-            return {**record, **self.evaluate()}
+            record = {**record, **self.evaluate()}
+            ended = "finished"
+            return record
         finally:
             stop.restore()
             self.metrics.close()
+            if ended:
+                self.summary.write(ended, self.step, self.total_steps, int(self.counts[0]), self.checkpoint)
 
     def evaluate(self) -> dict:
-        """Held-out loss per dataset, and its change since step 0: on rehearsal data
-        a rising `loss_change` is forgetting."""
-        if not self.eval_sets:
-            return {}
-        results = evaluate(self.strategy, self.eval_sets, self.cfg.model.task)
-        if self.baseline_eval is None:
-            self.baseline_eval = {k: v for k, v in results.items() if k.endswith("/loss")}
-        for key, initial in self.baseline_eval.items():
-            if key in results:
-                results[key + "_change"] = results[key] - initial
-        self.metrics.log({"step": self.step, **results})
+        """Held-out loss (and task metrics) per dataset, and the loss change since step 0:
+        on rehearsal data a rising `loss_change` is forgetting."""
+        results, generations = self.evaluator.run(self.strategy, self.step)
+        if results:
+            self.metrics.log({"step": self.step, **results})
+            self.metrics.log_generations(self.step, generations)
+            self.summary.observe_eval(self.step, results)
         return results
 
-    def step_record(self, result: dict, step_data: torch.Tensor, seconds: float, flops_token: float, device_peak) -> dict:
+    def step_record(self, result: dict, step_data: torch.Tensor, data_seconds: float, compute_seconds: float,
+                    flops_token: float, device_peak) -> dict:
         real_tokens, row_tokens = float(step_data[0]), float(step_data[1])
+        seconds = data_seconds + compute_seconds
         record = {
             "step": self.step,
             "loss": result["loss"],
@@ -230,6 +243,8 @@ class Trainer:
             "packing_efficiency": real_tokens / max(row_tokens, 1.0),
             "padding_tokens": int(row_tokens - real_tokens),
             "step_time_s": seconds,
+            "data_wait_s": data_seconds,
+            "compute_s": compute_seconds,
             "time": time.time(),
         }
         if device_peak:
