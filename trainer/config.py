@@ -151,8 +151,8 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     jsonl: bool = True
     progress_bar: bool = True
-    # Nats of eval loss rise over step 0 on any eval set (on rehearsal data: forgetting)
-    # that log a warning, once per data set; null: never.
+    # Nats of eval loss rise over step 0 on a rehearsal set (any training dataset but
+    # the one with the largest weight) that log a forgetting warning, once per set; null: never.
     forgetting_warn: Optional[float] = 0.1
     # Peak FLOP/s of one device for MFU; default: a table of GPUs, on CPUs a matmul
     # measured once and cached.

@@ -3,9 +3,12 @@
 With rehearsal data mixed in, the general dataset's held-out loss is the forgetting
 monitor: it should stay flat while the task's falls. Every evaluation, step 0
 included, reports each dataset's `loss_change` against step 0, and a rise past
-`logging.forgetting_warn` nats is warned about once per dataset. Chat and instruction
-eval sets can also be answered greedily (`data.eval.generate`) and scored with
-ROUGE-L, exact match and token F1; classification sets report accuracy and macro-F1.
+`logging.forgetting_warn` nats on a rehearsal set (the held-out part of any training
+dataset but the one with the largest weight, which is the task) is warned about once
+per dataset. The task's own eval loss may rise while its accuracy still improves (a
+confident model pays more for each mistake), so it is not warned about. Chat and
+instruction eval sets can also be answered greedily (`data.eval.generate`) and scored
+with ROUGE-L, exact match and token F1; classification sets report accuracy and macro-F1.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 
 import torch
 
-from trainer.config import Config
+from trainer.config import Config, dataset_name
 from trainer.data import build_eval_sets
 from trainer.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from trainer.generate import HeldOutGeneration
@@ -82,12 +85,21 @@ def evaluate(strategy, eval_sets: dict, task: str, num_labels: int = 2) -> dict:
     return results
 
 
-class ForgettingMonitor:
-    """Each eval dataset's loss change since step 0, with one warning per dataset once
-    it rises past `warn_at` nats (on rehearsal data, that rise is forgetting)."""
+def rehearsal_datasets(cfg: Config) -> set[str]:
+    """Every training dataset but the one with the largest weight (the first of equals)."""
+    names = [dataset_name(ds) for ds in cfg.data.datasets]
+    weights = [ds.weight for ds in cfg.data.datasets]
+    primary = max(range(len(names)), key=lambda i: (weights[i], -i))
+    return set(names) - {names[primary]}
 
-    def __init__(self, warn_at: float | None, is_main: bool):
+
+class ForgettingMonitor:
+    """Each eval dataset's loss change since step 0, with one warning per rehearsal
+    dataset once its loss rises past `warn_at` nats: that rise is forgetting."""
+
+    def __init__(self, warn_at: float | None, rehearsal: set[str], is_main: bool):
         self.warn_at = warn_at
+        self.rehearsal = rehearsal
         self.is_main = is_main
         self.baseline: dict[str, float] | None = None  # eval/<dataset>/loss at step 0
         self.warned: set[str] = set()
@@ -96,16 +108,19 @@ class ForgettingMonitor:
         """`results` with eval/<dataset>/loss_change added (0 at the baseline itself)."""
         if self.baseline is None:
             self.baseline = {k: v for k, v in results.items() if k.endswith("/loss")}
-        changes = {f"{key}_change": results[key] - initial for key, initial in self.baseline.items() if key in results}
-        for key, change in changes.items():
+        changes = {}
+        for key, initial in self.baseline.items():
+            if key not in results:
+                continue
+            change = changes[f"{key}_change"] = results[key] - initial
             dataset = key.split("/")[1]
-            if self.warn_at is not None and change > self.warn_at and dataset not in self.warned:
-                self.warned.add(dataset)
-                if self.is_main:
-                    log.warning("forgetting: eval loss of %s at step %d is %.4f nats above step 0 (%.4f -> %.4f), past "
-                                "logging.forgetting_warn %g; more rehearsal weight or a lower optim.lr keeps it down",
-                                dataset, step, change, self.baseline[key[: -len("_change")]],
-                                results[key[: -len("_change")]], self.warn_at)
+            if self.warn_at is None or change <= self.warn_at or dataset not in self.rehearsal or dataset in self.warned:
+                continue
+            self.warned.add(dataset)
+            if self.is_main:
+                log.warning("forgetting: eval loss of %s at step %d is %.4f nats above step 0 (%.4f -> %.4f), past "
+                            "logging.forgetting_warn %g; a larger rehearsal weight or a lower optim.lr keeps it down",
+                            dataset, step, change, initial, results[key], self.warn_at)
         return {**results, **changes}
 
     def state_dict(self) -> dict:
@@ -124,7 +139,7 @@ class Evaluator:
         self.num_labels = cfg.model.num_labels
         self.eval_sets = eval_sets
         self.generation = generation
-        self.forgetting = ForgettingMonitor(cfg.logging.forgetting_warn, is_main)
+        self.forgetting = ForgettingMonitor(cfg.logging.forgetting_warn, rehearsal_datasets(cfg), is_main)
 
     @classmethod
     def from_config(cls, cfg: Config, tokenizer, attention: str, dist_info: DistInfo) -> "Evaluator":
