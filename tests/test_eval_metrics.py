@@ -92,15 +92,17 @@ def test_forgetting_warns_once_per_rehearsal_dataset(caplog):
 
 
 def test_summary_keeps_best_last_and_largest_forgetting(tmp_path):
-    from trainer.config import Config
+    from trainer.config import Config, DatasetConfig
 
     cfg = Config()
     cfg.run.output_dir = str(tmp_path)
+    cfg.data.datasets = [DatasetConfig(name="task", weight=0.9), DatasetConfig(name="general", weight=0.1)]
     summary = RunSummary(cfg, is_main=True)
     for step, loss, change in ((0, 3.0, 0.0), (10, 2.5, 0.3), (20, 2.7, 0.1)):
-        summary.observe_eval(step, {"eval/general/loss": loss, "eval/general/loss_change": change})
+        summary.observe_eval(step, {"eval/general/loss": loss, "eval/general/loss_change": change,
+                                    "eval/task/loss": loss, "eval/task/loss_change": change})
     written = summary.write("finished", 20, 20, 1000, tmp_path / "checkpoints" / "step-00000020")
     assert written["eval"]["general"]["best"]["step"] == 10 and written["eval"]["general"]["last"]["step"] == 20
-    assert written["forgetting"]["general"] == {"loss_change": 0.1, "max_loss_change": 0.3, "max_at_step": 10}
+    assert written["forgetting"] == {"general": {"loss_change": 0.1, "max_loss_change": 0.3, "max_at_step": 10}}
     assert written["export_command"].startswith(f"finetrain export {tmp_path / 'checkpoints' / 'step-00000020'} --out")
     assert (tmp_path / "summary.json").is_file()

@@ -66,7 +66,7 @@ def general_model(tmp_path_factory) -> Path:
 
 def forgetting_config(tmp_path: Path, model: Path, general_weight: float) -> dict:
     cfg = causal_config(tmp_path, rows=200, train={"max_steps": 30, "log_every": 10, "eval_every": 10},
-                        optim={"lr": 1e-2, "warmup_steps": 0, "scheduler": "constant"})
+                        optim={"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant"})
     general = write_jsonl(tmp_path / "data" / "general.jsonl", general_rows(200, seed=2))
     cfg["model"] = {"path": str(model)}
     cfg["data"]["datasets"] = [{"name": "task", "path": cfg["data"]["datasets"][0]["path"], "format": "chat", "weight": 1.0},

@@ -2,7 +2,7 @@
 
 Steps, wall time, tokens and tokens/s (over the time spent in optimizer steps, data
 wait included, evaluation and checkpoints not), the best (lowest loss) and the last evaluation
-of each dataset, forgetting (each dataset's last and largest loss change since
+of each dataset, forgetting (each rehearsal dataset's last and largest loss change since
 step 0), the newest checkpoint and the command that exports it. Wall time and the
 evaluations carry over a resume through the checkpoint, so the summary of a resumed
 run covers the whole run.
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from trainer.config import Config
+from trainer.evaluate import rehearsal_datasets
 
 
 def eval_by_dataset(results: dict) -> dict[str, dict]:
@@ -31,6 +32,7 @@ class RunSummary:
     def __init__(self, cfg: Config, is_main: bool):
         self.cfg = cfg
         self.is_main = is_main
+        self.rehearsal = rehearsal_datasets(cfg)
         self.started = time.monotonic()
         self.seconds_before = 0.0  # wall time of the runs this one resumes
         self.step_seconds = 0.0  # in optimizer steps, over the whole run
@@ -50,7 +52,7 @@ class RunSummary:
             self.last[dataset] = record
             if "loss" in metrics and metrics["loss"] <= self.best.get(dataset, {}).get("loss", float("inf")):
                 self.best[dataset] = record
-            if "loss_change" in metrics:
+            if "loss_change" in metrics and dataset in self.rehearsal:
                 change, previous = metrics["loss_change"], self.forgetting.get(dataset)
                 largest = previous if previous and previous["max_loss_change"] >= change else \
                     {"max_loss_change": change, "max_at_step": step}
