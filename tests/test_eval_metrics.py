@@ -1,12 +1,18 @@
-"""Task metrics on hand-made strings and confusion matrices; prompts and stop tokens of generation."""
+"""Task metrics on hand-made strings and confusion matrices; prompts, stop tokens and padding of
+generation; the forgetting warning; the run summary."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from conftest import TINY_LLAMA
+from trainer.config import Config, DatasetConfig
+from trainer.distributed import init_distributed
 from trainer.evaluate import ForgettingMonitor
-from trainer.generate import split_last_answer, stop_token_ids
+from trainer.generate import greedy_generate, split_last_answer, stop_token_ids
+from trainer.models import build_model
+from trainer.parallel import build_strategy
 from trainer.summary import RunSummary
 from trainer.task_metrics import (
     answer_scores,
@@ -92,8 +98,6 @@ def test_forgetting_warns_once_per_rehearsal_dataset(caplog):
 
 
 def test_summary_keeps_best_last_and_largest_forgetting(tmp_path):
-    from trainer.config import Config, DatasetConfig
-
     cfg = Config()
     cfg.run.output_dir = str(tmp_path)
     cfg.data.datasets = [DatasetConfig(name="task", weight=0.9), DatasetConfig(name="general", weight=0.1)]
@@ -106,3 +110,21 @@ def test_summary_keeps_best_last_and_largest_forgetting(tmp_path):
     assert written["forgetting"] == {"general": {"loss_change": 0.1, "max_loss_change": 0.3, "max_at_step": 10}}
     assert written["export_command"].startswith(f"finetrain export {tmp_path / 'checkpoints' / 'step-00000020'} --out")
     assert (tmp_path / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference"])
+def test_left_padded_prompts_answer_as_each_prompt_alone(tiny_tokenizer, attention):
+    """Prompts of different lengths decoded as one left-padded group (with the KV cache) get
+    the answers each gets alone: padding shifts neither positions nor attention."""
+    cfg = Config()
+    cfg.model.config = dict(TINY_LLAMA)
+    cfg.parallel.strategy, cfg.parallel.mixed_precision = "single", "fp32"
+    strategy = build_strategy(cfg, init_distributed())
+    strategy.setup(strategy.build_model(lambda: build_model(cfg, tiny_tokenizer, attention)), total_steps=1)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 320, (int(torch.randint(2, 15, (1,), generator=generator)),), generator=generator).tolist()
+               for _ in range(8)]
+    stops = list(range(0, 320, 7))
+    alone = greedy_generate(strategy, prompts, 1, tiny_tokenizer.pad_token_id, stops, max_new_tokens=10)
+    assert len({len(answer) for answer in alone}) > 3  # answers end at different steps
+    assert greedy_generate(strategy, prompts, 8, tiny_tokenizer.pad_token_id, stops, max_new_tokens=10) == alone

@@ -1,8 +1,9 @@
-"""Throughput, MFU, memory; sinks: console progress, metrics.jsonl, Weights & Biases.
+"""Throughput, MFU, memory; sinks: console progress, metrics.jsonl, generations.jsonl,
+Weights & Biases.
 
 Only rank 0 writes. `metrics.jsonl` is opened for append, so a resumed run adds
-to the records of the run it continues; the W&B run id is kept in the output
-folder, so the resumed run logs into the same W&B run.
+to the records of the run it continues; the W&B run id is kept in the checkpoint,
+so the resumed run logs into the same W&B run.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def git_commit() -> str | None:
 def run_description(cfg: Config, strategy: str, world_size: int, trainable: int, total: int,
                     dataset_examples: dict[str, int]) -> dict:
     """What the resolved config does not say: the strategy picked, parameter counts, the data
-    mix as shares of the examples drawn, and the code's commit (for the W&B run config)."""
+    mix (each dataset's share of what data.mix_by counts), and the code's commit (for the W&B
+    run config)."""
     weights = {dataset_name(ds): ds.weight for ds in cfg.data.datasets}
     formats = {dataset_name(ds): ds.format for ds in cfg.data.datasets}
     return {
