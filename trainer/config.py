@@ -127,7 +127,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     epochs: Optional[float] = None
     log_every: int = 1
-    eval_every: int = 0  # 0: evaluate only at the end
+    eval_every: int = 0  # 0: evaluate only at the end (and at step 0, the baseline of loss_change)
     save_every: int = 0  # 0: save only at the end (and on a stop signal)
 
 
