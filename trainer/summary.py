@@ -29,6 +29,8 @@ def eval_by_dataset(results: dict) -> dict[str, dict]:
 
 
 class RunSummary:
+    """Collects what the summary reports as the run goes; its state rides in checkpoints."""
+
     def __init__(self, cfg: Config, is_main: bool):
         self.cfg = cfg
         self.is_main = is_main
@@ -60,7 +62,8 @@ class RunSummary:
                                             "max_at_step": largest["max_at_step"]}
 
     def state_dict(self) -> dict:
-        return {"wall_time_s": self.wall_time(), "step_time_s": self.step_seconds, "best": self.best, "last": self.last, "forgetting": self.forgetting}
+        return {"wall_time_s": self.wall_time(), "step_time_s": self.step_seconds, "best": self.best,
+                "last": self.last, "forgetting": self.forgetting}
 
     def load_state_dict(self, state: dict) -> None:
         self.seconds_before, self.step_seconds = state["wall_time_s"], state["step_time_s"]
