@@ -135,7 +135,7 @@ class HeldOutGeneration:
         prompts = []
         for name, conversations in held_out_conversations(cfg, tokenizer, rank, count).items():
             split = [s for s in map(split_last_answer, conversations) if s is not None]
-            if len(split) < count:
+            if len(split) < count and rank == 0:
                 log.warning("data.eval.generate: %s has %d held-out conversations with a prompt that fit "
                             "data.seq_len; generating for those", name, len(split))
             for messages, reference in split:
