@@ -147,9 +147,6 @@ class Evaluator:
         generation = HeldOutGeneration.from_config(cfg, tokenizer, dist_info.rank)
         return cls(cfg, eval_sets, generation, dist_info.is_main)
 
-    def __bool__(self) -> bool:
-        return bool(self.eval_sets)
-
     def run(self, strategy, step: int) -> tuple[dict, list[dict]]:
         """(eval/<dataset>/<metric> values, the generated answers); collective."""
         if not self.eval_sets:
