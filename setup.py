@@ -22,6 +22,7 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
         "submitit>=1.5",
+        "rouge-score>=0.1.2",  # ROUGE-L of generated answers (data.eval.generate)
     ],
     extras_require={
         # DeepSpeed compiles against the installed torch: pip install --no-build-isolation

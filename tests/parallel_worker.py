@@ -6,7 +6,8 @@ each run measured (per-step loss, grad norm, lr, state bytes, export check) as J
 Each run builds a tiny Llama (random init from a seed, or a saved folder), the
 strategy, and trains a few optimizer steps on fixed token rows of uneven length,
 exactly as the loop does: target tokens counted over all ranks before the first
-backward, every micro-batch's summed loss divided by that count.
+backward, every micro-batch's summed loss divided by that count. Runs with
+`generate` then answer fixed prompts greedily, as `data.eval.generate` does.
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ from trainer.distributed import agree, all_reduce_sum, barrier, init_distributed
 from trainer.config import UserError  # noqa: E402
 from trainer.estimate import resident_state_bytes  # noqa: E402
 from trainer.evaluate import model_logits  # noqa: E402
+from trainer.generate import greedy_generate  # noqa: E402
 from trainer.loss import IGNORE_INDEX, count_targets, summed_loss  # noqa: E402
 from trainer.models import build_model, train_bpe_tokenizer  # noqa: E402
 from trainer.parallel import build_strategy  # noqa: E402
 
 SEQ_LEN = 32
 VOCAB = TINY_LLAMA["vocab_size"]
+# Generation: 9 prompts in groups of 2 (5 groups: on 2 ranks one decodes a stand-in in the
+# last round), stopping at every fifth token id, so answers end at different steps.
+GENERATION_PROMPTS, GENERATION_GROUP = 9, 2
+STOP_IDS = list(range(0, VOCAB, 5))
+MAX_NEW_TOKENS = 12
 
 
 @dataclasses.dataclass
@@ -60,6 +67,7 @@ class Run:
     load_step: int = 0
     export_check: bool = False
     full_state_path: str | None = None  # write full_state_dict here (rank 0) after the last step
+    generate: bool = False  # greedy answers to fixed prompts after the last step
 
 
 def model_config(run: Run) -> dict:
@@ -159,6 +167,12 @@ def export_difference(strategy, cfg: Config, full_state: dict) -> float:
     return float((plain(input_ids=ids).logits.float() - trained).abs().max())
 
 
+def generation_prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(1, VOCAB, (int(torch.randint(3, 12, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(GENERATION_PROMPTS)]
+
+
 def tied_intact(strategy) -> bool:
     model = strategy.unwrapped_model()
     return model.get_input_embeddings().weight is model.get_output_embeddings().weight
@@ -205,6 +219,9 @@ def execute(run: Run, out: Path) -> dict:
             result["export_max_abs_diff"] = export_difference(strategy, cfg, full_state)
         if run.full_state_path and dist.get_rank() == 0:
             torch.save(full_state, run.full_state_path)
+    if run.generate:
+        result["generations"] = greedy_generate(strategy, generation_prompts(), GENERATION_GROUP, 0, STOP_IDS,
+                                                MAX_NEW_TOKENS)
     result["start_step"] = start
     return result
 

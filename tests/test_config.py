@@ -63,6 +63,13 @@ def test_overrides_apply_with_types(tmp_path):
         (["parallel.strategy=ddp", "parallel.offload=params"], "parallel.offload: params offload needs strategy fsdp or zero3"),
         (["peft.method=prefix_tuning"], "data.packing: prefix tuning feeds its prefix as a KV cache"),
         (["peft.method=prompt_tuning"], "data.packing: prompt tuning prepends its virtual tokens once per row"),
+        (["data.eval.generate=-1"], "data.eval.generate: must be >= 0, got -1"),
+        (["data.eval.generate=4"], "data.eval.generate: there is no held-out data to prompt; set data.eval.fraction"),
+        (["data.eval.generate=4", "data.eval.fraction=0.1", "data.datasets.0.format=text"],
+         "data.eval.generate: prompts come from chat or instruction eval data, but the eval data is text"),
+        (["data.eval.max_new_tokens=0"], "data.eval.max_new_tokens: must be > 0, got 0"),
+        (["logging.forgetting_warn=0"], "logging.forgetting_warn: nats of eval loss rise, > 0 (or null for no warning)"),
+        (["logging.peak_flops=-1"], "logging.peak_flops: FLOP/s of one device, > 0"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, expected):

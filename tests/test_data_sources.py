@@ -12,7 +12,7 @@ import yaml
 
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
 from trainer.config import load_config
-from trainer.data import build_eval_sets, build_train_loader
+from trainer.data import build_eval_sets, build_train_loader, held_out_conversations
 from trainer.data import tokenized as tokenized_module
 from trainer.data.builtin import BUILTINS, materialize
 from trainer.data.formats import field_names
@@ -165,6 +165,30 @@ def test_eval_with_fewer_examples_than_ranks_is_refused(tmp_path, tiny_tokenizer
     cfg = loader_config(tmp_path, text_datasets(tmp_path), eval={"path": str(path)})
     with pytest.raises(ValueError, match="data.eval: data set 'eval' has 1 held-out examples, fewer than the 2 ranks"):
         build_eval_sets(cfg, tiny_tokenizer, "sdpa", 0, 2)
+
+
+def test_held_out_conversations_are_read_back_from_the_source(tmp_path, tiny_tokenizer):
+    """Generation prompts: the first held-out conversations that fit data.seq_len whole, as in
+    the file; instruction records become a user and an assistant turn; text data has none."""
+    rows = [chat(i) for i in range(60)]
+    for row in rows[::3]:  # longer than seq_len: truncated for the loss, never a prompt
+        row["messages"][1]["content"] = "long " * 200
+    sft = write_jsonl(tmp_path / "sft.jsonl", rows)
+    instructions = write_jsonl(tmp_path / "inst.jsonl", [{"prompt": f"say {i}", "response": f"{i}"} for i in range(20)])
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"document {i}"} for i in range(20)])
+    datasets = [{"name": "sft", "path": str(sft), "format": "chat"},
+                {"name": "inst", "path": str(instructions), "format": "instruction"},
+                {"name": "general", "path": str(general), "format": "text"}]
+    cfg = loader_config(tmp_path, datasets, eval={"fraction": 0.5, "generate": 4})
+    found = held_out_conversations(cfg, tiny_tokenizer, 0, 30)
+    assert set(found) == {"sft", "inst"}
+    assert 0 < len(found["sft"]) < 30  # 30 held out, the long ones left out
+    assert all({"messages": c} in rows[1::3] + rows[2::3] for c in found["sft"])
+    assert len(found["inst"]) == 10
+    for conversation in found["inst"]:
+        n = conversation[0]["content"].removeprefix("say ")
+        assert conversation == [{"role": "user", "content": f"say {n}"}, {"role": "assistant", "content": n}]
+    assert held_out_conversations(cfg, tiny_tokenizer, 0, 3)["inst"] == found["inst"][:3]
 
 
 def test_classification_eval_uses_the_training_label_ids(tmp_path, tiny_tokenizer):

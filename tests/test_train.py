@@ -73,6 +73,8 @@ def test_resume_after_signal_is_exact(tmp_path, sig):
     saved = complete_checkpoints(out / "checkpoints")
     stopped_at = int(saved[-1].name.split("-")[1])
     assert 25 <= stopped_at < steps, stopped_at
+    stopped = json.loads((out / "summary.json").read_text())  # what was done so far
+    assert (stopped["status"], stopped["steps"], stopped["checkpoint"]) == ("stopped", stopped_at, str(saved[-1]))
     # A folder that was never sealed (as after kill -9 mid-save) must be ignored by resume.
     (out / "checkpoints" / "step-00000099").mkdir()
     (out / "checkpoints" / "step-00000099" / "trainer_state.pt").write_text("garbage")
@@ -80,6 +82,9 @@ def test_resume_after_signal_is_exact(tmp_path, sig):
     run_cli(config_path)
     resumed = step_losses(out)
     assert sorted(resumed) == list(range(1, steps + 1)), "every step logged exactly once across the two runs"
+    finished = json.loads((out / "summary.json").read_text())
+    assert (finished["status"], finished["steps"]) == ("finished", steps)
+    assert finished["wall_time_s"] > stopped["wall_time_s"]  # the summary covers both processes
     for step in range(1, steps + 1):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
     lines = (out / "metrics.jsonl").read_text().splitlines()

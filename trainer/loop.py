@@ -19,14 +19,15 @@ import time
 import torch
 
 from trainer.checkpoint import Checkpointer, seed_step
-from trainer.config import Config, ConfigError, dataset_name, dump_yaml
-from trainer.data import build_eval_sets, build_train_loader, describe_batch, training_texts
+from trainer.config import Config, ConfigError, cache_root, dataset_name, dump_yaml
+from trainer.data import build_train_loader, describe_batch, training_texts
 from trainer.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
-from trainer.evaluate import evaluate, model_logits, to_device
+from trainer.evaluate import Evaluator, model_logits, to_device
 from trainer.loss import summed_loss
-from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops
+from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops, run_description
 from trainer.models import build_model, load_tokenizer, parameter_counts, resolve_attention
 from trainer.parallel import build_strategy, checked_strategy
+from trainer.summary import RunSummary
 
 log = logging.getLogger("finetrain")
 
@@ -128,6 +129,7 @@ class Trainer:
         self.debug = debug
         self.dist = dist_info = init_distributed()
         world = dist_info.world_size
+        self.summary = RunSummary(cfg, dist_info.is_main)  # wall time counts from here
         # What the config decides about the layout, checked before anything heavy starts.
         self.strategy_name, self.accum, self.attention = agree(lambda: (
             checked_strategy(cfg, world), accumulation_steps(cfg, world), resolve_attention(cfg.model, dist_info.device)))
@@ -138,7 +140,7 @@ class Trainer:
         # Rank 0 first: it may train or convert the tokenizer and fill the data cache.
         self.tokenizer = main_first(lambda: load_tokenizer(cfg, lambda: training_texts(cfg)))
         self.loader = agree(lambda: build_train_loader(cfg, self.tokenizer, self.attention, dist_info.rank, world))
-        self.eval_sets = agree(lambda: build_eval_sets(cfg, self.tokenizer, self.attention, dist_info.rank, world))
+        self.evaluator = agree(lambda: Evaluator.from_config(cfg, self.tokenizer, self.attention, dist_info))
         self.total_steps = agree(lambda: total_steps(cfg, self.loader))
 
         self.strategy = agree(lambda: build_strategy(cfg, dist_info))
@@ -153,10 +155,13 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, dist_info, self.strategy_name)
         self.step = 0
         self.counts = torch.zeros(2 + 2 * len(self.dataset_names), dtype=torch.float64)
-        self.baseline_eval = None
+        self.checkpoint = None  # the newest checkpoint this run resumed from or wrote
         wandb_run_id = agree(self.resume)
         self.start_step = self.step
-        self.metrics = agree(lambda: MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id))
+        description = run_description(cfg, self.strategy_name, world, trainable, self.num_params,
+                                      self.loader.dataset_examples) if dist_info.is_main else None
+        self.metrics = agree(lambda: MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id,
+                                                   description))
         if dist_info.is_main:  # only now: a run that could not start leaves the last config.yaml as it was
             (cfg.output_dir / "config.yaml").write_text(dump_yaml(cfg))
 
@@ -167,39 +172,48 @@ class Trainer:
             return None
         state = self.checkpointer.load(resume_from, self.strategy)
         self.loader.load_state_dict(state["loader"])
-        self.step, self.counts, self.baseline_eval = state["step"], state["counts"], state["baseline_eval"]
+        self.step, self.counts = state["step"], state["counts"]
+        self.evaluator.forgetting.load_state_dict(state["forgetting"])
+        self.summary.load_state_dict(state["summary"])
+        self.checkpoint = resume_from
         return state["wandb_run_id"]
 
     def save(self, wait: bool = False) -> None:
         trainer_state = {"step": self.step, "loader": self.loader.state_dict(), "counts": self.counts,
-                         "wandb_run_id": self.metrics.wandb_run_id, "baseline_eval": self.baseline_eval}
-        self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer, wait=wait)
+                         "wandb_run_id": self.metrics.wandb_run_id, "forgetting": self.evaluator.forgetting.state_dict(),
+                         "summary": self.summary.state_dict()}
+        self.checkpoint = self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer, wait=wait)
 
     def fit(self) -> dict:
         """Train to the last step (or a stop signal); returns the last logged record."""
         cfg, strategy = self.cfg, self.strategy
         flops_token = flops_per_token(getattr(strategy.unwrapped_model(), "config", None), self.num_params, cfg.data.seq_len)
-        device_peak = peak_flops(self.dist.device)
+        device_peak = peak_flops(self.dist.device, strategy.compute_dtype(), cfg.logging.peak_flops,
+                                 cache_root(cfg)) if self.dist.is_main else None
         stop = self.stop
         record: dict = {}
-        if self.step == 0 and self.cfg.train.eval_every:
-            self.evaluate()  # the baseline that forgetting is measured against
+        ended = None  # "finished" or "stopped": summarised once the progress bar is closed
+        if self.step == 0:
+            self.evaluate()  # the baseline that loss_change (forgetting) is measured against
         strategy.model.train()
         try:
             while self.step < self.total_steps:
                 seed_step(cfg.run.seed, self.step, self.dist.rank)
-                batches = self.loader.next_step(self.accum)
+                with StepTimer(self.dist.device) as data_timer:
+                    batches = self.loader.next_step(self.accum)
                 if self.debug and self.step == self.start_step and self.dist.is_main:
                     print(describe_batch(batches[0], self.tokenizer), flush=True)
-                with StepTimer(self.dist.device) as timer:
+                with StepTimer(self.dist.device) as compute_timer:
                     result = train_step(strategy, batches, cfg.model.task)
                 self.step += 1
+                self.summary.count_step(data_timer.seconds + compute_timer.seconds)
                 step_data = all_reduce_sum(step_counts(batches, self.dataset_names))
                 self.counts += step_data
                 self.metrics.advance()
 
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                    record = self.step_record(result, step_data, timer.seconds, flops_token, device_peak)
+                    record = self.step_record(result, step_data, data_timer.seconds, compute_timer.seconds,
+                                              flops_token, device_peak)
                     self.metrics.log(record)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
                     self.evaluate()
@@ -214,27 +228,30 @@ class Trainer:
                     if self.dist.is_main:
                         log.warning("stopped at step %d by a signal; checkpoint saved (checkpoint.resume=auto "
                                     "continues from it)", self.step)
+                    ended = "stopped"
                     return record
-            return {**record, **self.evaluate()}
+            record = {**record, **self.evaluate()}
+            ended = "finished"
+            return record
         finally:
             self.metrics.close()
+            if ended:
+                self.summary.write(ended, self.step, self.total_steps, int(self.counts[0]), self.checkpoint)
 
     def evaluate(self) -> dict:
-        """Held-out loss per dataset, and its change since step 0: on rehearsal data
-        a rising `loss_change` is forgetting."""
-        if not self.eval_sets:
-            return {}
-        results = evaluate(self.strategy, self.eval_sets, self.cfg.model.task)
-        if self.baseline_eval is None:
-            self.baseline_eval = {k: v for k, v in results.items() if k.endswith("/loss")}
-        for key, initial in self.baseline_eval.items():
-            if key in results:
-                results[key + "_change"] = results[key] - initial
-        self.metrics.log({"step": self.step, **results})
+        """Held-out loss (and task metrics) per dataset, and the loss change since step 0:
+        on rehearsal data a rising `loss_change` is forgetting."""
+        results, generations = self.evaluator.run(self.strategy, self.step)
+        if results:
+            self.metrics.log({"step": self.step, **results})
+            self.metrics.log_generations(self.step, generations)
+            self.summary.observe_eval(self.step, results)
         return results
 
-    def step_record(self, result: dict, step_data: torch.Tensor, seconds: float, flops_token: float, device_peak) -> dict:
+    def step_record(self, result: dict, step_data: torch.Tensor, data_seconds: float, compute_seconds: float,
+                    flops_token: float, device_peak) -> dict:
         real_tokens, row_tokens = float(step_data[0]), float(step_data[1])
+        seconds = data_seconds + compute_seconds
         record = {
             "step": self.step,
             "loss": result["loss"],
@@ -245,6 +262,8 @@ class Trainer:
             "packing_efficiency": real_tokens / max(row_tokens, 1.0),
             "padding_tokens": int(row_tokens - real_tokens),
             "step_time_s": seconds,
+            "data_wait_s": data_seconds,
+            "compute_s": compute_seconds,
             "time": time.time(),
         }
         if device_peak:

@@ -163,7 +163,7 @@ class InstructionEncoder:
         self.chat = ChatEncoder(tokenizer, names, train_on_prompt)
         self.names = names
 
-    def encode(self, record: dict) -> Encoded:
+    def messages(self, record: dict) -> list[dict]:
         prompt = _get(record, self.names, "prompt", str)
         extra = _get(record, self.names, "input", str, required=False)
         response = _get(record, self.names, "response", str)
@@ -174,8 +174,10 @@ class InstructionEncoder:
             raise RowError(f'empty field "{self.names["response"]}"')
         user = f"{prompt}\n\n{extra}" if extra and extra.strip() else prompt
         messages = [{"role": "system", "content": system}] if system else []
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
-        return self.chat.encode_messages(messages)
+        return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+
+    def encode(self, record: dict) -> Encoded:
+        return self.chat.encode_messages(self.messages(record))
 
 
 class TextEncoder:

@@ -22,7 +22,7 @@ import torch
 from trainer.config import Config, ConfigError, DatasetConfig, UserError, cache_root, dataset_name
 from trainer.data.builtin import builtin_format, is_builtin, materialize
 from trainer.data.collate import Batch, Collator
-from trainer.data.formats import field_names, record_texts
+from trainer.data.formats import build_encoder, field_names, record_texts
 from trainer.data.packing import pack_pieces
 from trainer.data.sources import DataError, read_rows
 from trainer.data.stream import GlobalStream, StreamDataset
@@ -219,6 +219,11 @@ class TrainLoader:
         return self._epoch_rows / self.global_batch_size
 
     @property
+    def dataset_examples(self) -> dict[str, int]:
+        """Training examples of each data set (held-out ones excluded)."""
+        return {ds.name: len(ds.examples) for ds in self.stream.datasets}
+
+    @property
     def stats(self) -> dict:
         """Counters for the metrics: over-long and bad rows per data set (at load) and the
         epochs drawn of each data set so far."""
@@ -242,11 +247,10 @@ def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_
                        cfg.train.global_batch_size, rank, world_size, stats)
 
 
-def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> dict[str, list[Batch]]:
-    """Per data set, this rank's evaluation micro-batches: the held-out fraction of each
-    training data set, or `data.eval.path` as the data set "eval". Examples are dealt to
-    ranks round-robin, then packed (within one data set only) or padded."""
-    _check_packing(cfg)
+def _eval_datasets(cfg: Config, tokenizer, rank: int) -> list[tuple[str, DatasetConfig, StreamDataset]]:
+    """The held-out examples of each eval data set, with the config key and the data set
+    config they come from: the held-out fraction of each training data set, or
+    `data.eval.path` as the data set "eval"."""
     if cfg.data.eval.path:
         classification = cfg.model.task == "sequence_classification"
         if (cfg.data.eval.format == "classification") != classification:
@@ -261,14 +265,23 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
         sets = []
         for s in sources:
             examples, lengths = _usable(s, cfg, {})
-            sets.append(StreamDataset(s.name, s.data, examples, lengths, s.data.format == "text", classes.get(s.name)))
-    elif cfg.data.eval.fraction:
+            sets.append(("data.eval", eval_cfg,
+                         StreamDataset(s.name, s.data, examples, lengths, s.data.format == "text", classes.get(s.name))))
+        return sets
+    if cfg.data.eval.fraction:
         datasets, held, _, _ = _prepare(cfg, tokenizer, rank, report=False)
-        sets = [StreamDataset(d.name, d.data, h, d.lengths, d.splittable, d.class_ids) for d, h in zip(datasets, held)]
-    else:
-        return {}
+        return [(key, ds_cfg, StreamDataset(d.name, d.data, h, d.lengths, d.splittable, d.class_ids))
+                for (_, key, ds_cfg), d, h in zip(_entries(cfg), datasets, held)]
+    return []
+
+
+def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> dict[str, list[Batch]]:
+    """Per data set, this rank's evaluation micro-batches: the held-out fraction of each
+    training data set, or `data.eval.path` as the data set "eval". Examples are dealt to
+    ranks round-robin, then packed (within one data set only) or padded."""
+    _check_packing(cfg)
     result = {}
-    for ds in sets:
+    for _, _, ds in _eval_datasets(cfg, tokenizer, rank):
         examples = ds.examples[: cfg.data.eval.max_examples]
         if len(examples) < world_size:
             raise ConfigError(f"data.eval: data set {ds.name!r} has {len(examples)} held-out examples, fewer than the "
@@ -278,6 +291,30 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
         collate = _collator(cfg, [ds], tokenizer, attention)
         micro = cfg.train.micro_batch_size
         result[ds.name] = [collate(rows[i: i + micro]) for i in range(0, len(rows), micro)]
+    return result
+
+
+def held_out_conversations(cfg: Config, tokenizer, rank: int, count: int) -> dict[str, list[list[dict]]]:
+    """Per chat or instruction eval data set, the conversations of its first `count`
+    held-out examples that fit `data.seq_len` whole, read back from the source file
+    (the tokenized cache keeps token ids, not the text of each turn)."""
+    cache_dir = cache_root(cfg)
+    result = {}
+    for key, ds_cfg, ds in _eval_datasets(cfg, tokenizer, rank):
+        if ds_cfg.format not in ("chat", "instruction"):
+            continue
+        whole = [int(e) for e in ds.examples[: cfg.data.eval.max_examples] if ds.lengths[e] == ds.data.lengths[e]]
+        rows = [int(ds.data.rows[e]) for e in whole[:count]]
+        wanted = set(rows)
+        encoder = build_encoder(ds_cfg.format, tokenizer, field_names(ds_cfg.format, ds_cfg.fields, f"{key}.fields"),
+                                train_on_prompt=False)
+        found: dict[int, list[dict]] = {}
+        for row in read_rows(resolve_source(ds_cfg.path, ds_cfg.format, key, cache_dir), cache_dir / "hf"):
+            if row.number in wanted:
+                found[row.number] = encoder.messages(row.record)
+                if len(found) == len(wanted):
+                    break
+        result[ds.name] = [found[number] for number in rows]
     return result
 
 

@@ -1,0 +1,117 @@
+"""What a run did, in `summary.json` and once on the console, at its end or at a stop.
+
+Steps, wall time, tokens and tokens/s (over the time spent in optimizer steps, data
+wait included, evaluation and checkpoints not), the best (lowest loss) and the last evaluation
+of each dataset, forgetting (each rehearsal dataset's last and largest loss change since
+step 0), the newest checkpoint and the command that exports it. Wall time and the
+evaluations carry over a resume through the checkpoint, so the summary of a resumed
+run covers the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from trainer.config import Config
+from trainer.evaluate import rehearsal_datasets
+
+
+def eval_by_dataset(results: dict) -> dict[str, dict]:
+    """{dataset: {metric: value}} from eval/<dataset>/<metric> keys."""
+    grouped: dict[str, dict] = {}
+    for key, value in results.items():
+        _, dataset, metric = key.split("/", 2)
+        grouped.setdefault(dataset, {})[metric] = value
+    return grouped
+
+
+class RunSummary:
+    """Collects what the summary reports as the run goes; its state rides in checkpoints."""
+
+    def __init__(self, cfg: Config, is_main: bool):
+        self.cfg = cfg
+        self.is_main = is_main
+        self.rehearsal = rehearsal_datasets(cfg)
+        self.started = time.monotonic()
+        self.seconds_before = 0.0  # wall time of the runs this one resumes
+        self.step_seconds = 0.0  # in optimizer steps, over the whole run
+        self.best: dict[str, dict] = {}
+        self.last: dict[str, dict] = {}
+        self.forgetting: dict[str, dict] = {}
+
+    def wall_time(self) -> float:
+        return self.seconds_before + time.monotonic() - self.started
+
+    def count_step(self, seconds: float) -> None:
+        self.step_seconds += seconds
+
+    def observe_eval(self, step: int, results: dict) -> None:
+        for dataset, metrics in eval_by_dataset(results).items():
+            record = {"step": step, **metrics}
+            self.last[dataset] = record
+            if "loss" in metrics and metrics["loss"] <= self.best.get(dataset, {}).get("loss", float("inf")):
+                self.best[dataset] = record
+            if "loss_change" in metrics and dataset in self.rehearsal:
+                change, previous = metrics["loss_change"], self.forgetting.get(dataset)
+                largest = previous if previous and previous["max_loss_change"] >= change else \
+                    {"max_loss_change": change, "max_at_step": step}
+                self.forgetting[dataset] = {"loss_change": change, "max_loss_change": largest["max_loss_change"],
+                                            "max_at_step": largest["max_at_step"]}
+
+    def state_dict(self) -> dict:
+        return {"wall_time_s": self.wall_time(), "step_time_s": self.step_seconds, "best": self.best,
+                "last": self.last, "forgetting": self.forgetting}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds_before, self.step_seconds = state["wall_time_s"], state["step_time_s"]
+        self.best, self.last, self.forgetting = state["best"], state["last"], state["forgetting"]
+
+    def write(self, status: str, step: int, total_steps: int, tokens: int, checkpoint: Path | None) -> dict:
+        """Write summary.json and print the summary (rank 0); returns it."""
+        seconds = self.wall_time()
+        export = None
+        if checkpoint is not None:
+            merge = " --merge" if self.cfg.peft.method != "none" else ""
+            export = f"finetrain export {checkpoint} --out {self.cfg.output_dir / 'export'}{merge}"
+        summary = {
+            "status": status,
+            "steps": step,
+            "total_steps": total_steps,
+            "wall_time_s": round(seconds, 3),
+            "step_time_s": round(self.step_seconds, 3),
+            "tokens": tokens,
+            "tokens_per_s": tokens / self.step_seconds if self.step_seconds > 0 else 0.0,
+            "eval": {name: {"best": self.best.get(name), "last": last} for name, last in self.last.items()},
+            "forgetting": self.forgetting,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "export_command": export,
+        }
+        if self.is_main:
+            path = self.cfg.output_dir / "summary.json"
+            aside = path.with_name(".summary.json.tmp")
+            aside.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(aside, path)
+            print(format_summary(summary, path), flush=True)
+        return summary
+
+
+def format_summary(summary: dict, path: Path) -> str:
+    lines = [f"finetrain {summary['status']} at step {summary['steps']}/{summary['total_steps']} in "
+             f"{summary['wall_time_s']:.1f}s: {summary['tokens']:,} tokens, {summary['tokens_per_s']:,.0f} tokens/s"]
+    for name, evals in summary["eval"].items():
+        last = evals["last"]
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step" and isinstance(v, (int, float)))
+        best = evals["best"]
+        best_text = f" (best loss {best['loss']:.4f} at step {best['step']})" if best else ""
+        lines.append(f"  eval {name} at step {last['step']}: {shown}{best_text}")
+    for name, change in summary["forgetting"].items():
+        lines.append(f"  forgetting {name}: loss change {change['loss_change']:+.4f} nats "
+                     f"(largest {change['max_loss_change']:+.4f} at step {change['max_at_step']})")
+    if summary["checkpoint"]:
+        lines.append(f"  checkpoint: {summary['checkpoint']}")
+        lines.append(f"  export:     {summary['export_command']}")
+    lines.append(f"  summary:    {path}")
+    return "\n".join(lines)
