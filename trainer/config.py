@@ -125,6 +125,10 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 0  # 0: save only at the end (and on a stop signal)
+    # LM head + cross-entropy on target positions only, in chunks: no [tokens, vocab] logits
+    # (trainer/fused_loss.py); false computes the full logits.
+    fused_loss: bool = True
+    compile: bool = False  # torch.compile each decoder layer (trainer/compile.py)
 
 
 @dataclass

@@ -8,15 +8,7 @@ import math
 import torch
 
 from trainer.distributed import all_reduce_max, all_reduce_sum
-from trainer.loss import summed_loss
-
-
-def model_logits(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Forward, returning logits aligned with `labels` (prompt tuning prepends virtual tokens)."""
-    logits = model(**inputs).logits
-    if labels.dim() == 2 and logits.size(1) > labels.size(1):
-        logits = logits[:, -labels.size(1):]
-    return logits
+from trainer.loss import forward_summed_loss, model_logits, summed_loss
 
 
 def to_device(inputs: dict, device: torch.device) -> dict:
@@ -43,13 +35,16 @@ def evaluate(strategy, eval_sets: dict, task: str) -> dict:
                 break
             batch = batches[min(i, len(batches) - 1)]
             weight = 1.0 if i < len(batches) else 0.0
-            labels = batch.labels.to(device)
+            labels, inputs = batch.labels.to(device), to_device(batch.inputs, device)
             with strategy.autocast():
-                logits = model_logits(model, to_device(batch.inputs, device), labels)
-            totals[0] += weight * float(summed_loss(logits, labels, task))
+                if task == "sequence_classification":
+                    logits = model_logits(model, inputs, labels)
+                    totals[2] += weight * float((logits.argmax(-1) == labels).sum())
+                    loss = summed_loss(logits, labels, task)
+                else:  # the training loss path: no full logits with the fused head
+                    loss = forward_summed_loss(model, inputs, labels, task)
+            totals[0] += weight * float(loss)
             totals[1] += weight * batch.num_targets
-            if task == "sequence_classification":
-                totals[2] += weight * float((logits.argmax(-1) == labels).sum())
         if not batches and rounds:
             raise RuntimeError(f"eval set {name!r} has no batch on this rank while others have {rounds}")
         all_reduce_sum(totals)

@@ -21,8 +21,8 @@ from trainer.checkpoint import Checkpointer, seed_step
 from trainer.config import Config, dataset_name, dump_yaml
 from trainer.data import build_eval_sets, build_train_loader, describe_batch, training_texts
 from trainer.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
-from trainer.evaluate import evaluate, model_logits, to_device
-from trainer.loss import summed_loss
+from trainer.evaluate import evaluate, to_device
+from trainer.loss import forward_summed_loss
 from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops
 from trainer.models import build_model, load_tokenizer, parameter_counts, resolve_attention
 from trainer.parallel import build_strategy, resolve_strategy
@@ -85,8 +85,7 @@ def train_step(strategy, batches: list, task: str) -> dict:
         with contextlib.nullcontext() if last else strategy.no_sync():
             labels = batch.labels.to(device)
             with strategy.autocast():
-                logits = model_logits(strategy.model, to_device(batch.inputs, device), labels)
-            summed = summed_loss(logits, labels, task)
+                summed = forward_summed_loss(strategy.model, to_device(batch.inputs, device), labels, task)
             strategy.backward(summed / denominator)
         loss_sum += summed.detach().double().cpu()
     lr = strategy.lr()  # the rate this update uses; the scheduler moves on in step()
