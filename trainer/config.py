@@ -459,6 +459,9 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     if par.offload == "optimizer":
         need(par.strategy in ("fsdp", "zero1", "zero2", "zero3", "auto"),
              "parallel.offload: optimizer offload needs strategy fsdp or zero1-3")
+    if t.compile and par.strategy == "zero3":
+        errors.append("train.compile: zero3 gathers parameters in hooks on every submodule of a decoder layer, "
+                      "which the compiled layer cannot hold; use fsdp (or zero1/zero2), or train.compile=false")
     if m.dtype == "bfloat16" and par.mixed_precision == "fp32":
         errors.append("model.dtype: bfloat16 master weights cannot compute in parallel.mixed_precision fp32")
 

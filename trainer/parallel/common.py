@@ -15,6 +15,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from trainer.compile import compile_decoder_layers
+from trainer.config import Config
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import Strategy
 
@@ -26,6 +28,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"parallel.activation_checkpointing: {type(base).__name__} does not support it")
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_layer_options(model: nn.Module, cfg: Config, device: torch.device) -> None:
+    """The per-decoder-layer options, in the order they compose: activation checkpointing
+    wraps the layer call, compilation its forward. Before any sharding wrapper."""
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        compile_decoder_layers(model, device)
 
 
 def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
