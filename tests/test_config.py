@@ -63,6 +63,8 @@ def test_overrides_apply_with_types(tmp_path):
         (["parallel.strategy=ddp", "parallel.offload=params"], "parallel.offload: params offload needs strategy fsdp or zero3"),
         (["peft.method=prefix_tuning"], "data.packing: prefix tuning feeds its prefix as a KV cache"),
         (["peft.method=prompt_tuning"], "data.packing: prompt tuning prepends its virtual tokens once per row"),
+        (["train.fused_loss=sometimes"], "train.fused_loss: expected true or false, got 'sometimes'"),
+        (["train.compile=true", "parallel.strategy=zero3"], "train.compile: zero3 gathers parameters in hooks"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, expected):

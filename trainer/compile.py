@@ -51,16 +51,18 @@ def compile_decoder_layers(model: nn.Module, device: torch.device) -> bool:
 
 @functools.cache
 def backend_problem(backend: str, device_type: str) -> str | None:
-    """Why `backend` fails to compile a small forward and backward here, or None."""
+    """Why `backend` fails to compile a small function here, or None."""
     def probe(x):
         return torch.nn.functional.silu(x) * x.sum()
 
     try:
-        x = torch.randn(8, device=device_type, requires_grad=True)
-        torch.compile(probe, backend=backend, fullgraph=True)(x).sum().backward()
+        torch.compile(probe, backend=backend, fullgraph=True)(torch.randn(8, device=device_type))
     except Exception as err:  # whatever the compiler stack raises, the answer is: stay eager
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        return f"{type(err).__name__}: {first_line}"
+        cause = getattr(err, "inner_exception", None) or err  # dynamo wraps what the backend raised
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        return f"{type(cause).__name__}: {first_line}"
     return None
 
 
