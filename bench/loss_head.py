@@ -11,9 +11,10 @@ resident memory cannot be reset), `--repeats` times, interleaved so that other l
 the machine hits all variants alike; the first `--warmup` steps of each run (compilation
 included) are not timed.
 
-    python bench/loss_head.py [--steps 8] [--warmup 2] [--repeats 2] [--seq-len 1024] [--micro 2] [--threads 1]
+    python bench/loss_head.py [--model random-16m] [--steps 8] [--warmup 2] [--repeats 2] [--seq-len 1024]
+                              [--micro 2] [--threads 1] [--variants ...]
 
-Writes bench/results/loss_head.json and prints a markdown table: real input tokens per
+Writes bench/results/loss_head-<model>.json and prints a markdown table: real input tokens per
 CPU-second of the training process (other load on a shared machine does not inflate it)
 and per wall-clock second (median over runs of each run's timed steps), the peak resident
 memory, the final loss, the first step's CPU time (compilation), and the compile report.
@@ -63,7 +64,8 @@ def write_chat_data(folder: Path, prompt_share: float) -> Path:
 def write_config(folder: Path, label: str, run: int, args) -> Path:
     cfg = {
         "run": {"name": label, "output_dir": str(folder / f"{label.replace(' ', '-')}-{run}"), "seed": 0},
-        "model": {"config": MODEL, "tokenizer": "builtin:smollm2-135m-instruct", "attention": "sdpa"},
+        "model": {"config": MODEL, "tokenizer": "builtin:smollm2-135m-instruct", "attention": "sdpa"}
+        if args.model == "random-16m" else {"path": args.model, "attention": "sdpa"},
         "data": {"seq_len": args.seq_len, "packing": True, "cache_dir": str(folder / "cache"),
                  "datasets": [{"name": "chat", "path": str(folder / "chat.jsonl"), "format": "chat"}]},
         "parallel": {"strategy": "single", "mixed_precision": "fp32"},
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--model", default="random-16m",
+                        help="random-16m, or a model.path such as builtin:smollm2-135m-instruct")
     parser.add_argument("--prompt-share", type=float, default=0.4, help="share of each story's words in the prompt")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
@@ -197,13 +201,15 @@ def main() -> None:
         if row["compile"]:
             print(f"{label}: {row['compile']}")
 
-    out = REPO / "bench" / "results" / "loss_head.json"
+    out = REPO / "bench" / "results" / f"loss_head-{args.model.removeprefix('builtin:')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     import torch
 
     out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                            "torch": torch.__version__},
-                               "settings": {**vars(args), "model": MODEL}, "results": summary}, indent=1))
+                               "settings": {**{k: v for k, v in vars(args).items() if k != "worker"},
+                                            "model_config": MODEL if args.model == "random-16m" else None},
+                               "results": summary}, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ would cost four, and would need the (possibly sharded) weight gathered again.
 The head stays the model's own module (`TargetOnlyHead` is an `nn.Linear` with the same
 parameters and state-dict keys) and is called by the model's own forward, so FSDP2 units
 and ZeRO-3 gather its weight and reduce its gradient exactly as they do for the plain
-head, once per micro-batch. `summed_causal_loss` hands it the labels for one forward.
+head, once per micro-batch. `summed_target_loss` hands it the targets for one forward.
 """
 
 from __future__ import annotations
