@@ -2,7 +2,8 @@
 decoder layers, on CPU with the real training loop.
 
 A random 16M-parameter Llama with SmolLM2's 49,152-token vocabulary and tied embeddings
-(hidden 256, 4 layers: the LM head is most of the FLOPs) trains on chat data in packed
+(hidden 256, 4 layers: the LM head is most of the FLOPs), or `--model PATH` (e.g.
+`builtin:smollm2-135m-instruct`), trains on chat data in packed
 rows of `--seq-len`, float32, one process: each news story of gensim's Lee corpus is a
 conversation whose user turn asks to continue its first `--prompt-share` of words and
 whose assistant turn is the rest, so about that share of the tokens (plus the chat
