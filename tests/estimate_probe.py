@@ -1,6 +1,7 @@
 """Measures one real training step's memory on CPU, in a fresh process, for test_estimate.py.
 
-    python tests/estimate_probe.py '{"model": {...}, "micro": 4, "seq_len": 256, "checkpointing": false, "fused_loss": true}'
+    python tests/estimate_probe.py '{"model": {...}, "micro": 4, "seq_len": 256, "checkpointing": false,
+                                    "fused_loss": true}'
 
 Prints JSON: the resident-memory growth from before the model is built to the peak of
 one optimizer step (forward, backward, AdamW's first step, which allocates its state),

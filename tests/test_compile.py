@@ -22,7 +22,8 @@ def test_a_backend_that_cannot_compile_leaves_the_layers_eager_with_one_warning(
         raise RuntimeError("Failed to find a working C++ compiler")
 
     monkeypatch.setattr(trainer.compile, "BACKEND", no_compiler)
-    model = build_model(Config(model=ModelConfig(config=tiny_llama_config, tokenizer="train-bpe")), tiny_tokenizer, "sdpa")
+    cfg = Config(model=ModelConfig(config=tiny_llama_config, tokenizer="train-bpe"))
+    model = build_model(cfg, tiny_tokenizer, "sdpa")
     forwards = [layer.forward for layer in decoder_layers(model)]
     with caplog.at_level(logging.INFO, logger="finetrain"):
         assert not trainer.compile.compile_decoder_layers(model, torch.device("cpu"))

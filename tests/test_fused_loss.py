@@ -85,7 +85,8 @@ def test_evaluation_computes_no_gradient_buffers():
     with torch.no_grad():
         loss = linear_cross_entropy(hidden, weight, None, targets, chunk=5)
     assert not loss.requires_grad
-    torch.testing.assert_close(loss, plain_linear_cross_entropy(hidden, weight, None, targets).detach(), rtol=RTOL, atol=0)
+    want = plain_linear_cross_entropy(hidden, weight, None, targets).detach()
+    torch.testing.assert_close(loss, want, rtol=RTOL, atol=0)
 
 
 # ----------------------------------------------------------------------------- in a model

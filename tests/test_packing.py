@@ -215,7 +215,8 @@ def test_packed_equals_padded(tiny_tokenizer, tiny_llama_config, attention, rows
 
 @pytest.mark.parametrize("attention", ["sdpa", "varlen_reference"])
 @pytest.mark.parametrize("peft", ["none", "lora"])
-def test_fused_loss_on_packed_rows_equals_the_plain_head_on_padded_rows(tiny_tokenizer, tiny_llama_config, attention, peft):
+def test_fused_loss_on_packed_rows_equals_the_plain_head_on_padded_rows(tiny_tokenizer, tiny_llama_config,
+                                                                         attention, peft):
     """train.fused_loss keeps invariant 1: the target-only head on packed rows (flattened
     ones on varlen) gives the loss and gradients of the full logits on the same documents
     padded; and it equals the plain head on packed rows too."""
