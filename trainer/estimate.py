@@ -226,14 +226,14 @@ def activation_shape(cfg: Config, compute_dtype: torch.dtype) -> ActivationShape
     model = meta_model(cfg, compute_dtype)
     model.train()
     head = fused_head(model)
-    fused = head is not None
     rows, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     ids = torch.zeros(rows, seq, dtype=torch.long, device="meta")
     classification = cfg.model.task == "sequence_classification"
     labels = torch.zeros(rows if classification else (rows, seq), dtype=torch.long)
+    # The fused head picks its target positions from the labels' values, so they are real.
+    labels = labels if head is not None else labels.to("meta")
     with saved_tensor_bytes(model, decoder_layers(model)) as totals:
-        # The fused head picks its target positions from the labels' values, so they are real.
-        forward_summed_loss(model, {"input_ids": ids}, labels if fused else labels.to("meta"), cfg.model.task)
+        forward_summed_loss(model, {"input_ids": ids}, labels, cfg.model.task)
     hidden = getattr(model.config, "hidden_size", 0)
     element = torch.empty((), dtype=compute_dtype).element_size()
     outputs = cfg.model.num_labels if classification else model.config.vocab_size
@@ -241,7 +241,7 @@ def activation_shape(cfg: Config, compute_dtype: torch.dtype) -> ActivationShape
         in_layers=totals["in_layers"],
         outside=totals["outside"],
         layer_input=rows * seq * hidden * element,
-        logits=transient_bytes(head, rows * (seq - 1), compute_dtype) if fused
+        logits=transient_bytes(head, rows * (seq - 1), compute_dtype) if head is not None
         else rows * (1 if classification else seq) * outputs * element,
     )
 
