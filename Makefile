@@ -48,3 +48,4 @@ bench: $(STAMP)
 	$(PY) bench/packing.py
 	$(PY) bench/strategies.py
 	$(PY) bench/qlora_memory.py
+	$(PY) bench/loss_head.py

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import build_train_loader, training_texts  # noqa: E402
-from trainer.loss import summed_loss  # noqa: E402
+from trainer.loss import forward_summed_loss  # noqa: E402
 from trainer.models import build_model, train_bpe_tokenizer  # noqa: E402
 
 MODEL = {"model_type": "llama", "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384,
@@ -65,7 +65,7 @@ class Trial:
     def step(self, measure: bool) -> None:
         (batch,) = self.loader.next_step(1)
         start = time.perf_counter()
-        loss = summed_loss(self.model(**batch.inputs).logits, batch.labels, "causal_lm") / max(batch.num_targets, 1)
+        loss = forward_summed_loss(self.model, batch.inputs, batch.labels, "causal_lm") / max(batch.num_targets, 1)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

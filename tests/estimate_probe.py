@@ -1,10 +1,12 @@
 """Measures one real training step's memory on CPU, in a fresh process, for test_estimate.py.
 
-    python tests/estimate_probe.py '{"model": {...}, "micro": 4, "seq_len": 256, "checkpointing": false}'
+    python tests/estimate_probe.py '{"model": {...}, "micro": 4, "seq_len": 256, "checkpointing": false,
+                                    "fused_loss": true}'
 
 Prints JSON: the resident-memory growth from before the model is built to the peak of
 one optimizer step (forward, backward, AdamW's first step, which allocates its state),
-and the bytes autograd saved for backward during the forward.
+the bytes autograd saved for backward during the forward, and the bytes of the model's
+output (the full logits; the summed loss with the fused head).
 
 CPU memory is measured as the process's peak resident set (ru_maxrss): it counts every
 byte the step touched, allocator slack included, and it cannot be reset, so each
@@ -26,7 +28,7 @@ from conftest import TOY_TEXTS  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.estimate import peak_resident_bytes, saved_tensor_bytes  # noqa: E402
-from trainer.loss import summed_loss  # noqa: E402
+from trainer.loss import forward_summed_loss  # noqa: E402
 from trainer.models import build_model, decoder_layers, train_bpe_tokenizer  # noqa: E402
 from trainer.parallel import build_strategy  # noqa: E402
 
@@ -44,6 +46,7 @@ def main(spec: dict) -> None:
     cfg.parallel.activation_checkpointing = spec["checkpointing"]
     cfg.train.micro_batch_size = spec["micro"]
     cfg.data.seq_len = spec["seq_len"]
+    cfg.train.fused_loss = spec["fused_loss"]
     tokenizer = train_bpe_tokenizer(TOY_TEXTS, vocab_size=300)
     strategy = build_strategy(cfg, init_distributed())
     torch.manual_seed(0)
@@ -52,13 +55,14 @@ def main(spec: dict) -> None:
     before = current_resident_bytes()
     model = strategy.build_model(lambda: build_model(cfg, tokenizer, "sdpa"))
     strategy.setup(model, total_steps=1)
+    outputs = []
+    model.register_forward_hook(lambda module, args, output: outputs.append(output.logits))
     with saved_tensor_bytes(model, decoder_layers(model)) as saved:
-        logits = strategy.model(input_ids=ids).logits
-        loss = summed_loss(logits, ids, "causal_lm") / ids.numel()
+        loss = forward_summed_loss(strategy.model, {"input_ids": ids}, ids, "causal_lm") / ids.numel()
     strategy.backward(loss)
     strategy.step()
     print(json.dumps({"growth": peak_resident_bytes() - before, "saved": saved,
-                      "logits": logits.numel() * logits.element_size()}))
+                      "logits": outputs[0].numel() * outputs[0].element_size()}))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import TINY_LLAMA, TOY_TEXTS  # noqa: E402
+from trainer.compile import BACKEND, CompileReport, backend_problem  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.distributed import agree, all_reduce_sum, barrier, init_distributed  # noqa: E402
 from trainer.config import UserError  # noqa: E402
 from trainer.estimate import resident_state_bytes  # noqa: E402
-from trainer.evaluate import model_logits  # noqa: E402
 from trainer.generate import greedy_generate  # noqa: E402
-from trainer.loss import IGNORE_INDEX, count_targets, summed_loss  # noqa: E402
+from trainer.loss import IGNORE_INDEX, count_targets, forward_summed_loss  # noqa: E402
 from trainer.models import build_model, train_bpe_tokenizer  # noqa: E402
 from trainer.parallel import build_strategy  # noqa: E402
 
@@ -66,6 +66,8 @@ class Run:
     load_dir: str | None = None  # resume from here (saved after load_step steps)
     load_step: int = 0
     export_check: bool = False
+    fused_loss: bool = True  # false: the plain head and full logits
+    compile: bool = False
     full_state_path: str | None = None  # write full_state_dict here (rank 0) after the last step
     generate: bool = False  # greedy answers to fixed prompts after the last step
 
@@ -100,6 +102,8 @@ def make_config(run: Run, out: Path, world_size: int) -> Config:
     cfg.train.micro_batch_size = run.micro
     cfg.train.global_batch_size = run.micro * run.accum * world_size
     cfg.train.max_steps = run.steps
+    cfg.train.fused_loss = run.fused_loss
+    cfg.train.compile = run.compile
     return cfg
 
 
@@ -140,8 +144,7 @@ def train_step(strategy, batches) -> dict:
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last else strategy.no_sync():
             with strategy.autocast():
-                logits = model_logits(strategy.model, {"input_ids": ids}, labels)
-            summed = summed_loss(logits, labels, "causal_lm")
+                summed = forward_summed_loss(strategy.model, {"input_ids": ids}, labels, "causal_lm")
             strategy.backward(summed / count)
         loss_sum += summed.detach().double()
     lr = strategy.lr()
@@ -181,6 +184,9 @@ def tied_intact(strategy) -> bool:
 def execute(run: Run, out: Path) -> dict:
     dist_info = init_distributed()
     cfg = make_config(run, out, dist_info.world_size)
+    if run.compile:  # compiled for real, not the eager fallback; counted from here on
+        assert backend_problem(BACKEND, "cpu") is None, backend_problem(BACKEND, "cpu")
+        compiled = CompileReport(layers=0)
     try:  # what the trainer sets up under `agree`; a refusal is a result too
         strategy = agree(lambda: build_strategy(cfg, dist_info))
         model = agree(lambda: strategy.build_model(lambda: make_model(cfg)))
@@ -222,6 +228,8 @@ def execute(run: Run, out: Path) -> dict:
     if run.generate:
         result["generations"] = greedy_generate(strategy, generation_prompts(), GENERATION_GROUP, 0, STOP_IDS,
                                                 MAX_NEW_TOKENS)
+    if run.compile:
+        result["compile"] = compiled.counts()
     result["start_step"] = start
     return result
 

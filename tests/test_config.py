@@ -70,6 +70,8 @@ def test_overrides_apply_with_types(tmp_path):
         (["data.eval.max_new_tokens=0"], "data.eval.max_new_tokens: must be > 0, got 0"),
         (["logging.forgetting_warn=0"], "logging.forgetting_warn: nats of eval loss rise, > 0 (or null for no warning)"),
         (["logging.peak_flops=-1"], "logging.peak_flops: FLOP/s of one device, > 0"),
+        (["train.fused_loss=sometimes"], "train.fused_loss: expected true or false, got 'sometimes'"),
+        (["train.compile=true", "parallel.strategy=zero3"], "train.compile: zero3 gathers parameters in hooks"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, expected):

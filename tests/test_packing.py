@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import Config, ModelConfig, PeftConfig
+from trainer.config import Config, ModelConfig, PeftConfig, TrainConfig
 from trainer.data.collate import Collator
 from trainer.data.packing import Piece, RowPacker, pack_pieces
 from trainer.data.stream import StreamDataset
 from trainer.data.tokenized import TokenizedDataset
-from trainer.loss import IGNORE_INDEX, summed_loss
+from trainer.fused_loss import fused_head
+from trainer.loss import IGNORE_INDEX, forward_summed_loss, summed_loss
 from trainer.models import build_model
 
 SEQ_LEN = 64
@@ -48,14 +49,16 @@ def pieces_of(ds: StreamDataset) -> list[Piece]:
     return [p for e in ds.examples for p in ds.pieces(0, int(e), SEQ_LEN)]
 
 
-def tiny_llama(tiny_tokenizer, config: dict, attention: str, peft: str = "none"):
-    cfg = Config(model=ModelConfig(config=config, tokenizer="train-bpe"), peft=PeftConfig(method=peft, r=4))
+def tiny_llama(tiny_tokenizer, config: dict, attention: str, peft: str = "none", fused_loss: bool = True):
+    cfg = Config(model=ModelConfig(config=config, tokenizer="train-bpe"), peft=PeftConfig(method=peft, r=4),
+                 train=TrainConfig(fused_loss=fused_loss))
     model = build_model(cfg, tiny_tokenizer, attention)
     if peft == "lora":  # peft starts lora_B at zero; random values make every adapter gradient non-trivial
+        generator = torch.Generator().manual_seed(1)  # the same values in every model built
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
-                    param.normal_(std=0.1)
+                    param.normal_(std=0.1, generator=generator)
     return model
 
 
@@ -88,6 +91,20 @@ def run_batches(model, collator: Collator, rows: list[list[Piece]], rows_per_bat
             logits_of[(example, start)] = logits[b, at: at + length].detach()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return total, targets, logits_of, grads
+
+
+def run_loss(model, collator: Collator, rows: list[list[Piece]], rows_per_batch: int):
+    """Summed loss and gradients over micro-batches, as the loop computes them (no logits:
+    the target-only head has none)."""
+    model.zero_grad(set_to_none=True)
+    total, targets = 0.0, 0
+    for i in range(0, len(rows), rows_per_batch):
+        batch = collator(rows[i: i + rows_per_batch])
+        loss = forward_summed_loss(model, batch.inputs, batch.labels, "causal_lm")
+        loss.backward()
+        total += float(loss.detach())
+        targets += batch.num_targets
+    return total, targets, {}, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_same(packed, padded, tol: float = 1e-5) -> None:
@@ -194,6 +211,27 @@ def test_packed_equals_padded(tiny_tokenizer, tiny_llama_config, attention, rows
     assert_same(packed, padded)
     if peft == "lora":
         assert any("lora_A" in n for n in packed[3]) and not any("embed_tokens" in n for n in packed[3])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "varlen_reference"])
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_fused_loss_on_packed_rows_equals_the_plain_head_on_padded_rows(tiny_tokenizer, tiny_llama_config,
+                                                                         attention, peft):
+    """train.fused_loss keeps invariant 1: the target-only head on packed rows (flattened
+    ones on varlen) gives the loss and gradients of the full logits on the same documents
+    padded; and it equals the plain head on packed rows too."""
+    torch.manual_seed(0)
+    ds = random_documents(14, seed=1)
+    pieces = pieces_of(ds)
+    packed_rows = pack_pieces(pieces, SEQ_LEN)
+    fused = tiny_llama(tiny_tokenizer, tiny_llama_config, attention, peft)
+    plain = tiny_llama(tiny_tokenizer, tiny_llama_config, attention, peft, fused_loss=False)
+    assert fused_head(fused) is not None and fused_head(plain) is None
+    packed = Collator([ds], "causal_lm", SEQ_LEN, True, attention, PAD)
+    padded = Collator([ds], "causal_lm", SEQ_LEN, False, attention, PAD)
+    fused_packed = run_loss(fused, packed, packed_rows, 2)
+    assert_same(fused_packed, run_loss(plain, padded, [[p] for p in pieces], 3))
+    assert_same(fused_packed, run_loss(plain, packed, packed_rows, 2))
 
 
 def test_packed_text_chunks_equal_padded_chunks(tiny_tokenizer, tiny_llama_config):

@@ -7,6 +7,10 @@ checkpoints), one rank again (resumes of the 2-rank checkpoints). Losses and gra
 norms are compared per step at 1e-4 relative (float32): the gradient norm is compared
 too because AdamW's update barely moves when every gradient is scaled by a constant
 (a wrong averaging factor), but the norm does.
+
+Every run uses the target-only loss head (train.fused_loss, the default); runs named
+`*-plain` repeat one with the full logits, and `*-compiled` ones compile the decoder
+layers (train.compile).
 """
 
 from __future__ import annotations
@@ -52,14 +56,15 @@ def launch(tmp: Path, name: str, nproc: int, runs: list[dict], timeout: int = 60
     return json.loads(results.read_text())
 
 
-def assert_same_curve(got: dict, want: dict, what: str) -> None:
-    """`got` (possibly resumed after `start_step` steps) follows `want` step by step."""
+def assert_same_curve(got: dict, want: dict, what: str, rtol: float = RTOL, steps: int | None = None) -> None:
+    """`got` (possibly resumed after `start_step` steps) follows `want` step by step
+    (over its first `steps` steps only, if given)."""
     start = got["start_step"]
     assert len(got["losses"]) == len(want["losses"]) - start, what
     for key in ("losses", "grad_norms", "lrs"):
-        expected = torch.tensor(want[key][start:], dtype=torch.float64)
-        actual = torch.tensor(got[key], dtype=torch.float64)
-        torch.testing.assert_close(actual, expected, rtol=RTOL, atol=0, msg=lambda m: f"{what} {key}: {m}")
+        expected = torch.tensor(want[key][start:][:steps], dtype=torch.float64)
+        actual = torch.tensor(got[key][:steps], dtype=torch.float64)
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=0, msg=lambda m: f"{what} {key}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +122,14 @@ def runs(tmp_path_factory, pretrained, nf4_pretrained) -> dict:
         nf4_run("single-nf4-lora", "single", "lora", nf4_pretrained, micro=8, accum=1, save_at=2, save_dir=ck["nf4-1"]),
         *[nf4_run(f"single-nf4-{method}", "single", method, nf4_pretrained, micro=8, accum=1)
           for method in PEFT_METHODS if method != "lora"],
+        {"name": "single-plain", "strategy": "single", "micro": 8, "accum": 1, "fused_loss": False},
+        {"name": "single-lora-plain", "strategy": "single", "micro": 8, "accum": 1, "peft": "lora",
+         "model_path": pretrained, "fused_loss": False},
+        {"name": "single-tied-plain", "strategy": "single", "micro": 8, "accum": 1, "tied": True, "fused_loss": False},
+        # Micro-batches of 2 rows, as fsdp-compiled's: the same graph, compiled once per machine
+        # (inductor's cache), so the second launch reuses it.
+        {"name": "single-10", "strategy": "single", "micro": 2, "accum": 4, "steps": 10},
+        {"name": "single-compiled", "strategy": "single", "micro": 2, "accum": 4, "steps": 10, "compile": True},
     ])
     two_ranks = launch(tmp, "two-ranks", 2, [
         # First, so that ZeRO-3's partitioned build meets a DeepSpeed that nothing has set up yet.
@@ -128,6 +141,15 @@ def runs(tmp_path_factory, pretrained, nf4_pretrained) -> dict:
         *[{"name": f"{s}-tied", "strategy": s, "tied": True, "activation_checkpointing": True} for s in SHARDED],
         *[{"name": f"{s}-{method}", "strategy": s, "peft": method, "model_path": pretrained}
           for method in PEFT_METHODS if method != "lora" for s in PEFT_STRATEGIES],
+        *[{"name": f"{s}-plain", "strategy": s, "fused_loss": False} for s in SHARDED],
+        *[{"name": f"{s}-lora-plain", "strategy": s, "peft": "lora", "model_path": pretrained,
+           "activation_checkpointing": True, "fused_loss": False} for s in SHARDED],
+        # Tied, the head is the root's (fsdp) or a partitioned parameter shared with the embedding (zero3).
+        *[{"name": f"{s}-tied-plain", "strategy": s, "tied": True, "activation_checkpointing": True,
+           "fused_loss": False} for s in ("fsdp", "zero3")],
+        {"name": "fsdp-compiled", "strategy": "fsdp", "steps": 10, "compile": True, "activation_checkpointing": True},
+        {"name": "fsdp-lora-compiled", "strategy": "fsdp", "peft": "lora", "model_path": pretrained,
+         "activation_checkpointing": True, "compile": True},
         {"name": "fsdp-from-1", "strategy": "fsdp", "load_dir": ck["fsdp-1"], "load_step": 2},
         {"name": "zero2-from-1", "strategy": "zero2", "load_dir": ck["zero2-1"], "load_step": 2},
         {"name": "zero3-from-1", "strategy": "zero3", "load_dir": ck["zero3-1"], "load_step": 2},
@@ -213,6 +235,31 @@ def test_tied_embeddings_stay_tied_and_checkpointing_changes_nothing(runs, strat
     run = runs[f"{strategy}-tied"]
     assert run["tied_intact"]
     assert_same_curve(run, runs["single-tied"], f"{strategy}-tied")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run_name", ["single", "single-lora", "single-tied", *SHARDED, *[f"{s}-lora" for s in SHARDED],
+                                      "fsdp-tied", "zero3-tied"])
+def test_fused_loss_head_trains_like_the_full_logits(runs, run_name):
+    """train.fused_loss (target positions only, chunked, gradients in forward) against the
+    plain head on the same strategy: the first step's loss and gradient norm, and the
+    second step's (after an update from the first gradient), equal at 1e-5; the rest of
+    the curve at the strategies' 1e-4 (AdamW amplifies float32 rounding step by step)."""
+    fused, plain = runs[run_name], runs[f"{run_name}-plain"]
+    assert_same_curve(fused, plain, f"{run_name} fused vs plain", rtol=1e-5, steps=2)
+    assert_same_curve(fused, plain, f"{run_name} fused vs plain")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run_name, eager", [("single-compiled", "single-10"), ("fsdp-compiled", "single-10"),
+                                             ("fsdp-lora-compiled", "single-lora")])
+def test_compiled_decoder_layers_follow_the_eager_curve(runs, run_name, eager):
+    """train.compile: each decoder layer's forward compiled once (one graph for all layers,
+    no graph break, no recompile), composed with FSDP2, activation checkpointing and LoRA;
+    the loss curve (10 steps for full fine-tuning) follows the eager single-device one."""
+    counts = runs[run_name]["compile"]
+    assert counts["graphs"] >= 1 and counts["graph_breaks"] == {} and counts["recompiles"] == 0, counts
+    assert_same_curve(runs[run_name], runs[eager], f"{run_name} vs eager {eager}")
 
 
 @pytest.mark.slow

@@ -144,6 +144,10 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end (and at step 0, the baseline of loss_change)
     save_every: int = 0  # 0: save only at the end (and on a stop signal)
+    # LM head + cross-entropy on target positions only, in chunks: no [tokens, vocab] logits
+    # (trainer/fused_loss.py); false computes the full logits.
+    fused_loss: bool = True
+    compile: bool = False  # torch.compile each decoder layer (trainer/compile.py)
 
 
 @dataclass
@@ -520,6 +524,9 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     if par.replicate > 1:
         need(par.strategy in ("fsdp", "auto"), f"parallel.replicate: HSDP ({par.replicate} replicas) needs "
              f"parallel.strategy fsdp, got {par.strategy}")
+    if t.compile and par.strategy == "zero3":
+        errors.append("train.compile: zero3 gathers parameters in hooks on every submodule of a decoder layer, "
+                      "which the compiled layer cannot hold; use fsdp (or zero1/zero2), or train.compile=false")
     if m.dtype == "bfloat16" and par.mixed_precision == "fp32":
         errors.append("model.dtype: bfloat16 master weights cannot compute in parallel.mixed_precision fp32")
 

@@ -81,7 +81,7 @@ class ActivationShape:
     in_layers: int  # all decoder layers together
     outside: int  # embeddings, final norm, head, loss
     layer_input: int  # one layer's input (what activation checkpointing keeps instead)
-    logits: int  # the model output, alive until the loss backward
+    logits: int  # the full logits, alive until the loss backward (fused head: its transient peak)
 
 
 # ------------------------------------------------------------------------------ model
@@ -111,6 +111,7 @@ def meta_model(cfg: Config, dtype: torch.dtype, quantize: bool = True) -> nn.Mod
     `model.quantization` (and `quantize`) its linear layers are the 4-bit ones loading makes."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from trainer.fused_loss import install_fused_head
     from trainer.peft import apply_peft
 
     _register_meta_attention()
@@ -121,6 +122,7 @@ def meta_model(cfg: Config, dtype: torch.dtype, quantize: bool = True) -> nn.Mod
             quantize_skeleton(model, cfg)
         if cfg.peft.method != "none":
             model = apply_peft(model, cfg.peft, cfg.model.task)
+    install_fused_head(model, cfg)
     return model
 
 
@@ -223,28 +225,35 @@ def saved_tensor_bytes(model: nn.Module, layers: list[nn.Module]):
 
 
 def activation_shape(cfg: Config, compute_dtype: torch.dtype) -> ActivationShape:
-    """Forward one micro-batch on meta tensors and count what autograd keeps. bitsandbytes'
-    4-bit matmul cannot run on meta tensors, so a 4-bit base is measured unquantized: the
-    input it keeps for backward is the one an adapter on the same layer keeps anyway."""
-    from trainer.loss import summed_loss
+    """Forward one micro-batch on meta tensors through the loop's loss path and count what
+    autograd keeps. Every position but a row's first is a target: an upper bound for the
+    fused head, which skips prompts and padding. bitsandbytes' 4-bit matmul cannot run on
+    meta tensors, so a 4-bit base is measured unquantized: the input it keeps for backward
+    is the one an adapter on the same layer keeps anyway."""
+    from trainer.fused_loss import fused_head, transient_bytes
+    from trainer.loss import forward_summed_loss
     from trainer.models import decoder_layers
 
     model = meta_model(cfg, compute_dtype, quantize=False)
     model.train()
+    head = fused_head(model)
     rows, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     ids = torch.zeros(rows, seq, dtype=torch.long, device="meta")
-    labels = torch.zeros(rows, dtype=torch.long, device="meta") if cfg.model.task == "sequence_classification" else ids
-    layers = decoder_layers(model)
-    with saved_tensor_bytes(model, layers) as totals:
-        logits = model(input_ids=ids).logits
-        summed_loss(logits, labels, cfg.model.task)
+    classification = cfg.model.task == "sequence_classification"
+    labels = torch.zeros(rows if classification else (rows, seq), dtype=torch.long)
+    # The fused head picks its target positions from the labels' values, so they are real.
+    labels = labels if head is not None else labels.to("meta")
+    with saved_tensor_bytes(model, decoder_layers(model)) as totals:
+        forward_summed_loss(model, {"input_ids": ids}, labels, cfg.model.task)
     hidden = getattr(model.config, "hidden_size", 0)
     element = torch.empty((), dtype=compute_dtype).element_size()
+    outputs = cfg.model.num_labels if classification else model.config.vocab_size
     return ActivationShape(
         in_layers=totals["in_layers"],
         outside=totals["outside"],
         layer_input=rows * seq * hidden * element,
-        logits=logits.numel() * logits.element_size(),
+        logits=transient_bytes(head, rows * (seq - 1), compute_dtype) if head is not None
+        else rows * (1 if classification else seq) * outputs * element,
     )
 
 

@@ -22,18 +22,10 @@ from trainer.config import Config, dataset_name
 from trainer.data import build_eval_sets
 from trainer.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from trainer.generate import HeldOutGeneration
-from trainer.loss import summed_loss
+from trainer.loss import forward_summed_loss, model_logits, summed_loss
 from trainer.task_metrics import classification_scores
 
 log = logging.getLogger("finetrain")
-
-
-def model_logits(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Forward, returning logits aligned with `labels` (prompt tuning prepends virtual tokens)."""
-    logits = model(**inputs).logits
-    if labels.dim() == 2 and logits.size(1) > labels.size(1):
-        logits = logits[:, -labels.size(1):]
-    return logits
 
 
 def to_device(inputs: dict, device: torch.device) -> dict:
@@ -63,10 +55,14 @@ def evaluate(strategy, eval_sets: dict, task: str, num_labels: int = 2) -> dict:
                 break
             batch = batches[min(i, len(batches) - 1)]
             weight = 1.0 if i < len(batches) else 0.0
-            labels = batch.labels.to(device)
+            labels, inputs = batch.labels.to(device), to_device(batch.inputs, device)
             with strategy.autocast():
-                logits = model_logits(model, to_device(batch.inputs, device), labels)
-            totals[0] += weight * float(summed_loss(logits, labels, task))
+                if classification:
+                    logits = model_logits(model, inputs, labels)
+                    loss = summed_loss(logits, labels, task)
+                else:  # the training loss path: no full logits with the fused head
+                    loss = forward_summed_loss(model, inputs, labels, task)
+            totals[0] += weight * float(loss)
             totals[1] += weight * batch.num_targets
             if classification:
                 pairs = labels.cpu() * num_labels + logits.argmax(-1).cpu()

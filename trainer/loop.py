@@ -22,8 +22,8 @@ from trainer.checkpoint import Checkpointer, seed_step
 from trainer.config import Config, ConfigError, cache_root, dataset_name, dump_yaml
 from trainer.data import build_train_loader, describe_batch, training_texts
 from trainer.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
-from trainer.evaluate import Evaluator, model_logits, to_device
-from trainer.loss import summed_loss
+from trainer.evaluate import Evaluator, to_device
+from trainer.loss import forward_summed_loss
 from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops, run_description
 from trainer.models import build_model, load_tokenizer, parameter_counts, resolve_attention
 from trainer.parallel import build_strategy, checked_strategy
@@ -98,8 +98,7 @@ def train_step(strategy, batches: list, task: str) -> dict:
         with contextlib.nullcontext() if last else strategy.no_sync():
             labels = batch.labels.to(device)
             with strategy.autocast():
-                logits = model_logits(strategy.model, to_device(batch.inputs, device), labels)
-            summed = summed_loss(logits, labels, task)
+                summed = forward_summed_loss(strategy.model, to_device(batch.inputs, device), labels, task)
             strategy.backward(summed / denominator)
         loss_sum += summed.detach().double().cpu()
     lr = strategy.lr()  # the rate this update uses; the scheduler moves on in step()

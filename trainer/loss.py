@@ -5,12 +5,19 @@ micro-batch more than one in a long micro-batch, so accumulation and world size
 change the update. Here every micro-batch returns its *sum*; the loop divides by
 the number of target tokens of the whole optimizer step over all ranks, counted
 before the first backward.
+
+`forward_summed_loss` is the one way the loop and evaluation get a micro-batch's summed
+loss: through the target-only head of `trainer.fused_loss` when the model has one
+(`train.fused_loss`), else from the full logits.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from trainer.fused_loss import fused_head, summed_target_loss
 
 IGNORE_INDEX = -100
 
@@ -36,3 +43,20 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def model_logits(model: nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Forward, returning logits aligned with `labels` (prompt tuning prepends virtual tokens)."""
+    logits = model(**inputs).logits
+    if labels.dim() == 2 and logits.size(1) > labels.size(1):
+        logits = logits[:, -labels.size(1):]
+    return logits
+
+
+def forward_summed_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Forward one micro-batch; the sum of its per-target cross-entropies in float32."""
+    head = fused_head(model)
+    if head is None:
+        return summed_loss(model_logits(model, inputs, labels), labels, task)
+    is_target = labels[..., 1:] != IGNORE_INDEX  # the same shift as summed_loss
+    return summed_target_loss(model, head, inputs, is_target, labels[..., 1:][is_target])

@@ -25,6 +25,7 @@ from transformers import (
 
 import trainer.attention  # noqa: F401  registers the "varlen_reference" attention
 from trainer.config import Config, ConfigError, ModelConfig, cache_root
+from trainer.fused_loss import install_fused_head
 
 log = logging.getLogger("finetrain")
 
@@ -227,6 +228,7 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
             prepare_quantized(model)
         if cfg.peft.method != "none":
             model = apply_peft(model, cfg.peft, m.task)
+    install_fused_head(model, cfg)
     trainable, total = parameter_counts(model)
     log.info("model %s (%s, %s): %s of %s parameters trainable (%.2f%%)", type(model).__name__, m.task,
              cfg.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))

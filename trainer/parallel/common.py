@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from trainer.config import ConfigError
+from trainer.compile import compile_decoder_layers
+from trainer.config import Config, ConfigError
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import Strategy
 from trainer.quantization import quantized_linears, without_quantized_weights
@@ -35,6 +36,15 @@ def checkpointed_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
     which re-quantizing the base model reproduces bit for bit (trainer/quantization.py)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return without_quantized_weights(model, model_sd), optim_sd
+
+
+def apply_layer_options(model: nn.Module, cfg: Config, device: torch.device) -> None:
+    """The per-decoder-layer options, in the order they compose: activation checkpointing
+    wraps the layer call, compilation its forward. Before any sharding wrapper."""
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        compile_decoder_layers(model, device)
 
 
 def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:

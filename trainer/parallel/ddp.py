@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.parallel.common import TorchStrategy, apply_activation_checkpointing
+from trainer.parallel.common import TorchStrategy, apply_layer_options
 
 
 class DDPStrategy(TorchStrategy):
@@ -13,8 +13,7 @@ class DDPStrategy(TorchStrategy):
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         model.to(self.dist.device)
-        if self.cfg.parallel.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        apply_layer_options(model, self.cfg, self.dist.device)
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         # DDP broadcasts rank 0's parameters and buffers here, so every replica starts equal.
         # Gradients live in the all-reduce buckets themselves (no second copy).

@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from trainer.models import decoder_layers
-from trainer.parallel.common import TorchStrategy, apply_activation_checkpointing
+from trainer.parallel.common import TorchStrategy, apply_layer_options
 
 log = logging.getLogger("finetrain")
 
@@ -59,8 +59,7 @@ class FSDPStrategy(TorchStrategy):
         return CPUOffloadPolicy(pin_memory=self.dist.device.type == "cuda")
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
-        if self.cfg.parallel.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        apply_layer_options(model, self.cfg, self.dist.device)
         tied = _tied_parameter_names(model)
         mesh = self.device_mesh()
         policies = {"mesh": mesh, "mp_policy": self.mixed_precision_policy(), "offload_policy": self.offload_policy()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.parallel.common import TorchStrategy, apply_activation_checkpointing
+from trainer.parallel.common import TorchStrategy, apply_layer_options
 
 
 class SingleDevice(TorchStrategy):
@@ -12,7 +12,6 @@ class SingleDevice(TorchStrategy):
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         model.to(self.dist.device)
-        if self.cfg.parallel.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        apply_layer_options(model, self.cfg, self.dist.device)
         self.model = model
         self.build_optimizer(model, total_steps)

@@ -30,7 +30,7 @@ from trainer.config import Config, ConfigError, UserError, cache_root
 from trainer.distributed import DistInfo, barrier
 from trainer.optim import build_optimizer, build_scheduler, parameter_groups
 from trainer.parallel.base import Strategy
-from trainer.parallel.common import apply_activation_checkpointing
+from trainer.parallel.common import apply_layer_options
 
 log = logging.getLogger("finetrain")
 
@@ -179,8 +179,7 @@ class ZeroStrategy(Strategy):
     def setup(self, model: nn.Module, total_steps: int) -> None:
         import deepspeed
 
-        if self.cfg.parallel.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        apply_layer_options(model, self.cfg, self.dist.device)
         optimizer = self._client_optimizer(model)
         scheduler = build_scheduler(optimizer, self.cfg.optim, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
