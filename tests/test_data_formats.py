@@ -16,7 +16,7 @@ from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
 from trainer.config import load_config
 from trainer.data import DataError, build_train_loader, training_texts
 from trainer.data.formats import ChatEncoder, field_names
-from trainer.data.tokenized import tokenize_source
+from trainer.data.prepare import EncodingSpec, load_tokenized
 
 CHAT = {"messages": [{"role": "user", "content": "What is two plus three?"},
                      {"role": "assistant", "content": "Five."},
@@ -104,7 +104,7 @@ def test_classification_class_names_map_in_sorted_order(tmp_path, tiny_tokenizer
     rows = [{"text": "red blue", "label": "pos"}, {"text": "cat dog", "label": "neg"}, {"text": "sun", "label": "mixed"}]
     cfg, _ = config(tmp_path, rows, fmt="classification", task="sequence_classification")
     ds = examples_of(cfg, tiny_tokenizer)
-    assert ds.class_ids.tolist() == [2, 1, 0]  # mixed=0, neg=1, pos=2
+    assert [ds.class_id(i) for i in range(3)] == [2, 1, 0]  # mixed=0, neg=1, pos=2
     loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
     batch = loader.next_step(1)[0]
     assert batch.labels.dim() == 1 and batch.num_targets == 2
@@ -157,11 +157,11 @@ def test_overlong_truncate_drop_error(tmp_path, tiny_tokenizer):
     ds = loader.stream.datasets[0]
     # row 3's prompt alone fills the row (no target left): dropped; row 4 truncated
     assert loader.stats["sft/overlong_truncated"] == 1 and loader.stats["sft/overlong_dropped"] == 1
-    assert sorted(ds.examples.tolist()) == [0, 1, 3] and ds.lengths[3] == 128
+    assert list(ds.examples) == [0, 1, 3] and ds.length(3) == 128
 
     cfg, path = config(tmp_path / "drop", rows, overlong="drop")
     loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
-    assert loader.stats["sft/overlong_dropped"] == 2 and sorted(loader.stream.datasets[0].examples.tolist()) == [0, 1]
+    assert loader.stats["sft/overlong_dropped"] == 2 and list(loader.stream.datasets[0].examples) == [0, 1]
 
     cfg, path = config(tmp_path / "error", rows, overlong="error")
     with pytest.raises(DataError, match=re.escape(f"{path}:3: example of ") + r"\d+ tokens is longer than data.seq_len 128"):
@@ -229,17 +229,17 @@ def test_bad_row_in_a_parquet_file_names_the_row(tmp_path, tiny_tokenizer):
 
     path = tmp_path / "data.parquet"
     datasets.Dataset.from_list([{"text": "fine", "label": 1}, {"text": None, "label": 0}]).to_parquet(str(path))
-    names = field_names("classification", {}, "fields")
+    spec = EncodingSpec("classification", field_names("classification", {}, "fields"), False, tiny_tokenizer)
     with pytest.raises(DataError, match=re.escape(f'{path}: row 2: missing field "text"')):
-        tokenize_source(path, str(path), "classification", names, tiny_tokenizer, False, "error", tmp_path / "hf")
+        load_tokenized(path, str(path), spec, "error", tmp_path / "cache")
 
 
 def test_undecodable_csv_line(tmp_path, tiny_tokenizer):
     path = tmp_path / "data.csv"
     path.write_bytes(b"text,label\nfine,1\nbad \xff byte,0\n")
-    names = field_names("classification", {}, "fields")
+    spec = EncodingSpec("classification", field_names("classification", {}, "fields"), False, tiny_tokenizer)
     with pytest.raises(DataError, match=re.escape(f"{path}:3: not valid UTF-8 (byte 0xff")):
-        tokenize_source(path, str(path), "classification", names, tiny_tokenizer, False, "error", tmp_path / "hf")
+        load_tokenized(path, str(path), spec, "error", tmp_path / "cache")
 
 
 def test_packing_with_prompt_tuning_is_refused(tmp_path, tiny_tokenizer):

@@ -13,10 +13,10 @@ import yaml
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
 from trainer.config import load_config
 from trainer.data import build_eval_sets, build_train_loader
-from trainer.data import tokenized as tokenized_module
+from trainer.data import prepare as prepare_module
 from trainer.data.builtin import BUILTINS, materialize
 from trainer.data.formats import field_names
-from trainer.data.tokenized import load_tokenized, tokenize_source
+from trainer.data.prepare import EncodingSpec, load_tokenized
 
 ROWS = [{"text": f"sample number {i} " + "word " * (i % 7), "label": i % 2} for i in range(12)]
 
@@ -41,46 +41,52 @@ def write_source(kind: str, folder: Path) -> Path:
     return folder / "saved"
 
 
+def tokenize(path: Path, fmt: str, tokenizer, cache: Path, source: str | None = None, train_on_prompt: bool = False):
+    spec = EncodingSpec(fmt, field_names(fmt, {}, "fields"), train_on_prompt, tokenizer)
+    return load_tokenized(path, source or str(path), spec, "error", cache)
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    """Complete tokenized data sets in a cache (not its lock files)."""
+    return [p for p in (cache / "tokenized").iterdir() if not p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("kind", ["json", "parquet", "csv", "save_to_disk"])
 def test_every_source_kind_reads_like_jsonl(tmp_path, tiny_tokenizer, kind):
-    names = field_names("classification", {}, "fields")
-    reference = tokenize_source(write_source("jsonl", tmp_path), "ref", "classification", names, tiny_tokenizer,
-                                False, "error", tmp_path / "hf")
+    reference = tokenize(write_source("jsonl", tmp_path), "classification", tiny_tokenizer, tmp_path / "cache", "ref")
     path = write_source(kind, tmp_path)
-    data = tokenize_source(path, str(path), "classification", names, tiny_tokenizer, False, "error", tmp_path / "hf")
+    data = tokenize(path, "classification", tiny_tokenizer, tmp_path / "cache")
     assert np.array_equal(data.tokens, reference.tokens) and np.array_equal(data.offsets, reference.offsets)
-    assert data.labels == reference.labels == [r["label"] for r in ROWS]
+    labels = [data.label(i) for i in range(len(data))]
+    assert labels == [reference.label(i) for i in range(len(reference))] == [r["label"] for r in ROWS]
     assert data.where(3) == f"{path}: row 4"
 
 
 def test_json_lines_named_json(tmp_path, tiny_tokenizer):
     path = tmp_path / "rows.json"
     write_jsonl(path, ROWS)
-    data = tokenize_source(path, str(path), "text", field_names("text", {}, "fields"), tiny_tokenizer, False, "error")
+    data = tokenize(path, "text", tiny_tokenizer, tmp_path / "cache")
     assert len(data) == len(ROWS) and data.where(0) == f"{path}:1"
 
 
 def test_tokenization_is_cached_by_content_and_tokenizer(tmp_path, tiny_tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    names = field_names("text", {}, "fields")
-    args = (path, str(path), "text", names)
-    first = load_tokenized(*args, tiny_tokenizer, False, "error", tmp_path / "cache")
-    cached = list((tmp_path / "cache" / "tokenized").iterdir())
-    assert len(cached) == 1
+    cache = tmp_path / "cache"
+    first = tokenize(path, "text", tiny_tokenizer, cache)
+    assert len(cache_entries(cache)) == 1
 
     def fail(*_, **__):
         raise AssertionError("tokenized again despite the cache")
 
-    monkeypatch.setattr(tokenized_module, "_MEMO", {})
-    monkeypatch.setattr(tokenized_module, "tokenize_source", fail)
-    second = load_tokenized(*args, tiny_tokenizer, False, "error", tmp_path / "cache")
+    monkeypatch.setattr(prepare_module, "tokenize_source", fail)
+    second = tokenize(path, "text", tiny_tokenizer, cache)
     assert np.array_equal(second.tokens, first.tokens) and second.rows.tolist() == first.rows.tolist()
 
     monkeypatch.undo()
     write_jsonl(path, ROWS[:5])  # new content: a new entry
-    assert len(load_tokenized(*args, tiny_tokenizer, False, "error", tmp_path / "cache")) == 5
-    load_tokenized(*args, tiny_tokenizer, True, "error", tmp_path / "cache")  # a setting that changes targets
-    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 3
+    assert len(tokenize(path, "text", tiny_tokenizer, cache)) == 5
+    tokenize(path, "text", tiny_tokenizer, cache, train_on_prompt=True)  # a setting that changes targets
+    assert len(cache_entries(cache)) == 3
 
 
 BUILTIN_SIZES = {"toy-chat": (2000, 2000), "chatterbot": (500, 5000), "gensim-lee": (250, 400),
@@ -93,11 +99,11 @@ def test_builtin_data_sets_build_and_tokenize(tmp_path, tmp_path_factory, tiny_t
     fmt = BUILTINS[name][0]
     path = materialize(f"builtin:{name}", cache)
     assert materialize(f"builtin:{name}", cache) == path  # built once
-    data = tokenize_source(path, f"builtin:{name}", fmt, field_names(fmt, {}, "fields"), tiny_tokenizer, False, "error")
+    data = tokenize(path, fmt, tiny_tokenizer, tmp_path / "cache", f"builtin:{name}")
     low, high = BUILTIN_SIZES[name]
     assert low <= len(data) <= high and data.skipped == 0
     if fmt == "classification":
-        assert len(set(data.labels)) == 2
+        assert len(data.label_values) == 2
     if name == "newsgroups":  # headers (which name the group) are stripped
         assert not any(json.loads(line)["text"].startswith("From:") for line in path.read_text().splitlines())
     if name == "toy-chat":  # deterministic

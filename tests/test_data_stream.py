@@ -68,6 +68,10 @@ def window_shares(seq: list[tuple[int, int, int]], datasets: int, window: int, b
     return sums / sums.sum(axis=1, keepdims=True)
 
 
+# 1 % of a window; float slack so that exactly 1 % (10 of 1,000 examples) is within it
+ONE_PERCENT = 0.01 + 1e-9
+
+
 def flatten(batches) -> list[tuple]:
     return [(b.inputs["input_ids"].tolist(), b.labels.tolist(), b.examples, b.tokens) for b in batches]
 
@@ -82,7 +86,7 @@ def test_schedule_shares_within_one_percent_over_every_window(tmp_path, tiny_tok
     seq = drawn(loader, 5000)
     shares = window_shares(seq, 3, 1000, mix_by)
     deviation = np.abs(shares - np.array([0.6, 0.3, 0.1])).max()
-    assert deviation <= 0.01, deviation
+    assert deviation <= ONE_PERCENT, deviation
     if mix_by == "tokens":  # lengths differ by data set, so example shares are far from the weights
         assert np.abs(window_shares(seq, 3, 1000, "examples")[0] - [0.6, 0.3, 0.1]).max() > 0.05
 
@@ -96,7 +100,7 @@ def test_packed_stream_keeps_the_shares(tmp_path, tiny_tokenizer, mix_by):
     seq = drawn(loader, 1200)
     assert len(seq) > 3000
     shares = window_shares(seq, 3, 1000, mix_by)
-    assert np.abs(shares - np.array([0.6, 0.3, 0.1])).max() <= 0.01
+    assert np.abs(shares - np.array([0.6, 0.3, 0.1])).max() <= ONE_PERCENT
 
 
 def test_each_example_once_per_epoch_of_its_data_set_reshuffled(tmp_path, tiny_tokenizer):
@@ -109,7 +113,7 @@ def test_each_example_once_per_epoch_of_its_data_set_reshuffled(tmp_path, tiny_t
         epochs = [order[i: i + size] for i in range(0, len(order) - size + 1, size)]
         assert len(epochs) >= 2
         for epoch in epochs:
-            assert sorted(epoch) == sorted(ds.examples.tolist())
+            assert sorted(epoch) == list(ds.examples)
         assert epochs[0] != epochs[1]  # a new shuffle each epoch
 
 
@@ -226,7 +230,7 @@ def test_two_processes_share_one_cache_and_split_the_stream(tmp_path, tiny_token
     cfg = make_config(tmp_path, WEIGHTS, packing=True)
     torch.multiprocessing.spawn(_rank_worker, args=(str(tmp_path / "config.yaml"), str(tmp_path / "store"),
                                                    str(tmp_path / "steps")), nprocs=2)
-    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == len(WEIGHTS)
+    assert len([p for p in (tmp_path / "cache" / "tokenized").iterdir() if not p.name.startswith(".")]) == len(WEIGHTS)
     shards = [torch.load(tmp_path / f"steps.{rank}") for rank in range(2)]
     single = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
     for step in range(3):

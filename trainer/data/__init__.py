@@ -1,8 +1,8 @@
 """Data: sources and formats, tokenization cache, mixing, packing, sharded resumable loading."""
 
 from trainer.data.collate import Batch, describe_batch
-from trainer.data.loader import TrainLoader, build_eval_sets, build_train_loader, training_texts
+from trainer.data.loader import TrainLoader, build_eval_sets, build_train_loader, prepare_data, training_texts
 from trainer.data.sources import DataError
 
 __all__ = ["Batch", "DataError", "TrainLoader", "build_eval_sets", "build_train_loader", "describe_batch",
-           "training_texts"]
+           "prepare_data", "training_texts"]

@@ -145,7 +145,7 @@ class Collator:
         longest = max(sum(p.length for p in row) for row in rows)
         input_ids, _, _, _ = self._fill(rows, longest)
         real = torch.tensor([[1] * row[0].length + [0] * (longest - row[0].length) for row in rows], dtype=torch.int64)
-        labels = torch.tensor([int(self.datasets[row[0].dataset].class_ids[row[0].example]) for row in rows],
+        labels = torch.tensor([self.datasets[row[0].dataset].class_id(row[0].example) for row in rows],
                               dtype=torch.int64)
         return self._batch(rows, {"input_ids": input_ids, "attention_mask": real}, labels)
 

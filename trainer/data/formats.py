@@ -6,6 +6,8 @@
   user/assistant exchange through the same chat template.
 - text: the text followed by EOS; every token is a target (continued pretraining).
 - classification: `text` and `label`; an integer class id, or a class name (string).
+- tokenized: `input_ids` from the user's own pipeline, and optional `labels` (the ids
+  again where a token is a target, -100 where not; unshifted, as in Hugging Face).
 
 Field names are mapped per dataset (`fields: {messages: conversations, role: from,
 content: value}` reads sharegpt, `{prompt: instruction, input: input, response: output}`
@@ -19,12 +21,16 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from trainer.config import ConfigError
+
 DEFAULT_FIELDS = {
     "chat": {"messages": "messages", "role": "role", "content": "content"},
     "instruction": {"prompt": "prompt", "input": "input", "response": "response", "system": "system"},
     "text": {"text": "text"},
     "classification": {"text": "text", "label": "label"},
+    "tokenized": {"input_ids": "input_ids", "labels": "labels"},
 }
+IGNORE_LABEL = -100
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
 
 
@@ -44,10 +50,10 @@ def field_names(fmt: str, mapping: dict, where: str) -> dict[str, str]:
     names = dict(DEFAULT_FIELDS[fmt])
     unknown = sorted(set(mapping) - set(names))
     if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} for format {fmt}; known: {', '.join(names)}")
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} for format {fmt}; known: {', '.join(names)}")
     for key, value in mapping.items():
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{where}.{key}: expected a field name, got {value!r}")
+            raise ConfigError(f"{where}.{key}: expected a field name, got {value!r}")
         names[key] = value
     return names
 
@@ -81,10 +87,10 @@ class ChatEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
         if not tokenizer.chat_template:
-            raise ValueError("chat and instruction data need a tokenizer with a chat template")
+            raise ConfigError("model.tokenizer: chat and instruction data need a tokenizer with a chat template")
         if not tokenizer.is_fast:
-            raise ValueError(f"chat and instruction data need a fast tokenizer (character offsets); "
-                             f"{type(tokenizer).__name__} is not")
+            raise ConfigError(f"model.tokenizer: chat and instruction data need a fast tokenizer (character offsets); "
+                              f"{type(tokenizer).__name__} is not")
         self.tokenizer = tokenizer
         self.names = names
         self.train_on_prompt = train_on_prompt
@@ -181,7 +187,7 @@ class TextEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
         if tokenizer.eos_token_id is None:
-            raise ValueError("text data needs a tokenizer with an EOS token to end each document")
+            raise ConfigError("model.tokenizer: text data needs a tokenizer with an EOS token to end each document")
         self.tokenizer = tokenizer
         self.names = names
 
@@ -212,11 +218,53 @@ class ClassificationEncoder:
         return Encoded(self.tokenizer(text)["input_ids"], label=label)
 
 
+class TokenizedEncoder:
+    """Token ids tokenized elsewhere, checked against the run's tokenizer: every id in its
+    vocabulary, `labels` (optional; without them every token is a target) as long as
+    `input_ids` and each one either the id at its position or -100, and at least one target
+    after the first token (which no earlier token predicts). The labels decide the targets;
+    `data.train_on_prompt` does not apply."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+        self.vocab_size = len(tokenizer)
+        self.names = names
+
+    def encode(self, record: dict) -> Encoded:
+        ids = _get(record, self.names, "input_ids", list)
+        if not ids:
+            raise RowError(f'empty field "{self.names["input_ids"]}"')
+        self._check_ids(ids)
+        labels = _get(record, self.names, "labels", list, required=False)
+        if labels is None:
+            return Encoded(ids, [True] * len(ids))
+        if len(labels) != len(ids):
+            raise RowError(f'field "{self.names["labels"]}" has {len(labels)} entries, '
+                           f'"{self.names["input_ids"]}" has {len(ids)}')
+        targets = [label == token and type(label) is int for token, label in zip(ids, labels)]
+        for i, (label, target) in enumerate(zip(labels, targets)):
+            if not target and not (type(label) is int and label == IGNORE_LABEL):
+                raise RowError(f'{self.names["labels"]}[{i}] is {_short(label)}: a label is the token id at its '
+                               f'position ({ids[i]}) or {IGNORE_LABEL}')
+        if not any(targets[1:]):
+            raise RowError(f'no target tokens: every label after the first is {IGNORE_LABEL}')
+        return Encoded(ids, targets)
+
+    def _check_ids(self, ids: list) -> None:
+        for i, token in enumerate(ids):
+            if type(token) is not int:
+                raise RowError(f'{self.names["input_ids"]}[{i}] must be an integer, got {type(token).__name__} '
+                               f'{_short(token)}')
+            if not 0 <= token < self.vocab_size:
+                raise RowError(f'{self.names["input_ids"]}[{i}] is {token}, outside the tokenizer\'s vocabulary '
+                               f'[0, {self.vocab_size})')
+
+
 ENCODERS = {
     "chat": ChatEncoder,
     "instruction": InstructionEncoder,
     "text": TextEncoder,
     "classification": ClassificationEncoder,
+    "tokenized": TokenizedEncoder,
 }
 
 
@@ -226,6 +274,8 @@ def build_encoder(fmt: str, tokenizer: PreTrainedTokenizerBase, names: dict, tra
 
 def record_texts(fmt: str, record: dict, names: dict) -> list[str]:
     """The free text of a record (for training a tokenizer); empty when malformed."""
+    if fmt == "tokenized":
+        return []
     if fmt == "chat":
         turns = record.get(names["messages"])
         if not isinstance(turns, list):

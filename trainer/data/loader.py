@@ -1,11 +1,11 @@
 """The training loader and the evaluation sets, built from the config.
 
-`build_train_loader` tokenizes (or loads from the cache) every data set, applies
-`data.overlong` (text documents are split across rows instead: continued pretraining
-loses nothing), sets the held-out examples aside, and wraps the global row stream in
-a `TrainLoader` that hands each rank its rows of every optimizer step: of the
-`global_batch_size` rows of a step, rank r takes the r-th contiguous block of
-`micro_batch_size x num_micro_batches` rows.
+`build_train_loader` maps every data set from the tokenization cache (tokenizing it
+first on a miss, once per node), applies `data.overlong` (text documents are split
+across rows instead: continued pretraining loses nothing), sets the held-out examples
+aside, and wraps the global row stream in a `TrainLoader` that hands each rank its rows
+of every optimizer step: of the `global_batch_size` rows of a step, rank r takes the
+r-th contiguous block of `micro_batch_size x num_micro_batches` rows.
 """
 
 from __future__ import annotations
@@ -19,19 +19,22 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from trainer.config import Config, DatasetConfig, cache_root, dataset_name
+from trainer.config import Config, ConfigError, DatasetConfig, cache_root, dataset_name
 from trainer.data.builtin import builtin_format, is_builtin, materialize
 from trainer.data.collate import Batch, Collator
 from trainer.data.formats import field_names, record_texts
+from trainer.data.mixing import RandomPermutation
 from trainer.data.packing import pack_pieces
+from trainer.data.prepare import EncodingSpec, load_tokenized
 from trainer.data.sources import DataError, read_rows
-from trainer.data.stream import GlobalStream, StreamDataset
-from trainer.data.tokenized import TokenizedDataset, load_tokenized
-from trainer.distributed import barrier
+from trainer.data.stream import ExampleSet, GlobalStream, StreamDataset
+from trainer.data.tokenized import TokenizedDataset
+from trainer.distributed import local_world_size, on_node_leaders
 
 log = logging.getLogger("finetrain")
 
-STATE_VERSION = 1
+# 2: shuffles by RandomPermutation, examples as ids into memory-mapped arrays
+STATE_VERSION = 2
 
 
 def resolve_source(path: str, fmt: str, key: str, cache_dir: Path) -> Path:
@@ -41,9 +44,9 @@ def resolve_source(path: str, fmt: str, key: str, cache_dir: Path) -> Path:
     try:
         native = builtin_format(path)
     except ValueError as err:
-        raise ValueError(f"{key}.path: {err}") from None
+        raise ConfigError(f"{key}.path: {err}") from None
     if fmt != native:
-        raise ValueError(f"{key}.format: {path} is {native} data; set format: {native}")
+        raise ConfigError(f"{key}.format: {path} is {native} data; set format: {native}")
     return materialize(path, cache_dir)
 
 
@@ -56,117 +59,135 @@ class _Source:
     weight: float
 
 
-def _tokenize_all(cfg: Config, tokenizer, rank: int, entries: list[tuple[str, str, DatasetConfig]],
-                  report: bool = True) -> list[_Source]:
-    """Tokenize (or load cached) data sets; rank 0 fills the cache before the others read it."""
+def _load_sources(cfg: Config, tokenizer, entries: list[tuple[str, str, DatasetConfig]], report: bool = True,
+                  workers: int | None = None, progress: bool | None = None) -> list[_Source]:
+    """The tokenized data sets, memory-mapped. On a cache miss the first rank of each node
+    tokenizes them (with `workers` processes; by default one per local rank, since those
+    ranks wait meanwhile) and every rank then maps the arrays; a bad row or a config
+    mistake found while tokenizing is raised on every rank."""
     cache_dir = cache_root(cfg)
-    sources: list[_Source] = []
-    for turn in (True, False):
-        if (rank == 0) == turn:
-            for name, key, ds in entries:
-                path = resolve_source(ds.path, ds.format, key, cache_dir)
-                names = field_names(ds.format, ds.fields, f"{key}.fields")
-                data = load_tokenized(path, ds.path, ds.format, names, tokenizer, cfg.data.train_on_prompt,
-                                      cfg.data.on_bad_row, cache_dir)
-                if data.skipped and report:
-                    log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", ds.path, data.skipped,
-                                "; ".join(data.skipped_where[:3]))
-                sources.append(_Source(name, data, ds.weight))
-        barrier()
+    workers = local_world_size() if workers is None else workers
+    progress = cfg.logging.progress_bar if progress is None else progress
+
+    def load(name: str, key: str, ds: DatasetConfig, **tokenizing) -> TokenizedDataset:
+        path = resolve_source(ds.path, ds.format, key, cache_dir)
+        spec = EncodingSpec(ds.format, field_names(ds.format, ds.fields, f"{key}.fields"), cfg.data.train_on_prompt,
+                            tokenizer)
+        return load_tokenized(path, ds.path, spec, cfg.data.on_bad_row, cache_dir, **tokenizing)
+
+    def fill_cache() -> None:
+        for entry in entries:
+            load(*entry, workers=workers, progress=progress)
+
+    on_node_leaders(fill_cache, shared_errors=(DataError, ConfigError))
+    sources = []
+    for entry in entries:
+        data = load(*entry)
+        name, _, ds = entry
+        if data.skipped and report:
+            log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", ds.path, data.skipped,
+                        "; ".join(data.skipped_where[:3]))
+        sources.append(_Source(name, data, ds.weight))
     return sources
 
 
-def _class_ids(sources: list[_Source], num_labels: int) -> dict[str, np.ndarray]:
-    """Label ids per data set. Integer labels are ids; class names (strings) get ids in the
-    sorted order of all names in the run's data, e.g. neg -> 0, pos -> 1."""
-    names = sorted({label for s in sources for label in s.data.labels if isinstance(label, str)})
+def _class_of_label(sources: list[_Source], num_labels: int) -> dict[str, np.ndarray]:
+    """Per data set, the class id of each of its distinct labels. Integer labels are ids;
+    class names (strings) get ids in the sorted order of all names in the run's data, e.g.
+    neg -> 0, pos -> 1."""
+    names = sorted({label for s in sources for label in s.data.label_values if isinstance(label, str)})
     if names and len(names) > num_labels:
-        raise ValueError(f"model.num_labels: {num_labels}, but the data has {len(names)} classes: {', '.join(names)}")
+        raise ConfigError(f"model.num_labels: {num_labels}, but the data has {len(names)} classes: {', '.join(names)}")
     mapping = {label: i for i, label in enumerate(names)}
     if names:
         log.info("class names -> label ids: %s", ", ".join(f"{k}={v}" for k, v in mapping.items()))
     ids = {}
     for s in sources:
-        out = np.empty(len(s.data), dtype=np.int64)
-        for i, label in enumerate(s.data.labels):
+        out = np.empty(len(s.data.label_values), dtype=np.int64)
+        problems = []  # (first example with the label, what is wrong)
+        for j, label in enumerate(s.data.label_values):
             if isinstance(label, str) != bool(names):
                 kind = ("a class name", "integers") if isinstance(label, str) else ("an integer", "class names")
-                raise DataError(f"{s.data.where(i)}: label {label!r} is {kind[0]}, but other labels are {kind[1]}")
-            if isinstance(label, str):
-                out[i] = mapping[label]
+                problem = f"label {label!r} is {kind[0]}, but other labels are {kind[1]}"
+            elif isinstance(label, str):
+                out[j], problem = mapping[label], None
             elif 0 <= label < num_labels:
-                out[i] = label
+                out[j], problem = label, None
             else:
-                raise DataError(f"{s.data.where(i)}: label {label} is not in [0, {num_labels}) (model.num_labels)")
+                problem = f"label {label} is not in [0, {num_labels}) (model.num_labels)"
+            if problem:
+                problems.append((int(s.data.examples_with_label(j)[0]), problem))
+        if problems:
+            example, problem = min(problems)
+            raise DataError(f"{s.data.where(example)}: {problem}")
         ids[s.name] = out
     return ids
 
 
-def _usable(source: _Source, cfg: Config, stats: dict, report: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Examples that go into the stream and their lengths, after `data.overlong`. Text is
-    split across rows instead; a truncated example left without targets is dropped."""
-    data, seq_len = source.data, cfg.data.seq_len
-    lengths = data.lengths.copy()
+def _usable(source: _Source, cfg: Config, stats: dict, report: bool = True) -> ExampleSet:
+    """Examples that go into the stream, after `data.overlong`: over-long examples are
+    truncated (`StreamDataset.length`) or dropped, and one truncated to no target at all is
+    dropped. Text is split across rows instead."""
+    data, seq_len, policy = source.data, cfg.data.seq_len, cfg.data.overlong
+    stats[f"{source.name}/bad_rows_skipped"] = data.skipped
     if data.format == "text":
-        return np.arange(len(data)), lengths
-    over = np.flatnonzero(lengths > seq_len)
-    keep = np.ones(len(data), dtype=bool)
-    policy = cfg.data.overlong
+        over = np.empty(0, dtype=np.int64)
+    else:
+        over = np.concatenate([start + np.flatnonzero(lengths > seq_len) for start, lengths in data.length_blocks()])
     if len(over) and policy == "error":
         i = int(over[0])
-        raise DataError(f"{data.where(i)}: example of {lengths[i]} tokens is longer than data.seq_len {seq_len} "
+        raise DataError(f"{data.where(i)}: example of {data.length(i)} tokens is longer than data.seq_len {seq_len} "
                         f"({len(over)} such examples; set data.overlong=truncate or drop)")
-    truncated = dropped = 0
-    for i in over:
-        if policy == "drop" or (data.format != "classification" and not data.example_targets(i)[1:seq_len].any()):
-            keep[i] = False
-            dropped += 1
-        else:
-            lengths[i] = seq_len
-            truncated += 1
+    dropped = [int(i) for i in over if policy == "drop" or
+               (data.format != "classification" and not data.example_targets(int(i))[1:seq_len].any())]
+    truncated = len(over) - len(dropped)
     if len(over) and report:
         log.warning("%s: %d examples longer than data.seq_len %d: %d truncated, %d dropped (data.overlong=%s)",
-                    data.source, len(over), seq_len, truncated, dropped, policy)
+                    data.source, len(over), seq_len, truncated, len(dropped), policy)
     stats[f"{source.name}/overlong_truncated"] = truncated
-    stats[f"{source.name}/overlong_dropped"] = dropped
-    stats[f"{source.name}/bad_rows_skipped"] = data.skipped
-    return np.flatnonzero(keep), lengths
+    stats[f"{source.name}/overlong_dropped"] = len(dropped)
+    return ExampleSet(len(data), dropped)
 
 
-def _held_out(examples: np.ndarray, name: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(training, held-out) examples: a seeded random `data.eval.fraction` of each data set."""
+def _held_out(examples: ExampleSet, name: str, cfg: Config) -> np.ndarray:
+    """The held-out example ids: a seeded random `data.eval.fraction` of each data set (at
+    most `data.eval.max_examples`)."""
     fraction = 0.0 if cfg.data.eval.path else cfg.data.eval.fraction
     count = min(int(round(fraction * len(examples))), cfg.data.eval.max_examples) if fraction else 0
     if fraction and count == 0:
         count = 1
     if count >= len(examples):
-        raise ValueError(f"data.eval.fraction: {fraction} of data set {name!r} ({len(examples)} examples) "
-                         "leaves nothing to train on")
-    rng = np.random.default_rng([cfg.run.seed, zlib.crc32(name.encode()), 0xE7A1])
-    chosen = np.zeros(len(examples), dtype=bool)
-    chosen[rng.permutation(len(examples))[:count]] = True
-    return examples[~chosen], examples[chosen]
+        raise ConfigError(f"data.eval.fraction: {fraction} of data set {name!r} ({len(examples)} examples) "
+                          "leaves nothing to train on")
+    order = RandomPermutation(len(examples), [cfg.run.seed, zlib.crc32(name.encode()), 0xE7A1])
+    return np.sort(np.asarray([examples[order[k]] for k in range(count)], dtype=np.int64))
 
 
 def _entries(cfg: Config) -> list[tuple[str, str, DatasetConfig]]:
     return [(dataset_name(ds), f"data.datasets.{i}", ds) for i, ds in enumerate(cfg.data.datasets)]
 
 
-def _prepare(cfg: Config, tokenizer, rank: int, report: bool = True
-             ) -> tuple[list[StreamDataset], list[np.ndarray], list[float], dict]:
+def _eval_entry(cfg: Config) -> tuple[str, str, DatasetConfig]:
+    return "eval", "data.eval", DatasetConfig(name="eval", path=cfg.data.eval.path, format=cfg.data.eval.format)
+
+
+def _stream_datasets(cfg: Config, tokenizer, report: bool = True
+                     ) -> tuple[list[StreamDataset], list[np.ndarray], list[float], dict]:
     """Training data sets, their held-out examples, weights and load-time counters
     (warnings about the data are logged when `report`, i.e. once per run)."""
-    sources = _tokenize_all(cfg, tokenizer, rank, _entries(cfg), report)
-    classes = _class_ids(sources, cfg.model.num_labels) if cfg.model.task == "sequence_classification" else {}
+    sources = _load_sources(cfg, tokenizer, _entries(cfg), report)
+    classes = _class_of_label(sources, cfg.model.num_labels) if cfg.model.task == "sequence_classification" else {}
     stats: dict = {}
     train, held = [], []
     for s in sources:
-        examples, lengths = _usable(s, cfg, stats, report)
-        if len(examples) == 0:
+        usable = _usable(s, cfg, stats, report)
+        if len(usable) == 0:
             raise DataError(f"{s.data.source}: no example fits data.seq_len {cfg.data.seq_len} "
                             f"(data.overlong={cfg.data.overlong})")
-        kept, held_out = _held_out(examples, s.name, cfg)
-        train.append(StreamDataset(s.name, s.data, kept, lengths, s.data.format == "text", classes.get(s.name)))
+        held_out = _held_out(usable, s.name, cfg)
+        kept = ExampleSet(len(s.data), np.concatenate([usable.excluded, held_out]))
+        train.append(StreamDataset(s.name, s.data, kept, cfg.data.seq_len, s.data.format == "text",
+                                   classes.get(s.name)))
         held.append(held_out)
     return train, held, [s.weight for s in sources], stats
 
@@ -174,14 +195,14 @@ def _prepare(cfg: Config, tokenizer, rank: int, report: bool = True
 def _pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("model.tokenizer: has neither a pad nor an eos token to pad rows with")
+        raise ConfigError("model.tokenizer: has neither a pad nor an eos token to pad rows with")
     return pad
 
 
 def _check_packing(cfg: Config) -> None:
     if cfg.data.packing and cfg.peft.method == "prompt_tuning":
-        raise ValueError("data.packing: prompt tuning prepends its virtual tokens to each row and drops position_ids, "
-                         "so packed documents would attend to each other; set data.packing=false")
+        raise ConfigError("data.packing: prompt tuning prepends its virtual tokens to each row and drops position_ids, "
+                          "so packed documents would attend to each other; set data.packing=false")
 
 
 def _collator(cfg: Config, datasets: list[StreamDataset], tokenizer, attention: str) -> Collator:
@@ -235,7 +256,7 @@ class TrainLoader:
 
 def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> TrainLoader:
     _check_packing(cfg)
-    datasets, _, weights, stats = _prepare(cfg, tokenizer, rank)
+    datasets, _, weights, stats = _stream_datasets(cfg, tokenizer)
     stream = GlobalStream(datasets, weights, cfg.data.mix_by, cfg.data.seq_len, cfg.data.packing, cfg.run.seed)
     return TrainLoader(stream, _collator(cfg, datasets, tokenizer, attention), cfg.train.micro_batch_size,
                        cfg.train.global_batch_size, rank, world_size, stats)
@@ -249,35 +270,43 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
     if cfg.data.eval.path:
         classification = cfg.model.task == "sequence_classification"
         if (cfg.data.eval.format == "classification") != classification:
-            raise ValueError(f"data.eval.format: {cfg.data.eval.format} data cannot evaluate model.task {cfg.model.task}")
-        eval_cfg = DatasetConfig(name="eval", path=cfg.data.eval.path, format=cfg.data.eval.format)
-        sources = _tokenize_all(cfg, tokenizer, rank, [("eval", "data.eval", eval_cfg)])
-        if cfg.model.task == "sequence_classification":
-            train_sources = _tokenize_all(cfg, tokenizer, rank, _entries(cfg), report=False)
-            classes = _class_ids(train_sources + sources, cfg.model.num_labels)
+            raise ConfigError(f"data.eval.format: {cfg.data.eval.format} data cannot evaluate model.task {cfg.model.task}")
+        sources = _load_sources(cfg, tokenizer, [_eval_entry(cfg)])
+        if classification:
+            train_sources = _load_sources(cfg, tokenizer, _entries(cfg), report=False)
+            classes = _class_of_label(train_sources + sources, cfg.model.num_labels)
         else:
             classes = {}
         sets = []
         for s in sources:
-            examples, lengths = _usable(s, cfg, {})
-            sets.append(StreamDataset(s.name, s.data, examples, lengths, s.data.format == "text", classes.get(s.name)))
+            usable = _usable(s, cfg, {})
+            examples = np.asarray([usable[k] for k in range(min(len(usable), cfg.data.eval.max_examples))])
+            sets.append(StreamDataset(s.name, s.data, examples, cfg.data.seq_len, s.data.format == "text",
+                                      classes.get(s.name)))
     elif cfg.data.eval.fraction:
-        datasets, held, _, _ = _prepare(cfg, tokenizer, rank, report=False)
-        sets = [StreamDataset(d.name, d.data, h, d.lengths, d.splittable, d.class_ids) for d, h in zip(datasets, held)]
+        datasets, held, _, _ = _stream_datasets(cfg, tokenizer, report=False)
+        sets = [StreamDataset(d.name, d.data, h, d.seq_len, d.splittable, d.class_of_label)
+                for d, h in zip(datasets, held)]
     else:
         return {}
     result = {}
     for ds in sets:
-        examples = ds.examples[: cfg.data.eval.max_examples]
-        if len(examples) < world_size:
-            raise ValueError(f"data.eval: data set {ds.name!r} has {len(examples)} held-out examples, fewer than the "
-                             f"{world_size} ranks; raise data.eval.fraction")
-        pieces = [p for e in examples[rank::world_size] for p in ds.pieces(0, int(e), cfg.data.seq_len)]
+        if len(ds.examples) < world_size:
+            raise ConfigError(f"data.eval: data set {ds.name!r} has {len(ds.examples)} held-out examples, fewer than "
+                              f"the {world_size} ranks; raise data.eval.fraction")
+        pieces = [p for e in ds.examples[rank::world_size] for p in ds.pieces(0, int(e))]
         rows = pack_pieces(pieces, cfg.data.seq_len) if cfg.data.packing else [[p] for p in pieces]
         collate = _collator(cfg, [ds], tokenizer, attention)
         micro = cfg.train.micro_batch_size
         result[ds.name] = [collate(rows[i: i + micro]) for i in range(0, len(rows), micro)]
     return result
+
+
+def prepare_data(cfg: Config, tokenizer, workers: int, progress: bool = True) -> dict[str, TokenizedDataset]:
+    """Tokenize every training data set and `data.eval.path` into the cache (what a run
+    would, ahead of it), with `workers` processes; returns them by name."""
+    entries = _entries(cfg) + ([_eval_entry(cfg)] if cfg.data.eval.path else [])
+    return {s.name: s.data for s in _load_sources(cfg, tokenizer, entries, workers=workers, progress=progress)}
 
 
 def training_texts(cfg: Config) -> Iterator[str]:

@@ -1,8 +1,10 @@
 """The global row stream: mixing schedule -> per-data-set shuffles -> pieces -> rows.
 
-Every rank computes the same stream (the tokenized data is cached, the rest is cheap
-bookkeeping) and takes its own rows of each optimizer step, so the stream and its state
-do not depend on the world size and resume is exact on any number of ranks.
+Every rank computes the same stream (the tokenized data is memory-mapped, the rest is
+cheap bookkeeping) and takes its own rows of each optimizer step, so the stream and its
+state do not depend on the world size and resume is exact on any number of ranks. The
+stream works on example ids and the offsets of the mapped arrays: nothing it holds, and
+nothing in its state, grows with the number of examples.
 
 At the end of each epoch of the primary data set (the one with the largest weight) the
 packer's buffer is drained before the next epoch begins, so an epoch is a clean pass
@@ -28,19 +30,53 @@ PACK_BUFFER = 32
 PACK_MAX_WAIT = 8
 
 
+class ExampleSet:
+    """The examples 0..size-1 of a data set but a few excluded ones (over-long examples
+    dropped, held-out ones), in order. The k-th is computed from the sorted exclusions, so
+    the set costs memory for its exclusions only, not for every example."""
+
+    def __init__(self, size: int, excluded=()):
+        self.size = size
+        self.excluded = np.unique(np.asarray(excluded, dtype=np.int64))
+        # kept examples before each excluded one: the k-th kept example is k plus the
+        # number of exclusions whose count of kept examples before them is <= k
+        self._kept_before = self.excluded - np.arange(len(self.excluded))
+
+    def __len__(self) -> int:
+        return self.size - len(self.excluded)
+
+    def __getitem__(self, k: int) -> int:
+        if not 0 <= k < len(self):
+            raise IndexError(f"example {k} of a set of {len(self)}")
+        if not len(self.excluded):
+            return k
+        return k + int(np.searchsorted(self._kept_before, k, side="right"))
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
 @dataclass
 class StreamDataset:
-    """A tokenized data set as the loader uses it."""
+    """A tokenized data set as the loader uses it: its examples after `data.overlong`."""
 
     name: str
     data: TokenizedDataset
-    examples: np.ndarray  # indices of the usable examples (over-long ones dropped)
-    lengths: np.ndarray  # tokens of each example after truncation, indexed by example
+    examples: ExampleSet | np.ndarray  # the example ids to draw (training) or to evaluate (held out)
+    seq_len: int
     splittable: bool  # text documents longer than a row are split into chunks
-    class_ids: np.ndarray | None = None  # classification: label id of each example
+    class_of_label: np.ndarray | None = None  # classification: class id of each of data.label_values
 
-    def pieces(self, index: int, example: int, seq_len: int) -> list[Piece]:
-        return split_example(index, example, int(self.lengths[example]), seq_len, self.splittable)
+    def length(self, example: int) -> int:
+        """Tokens of an example after truncation (split documents keep them all)."""
+        length = self.data.length(example)
+        return length if self.splittable else min(length, self.seq_len)
+
+    def pieces(self, index: int, example: int) -> list[Piece]:
+        return split_example(index, example, self.length(example), self.seq_len, self.splittable)
+
+    def class_id(self, example: int) -> int:
+        return int(self.class_of_label[self.data.label_index[example]])
 
 
 class GlobalStream:
@@ -78,8 +114,8 @@ class GlobalStream:
             new_epoch = False
             example = order.next()
             dataset = self.datasets[index]
-            self.schedule.take(index, int(dataset.lengths[example]))
-            for piece in dataset.pieces(index, example, self.seq_len):
+            self.schedule.take(index, dataset.length(example))
+            for piece in dataset.pieces(index, example):
                 self.packer.add(piece) if self.packing else self.queue.append(piece)
 
     def next_row(self) -> list[Piece]:
