@@ -1,4 +1,4 @@
-"""The `finetrain` command: train, submit, export, estimate.
+"""The `finetrain` command: train, prepare, submit, export, estimate.
 
 `finetrain train` validates the config in this process first, so a bad key stops
 before any worker or process group starts; with --nproc N it then hands over to
@@ -47,6 +47,32 @@ def cmd_train(args) -> int:
     os.execve(sys.executable, command, env)
 
 
+def cmd_prepare(args) -> int:
+    """Tokenize the run's data into the cache ahead of `train`, with the tokenizer the run
+    will use (trained and saved into the run folder for train-bpe, as `train` would)."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"finetrain: config error in {args.config}:\n{err}", file=sys.stderr)
+        return err.exit_code
+    if args.workers < 1:
+        print("finetrain prepare: --workers must be at least 1", file=sys.stderr)
+        return 2
+    from trainer.data import DataError, prepare_data, training_texts
+    from trainer.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg, lambda: training_texts(cfg))
+        prepared = prepare_data(cfg, tokenizer, args.workers)
+    except (DataError, ConfigError) as err:
+        print(f"finetrain: {err}", file=sys.stderr)
+        return 2
+    for name, data in prepared.items():
+        skipped = f", {data.skipped} bad rows skipped" if data.skipped else ""
+        print(f"{name}: {len(data):,} examples, {len(data.tokens):,} tokens{skipped}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from trainer.checkpoint import export_checkpoint
 
@@ -82,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, help="local processes (ranks)")
     train.add_argument("--debug", action="store_true", help="world of one, 5 deterministic steps, print the first batch")
     train.set_defaults(run=cmd_train)
+
+    prepare = sub.add_parser("prepare", help="tokenize the data into the memory-mapped cache ahead of a run")
+    prepare.add_argument("config")
+    prepare.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    prepare.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                         help="tokenizing processes (default: one per CPU this process may use)")
+    prepare.set_defaults(run=cmd_prepare)
 
     export = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")
     export.add_argument("checkpoint")

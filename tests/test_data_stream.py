@@ -1,22 +1,28 @@
 """Invariant 5 and resumable sharded loading: exact mixing shares, per-epoch reshuffles,
 identical streams after resume, disjoint rank shards whose union is the 1-rank stream,
-and resume on another world size."""
+and resume on another world size; the same at 200,000 memory-mapped examples."""
 
 from __future__ import annotations
 
+import mmap
 import pickle
 import random
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 from conftest import TINY_LLAMA, write_jsonl
+from runs import word_tokenizer
 from trainer.config import load_config
 from trainer.data import build_train_loader
+from trainer.data.mixing import RandomPermutation
 
 WORDS = "red green blue cat dog bird fish tree river stone cloud sun moon star apple bread".split()
 
@@ -168,6 +174,62 @@ def test_resume_refuses_a_changed_stream(tmp_path, tiny_tokenizer):
     cfg.data.packing = False
     with pytest.raises(ValueError, match="data.packing"):
         build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 64, 65, 1000, 4097])
+def test_random_permutation_is_a_permutation_and_differs_by_key(size):
+    orders = [[RandomPermutation(size, [7, 1, epoch])[i] for i in range(size)] for epoch in range(2)]
+    for order in orders:
+        assert sorted(order) == list(range(size))
+    if size >= 5:
+        assert orders[0] != orders[1]
+    with pytest.raises(IndexError):
+        RandomPermutation(size, [7, 1, 0])[size]
+
+
+def tokenized_parquet(path: Path, count: int, seed: int, vocab: int) -> Path:
+    """`count` pre-tokenized examples of 4..40 ids; the first quarter of each is no target."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 41, count)
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    ids = rng.integers(2, vocab, int(starts[-1]))
+    position = np.arange(len(ids)) - np.repeat(starts[:-1], lengths)
+    labels = np.where(position < np.repeat(lengths // 4, lengths), -100, ids)
+    pq.write_table(pa.table({"input_ids": pa.ListArray.from_arrays(starts, ids),
+                             "labels": pa.ListArray.from_arrays(starts, labels)}), path)
+    return path
+
+
+def test_two_hundred_thousand_examples_mix_and_resume_exactly(tmp_path):
+    """Invariants 4 and 5 on memory-mapped data of 200k examples: two ranks split the
+    1-rank stream, a checkpoint of a few hundred bytes resumes it exactly on one rank, and
+    the shares hold over every window."""
+    tokenizer = AutoTokenizer.from_pretrained(word_tokenizer(tmp_path / "tokenizer"))
+    datasets = [{"name": name, "path": str(tokenized_parquet(tmp_path / f"{name}.parquet", count, seed, len(tokenizer))),
+                 "format": "tokenized", "weight": weight}
+                for name, count, seed, weight in (("big", 200_000, 0, 0.8), ("small", 5_000, 1, 0.2))]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"config": dict(TINY_LLAMA), "tokenizer": str(tmp_path / "tokenizer")},
+        "data": {"seq_len": 64, "datasets": datasets, "cache_dir": str(tmp_path / "cache")},
+        "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 10},
+        "logging": {"progress_bar": False}}))
+    cfg = load_config(tmp_path / "config.yaml")
+    reference = build_train_loader(cfg, tokenizer, "varlen_reference", 0, 1)
+    big = reference.stream.datasets[0]
+    assert len(big.examples) == 200_000 and isinstance(big.data.tokens.base.obj, mmap.mmap)  # mapped, not read
+    ranks = [build_train_loader(cfg, tokenizer, "varlen_reference", r, 2) for r in range(2)]
+    for _ in range(100):
+        shards = [loader.next_step(2) for loader in ranks]
+        assert flatten(shards[0] + shards[1]) == flatten(reference.next_step(4))
+    state = pickle.dumps(ranks[0].state_dict())
+    assert len(state) < 4_000
+    resumed = build_train_loader(cfg, tokenizer, "varlen_reference", 0, 1)
+    resumed.load_state_dict(pickle.loads(state))
+    for _ in range(20):
+        assert flatten(resumed.next_step(4)) == flatten(reference.next_step(4))
+    seq = drawn(build_train_loader(cfg, tokenizer, "sdpa", 0, 1), 1500)
+    assert np.abs(window_shares(seq, 2, 1000, "examples") - [0.8, 0.2]).max() <= ONE_PERCENT
 
 
 def test_steps_per_epoch_padded_is_one_pass_over_the_primary(tmp_path, tiny_tokenizer):

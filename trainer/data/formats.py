@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
@@ -40,8 +41,8 @@ class RowError(ValueError):
 
 @dataclass
 class Encoded:
-    tokens: list[int]
-    targets: list[bool] = field(default_factory=list)  # causal formats: which tokens are trained on
+    tokens: list[int] | np.ndarray
+    targets: list[bool] | np.ndarray = field(default_factory=list)  # causal formats: which tokens are trained on
     label: int | str | None = None  # classification: raw label, mapped to an id when all are known
 
 
@@ -223,40 +224,51 @@ class TokenizedEncoder:
     vocabulary, `labels` (optional; without them every token is a target) as long as
     `input_ids` and each one either the id at its position or -100, and at least one target
     after the first token (which no earlier token predicts). The labels decide the targets;
-    `data.train_on_prompt` does not apply."""
+    `data.train_on_prompt` does not apply. Checked with numpy (pre-tokenized corpora are
+    large); the element-by-element search runs only to name what is wrong."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
         self.vocab_size = len(tokenizer)
         self.names = names
 
     def encode(self, record: dict) -> Encoded:
-        ids = _get(record, self.names, "input_ids", list)
-        if not ids:
+        ids = _integers(record, self.names, "input_ids", required=True)
+        if not len(ids):
             raise RowError(f'empty field "{self.names["input_ids"]}"')
-        self._check_ids(ids)
-        labels = _get(record, self.names, "labels", list, required=False)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            i = int(np.flatnonzero((ids < 0) | (ids >= self.vocab_size))[0])
+            raise RowError(f'{self.names["input_ids"]}[{i}] is {ids[i]}, outside the tokenizer\'s vocabulary '
+                           f'[0, {self.vocab_size})')
+        labels = _integers(record, self.names, "labels", required=False)
         if labels is None:
-            return Encoded(ids, [True] * len(ids))
+            return Encoded(ids, np.ones(len(ids), dtype=bool))
         if len(labels) != len(ids):
             raise RowError(f'field "{self.names["labels"]}" has {len(labels)} entries, '
                            f'"{self.names["input_ids"]}" has {len(ids)}')
-        targets = [label == token and type(label) is int for token, label in zip(ids, labels)]
-        for i, (label, target) in enumerate(zip(labels, targets)):
-            if not target and not (type(label) is int and label == IGNORE_LABEL):
-                raise RowError(f'{self.names["labels"]}[{i}] is {_short(label)}: a label is the token id at its '
-                               f'position ({ids[i]}) or {IGNORE_LABEL}')
-        if not any(targets[1:]):
-            raise RowError(f'no target tokens: every label after the first is {IGNORE_LABEL}')
+        targets = labels == ids
+        wrong = ~targets & (labels != IGNORE_LABEL)
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise RowError(f'{self.names["labels"]}[{i}] is {labels[i]}: a label is the token id at its position '
+                           f'({ids[i]}) or {IGNORE_LABEL}')
+        if not targets[1:].any():
+            raise RowError(f"no target tokens: every label after the first is {IGNORE_LABEL}")
         return Encoded(ids, targets)
 
-    def _check_ids(self, ids: list) -> None:
-        for i, token in enumerate(ids):
-            if type(token) is not int:
-                raise RowError(f'{self.names["input_ids"]}[{i}] must be an integer, got {type(token).__name__} '
-                               f'{_short(token)}')
-            if not 0 <= token < self.vocab_size:
-                raise RowError(f'{self.names["input_ids"]}[{i}] is {token}, outside the tokenizer\'s vocabulary '
-                               f'[0, {self.vocab_size})')
+
+def _integers(record: dict, names: dict, key: str, required: bool) -> np.ndarray | None:
+    """A field that must be a list of integers (not booleans), as an int64 array."""
+    values = _get(record, names, key, list, required)
+    if values is None:
+        return None
+    if not set(map(type, values)) <= {int}:
+        i, value = next((i, v) for i, v in enumerate(values) if type(v) is not int)
+        raise RowError(f"{names[key]}[{i}] must be an integer, got {type(value).__name__} {_short(value)}")
+    try:
+        return np.asarray(values, dtype=np.int64)
+    except OverflowError:
+        i = next(i for i, v in enumerate(values) if not -2**63 <= v < 2**63)
+        raise RowError(f"{names[key]}[{i}] is {_short(values[i])}, too large for a token id") from None
 
 
 ENCODERS = {

@@ -215,8 +215,9 @@ class TrainLoader:
     """This rank's micro-batches of each optimizer step, from the global row stream."""
 
     def __init__(self, stream: GlobalStream, collator: Collator, micro_batch_size: int, global_batch_size: int,
-                 rank: int, world_size: int, load_stats: dict):
+                 rank: int, world_size: int, load_stats: dict, cache_dir: Path | None = None):
         self.stream = stream
+        self.cache_dir = cache_dir
         self.collator = collator
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size
@@ -235,7 +236,7 @@ class TrainLoader:
         """Optimizer steps of one epoch: one pass over the primary data set (the largest
         weight), with the other data sets mixed in at their weights."""
         if self._epoch_rows is None:
-            self._epoch_rows = self.stream.epoch_rows()
+            self._epoch_rows = self.stream.epoch_rows(self.cache_dir)
         return self._epoch_rows / self.global_batch_size
 
     @property
@@ -254,12 +255,16 @@ class TrainLoader:
         self.stream.load_state_dict(state["stream"])
 
 
+def _global_stream(cfg: Config, tokenizer, report: bool = True) -> tuple[GlobalStream, dict]:
+    datasets, _, weights, stats = _stream_datasets(cfg, tokenizer, report)
+    return GlobalStream(datasets, weights, cfg.data.mix_by, cfg.data.seq_len, cfg.data.packing, cfg.run.seed), stats
+
+
 def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> TrainLoader:
     _check_packing(cfg)
-    datasets, _, weights, stats = _stream_datasets(cfg, tokenizer)
-    stream = GlobalStream(datasets, weights, cfg.data.mix_by, cfg.data.seq_len, cfg.data.packing, cfg.run.seed)
-    return TrainLoader(stream, _collator(cfg, datasets, tokenizer, attention), cfg.train.micro_batch_size,
-                       cfg.train.global_batch_size, rank, world_size, stats)
+    stream, stats = _global_stream(cfg, tokenizer)
+    return TrainLoader(stream, _collator(cfg, stream.datasets, tokenizer, attention), cfg.train.micro_batch_size,
+                       cfg.train.global_batch_size, rank, world_size, stats, cache_root(cfg))
 
 
 def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> dict[str, list[Batch]]:
@@ -304,9 +309,14 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
 
 def prepare_data(cfg: Config, tokenizer, workers: int, progress: bool = True) -> dict[str, TokenizedDataset]:
     """Tokenize every training data set and `data.eval.path` into the cache (what a run
-    would, ahead of it), with `workers` processes; returns them by name."""
+    would, ahead of it), with `workers` processes, and count the rows of an epoch when
+    the run is set in epochs; returns the data sets by name."""
     entries = _entries(cfg) + ([_eval_entry(cfg)] if cfg.data.eval.path else [])
-    return {s.name: s.data for s in _load_sources(cfg, tokenizer, entries, workers=workers, progress=progress)}
+    prepared = {s.name: s.data for s in _load_sources(cfg, tokenizer, entries, workers=workers, progress=progress)}
+    if cfg.train.epochs is not None:
+        stream, _ = _global_stream(cfg, tokenizer, report=False)
+        log.info("one epoch: %d rows", stream.epoch_rows(cache_root(cfg)))
+    return prepared
 
 
 def training_texts(cfg: Config) -> Iterator[str]:

@@ -79,18 +79,14 @@ class RandomPermutation:
                 return value
 
     def _encrypt(self, value: int) -> int:
-        left, right = value >> self._half, value & self._mask
+        half, mask, m64 = self._half, self._mask, self._MASK64
+        left, right = value >> half, value & mask
         for key in self._round_keys:
-            left, right = right, left ^ (_splitmix64(right ^ key) & self._mask)
-        return (left << self._half) | right
-
-
-def _splitmix64(z: int) -> int:
-    mask = RandomPermutation._MASK64
-    z = (z + 0x9E3779B97F4A7C15) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return z ^ (z >> 31)
+            z = ((right ^ key) + 0x9E3779B97F4A7C15) & m64  # splitmix64, inlined: this runs per example
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+            left, right = right, left ^ ((z ^ (z >> 31)) & mask)
+        return (left << half) | right
 
 
 class DatasetOrder:

@@ -66,9 +66,7 @@ class EncodingSpec:
 
 
 def encode_chunk(encoder, rows: list[Row]) -> EncodedChunk:
-    tokens: list[int] = []
-    targets: list[bool] = []
-    lengths, numbers, labels, problems = [], [], [], []
+    tokens, targets, lengths, numbers, labels, problems = [], [], [], [], [], []
     for row in rows:
         problem = row.error
         if problem is None:
@@ -79,15 +77,18 @@ def encode_chunk(encoder, rows: list[Row]) -> EncodedChunk:
         if problem is not None:
             problems.append((row.number, problem))
             continue
-        tokens.extend(encoded.tokens)
-        targets.extend(encoded.targets)
+        tokens.append(np.asarray(encoded.tokens, dtype=np.int64))
+        targets.append(np.asarray(encoded.targets, dtype=bool))
         lengths.append(len(encoded.tokens))
         numbers.append(row.number)
         labels.append(encoded.label)
-    return EncodedChunk(by_line=rows[0].by_line, tokens=np.asarray(tokens, dtype=np.int64),
-                        targets=np.asarray(targets, dtype=bool), lengths=np.asarray(lengths, dtype=np.int64),
-                        rows=np.asarray(numbers, dtype=np.int64), labels=labels, problems=problems,
-                        rows_read=len(rows))
+    return EncodedChunk(by_line=rows[0].by_line, tokens=_joined(tokens, np.int64), targets=_joined(targets, bool),
+                        lengths=np.asarray(lengths, dtype=np.int64), rows=np.asarray(numbers, dtype=np.int64),
+                        labels=labels, problems=problems, rows_read=len(rows))
+
+
+def _joined(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
 _worker_encoder = None

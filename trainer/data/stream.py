@@ -14,7 +14,12 @@ over the primary data set and no example of epoch e+1 is packed ahead of one of 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +33,8 @@ from trainer.data.tokenized import TokenizedDataset
 # of 1,000 packed examples within about 1 % of the weights and packs chat above 95 %.
 PACK_BUFFER = 32
 PACK_MAX_WAIT = 8
+# Bump when the same data and settings would give other rows (it keys cached epoch counts).
+STREAM_VERSION = 1
 
 
 class ExampleSet:
@@ -72,8 +79,10 @@ class StreamDataset:
         length = self.data.length(example)
         return length if self.splittable else min(length, self.seq_len)
 
-    def pieces(self, index: int, example: int) -> list[Piece]:
-        return split_example(index, example, self.length(example), self.seq_len, self.splittable)
+    def pieces(self, index: int, example: int, length: int | None = None) -> list[Piece]:
+        """The example as pieces of at most a row; `length` when the caller has it already."""
+        length = self.length(example) if length is None else length
+        return split_example(index, example, length, self.seq_len, self.splittable)
 
     def class_id(self, example: int) -> int:
         return int(self.class_of_label[self.data.label_index[example]])
@@ -114,8 +123,9 @@ class GlobalStream:
             new_epoch = False
             example = order.next()
             dataset = self.datasets[index]
-            self.schedule.take(index, dataset.length(example))
-            for piece in dataset.pieces(index, example):
+            length = dataset.length(example)
+            self.schedule.take(index, length)
+            for piece in dataset.pieces(index, example, length):
                 self.packer.add(piece) if self.packing else self.queue.append(piece)
 
     def next_row(self) -> list[Piece]:
@@ -127,14 +137,39 @@ class GlobalStream:
         self.rows += 1
         return self.packer.next_row() if self.packing else [self.queue.popleft()]
 
-    def epoch_rows(self) -> int:
-        """Rows of one pass over the primary data set, counted on a fresh copy of the stream."""
+    def epoch_rows(self, cache_dir: Path | None = None) -> int:
+        """Rows of one pass over the primary data set, counted on a fresh copy of the stream.
+        Counting means running the stream through an epoch, a minute at millions of
+        examples, so the count is kept under `cache_dir/epochs/` for the next launch (and a
+        resume) of the same stream; `finetrain prepare` counts it ahead."""
+        key = self._fingerprint()
+        file = cache_dir / "epochs" / f"{key}.json" if cache_dir is not None and key else None
+        if file is not None and file.is_file():
+            return json.loads(file.read_text())["rows"]
         probe = GlobalStream(*self._args)
-        while True:
+        rows = 0
+        while not probe.epochs_drained:
             rows = probe.rows
             probe.next_row()
-            if probe.epochs_drained:
-                return rows
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            fd, aside = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"rows": rows}, f)
+            os.replace(aside, file)
+        return rows
+
+    def _fingerprint(self) -> str | None:
+        """Everything that decides the stream's rows; None when a data set is not a cached one."""
+        if any(ds.data.folder is None or not isinstance(ds.examples, ExampleSet) for ds in self.datasets):
+            return None
+        datasets, weights, mix_by, seq_len, packing, seed, buffer_size = self._args
+        digest = hashlib.sha256(json.dumps([STREAM_VERSION, weights, mix_by, seq_len, packing, seed, buffer_size,
+                                            PACK_MAX_WAIT]).encode())
+        for ds in datasets:
+            digest.update(json.dumps([ds.name, ds.data.folder.name, ds.seq_len, ds.splittable, ds.examples.size]).encode())
+            digest.update(ds.examples.excluded.tobytes())
+        return digest.hexdigest()
 
     @property
     def epochs(self) -> dict[str, float]:

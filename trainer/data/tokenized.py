@@ -19,6 +19,7 @@ examples a chunk at a time, so writing needs memory for one chunk only.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +48,13 @@ class TokenizedDataset:
     label_index: np.ndarray | None = None  # classification: per example, an index into label_values
     skipped: int = 0
     skipped_where: list[str] = field(default_factory=list)  # the first few, for the warning
+    folder: Path | None = None  # where the arrays are mapped from (None: in memory)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def length(self, i: int) -> int:
-        return int(self.offsets[i + 1] - self.offsets[i])
+        return int(self.offsets[i + 1]) - int(self.offsets[i])
 
     def example_tokens(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i]: self.offsets[i + 1]]
@@ -73,20 +75,20 @@ class TokenizedDataset:
         example does not leave the whole offsets file in this process's resident memory."""
         for start in range(0, len(self), block):
             stop = min(start + block, len(self))
-            yield start, np.diff(_read_slice(self.offsets, start, stop + 1))
+            yield start, np.diff(self._read("offsets.int64", self.offsets, start, stop + 1))
 
-    def examples_with_label(self, value_index: int) -> np.ndarray:
+    def examples_with_label(self, value_index: int, block: int = 1 << 20) -> np.ndarray:
         """Examples whose label is `label_values[value_index]` (for messages about one)."""
-        found = [start + np.flatnonzero(_read_slice(self.label_index, start, min(start + (1 << 20), len(self)))
-                                        == value_index) for start in range(0, len(self), 1 << 20)]
+        found = [start + np.flatnonzero(self._read("labels.int32", self.label_index, start,
+                                                   min(start + block, len(self))) == value_index)
+                 for start in range(0, len(self), block)]
         return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
-
-def _read_slice(array: np.ndarray, start: int, stop: int) -> np.ndarray:
-    if isinstance(array, np.memmap):
-        with open(array.filename, "rb") as f:
-            return np.fromfile(f, dtype=array.dtype, count=stop - start, offset=array.offset + start * array.itemsize)
-    return np.asarray(array[start:stop])
+    def _read(self, file: str, array: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """array[start:stop], read from its file when it is mapped (see length_blocks)."""
+        if self.folder is None:
+            return np.asarray(array[start:stop])
+        return np.fromfile(self.folder / file, dtype=array.dtype, count=stop - start, offset=start * array.itemsize)
 
 
 @dataclass
@@ -173,9 +175,13 @@ def open_tokenized(folder: Path) -> TokenizedDataset:
     n, count = meta["examples"], meta["tokens"]
 
     def mapped(name: str, dtype, length: int) -> np.ndarray:
+        """A read-only array over the file's pages (a plain ndarray: indexing an np.memmap
+        goes through Python code, which the stream would pay for every example)."""
         if length == 0:  # an empty file cannot be mapped
             return np.empty(0, dtype=dtype)
-        return np.memmap(folder / name, dtype=dtype, mode="r", shape=(length,))
+        with open(folder / name, "rb") as f:
+            pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(pages, dtype=dtype, count=length)
 
     targets = {"file": lambda: mapped("targets.bool", np.bool_, count),
                "all": lambda: np.broadcast_to(np.True_, (count,)),  # no memory, any length
@@ -187,4 +193,4 @@ def open_tokenized(folder: Path) -> TokenizedDataset:
         offsets=mapped("offsets.int64", np.int64, n + 1), targets=targets,
         rows=mapped("rows.int64", np.int64, n), by_line=meta["by_line"],
         label_values=meta["label_values"], label_index=mapped("labels.int32", np.int32, n) if classification else None,
-        skipped=meta["skipped"], skipped_where=meta["skipped_where"])
+        skipped=meta["skipped"], skipped_where=meta["skipped_where"], folder=folder)
