@@ -268,6 +268,8 @@ def test_batches_report_per_dataset_counts(tmp_path, tiny_tokenizer):
         assert sum(b.tokens.values()) == b.num_tokens == int((b.inputs["input_ids"] != tiny_tokenizer.pad_token_id).sum())
         assert b.num_slots == 2 * 256
         assert isinstance(b.inputs["attention_mask"], torch.Tensor) and b.inputs["attention_mask"].shape == (2, 1, 256, 256)
+        targets = b.labels != -100  # unshifted: a target is the input id at its position
+        assert targets.any() and torch.equal(b.labels[targets], b.inputs["input_ids"][targets])
     assert loader.stats["small/epoch"] >= 0 and loader.stats["task/overlong_truncated"] == 0
 
 

@@ -69,9 +69,11 @@ class Collator:
         return self._packed(rows) if self.packing else self._padded(rows)
 
     def _piece(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (int64: stored ids may be uint16, where -100 would wrap) and target flags."""
         data = self.datasets[piece.dataset].data
         begin = int(data.offsets[piece.example]) + piece.start
-        return data.tokens[begin: begin + piece.length], data.targets[begin: begin + piece.length]
+        tokens = data.tokens[begin: begin + piece.length].astype(np.int64)
+        return tokens, data.targets[begin: begin + piece.length]
 
     def _counts(self, rows: list[list[Piece]]) -> tuple[dict, dict]:
         examples = {ds.name: 0 for ds in self.datasets}
