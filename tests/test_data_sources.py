@@ -4,6 +4,8 @@ data sets, and the evaluation sets."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,12 @@ import yaml
 
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
 from trainer.config import load_config
-from trainer.data import build_eval_sets, build_train_loader
+from trainer.data import DataError, build_eval_sets, build_train_loader
 from trainer.data import prepare as prepare_module
 from trainer.data.builtin import BUILTINS, materialize
 from trainer.data.formats import field_names
-from trainer.data.prepare import EncodingSpec, load_tokenized
+from trainer.data.prepare import EncodingSpec, cache_folder, load_tokenized, tokenize_source
+from trainer.data.tokenized import open_tokenized
 
 ROWS = [{"text": f"sample number {i} " + "word " * (i % 7), "label": i % 2} for i in range(12)]
 
@@ -181,3 +184,80 @@ def test_classification_eval_uses_the_training_label_ids(tmp_path, tiny_tokenize
                         model={"config": dict(TINY_BERT), "tokenizer": "train-bpe", "task": "sequence_classification"})
     sets = build_eval_sets(cfg, tiny_tokenizer, "sdpa", 0, 1)
     assert sets["eval"][0].labels.tolist() == [1, 0]
+
+
+# ----------------------------------------------------------------------------- preparing the cache
+
+
+def chat_file(path: Path, count: int, bad_lines: tuple[int, ...] = ()) -> Path:
+    """`count` conversations, with an empty conversation (a bad row) at each of `bad_lines`."""
+    rows = [{"messages": []} if i + 1 in bad_lines else chat(i) for i in range(count)]
+    return write_jsonl(path, rows)
+
+
+@pytest.mark.slow
+def test_worker_processes_write_what_one_process_writes(tmp_path, tiny_tokenizer):
+    """Chunks encoded by two worker processes come back in file order: the same arrays,
+    the same skipped rows, and with `error` the first bad row in the file is the one named."""
+    path = chat_file(tmp_path / "chat.jsonl", 150, bad_lines=(40, 101))
+    spec = EncodingSpec("chat", field_names("chat", {}, "fields"), False, tiny_tokenizer)
+    written = {}
+    for workers in (1, 2):
+        folder = tmp_path / f"workers-{workers}"
+        tokenize_source(path, "chat.jsonl", spec, "skip", folder, workers=workers, chunk_rows=16)
+        written[workers] = open_tokenized(folder)
+    one, two = written[1], written[2]
+    assert len(one) == 148 and one.skipped == two.skipped == 2 and one.skipped_where == two.skipped_where
+    for name in ("tokens", "targets", "offsets", "rows"):
+        assert np.array_equal(getattr(one, name), getattr(two, name)), name
+    with pytest.raises(DataError, match=r"^chat.jsonl:40: empty conversation"):
+        tokenize_source(path, "chat.jsonl", spec, "error", tmp_path / "error", workers=2, chunk_rows=16)
+
+
+def _prepare_once(path: str, cache: str, tokenizer_dir: str, marker: str, start) -> None:
+    """One of two processes that want the same entry at once; counts its tokenizations."""
+    from transformers import AutoTokenizer
+
+    original = prepare_module.tokenize_source
+
+    def counted(*args, **kwargs):
+        with open(marker, "a") as f:
+            f.write("tokenized\n")
+        time.sleep(1.0)  # hold the lock while the other process arrives
+        return original(*args, **kwargs)
+
+    prepare_module.tokenize_source = counted
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    start.wait()
+    data = tokenize(Path(path), "chat", tokenizer, Path(cache))
+    assert len(data) == 30
+
+
+@pytest.mark.slow
+def test_processes_wanting_one_entry_tokenize_it_once(tmp_path, tiny_tokenizer):
+    path = chat_file(tmp_path / "chat.jsonl", 30)
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    processes = [context.Process(target=_prepare_once, args=(str(path), str(tmp_path / "cache"),
+                                                            str(tmp_path / "tokenizer"), str(tmp_path / "marker"), start))
+                 for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert (tmp_path / "marker").read_text() == "tokenized\n"
+    assert len(cache_entries(tmp_path / "cache")) == 1
+
+
+def test_a_half_written_entry_is_never_used_and_is_cleared(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    spec = EncodingSpec("text", field_names("text", {}, "fields"), False, tiny_tokenizer)
+    folder = cache_folder(path, str(path), spec, "error", tmp_path / "cache")
+    left_by_a_killed_process = folder.with_name(f".{folder.name}.partial-otherhost-999")
+    left_by_a_killed_process.mkdir(parents=True)
+    (left_by_a_killed_process / "tokens.uint16").write_bytes(b"\x00" * 10)
+    data = load_tokenized(path, str(path), spec, "error", tmp_path / "cache")
+    assert len(data) == len(ROWS) and not left_by_a_killed_process.exists()
+    assert cache_entries(tmp_path / "cache") == [folder]

@@ -299,3 +299,34 @@ def test_two_processes_share_one_cache_and_split_the_stream(tmp_path, tiny_token
     single = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
     for step in range(3):
         assert shards[0][step] + shards[1][step] == flatten(single.next_step(4))
+
+
+def _bad_data_rank(rank: int, config_path: str, store: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from conftest import TOY_TEXTS
+    from trainer.data import DataError
+    from trainer.models import train_bpe_tokenizer
+
+    os.environ["LOCAL_RANK"] = str(rank)  # one node: rank 0 tokenizes, rank 1 waits for it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        tokenizer = train_bpe_tokenizer(TOY_TEXTS, TINY_LLAMA["vocab_size"])
+        build_train_loader(load_config(config_path), tokenizer, "sdpa", rank, 2)
+    except DataError as err:
+        Path(f"{out}.{rank}").write_text(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_bad_row_found_by_the_tokenizing_rank_stops_every_rank_with_its_message(tmp_path):
+    cfg = make_config(tmp_path, [("task", 40, 1.0)], packing=True)
+    path = Path(cfg.data.datasets[0].path)
+    path.write_text(path.read_text() + '{"messages": []}\n')
+    torch.multiprocessing.spawn(_bad_data_rank, args=(str(tmp_path / "config.yaml"), str(tmp_path / "store"),
+                                                     str(tmp_path / "error")), nprocs=2)
+    messages = [(tmp_path / f"error.{rank}").read_text() for rank in range(2)]
+    assert messages[0] == messages[1] and messages[0].startswith(f"{path}:41: empty conversation")
