@@ -40,3 +40,4 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/packing.py
 	$(PY) bench/strategies.py
+	$(PY) bench/data_scale.py

@@ -124,8 +124,11 @@ class ChatEncoder:
         if self.train_on_prompt:
             return Encoded(tokens, [True] * len(tokens))
         spans = self._assistant_spans(messages, text)
-        targets = [any(a <= begin < b for a, b in spans) for begin, _ in encoding["offset_mapping"]]
-        if not any(targets[1:]):
+        starts = np.fromiter((begin for begin, _ in encoding["offset_mapping"]), dtype=np.int64, count=len(tokens))
+        targets = np.zeros(len(tokens), dtype=bool)
+        for a, b in spans:
+            targets |= (starts >= a) & (starts < b)
+        if not targets[1:].any():
             raise RowError("no target tokens (assistant turns are empty)")
         return Encoded(tokens, targets)
 

@@ -11,6 +11,7 @@ r-th contiguous block of `micro_batch_size x num_micro_batches` rows.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +263,11 @@ def _global_stream(cfg: Config, tokenizer, report: bool = True) -> tuple[GlobalS
 
 def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> TrainLoader:
     _check_packing(cfg)
+    start = time.perf_counter()
     stream, stats = _global_stream(cfg, tokenizer)
+    log.info("training data: %s examples mapped in %.1f s", " + ".join(f"{len(ds.examples):,} {ds.name}"
+                                                                      for ds in stream.datasets),
+             time.perf_counter() - start)
     return TrainLoader(stream, _collator(cfg, stream.datasets, tokenizer, attention), cfg.train.micro_batch_size,
                        cfg.train.global_batch_size, rank, world_size, stats, cache_root(cfg))
 
