@@ -69,7 +69,7 @@ class TokenizedDataset:
     def where(self, i: int) -> str:
         return location(self.source, int(self.rows[i]), self.by_line)
 
-    def length_blocks(self, block: int = 1 << 20) -> Iterator[tuple[int, np.ndarray]]:
+    def length_blocks(self, block: int = 1 << 18) -> Iterator[tuple[int, np.ndarray]]:
         """(first example, lengths) of consecutive blocks of examples. The offsets are read
         with ordinary file reads rather than through the mapping, so a scan of every
         example does not leave the whole offsets file in this process's resident memory."""
@@ -77,7 +77,7 @@ class TokenizedDataset:
             stop = min(start + block, len(self))
             yield start, np.diff(self._read("offsets.int64", self.offsets, start, stop + 1))
 
-    def examples_with_label(self, value_index: int, block: int = 1 << 20) -> np.ndarray:
+    def examples_with_label(self, value_index: int, block: int = 1 << 18) -> np.ndarray:
         """Examples whose label is `label_values[value_index]` (for messages about one)."""
         found = [start + np.flatnonzero(self._read("labels.int32", self.label_index, start,
                                                    min(start + block, len(self))) == value_index)
