@@ -45,6 +45,8 @@ from trainer.data.tokenized import (EncodedChunk, TokenizedDataset, TokenizedWri
 
 log = logging.getLogger("finetrain")
 
+# Part of every cache key: bump it when the same source and settings would give other arrays
+# (a change to the folder layout in tokenized.py or to an encoder in formats.py).
 CACHE_VERSION = 2
 # Rows per chunk sent to a worker: large enough that the transfer costs little next to
 # encoding (a chat example takes a few hundred microseconds), small enough that chunks in
@@ -177,12 +179,13 @@ def tokenize_source(path: Path, source: str, spec: EncodingSpec, on_bad_row: str
                     skipped_where.append(f"{where}: {problem}")
             writer.add(chunk)
             meter.advance(chunk.rows_read)
+        if writer.examples == 0:
+            detail = f" ({skipped} bad rows skipped; first: {skipped_where[0]})" if skipped else ""
+            raise DataError(f"{source}: no usable examples{detail}")
+        writer.finish(skipped, skipped_where)
     finally:
         rate = meter.close()
-    if writer.examples == 0:
-        detail = f" ({skipped} bad rows skipped; first: {skipped_where[0]})" if skipped else ""
-        raise DataError(f"{source}: no usable examples{detail}")
-    writer.finish(skipped, skipped_where)
+        writer.close()  # on an error too: the caller removes the folder
     log.info("tokenized %s: %d examples, %d tokens, %.0f examples/s with %d worker(s)", source, writer.examples,
              writer.num_tokens, rate, workers)
 

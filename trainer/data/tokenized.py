@@ -29,7 +29,6 @@ import numpy as np
 
 from trainer.data.sources import location
 
-FORMAT_VERSION = 2
 META = "meta.json"
 
 
@@ -118,6 +117,7 @@ class TokenizedWriter:
         self.folder = folder
         self.source = source
         self.format = fmt
+        self.vocab_size = vocab_size
         self.dtype = token_dtype(vocab_size)
         folder.mkdir(parents=True)
         self.files = {name: open(folder / name, "wb") for name in
@@ -133,6 +133,9 @@ class TokenizedWriter:
         self.by_line = chunk.by_line
         if not len(chunk.lengths):
             return
+        if chunk.tokens.max() > np.iinfo(self.dtype).max:  # a tokenizer with ids beyond its length
+            raise ValueError(f"{self.source}: token id {chunk.tokens.max()} does not fit {self.dtype.name}, "
+                             f"chosen for the tokenizer's {self.vocab_size} tokens")
         chunk.tokens.astype(self.dtype).tofile(self.files[f"tokens.{self.dtype.name}"])
         chunk.targets.tofile(self.files["targets.bool"])
         self.every_token_a_target &= bool(chunk.targets.all())
@@ -144,17 +147,21 @@ class TokenizedWriter:
         self.examples += len(chunk.lengths)
         self.num_tokens += int(chunk.lengths.sum())
 
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
     def finish(self, skipped: int, skipped_where: list[str]) -> None:
         for f in self.files.values():
             f.flush()
-            os.fsync(f.fileno())
-            f.close()
+            os.fsync(f.fileno())  # on disk before the folder is renamed into place
+        self.close()
         targets = "none" if self.format == "classification" else "all" if self.every_token_a_target else "file"
         if targets != "file":
             (self.folder / "targets.bool").unlink()
         if self.format != "classification":
             (self.folder / "labels.int32").unlink()
-        meta = {"version": FORMAT_VERSION, "source": self.source, "format": self.format, "by_line": self.by_line,
+        meta = {"source": self.source, "format": self.format, "by_line": self.by_line,
                 "examples": self.examples, "tokens": self.num_tokens, "token_dtype": self.dtype.name,
                 "targets": targets, "label_values": list(self.label_ids),
                 "skipped": skipped, "skipped_where": skipped_where}
@@ -170,8 +177,6 @@ def is_complete(folder: Path) -> bool:
 def open_tokenized(folder: Path) -> TokenizedDataset:
     """Map a complete folder's arrays read-only."""
     meta = json.loads((folder / META).read_text())
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{folder}: tokenized with format version {meta.get('version')}, expected {FORMAT_VERSION}")
     n, count = meta["examples"], meta["tokens"]
 
     def mapped(name: str, dtype, length: int) -> np.ndarray:
