@@ -23,6 +23,7 @@ from runs import word_tokenizer
 from trainer.config import load_config
 from trainer.data import build_train_loader
 from trainer.data.mixing import RandomPermutation
+from trainer.data.stream import GlobalStream
 
 WORDS = "red green blue cat dog bird fish tree river stone cloud sun moon star apple bread".split()
 
@@ -249,6 +250,20 @@ def test_packed_epoch_is_a_clean_pass(tmp_path, tiny_tokenizer):
     assert sorted(first) == list(range(101))
     second = [p.example for _ in range(rows) for p in loader.stream.next_row()]
     assert sorted(second) == list(range(101)) and second != first
+
+
+def test_epoch_rows_are_counted_once_per_stream(tmp_path, tiny_tokenizer, monkeypatch):
+    cfg = make_config(tmp_path, [("task", 90, 0.9), ("general", 500, 0.1)], packing=True)
+    counted = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).steps_per_epoch()
+
+    def no_counting(*_):
+        raise AssertionError("counted again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GlobalStream, "next_row", no_counting)
+        assert build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).steps_per_epoch() == counted
+    cfg.data.datasets[1].weight = 0.2  # another stream: counted anew
+    assert build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).steps_per_epoch() != counted
 
 
 def test_mixed_epoch_counts_rehearsal_at_its_weight(tmp_path, tiny_tokenizer):
