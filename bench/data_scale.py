@@ -14,7 +14,9 @@ are kept under --work between runs). For each size, in order:
 
 Writes bench/results/data_scale.json and prints a markdown table. A part is a function
 (args, Workload) -> dict registered in PARTS, run per size in the order given: another
-measurement (say of checkpointing) adds a function and an entry.
+measurement (say of checkpointing) adds a function and an entry. Parts not run keep their
+results from the file, so one part can be measured again (`--parts run`) without the hour
+of tokenization (the caches stay in --work).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def environment() -> dict:
 # --------------------------------------------------------------------------- parts
 
 TOKENIZED_LINE = re.compile(r"tokenized \S+: (\d+) examples, (\d+) tokens, ([\d.]+) examples/s with (\d+) worker")
-MAPPED_LINE = re.compile(r"training data: .* mapped in ([\d.]+) s")
+READY_LINE = re.compile(r"training data: .* ready in ([\d.]+) s")
 
 
 def bench_prepare(args, load: Workload) -> dict:
@@ -168,7 +170,8 @@ def _memory_kib(pid: int) -> dict[str, int]:
 def bench_run(args, load: Workload) -> dict:
     """`finetrain train --nproc 2` on the warm cache: launch to first step, and per rank
     the peak resident memory and the most anonymous and file-backed memory seen; and the
-    part of start-up the data takes (rank 0's own measure, from its log)."""
+    part of start-up the data takes (rank 0's own measure, from its log: mapping the cache,
+    scanning lengths, building the stream)."""
     shutil.rmtree(load.folder / "run", ignore_errors=True)
     launched = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(load.config), "--nproc", str(args.nproc)],
@@ -192,9 +195,9 @@ def bench_run(args, load: Workload) -> dict:
     records = [json.loads(line) for line in (load.folder / "run" / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in records if r.get("step") == 1 and "loss" in r)
     ranks = sorted(peaks.values(), key=lambda m: -m["VmHWM"])[: args.nproc]
-    mapped = MAPPED_LINE.search(stderr)
+    ready = READY_LINE.search(stderr)
     result = {"launch_to_first_step_s": first["time"] - launched,
-              "data_mapping_s": float(mapped.group(1)) if mapped else None,
+              "data_ready_s": float(ready.group(1)) if ready else None,
               "peak_rss_mib_per_rank": [m["VmHWM"] / 1024 for m in ranks],
               "max_anon_mib_per_rank": [m["RssAnon"] / 1024 for m in ranks],
               "max_file_mib_per_rank": [m["RssFile"] / 1024 for m in ranks]}
@@ -211,15 +214,16 @@ PARTS: dict[str, Callable[[argparse.Namespace, Workload], dict]] = {"prepare": b
 
 def table(results: list[dict]) -> str:
     lines = ["| conversations | JSONL (MB) | tokens | prepare, most workers (examples/s) | peak RSS per rank (MiB) | "
-             "data mapped in (s) | launch to first step (s) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "data ready in (s) | launch to first step (s) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     nan = float("nan")
     for r in results:
         prepare, run = r.get("prepare", {}), r.get("run", {})
         workers = [k for k in prepare if k.startswith("workers_")]
         rate = prepare[max(workers, key=lambda k: int(k.split("_")[1]))]["examples_per_s"] if workers else nan
+        ready = run.get("data_ready_s")
         lines.append(f"| {r['size']:,} | {prepare.get('data_bytes', 0) / 1e6:,.0f} | {prepare.get('tokens', 0):,} | "
                      f"{rate:,.0f} | {max(run.get('peak_rss_mib_per_rank', [nan])):,.0f} | "
-                     f"{run.get('data_mapping_s') or nan:.1f} | {run.get('launch_to_first_step_s', nan):.1f} |")
+                     f"{nan if ready is None else ready:.1f} | {run.get('launch_to_first_step_s', nan):.1f} |")
     return "\n".join(lines)
 
 
@@ -235,20 +239,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "data_scale.json")
     args = parser.parse_args()
 
-    results = []
+    by_size = {r["size"]: r for r in json.loads(args.out.read_text())["results"]} if args.out.is_file() else {}
     for size in args.sizes:
         load = workload(args, size)
-        results.append({"size": size, **{part: PARTS[part](args, load) for part in args.parts}})
+        by_size[size] = {**by_size.get(size, {}), "size": size, **{part: PARTS[part](args, load) for part in args.parts}}
+    results = [by_size[size] for size in sorted(by_size)]
     import torch
 
-    report = {"model": MODEL, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(), "results": results}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "parts"}
+    report = {"model": MODEL, "settings": settings, "torch": torch.__version__, "machine": platform.machine(),
+              "cpus": os.cpu_count(), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(results))
-    if "run" in args.parts and len(results) > 1:
-        growth = max(results[-1]["run"]["peak_rss_mib_per_rank"]) - max(results[0]["run"]["peak_rss_mib_per_rank"])
-        print(f"\npeak RSS per rank grows by {growth:.0f} MiB from {args.sizes[0]:,} to {args.sizes[-1]:,} conversations")
+    runs = [r for r in results if "run" in r]
+    if len(runs) > 1:
+        growth = max(runs[-1]["run"]["peak_rss_mib_per_rank"]) - max(runs[0]["run"]["peak_rss_mib_per_rank"])
+        print(f"\npeak RSS per rank grows by {growth:.0f} MiB from {runs[0]['size']:,} to {runs[-1]['size']:,} conversations")
 
 
 if __name__ == "__main__":

@@ -265,8 +265,8 @@ def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_
     _check_packing(cfg)
     start = time.perf_counter()
     stream, stats = _global_stream(cfg, tokenizer)
-    log.info("training data: %s examples mapped in %.1f s", " + ".join(f"{len(ds.examples):,} {ds.name}"
-                                                                      for ds in stream.datasets),
+    log.info("training data: %s examples ready in %.1f s", " + ".join(f"{len(ds.examples):,} {ds.name}"
+                                                                     for ds in stream.datasets),
              time.perf_counter() - start)
     return TrainLoader(stream, _collator(cfg, stream.datasets, tokenizer, attention), cfg.train.micro_batch_size,
                        cfg.train.global_batch_size, rank, world_size, stats, cache_root(cfg))

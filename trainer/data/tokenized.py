@@ -186,6 +186,9 @@ def open_tokenized(folder: Path) -> TokenizedDataset:
             return np.empty(0, dtype=dtype)
         with open(folder / name, "rb") as f:
             pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # Examples are drawn in shuffled order: reading ahead of a fault would fetch
+        # neighbours nobody asked for when the data is larger than the page cache.
+        pages.madvise(mmap.MADV_RANDOM)
         return np.frombuffer(pages, dtype=dtype, count=length)
 
     targets = {"file": lambda: mapped("targets.bool", np.bool_, count),
