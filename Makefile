@@ -49,3 +49,4 @@ bench: $(STAMP)
 	$(PY) bench/strategies.py
 	$(PY) bench/qlora_memory.py
 	$(PY) bench/loss_head.py
+	$(PY) bench/data_scale.py

@@ -21,6 +21,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "numpy>=1.24",
+        "pyarrow>=15",  # Parquet read in batches (also a dependency of datasets)
         "submitit>=1.5",
         "rouge-score>=0.1.2",  # ROUGE-L of generated answers (data.eval.generate)
     ],

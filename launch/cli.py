@@ -1,4 +1,4 @@
-"""The `finetrain` command: train, submit, export, estimate.
+"""The `finetrain` command: train, prepare, submit, export, estimate.
 
 `finetrain train` validates the config in this process first, so a bad key stops
 before any worker or process group starts; with --nproc N (and --nnodes M) it then runs
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,26 @@ def cmd_train(args) -> int:
         return run_rank([args.config, *args.overrides] + (["--debug"] if args.debug else []))
     return run_ranks([args.config, *args.overrides], args.nproc, args.nnodes, args.rdzv_endpoint,
                      args.rdzv_id or default_rdzv_id(cfg.run.output_dir), scratch=cfg.output_dir / "tmp")
+
+
+def cmd_prepare(args) -> int:
+    """Tokenize the run's data into the cache ahead of `train`, with the tokenizer the run
+    will use (trained and saved into the run folder for train-bpe, as `train` would)."""
+    from trainer.data import prepare_data, training_texts
+    from trainer.models import load_tokenizer
+
+    try:
+        if args.workers < 1:
+            raise UserError(f"--workers {args.workers}: must be at least 1")
+        cfg = load_config(args.config, args.overrides)
+        tokenizer = load_tokenizer(cfg, lambda: training_texts(cfg))
+        prepared = prepare_data(cfg, tokenizer, args.workers)
+    except UserError as err:
+        return report_user_error(err, args.config, args.overrides)
+    for name, data in prepared.items():
+        skipped = f", {data.skipped} bad rows skipped" if data.skipped else ""
+        print(f"{name}: {len(data):,} examples, {len(data.tokens):,} tokens{skipped}")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -76,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rdzv-id", help="rendezvous id shared by the nodes (default: the Slurm job, or the run folder)")
     train.add_argument("--debug", action="store_true", help="world of one, 5 deterministic steps, print the first batch")
     train.set_defaults(run=cmd_train)
+
+    prepare = sub.add_parser("prepare", help="tokenize the data into the memory-mapped cache ahead of a run")
+    prepare.add_argument("config")
+    prepare.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    prepare.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                         help="tokenizing processes (default: one per CPU this process may use)")
+    prepare.set_defaults(run=cmd_prepare)
 
     export = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")
     export.add_argument("checkpoint")

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from conftest import REPO, TINY_BERT, TINY_LLAMA, write_jsonl
 
@@ -28,6 +30,16 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
             {"role": "assistant", "content": " ".join(reversed(words))},
         ]})
     return rows
+
+
+def word_tokenizer(folder: Path) -> Path:
+    """One token per word of WORDS (ids from 2; 0 pads, 1 ends), so every document has
+    exactly the length a test needs."""
+    vocab = {"<pad>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>").save_pretrained(folder)
+    return folder
 
 
 def classification_rows(n: int, seed: int = 0) -> list[dict]:

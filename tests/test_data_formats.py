@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
-from trainer.config import load_config
+from trainer.config import ConfigError, DatasetConfig, load_config
 from trainer.data import DataError, build_train_loader, training_texts
 from trainer.data.formats import ChatEncoder, field_names
-from trainer.data.tokenized import tokenize_source
+from trainer.data.prepare import EncodingSpec, load_tokenized
 
 CHAT = {"messages": [{"role": "user", "content": "What is two plus three?"},
                      {"role": "assistant", "content": "Five."},
@@ -25,13 +25,13 @@ CHAT = {"messages": [{"role": "user", "content": "What is two plus three?"},
 
 
 def config(tmp_path: Path, rows: list, fmt: str = "chat", name: str = "sft.jsonl", fields: dict | None = None,
-           task: str = "causal_lm", **data):
+           task: str = "causal_lm", tokenizer: str = "train-bpe", **data):
     path = tmp_path / name
     write_jsonl(path, rows)
     dataset = {"name": "sft", "path": str(path), "format": fmt}
     if fields:
         dataset["fields"] = fields
-    model = {"config": dict(TINY_LLAMA), "tokenizer": "train-bpe"}
+    model = {"config": dict(TINY_LLAMA), "tokenizer": tokenizer}
     if task == "sequence_classification":
         model = {"config": dict(TINY_BERT), "tokenizer": "train-bpe", "task": task, "num_labels": 3}
         data.setdefault("packing", False)
@@ -104,7 +104,7 @@ def test_classification_class_names_map_in_sorted_order(tmp_path, tiny_tokenizer
     rows = [{"text": "red blue", "label": "pos"}, {"text": "cat dog", "label": "neg"}, {"text": "sun", "label": "mixed"}]
     cfg, _ = config(tmp_path, rows, fmt="classification", task="sequence_classification")
     ds = examples_of(cfg, tiny_tokenizer)
-    assert ds.class_ids.tolist() == [2, 1, 0]  # mixed=0, neg=1, pos=2
+    assert [ds.class_id(i) for i in range(3)] == [2, 1, 0]  # mixed=0, neg=1, pos=2
     loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
     batch = loader.next_step(1)[0]
     assert batch.labels.dim() == 1 and batch.num_targets == 2
@@ -157,11 +157,11 @@ def test_overlong_truncate_drop_error(tmp_path, tiny_tokenizer):
     ds = loader.stream.datasets[0]
     # row 3's prompt alone fills the row (no target left): dropped; row 4 truncated
     assert loader.stats["sft/overlong_truncated"] == 1 and loader.stats["sft/overlong_dropped"] == 1
-    assert sorted(ds.examples.tolist()) == [0, 1, 3] and ds.lengths[3] == 128
+    assert list(ds.examples) == [0, 1, 3] and ds.length(3) == 128
 
     cfg, path = config(tmp_path / "drop", rows, overlong="drop")
     loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
-    assert loader.stats["sft/overlong_dropped"] == 2 and sorted(loader.stream.datasets[0].examples.tolist()) == [0, 1]
+    assert loader.stats["sft/overlong_dropped"] == 2 and list(loader.stream.datasets[0].examples) == [0, 1]
 
     cfg, path = config(tmp_path / "error", rows, overlong="error")
     with pytest.raises(DataError, match=re.escape(f"{path}:3: example of ") + r"\d+ tokens is longer than data.seq_len 128"):
@@ -229,17 +229,17 @@ def test_bad_row_in_a_parquet_file_names_the_row(tmp_path, tiny_tokenizer):
 
     path = tmp_path / "data.parquet"
     datasets.Dataset.from_list([{"text": "fine", "label": 1}, {"text": None, "label": 0}]).to_parquet(str(path))
-    names = field_names("classification", {}, "fields")
+    spec = EncodingSpec("classification", field_names("classification", {}, "fields"), False, tiny_tokenizer)
     with pytest.raises(DataError, match=re.escape(f'{path}: row 2: missing field "text"')):
-        tokenize_source(path, str(path), "classification", names, tiny_tokenizer, False, "error", tmp_path / "hf")
+        load_tokenized(path, str(path), spec, "error", tmp_path / "cache")
 
 
 def test_undecodable_csv_line(tmp_path, tiny_tokenizer):
     path = tmp_path / "data.csv"
     path.write_bytes(b"text,label\nfine,1\nbad \xff byte,0\n")
-    names = field_names("classification", {}, "fields")
+    spec = EncodingSpec("classification", field_names("classification", {}, "fields"), False, tiny_tokenizer)
     with pytest.raises(DataError, match=re.escape(f"{path}:3: not valid UTF-8 (byte 0xff")):
-        tokenize_source(path, str(path), "classification", names, tiny_tokenizer, False, "error", tmp_path / "hf")
+        load_tokenized(path, str(path), spec, "error", tmp_path / "cache")
 
 
 def test_packing_with_prompt_tuning_is_refused(tmp_path, tiny_tokenizer):
@@ -250,3 +250,60 @@ def test_packing_with_prompt_tuning_is_refused(tmp_path, tiny_tokenizer):
     cfg.data.packing = False
     batch = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).next_step(1)[0]
     assert "position_ids" not in batch.inputs  # peft would drop them with a warning on every forward
+
+
+# ----------------------------------------------------------------------------- pre-tokenized data
+
+
+def tokenized_config(tmp_path: Path, tokenizer, rows: list, **data):
+    """A config training on pre-tokenized `rows`, made with (and read with) `tokenizer`."""
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    return config(tmp_path, rows, fmt="tokenized", name="ids.jsonl", tokenizer=str(tmp_path / "tokenizer"), **data)
+
+
+def test_tokenized_rows_keep_their_ids_and_targets(tmp_path, tiny_tokenizer):
+    rows = [{"input_ids": [7, 8, 9, 10], "labels": [-100, -100, 9, 10]}, {"input_ids": [11, 12, 13]}]
+    cfg, _ = tokenized_config(tmp_path, tiny_tokenizer, rows)
+    ds = examples_of(cfg, tiny_tokenizer)
+    assert ds.data.example_tokens(0).tolist() == [7, 8, 9, 10]
+    assert ds.data.example_targets(0).tolist() == [False, False, True, True]
+    assert ds.data.example_tokens(1).tolist() == [11, 12, 13] and ds.data.example_targets(1).all()
+
+
+def test_tokenized_data_is_packed_and_mixed_like_the_rest(tmp_path, tiny_tokenizer):
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] + list(range(6, 5 + n))} for n in range(3, 23)]
+    cfg, _ = tokenized_config(tmp_path, tiny_tokenizer, rows)
+    cfg.data.datasets[0].weight = 0.5
+    chat = write_jsonl(tmp_path / "chat.jsonl", [CHAT] * 20)
+    cfg.data.datasets.append(DatasetConfig(name="chat", path=str(chat), format="chat", weight=0.5))
+    cfg.train.global_batch_size = cfg.train.micro_batch_size = 4
+    batch = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).next_step(1)[0]
+    assert batch.examples["sft"] > 0 and batch.examples["chat"] > 0
+    assert max(len(row) for row in batch.row_lengths) > 1  # packed
+
+
+TOKENIZED_BAD_ROWS = [
+    ({"input_ids": []}, 'empty field "input_ids"'),
+    ({"input_ids": "5 6"}, 'field "input_ids" must be list, got str'),
+    ({"input_ids": [5, "6"]}, "input_ids[1] must be an integer, got str '6'"),
+    ({"input_ids": [5, True]}, "input_ids[1] must be an integer, got bool True"),
+    ({"input_ids": [5, 320]}, "input_ids[1] is 320, outside the tokenizer's vocabulary [0, 320)"),
+    ({"input_ids": [-1, 5]}, "input_ids[0] is -1, outside the tokenizer's vocabulary"),
+    ({"input_ids": [5, 6], "labels": [5]}, 'field "labels" has 1 entries, "input_ids" has 2'),
+    ({"input_ids": [5, 6], "labels": [-100, 7]}, "labels[1] is 7: a label is the token id at its position (6) or -100"),
+    ({"input_ids": [5, 6], "labels": [-100, 6.0]}, "labels[1] must be an integer, got float 6.0"),
+    ({"input_ids": [5, 6], "labels": [5, -100]}, "no target tokens: every label after the first is -100"),
+]
+
+
+@pytest.mark.parametrize("bad,message", TOKENIZED_BAD_ROWS, ids=[m for _, m in TOKENIZED_BAD_ROWS])
+def test_bad_tokenized_row_is_named_by_file_and_line(tmp_path, tiny_tokenizer, bad, message):
+    cfg, path = tokenized_config(tmp_path, tiny_tokenizer, [{"input_ids": [5, 6, 7]}, bad])
+    with pytest.raises(DataError) as err:
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    assert str(err.value).startswith(f"{path}:2: {message}"), str(err.value)
+
+
+def test_tokenized_data_with_a_trained_tokenizer_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="data.datasets.0.format: tokenized data needs the tokenizer it was tokenized"):
+        config(tmp_path, [{"input_ids": [5, 6]}], fmt="tokenized")

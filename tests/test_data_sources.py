@@ -4,6 +4,8 @@ data sets, and the evaluation sets."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,12 @@ import yaml
 
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
 from trainer.config import load_config
-from trainer.data import build_eval_sets, build_train_loader, held_out_conversations
-from trainer.data import tokenized as tokenized_module
+from trainer.data import DataError, build_eval_sets, build_train_loader, held_out_conversations
+from trainer.data import prepare as prepare_module
 from trainer.data.builtin import BUILTINS, materialize
 from trainer.data.formats import field_names
-from trainer.data.tokenized import load_tokenized, tokenize_source
+from trainer.data.prepare import EncodingSpec, cache_folder, load_tokenized, tokenize_source
+from trainer.data.tokenized import open_tokenized
 
 ROWS = [{"text": f"sample number {i} " + "word " * (i % 7), "label": i % 2} for i in range(12)]
 
@@ -41,46 +44,52 @@ def write_source(kind: str, folder: Path) -> Path:
     return folder / "saved"
 
 
+def tokenize(path: Path, fmt: str, tokenizer, cache: Path, source: str | None = None, train_on_prompt: bool = False):
+    spec = EncodingSpec(fmt, field_names(fmt, {}, "fields"), train_on_prompt, tokenizer)
+    return load_tokenized(path, source or str(path), spec, "error", cache)
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    """Complete tokenized data sets in a cache (not its lock files)."""
+    return [p for p in (cache / "tokenized").iterdir() if not p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("kind", ["json", "parquet", "csv", "save_to_disk"])
 def test_every_source_kind_reads_like_jsonl(tmp_path, tiny_tokenizer, kind):
-    names = field_names("classification", {}, "fields")
-    reference = tokenize_source(write_source("jsonl", tmp_path), "ref", "classification", names, tiny_tokenizer,
-                                False, "error", tmp_path / "hf")
+    reference = tokenize(write_source("jsonl", tmp_path), "classification", tiny_tokenizer, tmp_path / "cache", "ref")
     path = write_source(kind, tmp_path)
-    data = tokenize_source(path, str(path), "classification", names, tiny_tokenizer, False, "error", tmp_path / "hf")
+    data = tokenize(path, "classification", tiny_tokenizer, tmp_path / "cache")
     assert np.array_equal(data.tokens, reference.tokens) and np.array_equal(data.offsets, reference.offsets)
-    assert data.labels == reference.labels == [r["label"] for r in ROWS]
+    labels = [data.label(i) for i in range(len(data))]
+    assert labels == [reference.label(i) for i in range(len(reference))] == [r["label"] for r in ROWS]
     assert data.where(3) == f"{path}: row 4"
 
 
 def test_json_lines_named_json(tmp_path, tiny_tokenizer):
     path = tmp_path / "rows.json"
     write_jsonl(path, ROWS)
-    data = tokenize_source(path, str(path), "text", field_names("text", {}, "fields"), tiny_tokenizer, False, "error")
+    data = tokenize(path, "text", tiny_tokenizer, tmp_path / "cache")
     assert len(data) == len(ROWS) and data.where(0) == f"{path}:1"
 
 
 def test_tokenization_is_cached_by_content_and_tokenizer(tmp_path, tiny_tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    names = field_names("text", {}, "fields")
-    args = (path, str(path), "text", names)
-    first = load_tokenized(*args, tiny_tokenizer, False, "error", tmp_path / "cache")
-    cached = list((tmp_path / "cache" / "tokenized").iterdir())
-    assert len(cached) == 1
+    cache = tmp_path / "cache"
+    first = tokenize(path, "text", tiny_tokenizer, cache)
+    assert len(cache_entries(cache)) == 1
 
     def fail(*_, **__):
         raise AssertionError("tokenized again despite the cache")
 
-    monkeypatch.setattr(tokenized_module, "_MEMO", {})
-    monkeypatch.setattr(tokenized_module, "tokenize_source", fail)
-    second = load_tokenized(*args, tiny_tokenizer, False, "error", tmp_path / "cache")
+    monkeypatch.setattr(prepare_module, "tokenize_source", fail)
+    second = tokenize(path, "text", tiny_tokenizer, cache)
     assert np.array_equal(second.tokens, first.tokens) and second.rows.tolist() == first.rows.tolist()
 
     monkeypatch.undo()
     write_jsonl(path, ROWS[:5])  # new content: a new entry
-    assert len(load_tokenized(*args, tiny_tokenizer, False, "error", tmp_path / "cache")) == 5
-    load_tokenized(*args, tiny_tokenizer, True, "error", tmp_path / "cache")  # a setting that changes targets
-    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 3
+    assert len(tokenize(path, "text", tiny_tokenizer, cache)) == 5
+    tokenize(path, "text", tiny_tokenizer, cache, train_on_prompt=True)  # a setting that changes targets
+    assert len(cache_entries(cache)) == 3
 
 
 BUILTIN_SIZES = {"toy-chat": (2000, 2000), "chatterbot": (500, 5000), "gensim-lee": (250, 400),
@@ -93,11 +102,11 @@ def test_builtin_data_sets_build_and_tokenize(tmp_path, tmp_path_factory, tiny_t
     fmt = BUILTINS[name][0]
     path = materialize(f"builtin:{name}", cache)
     assert materialize(f"builtin:{name}", cache) == path  # built once
-    data = tokenize_source(path, f"builtin:{name}", fmt, field_names(fmt, {}, "fields"), tiny_tokenizer, False, "error")
+    data = tokenize(path, fmt, tiny_tokenizer, tmp_path / "cache", f"builtin:{name}")
     low, high = BUILTIN_SIZES[name]
     assert low <= len(data) <= high and data.skipped == 0
     if fmt == "classification":
-        assert len(set(data.labels)) == 2
+        assert len(data.label_values) == 2
     if name == "newsgroups":  # headers (which name the group) are stripped
         assert not any(json.loads(line)["text"].startswith("From:") for line in path.read_text().splitlines())
     if name == "toy-chat":  # deterministic
@@ -180,7 +189,7 @@ def test_held_out_conversations_are_read_back_from_the_source(tmp_path, tiny_tok
                 {"name": "inst", "path": str(instructions), "format": "instruction"},
                 {"name": "general", "path": str(general), "format": "text"}]
     cfg = loader_config(tmp_path, datasets, eval={"fraction": 0.5, "generate": 4})
-    found = held_out_conversations(cfg, tiny_tokenizer, 0, 30)
+    found = held_out_conversations(cfg, tiny_tokenizer, 30)
     assert set(found) == {"sft", "inst"}
     assert 0 < len(found["sft"]) < 30  # 30 held out, the long ones left out
     assert all({"messages": c} in rows[1::3] + rows[2::3] for c in found["sft"])
@@ -199,3 +208,80 @@ def test_classification_eval_uses_the_training_label_ids(tmp_path, tiny_tokenize
                         model={"config": dict(TINY_BERT), "tokenizer": "train-bpe", "task": "sequence_classification"})
     sets = build_eval_sets(cfg, tiny_tokenizer, "sdpa", 0, 1)
     assert sets["eval"][0].labels.tolist() == [1, 0]
+
+
+# ----------------------------------------------------------------------------- preparing the cache
+
+
+def chat_file(path: Path, count: int, bad_lines: tuple[int, ...] = ()) -> Path:
+    """`count` conversations, with an empty conversation (a bad row) at each of `bad_lines`."""
+    rows = [{"messages": []} if i + 1 in bad_lines else chat(i) for i in range(count)]
+    return write_jsonl(path, rows)
+
+
+@pytest.mark.slow
+def test_worker_processes_write_what_one_process_writes(tmp_path, tiny_tokenizer):
+    """Chunks encoded by two worker processes come back in file order: the same arrays,
+    the same skipped rows, and with `error` the first bad row in the file is the one named."""
+    path = chat_file(tmp_path / "chat.jsonl", 150, bad_lines=(40, 101))
+    spec = EncodingSpec("chat", field_names("chat", {}, "fields"), False, tiny_tokenizer)
+    written = {}
+    for workers in (1, 2):
+        folder = tmp_path / f"workers-{workers}"
+        tokenize_source(path, "chat.jsonl", spec, "skip", folder, workers=workers, chunk_rows=16)
+        written[workers] = open_tokenized(folder)
+    one, two = written[1], written[2]
+    assert len(one) == 148 and one.skipped == two.skipped == 2 and one.skipped_where == two.skipped_where
+    for name in ("tokens", "targets", "offsets", "rows"):
+        assert np.array_equal(getattr(one, name), getattr(two, name)), name
+    with pytest.raises(DataError, match=r"^chat.jsonl:40: empty conversation"):
+        tokenize_source(path, "chat.jsonl", spec, "error", tmp_path / "error", workers=2, chunk_rows=16)
+
+
+def _prepare_once(path: str, cache: str, tokenizer_dir: str, marker: str, start) -> None:
+    """One of two processes that want the same entry at once; counts its tokenizations."""
+    from transformers import AutoTokenizer
+
+    original = prepare_module.tokenize_source
+
+    def counted(*args, **kwargs):
+        with open(marker, "a") as f:
+            f.write("tokenized\n")
+        time.sleep(1.0)  # hold the lock while the other process arrives
+        return original(*args, **kwargs)
+
+    prepare_module.tokenize_source = counted
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    start.wait()
+    data = tokenize(Path(path), "chat", tokenizer, Path(cache))
+    assert len(data) == 30
+
+
+@pytest.mark.slow
+def test_processes_wanting_one_entry_tokenize_it_once(tmp_path, tiny_tokenizer):
+    path = chat_file(tmp_path / "chat.jsonl", 30)
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    processes = [context.Process(target=_prepare_once, args=(str(path), str(tmp_path / "cache"),
+                                                            str(tmp_path / "tokenizer"), str(tmp_path / "marker"), start))
+                 for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert (tmp_path / "marker").read_text() == "tokenized\n"
+    assert len(cache_entries(tmp_path / "cache")) == 1
+
+
+def test_a_half_written_entry_is_never_used_and_is_cleared(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    spec = EncodingSpec("text", field_names("text", {}, "fields"), False, tiny_tokenizer)
+    folder = cache_folder(path, str(path), spec, "error", tmp_path / "cache")
+    left_by_a_killed_process = folder.with_name(f".{folder.name}.partial-otherhost-999")
+    left_by_a_killed_process.mkdir(parents=True)
+    (left_by_a_killed_process / "tokens.uint16").write_bytes(b"\x00" * 10)
+    data = load_tokenized(path, str(path), spec, "error", tmp_path / "cache")
+    assert len(data) == len(ROWS) and not left_by_a_killed_process.exists()
+    assert cache_entries(tmp_path / "cache") == [folder]

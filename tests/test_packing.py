@@ -24,14 +24,15 @@ SEQ_LEN = 64
 PAD = 0
 
 
-def make_dataset(docs: list[list[int]], targets: list[list[bool]], name: str = "docs", text: bool = False) -> StreamDataset:
+def make_dataset(docs: list[list[int]], targets: list[list[bool]], name: str = "docs", text: bool = False,
+                 seq_len: int = SEQ_LEN) -> StreamDataset:
     """An in-memory tokenized data set of the given documents."""
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
     data = TokenizedDataset(source=name, format="text" if text else "chat",
                             tokens=np.concatenate(docs).astype(np.int32), offsets=offsets,
-                            targets=np.concatenate(targets).astype(bool), labels=[],
+                            targets=np.concatenate(targets).astype(bool),
                             rows=np.arange(1, len(docs) + 1), by_line=True)
-    return StreamDataset(name, data, np.arange(len(docs)), data.lengths.copy(), text)
+    return StreamDataset(name, data, np.arange(len(docs)), seq_len, text)
 
 
 def random_documents(count: int, seed: int, vocab: int = 300) -> StreamDataset:
@@ -46,7 +47,7 @@ def random_documents(count: int, seed: int, vocab: int = 300) -> StreamDataset:
 
 
 def pieces_of(ds: StreamDataset) -> list[Piece]:
-    return [p for e in ds.examples for p in ds.pieces(0, int(e), SEQ_LEN)]
+    return [p for e in ds.examples for p in ds.pieces(0, int(e))]
 
 
 def tiny_llama(tiny_tokenizer, config: dict, attention: str, peft: str = "none", fused_loss: bool = True):
@@ -157,8 +158,8 @@ def test_packed_row_boundaries():
 
 def test_long_text_document_is_split_with_isolated_chunks():
     doc = list(range(1, 31))
-    ds = make_dataset([doc], [[True] * 30], text=True)
-    pieces = ds.pieces(0, 0, 12)
+    ds = make_dataset([doc], [[True] * 30], text=True, seq_len=12)
+    pieces = ds.pieces(0, 0)
     assert [(p.start, p.length, p.first) for p in pieces] == [(0, 12, True), (12, 12, False), (24, 6, False)]
     batch = Collator([ds], "causal_lm", 12, True, "sdpa", PAD)([[p] for p in pieces])
     assert batch.inputs["input_ids"][1].tolist() == doc[12:24]

@@ -6,22 +6,11 @@ import random
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from conftest import TINY_LLAMA, write_jsonl
-from runs import WORDS, causal_config, read_metrics, run_cli, step_losses, write_config
+from runs import WORDS, causal_config, read_metrics, run_cli, step_losses, word_tokenizer, write_config
 
 DOC_WORDS = 15  # + EOS = 16 tokens: four documents fill a 64-token row exactly
-
-
-def word_tokenizer(folder: Path) -> Path:
-    """One token per word, so every document has exactly the length the test needs."""
-    vocab = {"<pad>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>").save_pretrained(folder)
-    return folder
 
 
 def test_packed_and_padded_runs_log_equal_losses(tmp_path):

@@ -75,7 +75,7 @@ class PeftConfig:
 class DatasetConfig:
     name: str = ""
     path: str = ""
-    format: Literal["chat", "instruction", "text", "classification"] = "chat"
+    format: Literal["chat", "instruction", "text", "classification", "tokenized"] = "chat"
     weight: float = 1.0
     # Maps finetrain's field names to the file's, e.g. {messages: conversations,
     # role: from, content: value} for sharegpt or {prompt: instruction, input: input,
@@ -88,7 +88,7 @@ class EvalDataConfig:
     # Held-out data: a file (evaluated as one extra dataset named "eval"), or a
     # fraction of each training dataset set aside (evaluated per dataset).
     path: Optional[str] = None
-    format: Literal["chat", "instruction", "text", "classification"] = "chat"
+    format: Literal["chat", "instruction", "text", "classification", "tokenized"] = "chat"
     fraction: float = 0.0
     max_examples: int = 512
     # Held-out prompts of each chat/instruction eval set answered greedily at every
@@ -444,11 +444,16 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
             need(ds.format == "classification", f"{key}.format: model.task sequence_classification needs format classification, got {ds.format}")
         else:
             need(ds.format != "classification", f"{key}.format: classification data needs model.task: sequence_classification")
+        if ds.format == "tokenized":
+            need(m.tokenizer != "train-bpe", f"{key}.format: tokenized data needs the tokenizer it was tokenized with "
+                                             "(model.tokenizer or model.path), not train-bpe")
     need(0 <= d.eval.fraction < 1, f"data.eval.fraction: must be in [0, 1), got {d.eval.fraction}")
     need(not (d.eval.path and d.eval.fraction), "data.eval: set path or fraction, not both")
     if d.eval.path:
         need((d.eval.format == "classification") == (m.task == "sequence_classification"),
              f"data.eval.format: {d.eval.format} does not fit model.task {m.task}")
+        need(d.eval.format != "tokenized" or m.tokenizer != "train-bpe",
+             "data.eval.format: tokenized data needs the tokenizer it was tokenized with, not train-bpe")
     if d.eval.path and check_files and not d.eval.path.startswith("builtin:"):
         need(Path(d.eval.path).exists(), f"data.eval.path: {d.eval.path} does not exist")
     need(d.eval.generate >= 0, f"data.eval.generate: must be >= 0, got {d.eval.generate}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -46,6 +47,12 @@ def world_from_env() -> tuple[int, int, int]:
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     return rank, local_rank, world
+
+
+def local_world_size() -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks per node, else 1."""
+    tasks = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    return int(tasks) if tasks.isdigit() else 1
 
 
 def slurm_rendezvous() -> None:
@@ -140,3 +147,62 @@ def main_first(step: Callable[[], T]) -> T:
     first = agree(lambda: step() if is_main else None)
     later = agree(lambda: None if is_main else step())
     return first if is_main else later
+
+
+NODE_WORK_POLL_S = 0.5
+
+
+def on_node_leaders(work: Callable[[], None], shared_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Run `work` on the first rank of each node while the node's other ranks wait, then end
+    every rank alike: if `work` failed on any node, every rank raises. An error of one of
+    the `shared_errors` classes is raised on every rank with its class and message (its
+    own node's, when several failed), so a user's mistake reads the same everywhere;
+    any other failure is re-raised where it happened and reported by the other ranks.
+
+    The ranks wait in short all-reduces, repeated until every leader is done, rather
+    than in one collective, whose timeout a long `work` (tokenizing a large data set)
+    could exceed; a leader runs `work` in a thread so that it keeps answering them."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        work()
+        return
+    rank, local_rank = dist.get_rank(), world_from_env()[1]
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as err:  # handed to the main thread, which raises it
+            failure.append(err)
+        finally:
+            done.set()
+
+    if local_rank == 0:
+        threading.Thread(target=run, name="finetrain-node-work", daemon=True).start()
+    else:
+        done.set()
+    while all_reduce_max(torch.tensor([0 if done.is_set() else 1], dtype=torch.int32)).item():
+        done.wait(NODE_WORK_POLL_S)
+    outcome = None
+    if failure:
+        error = failure[0]
+        shared = isinstance(error, shared_errors)
+        outcome = (type(error).__name__ if shared else None, str(error))
+    outcomes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    if failure:
+        if isinstance(failure[0], shared_errors):
+            failure[0].agreed = True  # every rank raises it: rank 0 reports it for all
+        raise failure[0]
+    failed = [r for r, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return
+    leader = rank - local_rank  # ranks are numbered node by node
+    source = leader if leader in failed else failed[0]
+    kind, message = outcomes[source]
+    for cls in shared_errors:
+        if cls.__name__ == kind:
+            error = cls(message)
+            error.agreed = True
+            raise error
+    raise RuntimeError(f"rank {source} failed: {message}")

@@ -133,7 +133,7 @@ class HeldOutGeneration:
         if not count:
             return None
         prompts = []
-        for name, conversations in held_out_conversations(cfg, tokenizer, rank, count).items():
+        for name, conversations in held_out_conversations(cfg, tokenizer, count).items():
             split = [s for s in map(split_last_answer, conversations) if s is not None]
             if len(split) < count and rank == 0:
                 log.warning("data.eval.generate: %s has %d held-out conversations with a prompt that fit "

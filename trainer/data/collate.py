@@ -70,9 +70,11 @@ class Collator:
         return self._packed(rows) if self.packing else self._padded(rows)
 
     def _piece(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (int64: stored ids may be uint16, where -100 would wrap) and target flags."""
         data = self.datasets[piece.dataset].data
         begin = int(data.offsets[piece.example]) + piece.start
-        return data.tokens[begin: begin + piece.length], data.targets[begin: begin + piece.length]
+        tokens = data.tokens[begin: begin + piece.length].astype(np.int64)
+        return tokens, data.targets[begin: begin + piece.length]
 
     def _counts(self, rows: list[list[Piece]]) -> tuple[dict, dict]:
         examples = {ds.name: 0 for ds in self.datasets}
@@ -146,7 +148,7 @@ class Collator:
         longest = max(sum(p.length for p in row) for row in rows)
         input_ids, _, _, _ = self._fill(rows, longest)
         real = torch.tensor([[1] * row[0].length + [0] * (longest - row[0].length) for row in rows], dtype=torch.int64)
-        labels = torch.tensor([int(self.datasets[row[0].dataset].class_ids[row[0].example]) for row in rows],
+        labels = torch.tensor([self.datasets[row[0].dataset].class_id(row[0].example) for row in rows],
                               dtype=torch.int64)
         return self._batch(rows, {"input_ids": input_ids, "attention_mask": real}, labels)
 

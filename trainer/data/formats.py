@@ -6,6 +6,8 @@
   user/assistant exchange through the same chat template.
 - text: the text followed by EOS; every token is a target (continued pretraining).
 - classification: `text` and `label`; an integer class id, or a class name (string).
+- tokenized: `input_ids` from the user's own pipeline, and optional `labels` (the ids
+  again where a token is a target, -100 where not; unshifted, as in Hugging Face).
 
 Field names are mapped per dataset (`fields: {messages: conversations, role: from,
 content: value}` reads sharegpt, `{prompt: instruction, input: input, response: output}`
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
@@ -26,7 +29,9 @@ DEFAULT_FIELDS = {
     "instruction": {"prompt": "prompt", "input": "input", "response": "response", "system": "system"},
     "text": {"text": "text"},
     "classification": {"text": "text", "label": "label"},
+    "tokenized": {"input_ids": "input_ids", "labels": "labels"},
 }
+IGNORE_LABEL = -100
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
 
 
@@ -36,8 +41,8 @@ class RowError(ValueError):
 
 @dataclass
 class Encoded:
-    tokens: list[int]
-    targets: list[bool] = field(default_factory=list)  # causal formats: which tokens are trained on
+    tokens: list[int] | np.ndarray
+    targets: list[bool] | np.ndarray = field(default_factory=list)  # causal formats: which tokens are trained on
     label: int | str | None = None  # classification: raw label, mapped to an id when all are known
 
 
@@ -86,7 +91,7 @@ class ChatEncoder:
             raise ConfigError("model.tokenizer: chat and instruction data need a tokenizer with a chat template")
         if not tokenizer.is_fast:
             raise ConfigError(f"model.tokenizer: chat and instruction data need a fast tokenizer (character offsets); "
-                             f"{type(tokenizer).__name__} is not")
+                              f"{type(tokenizer).__name__} is not")
         self.tokenizer = tokenizer
         self.names = names
         self.train_on_prompt = train_on_prompt
@@ -119,8 +124,11 @@ class ChatEncoder:
         if self.train_on_prompt:
             return Encoded(tokens, [True] * len(tokens))
         spans = self._assistant_spans(messages, text)
-        targets = [any(a <= begin < b for a, b in spans) for begin, _ in encoding["offset_mapping"]]
-        if not any(targets[1:]):
+        starts = np.fromiter((begin for begin, _ in encoding["offset_mapping"]), dtype=np.int64, count=len(tokens))
+        targets = np.zeros(len(tokens), dtype=bool)
+        for a, b in spans:
+            targets |= (starts >= a) & (starts < b)
+        if not targets[1:].any():
             raise RowError("no target tokens (assistant turns are empty)")
         return Encoded(tokens, targets)
 
@@ -216,11 +224,64 @@ class ClassificationEncoder:
         return Encoded(self.tokenizer(text)["input_ids"], label=label)
 
 
+class TokenizedEncoder:
+    """Token ids tokenized elsewhere, checked against the run's tokenizer: every id in its
+    vocabulary, `labels` (optional; without them every token is a target) as long as
+    `input_ids` and each one either the id at its position or -100, and at least one target
+    after the first token (which no earlier token predicts). The labels decide the targets;
+    `data.train_on_prompt` does not apply. Checked with numpy (pre-tokenized corpora are
+    large); the element-by-element search runs only to name what is wrong."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+        self.vocab_size = len(tokenizer)
+        self.names = names
+
+    def encode(self, record: dict) -> Encoded:
+        ids = _integers(record, self.names, "input_ids", required=True)
+        if not len(ids):
+            raise RowError(f'empty field "{self.names["input_ids"]}"')
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            i = int(np.flatnonzero((ids < 0) | (ids >= self.vocab_size))[0])
+            raise RowError(f'{self.names["input_ids"]}[{i}] is {ids[i]}, outside the tokenizer\'s vocabulary '
+                           f'[0, {self.vocab_size})')
+        labels = _integers(record, self.names, "labels", required=False)
+        if labels is None:
+            return Encoded(ids, np.ones(len(ids), dtype=bool))
+        if len(labels) != len(ids):
+            raise RowError(f'field "{self.names["labels"]}" has {len(labels)} entries, '
+                           f'"{self.names["input_ids"]}" has {len(ids)}')
+        targets = labels == ids
+        wrong = ~targets & (labels != IGNORE_LABEL)
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise RowError(f'{self.names["labels"]}[{i}] is {labels[i]}: a label is the token id at its position '
+                           f'({ids[i]}) or {IGNORE_LABEL}')
+        if not targets[1:].any():
+            raise RowError(f"no target tokens: every label after the first is {IGNORE_LABEL}")
+        return Encoded(ids, targets)
+
+
+def _integers(record: dict, names: dict, key: str, required: bool) -> np.ndarray | None:
+    """A field that must be a list of integers (not booleans), as an int64 array."""
+    values = _get(record, names, key, list, required)
+    if values is None:
+        return None
+    if not set(map(type, values)) <= {int}:
+        i, value = next((i, v) for i, v in enumerate(values) if type(v) is not int)
+        raise RowError(f"{names[key]}[{i}] must be an integer, got {type(value).__name__} {_short(value)}")
+    try:
+        return np.asarray(values, dtype=np.int64)
+    except OverflowError:
+        i = next(i for i, v in enumerate(values) if not -2**63 <= v < 2**63)
+        raise RowError(f"{names[key]}[{i}] is {_short(values[i])}, too large for a token id") from None
+
+
 ENCODERS = {
     "chat": ChatEncoder,
     "instruction": InstructionEncoder,
     "text": TextEncoder,
     "classification": ClassificationEncoder,
+    "tokenized": TokenizedEncoder,
 }
 
 
@@ -230,6 +291,8 @@ def build_encoder(fmt: str, tokenizer: PreTrainedTokenizerBase, names: dict, tra
 
 def record_texts(fmt: str, record: dict, names: dict) -> list[str]:
     """The free text of a record (for training a tokenizer); empty when malformed."""
+    if fmt == "tokenized":
+        return []
     if fmt == "chat":
         turns = record.get(names["messages"])
         if not isinstance(turns, list):

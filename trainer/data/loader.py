@@ -1,16 +1,17 @@
 """The training loader and the evaluation sets, built from the config.
 
-`build_train_loader` tokenizes (or loads from the cache) every data set, applies
-`data.overlong` (text documents are split across rows instead: continued pretraining
-loses nothing), sets the held-out examples aside, and wraps the global row stream in
-a `TrainLoader` that hands each rank its rows of every optimizer step: of the
-`global_batch_size` rows of a step, rank r takes the r-th contiguous block of
-`micro_batch_size x num_micro_batches` rows.
+`build_train_loader` maps every data set from the tokenization cache (tokenizing it
+first on a miss, once per node), applies `data.overlong` (text documents are split
+across rows instead: continued pretraining loses nothing), sets the held-out examples
+aside, and wraps the global row stream in a `TrainLoader` that hands each rank its rows
+of every optimizer step: of the `global_batch_size` rows of a step, rank r takes the
+r-th contiguous block of `micro_batch_size x num_micro_batches` rows.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +24,18 @@ from trainer.config import Config, ConfigError, DatasetConfig, UserError, cache_
 from trainer.data.builtin import builtin_format, is_builtin, materialize
 from trainer.data.collate import Batch, Collator
 from trainer.data.formats import build_encoder, field_names, record_texts
+from trainer.data.mixing import RandomPermutation
 from trainer.data.packing import pack_pieces
+from trainer.data.prepare import EncodingSpec, load_tokenized
 from trainer.data.sources import DataError, read_rows
-from trainer.data.stream import GlobalStream, StreamDataset
-from trainer.data.tokenized import TokenizedDataset, load_tokenized
-from trainer.distributed import main_first
+from trainer.data.stream import ExampleSet, GlobalStream, StreamDataset
+from trainer.data.tokenized import TokenizedDataset
+from trainer.distributed import local_world_size, on_node_leaders
 
 log = logging.getLogger("finetrain")
 
-STATE_VERSION = 1
+# 2: shuffles by RandomPermutation, examples as ids into memory-mapped arrays
+STATE_VERSION = 2
 
 
 def resolve_source(path: str, fmt: str, key: str, cache_dir: Path) -> Path:
@@ -56,31 +60,43 @@ class _Source:
     weight: float
 
 
-def _tokenize_all(cfg: Config, tokenizer, rank: int, entries: list[tuple[str, str, DatasetConfig]],
-                  report: bool = True) -> list[_Source]:
-    """Tokenize (or load cached) data sets; rank 0 fills the cache before the others read it."""
+def _load_sources(cfg: Config, tokenizer, entries: list[tuple[str, str, DatasetConfig]], report: bool = True,
+                  workers: int | None = None, progress: bool | None = None) -> list[_Source]:
+    """The tokenized data sets, memory-mapped. On a cache miss the first rank of each node
+    tokenizes them (with `workers` processes; by default one per local rank, since those
+    ranks wait meanwhile) and every rank then maps the arrays; a bad row or a config
+    mistake found while tokenizing is raised on every rank."""
     cache_dir = cache_root(cfg)
+    workers = local_world_size() if workers is None else workers
+    progress = cfg.logging.progress_bar if progress is None else progress
 
-    def load_all() -> list[_Source]:
-        sources = []
-        for name, key, ds in entries:
-            path = resolve_source(ds.path, ds.format, key, cache_dir)
-            names = field_names(ds.format, ds.fields, f"{key}.fields")
-            data = load_tokenized(path, ds.path, ds.format, names, tokenizer, cfg.data.train_on_prompt,
-                                  cfg.data.on_bad_row, cache_dir)
-            if data.skipped and report:
-                log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", ds.path, data.skipped,
-                            "; ".join(data.skipped_where[:3]))
-            sources.append(_Source(name, data, ds.weight))
-        return sources
+    def load(name: str, key: str, ds: DatasetConfig, **tokenizing) -> TokenizedDataset:
+        path = resolve_source(ds.path, ds.format, key, cache_dir)
+        spec = EncodingSpec(ds.format, field_names(ds.format, ds.fields, f"{key}.fields"), cfg.data.train_on_prompt,
+                            tokenizer)
+        return load_tokenized(path, ds.path, spec, cfg.data.on_bad_row, cache_dir, **tokenizing)
 
-    return main_first(load_all)
+    def fill_cache() -> None:
+        for entry in entries:
+            load(*entry, workers=workers, progress=progress)
+
+    on_node_leaders(fill_cache, shared_errors=(DataError, ConfigError))
+    sources = []
+    for entry in entries:
+        data = load(*entry)
+        name, _, ds = entry
+        if data.skipped and report:
+            log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", ds.path, data.skipped,
+                        "; ".join(data.skipped_where[:3]))
+        sources.append(_Source(name, data, ds.weight))
+    return sources
 
 
-def _class_ids(sources: list[_Source], num_labels: int) -> dict[str, np.ndarray]:
-    """Label ids per data set. Integer labels are ids; class names (strings) get ids in the
-    sorted order of all names in the run's data, e.g. neg -> 0, pos -> 1."""
-    names = sorted({label for s in sources for label in s.data.labels if isinstance(label, str)})
+def _class_of_label(sources: list[_Source], num_labels: int) -> dict[str, np.ndarray]:
+    """Per data set, the class id of each of its distinct labels. Integer labels are ids;
+    class names (strings) get ids in the sorted order of all names in the run's data, e.g.
+    neg -> 0, pos -> 1."""
+    names = sorted({label for s in sources for label in s.data.label_values if isinstance(label, str)})
     if names and len(names) > num_labels:
         raise ConfigError(f"model.num_labels: {num_labels}, but the data has {len(names)} classes: {', '.join(names)}")
     mapping = {label: i for i, label in enumerate(names)}
@@ -88,86 +104,91 @@ def _class_ids(sources: list[_Source], num_labels: int) -> dict[str, np.ndarray]
         log.info("class names -> label ids: %s", ", ".join(f"{k}={v}" for k, v in mapping.items()))
     ids = {}
     for s in sources:
-        out = np.empty(len(s.data), dtype=np.int64)
-        for i, label in enumerate(s.data.labels):
+        out = np.empty(len(s.data.label_values), dtype=np.int64)
+        problems = []  # (first example with the label, what is wrong)
+        for j, label in enumerate(s.data.label_values):
             if isinstance(label, str) != bool(names):
                 kind = ("a class name", "integers") if isinstance(label, str) else ("an integer", "class names")
-                raise DataError(f"{s.data.where(i)}: label {label!r} is {kind[0]}, but other labels are {kind[1]}")
-            if isinstance(label, str):
-                out[i] = mapping[label]
+                problem = f"label {label!r} is {kind[0]}, but other labels are {kind[1]}"
+            elif isinstance(label, str):
+                out[j], problem = mapping[label], None
             elif 0 <= label < num_labels:
-                out[i] = label
+                out[j], problem = label, None
             else:
-                raise DataError(f"{s.data.where(i)}: label {label} is not in [0, {num_labels}) (model.num_labels)")
+                problem = f"label {label} is not in [0, {num_labels}) (model.num_labels)"
+            if problem:
+                problems.append((int(s.data.examples_with_label(j)[0]), problem))
+        if problems:
+            example, problem = min(problems)
+            raise DataError(f"{s.data.where(example)}: {problem}")
         ids[s.name] = out
     return ids
 
 
-def _usable(source: _Source, cfg: Config, stats: dict, report: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Examples that go into the stream and their lengths, after `data.overlong`. Text is
-    split across rows instead; a truncated example left without targets is dropped."""
-    data, seq_len = source.data, cfg.data.seq_len
-    lengths = data.lengths.copy()
+def _usable(source: _Source, cfg: Config, stats: dict, report: bool = True) -> ExampleSet:
+    """Examples that go into the stream, after `data.overlong`: over-long examples are
+    truncated (`StreamDataset.length`) or dropped, and one truncated to no target at all is
+    dropped. Text is split across rows instead."""
+    data, seq_len, policy = source.data, cfg.data.seq_len, cfg.data.overlong
+    stats[f"{source.name}/bad_rows_skipped"] = data.skipped
     if data.format == "text":
-        return np.arange(len(data)), lengths
-    over = np.flatnonzero(lengths > seq_len)
-    keep = np.ones(len(data), dtype=bool)
-    policy = cfg.data.overlong
+        over = np.empty(0, dtype=np.int64)
+    else:
+        over = np.concatenate([start + np.flatnonzero(lengths > seq_len) for start, lengths in data.length_blocks()])
     if len(over) and policy == "error":
         i = int(over[0])
-        raise DataError(f"{data.where(i)}: example of {lengths[i]} tokens is longer than data.seq_len {seq_len} "
+        raise DataError(f"{data.where(i)}: example of {data.length(i)} tokens is longer than data.seq_len {seq_len} "
                         f"({len(over)} such examples; set data.overlong=truncate or drop)")
-    truncated = dropped = 0
-    for i in over:
-        if policy == "drop" or (data.format != "classification" and not data.example_targets(i)[1:seq_len].any()):
-            keep[i] = False
-            dropped += 1
-        else:
-            lengths[i] = seq_len
-            truncated += 1
+    dropped = [int(i) for i in over if policy == "drop" or
+               (data.format != "classification" and not data.example_targets(int(i))[1:seq_len].any())]
+    truncated = len(over) - len(dropped)
     if len(over) and report:
         log.warning("%s: %d examples longer than data.seq_len %d: %d truncated, %d dropped (data.overlong=%s)",
-                    data.source, len(over), seq_len, truncated, dropped, policy)
+                    data.source, len(over), seq_len, truncated, len(dropped), policy)
     stats[f"{source.name}/overlong_truncated"] = truncated
-    stats[f"{source.name}/overlong_dropped"] = dropped
-    stats[f"{source.name}/bad_rows_skipped"] = data.skipped
-    return np.flatnonzero(keep), lengths
+    stats[f"{source.name}/overlong_dropped"] = len(dropped)
+    return ExampleSet(len(data), dropped)
 
 
-def _held_out(examples: np.ndarray, name: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(training, held-out) examples: a seeded random `data.eval.fraction` of each data set."""
+def _held_out(examples: ExampleSet, name: str, cfg: Config) -> np.ndarray:
+    """The held-out example ids: a seeded random `data.eval.fraction` of each data set (at
+    most `data.eval.max_examples`)."""
     fraction = 0.0 if cfg.data.eval.path else cfg.data.eval.fraction
     count = min(int(round(fraction * len(examples))), cfg.data.eval.max_examples) if fraction else 0
     if fraction and count == 0:
         count = 1
     if count >= len(examples):
         raise ConfigError(f"data.eval.fraction: {fraction} of data set {name!r} ({len(examples)} examples) "
-                         "leaves nothing to train on")
-    rng = np.random.default_rng([cfg.run.seed, zlib.crc32(name.encode()), 0xE7A1])
-    chosen = np.zeros(len(examples), dtype=bool)
-    chosen[rng.permutation(len(examples))[:count]] = True
-    return examples[~chosen], examples[chosen]
+                          "leaves nothing to train on")
+    order = RandomPermutation(len(examples), [cfg.run.seed, zlib.crc32(name.encode()), 0xE7A1])
+    return np.sort(np.asarray([examples[order[k]] for k in range(count)], dtype=np.int64))
 
 
 def _entries(cfg: Config) -> list[tuple[str, str, DatasetConfig]]:
     return [(dataset_name(ds), f"data.datasets.{i}", ds) for i, ds in enumerate(cfg.data.datasets)]
 
 
-def _prepare(cfg: Config, tokenizer, rank: int, report: bool = True
-             ) -> tuple[list[StreamDataset], list[np.ndarray], list[float], dict]:
+def _eval_entry(cfg: Config) -> tuple[str, str, DatasetConfig]:
+    return "eval", "data.eval", DatasetConfig(name="eval", path=cfg.data.eval.path, format=cfg.data.eval.format)
+
+
+def _stream_datasets(cfg: Config, tokenizer, report: bool = True
+                     ) -> tuple[list[StreamDataset], list[np.ndarray], list[float], dict]:
     """Training data sets, their held-out examples, weights and load-time counters
     (warnings about the data are logged when `report`, i.e. once per run)."""
-    sources = _tokenize_all(cfg, tokenizer, rank, _entries(cfg), report)
-    classes = _class_ids(sources, cfg.model.num_labels) if cfg.model.task == "sequence_classification" else {}
+    sources = _load_sources(cfg, tokenizer, _entries(cfg), report)
+    classes = _class_of_label(sources, cfg.model.num_labels) if cfg.model.task == "sequence_classification" else {}
     stats: dict = {}
     train, held = [], []
     for s in sources:
-        examples, lengths = _usable(s, cfg, stats, report)
-        if len(examples) == 0:
+        usable = _usable(s, cfg, stats, report)
+        if len(usable) == 0:
             raise DataError(f"{s.data.source}: no example fits data.seq_len {cfg.data.seq_len} "
                             f"(data.overlong={cfg.data.overlong})")
-        kept, held_out = _held_out(examples, s.name, cfg)
-        train.append(StreamDataset(s.name, s.data, kept, lengths, s.data.format == "text", classes.get(s.name)))
+        held_out = _held_out(usable, s.name, cfg)
+        kept = ExampleSet(len(s.data), np.concatenate([usable.excluded, held_out]))
+        train.append(StreamDataset(s.name, s.data, kept, cfg.data.seq_len, s.data.format == "text",
+                                   classes.get(s.name)))
         held.append(held_out)
     return train, held, [s.weight for s in sources], stats
 
@@ -182,7 +203,7 @@ def _pad_token_id(tokenizer) -> int:
 def _check_packing(cfg: Config) -> None:
     if cfg.data.packing and cfg.peft.method == "prompt_tuning":
         raise ConfigError("data.packing: prompt tuning prepends its virtual tokens to each row and drops position_ids, "
-                         "so packed documents would attend to each other; set data.packing=false")
+                          "so packed documents would attend to each other; set data.packing=false")
 
 
 def _collator(cfg: Config, datasets: list[StreamDataset], tokenizer, attention: str) -> Collator:
@@ -195,8 +216,9 @@ class TrainLoader:
     """This rank's micro-batches of each optimizer step, from the global row stream."""
 
     def __init__(self, stream: GlobalStream, collator: Collator, micro_batch_size: int, global_batch_size: int,
-                 rank: int, world_size: int, load_stats: dict):
+                 rank: int, world_size: int, load_stats: dict, cache_dir: Path | None = None):
         self.stream = stream
+        self.cache_dir = cache_dir
         self.collator = collator
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size
@@ -215,7 +237,7 @@ class TrainLoader:
         """Optimizer steps of one epoch: one pass over the primary data set (the largest
         weight), with the other data sets mixed in at their weights."""
         if self._epoch_rows is None:
-            self._epoch_rows = self.stream.epoch_rows()
+            self._epoch_rows = self.stream.epoch_rows(self.cache_dir)
         return self._epoch_rows / self.global_batch_size
 
     @property
@@ -235,42 +257,53 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise UserError(f"data loader state version {state.get('version')}, expected {STATE_VERSION}")
+            raise UserError(f"{state.get('version')}: this checkpoint's data position is of another version "
+                            f"({STATE_VERSION} here); resume it with the finetrain that wrote it, or start over "
+                            "with checkpoint.resume=never")
         self.stream.load_state_dict(state["stream"])
+
+
+def _global_stream(cfg: Config, tokenizer, report: bool = True) -> tuple[GlobalStream, dict]:
+    datasets, _, weights, stats = _stream_datasets(cfg, tokenizer, report)
+    return GlobalStream(datasets, weights, cfg.data.mix_by, cfg.data.seq_len, cfg.data.packing, cfg.run.seed), stats
 
 
 def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> TrainLoader:
     _check_packing(cfg)
-    datasets, _, weights, stats = _prepare(cfg, tokenizer, rank, report=rank == 0)
-    stream = GlobalStream(datasets, weights, cfg.data.mix_by, cfg.data.seq_len, cfg.data.packing, cfg.run.seed)
-    return TrainLoader(stream, _collator(cfg, datasets, tokenizer, attention), cfg.train.micro_batch_size,
-                       cfg.train.global_batch_size, rank, world_size, stats)
+    start = time.perf_counter()
+    stream, stats = _global_stream(cfg, tokenizer)
+    log.info("training data: %s examples ready in %.1f s", " + ".join(f"{len(ds.examples):,} {ds.name}"
+                                                                     for ds in stream.datasets),
+             time.perf_counter() - start)
+    return TrainLoader(stream, _collator(cfg, stream.datasets, tokenizer, attention), cfg.train.micro_batch_size,
+                       cfg.train.global_batch_size, rank, world_size, stats, cache_root(cfg))
 
 
-def _eval_datasets(cfg: Config, tokenizer, rank: int) -> list[tuple[str, DatasetConfig, StreamDataset]]:
+def _eval_datasets(cfg: Config, tokenizer) -> list[tuple[str, DatasetConfig, StreamDataset]]:
     """The held-out examples of each eval data set, with the config key and the data set
-    config they come from: the held-out fraction of each training data set, or
-    `data.eval.path` as the data set "eval"."""
+    config they come from: the held-out fraction of each training data set (at most
+    `data.eval.max_examples`), or `data.eval.path` as the data set "eval"."""
     if cfg.data.eval.path:
         classification = cfg.model.task == "sequence_classification"
         if (cfg.data.eval.format == "classification") != classification:
             raise ConfigError(f"data.eval.format: {cfg.data.eval.format} data cannot evaluate model.task {cfg.model.task}")
-        eval_cfg = DatasetConfig(name="eval", path=cfg.data.eval.path, format=cfg.data.eval.format)
-        sources = _tokenize_all(cfg, tokenizer, rank, [("eval", "data.eval", eval_cfg)])
-        if cfg.model.task == "sequence_classification":
-            train_sources = _tokenize_all(cfg, tokenizer, rank, _entries(cfg), report=False)
-            classes = _class_ids(train_sources + sources, cfg.model.num_labels)
+        _, key, eval_cfg = entry = _eval_entry(cfg)
+        sources = _load_sources(cfg, tokenizer, [entry])
+        if classification:
+            train_sources = _load_sources(cfg, tokenizer, _entries(cfg), report=False)
+            classes = _class_of_label(train_sources + sources, cfg.model.num_labels)
         else:
             classes = {}
         sets = []
         for s in sources:
-            examples, lengths = _usable(s, cfg, {})
-            sets.append(("data.eval", eval_cfg,
-                         StreamDataset(s.name, s.data, examples, lengths, s.data.format == "text", classes.get(s.name))))
+            usable = _usable(s, cfg, {})
+            examples = np.asarray([usable[k] for k in range(min(len(usable), cfg.data.eval.max_examples))])
+            sets.append((key, eval_cfg, StreamDataset(s.name, s.data, examples, cfg.data.seq_len,
+                                                      s.data.format == "text", classes.get(s.name))))
         return sets
     if cfg.data.eval.fraction:
-        datasets, held, _, _ = _prepare(cfg, tokenizer, rank, report=False)
-        return [(key, ds_cfg, StreamDataset(d.name, d.data, h, d.lengths, d.splittable, d.class_ids))
+        datasets, held, _, _ = _stream_datasets(cfg, tokenizer, report=False)
+        return [(key, ds_cfg, StreamDataset(d.name, d.data, h, d.seq_len, d.splittable, d.class_of_label))
                 for (_, key, ds_cfg), d, h in zip(_entries(cfg), datasets, held)]
     return []
 
@@ -281,12 +314,11 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
     ranks round-robin, then packed (within one data set only) or padded."""
     _check_packing(cfg)
     result = {}
-    for _, _, ds in _eval_datasets(cfg, tokenizer, rank):
-        examples = ds.examples[: cfg.data.eval.max_examples]
-        if len(examples) < world_size:
-            raise ConfigError(f"data.eval: data set {ds.name!r} has {len(examples)} held-out examples, fewer than the "
-                             f"{world_size} ranks; raise data.eval.fraction")
-        pieces = [p for e in examples[rank::world_size] for p in ds.pieces(0, int(e), cfg.data.seq_len)]
+    for _, _, ds in _eval_datasets(cfg, tokenizer):
+        if len(ds.examples) < world_size:
+            raise ConfigError(f"data.eval: data set {ds.name!r} has {len(ds.examples)} held-out examples, fewer than "
+                              f"the {world_size} ranks; raise data.eval.fraction")
+        pieces = [p for e in ds.examples[rank::world_size] for p in ds.pieces(0, int(e))]
         rows = pack_pieces(pieces, cfg.data.seq_len) if cfg.data.packing else [[p] for p in pieces]
         collate = _collator(cfg, [ds], tokenizer, attention)
         micro = cfg.train.micro_batch_size
@@ -294,16 +326,16 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
     return result
 
 
-def held_out_conversations(cfg: Config, tokenizer, rank: int, count: int) -> dict[str, list[list[dict]]]:
+def held_out_conversations(cfg: Config, tokenizer, count: int) -> dict[str, list[list[dict]]]:
     """Per chat or instruction eval data set, the conversations of its first `count`
     held-out examples that fit `data.seq_len` whole, read back from the source file
     (the tokenized cache keeps token ids, not the text of each turn)."""
     cache_dir = cache_root(cfg)
     result = {}
-    for key, ds_cfg, ds in _eval_datasets(cfg, tokenizer, rank):
+    for key, ds_cfg, ds in _eval_datasets(cfg, tokenizer):
         if ds_cfg.format not in ("chat", "instruction"):
             continue
-        whole = [int(e) for e in ds.examples[: cfg.data.eval.max_examples] if ds.lengths[e] == ds.data.lengths[e]]
+        whole = [int(e) for e in ds.examples if ds.data.length(int(e)) <= cfg.data.seq_len]
         rows = [int(ds.data.rows[e]) for e in whole[:count]]
         wanted = set(rows)
         encoder = build_encoder(ds_cfg.format, tokenizer, field_names(ds_cfg.format, ds_cfg.fields, f"{key}.fields"),
@@ -316,6 +348,18 @@ def held_out_conversations(cfg: Config, tokenizer, rank: int, count: int) -> dic
                     break
         result[ds.name] = [found[number] for number in rows]
     return result
+
+
+def prepare_data(cfg: Config, tokenizer, workers: int, progress: bool = True) -> dict[str, TokenizedDataset]:
+    """Tokenize every training data set and `data.eval.path` into the cache (what a run
+    would, ahead of it), with `workers` processes, and count the rows of an epoch when
+    the run is set in epochs; returns the data sets by name."""
+    entries = _entries(cfg) + ([_eval_entry(cfg)] if cfg.data.eval.path else [])
+    prepared = {s.name: s.data for s in _load_sources(cfg, tokenizer, entries, workers=workers, progress=progress)}
+    if cfg.train.epochs is not None:
+        stream, _ = _global_stream(cfg, tokenizer, report=False)
+        log.info("one epoch: %d rows", stream.epoch_rows(cache_root(cfg)))
+    return prepared
 
 
 def training_texts(cfg: Config) -> Iterator[str]:

@@ -46,11 +46,57 @@ class MixingSchedule:
         self.taken = list(state["taken"])
 
 
+class RandomPermutation:
+    """A seeded pseudo-random permutation of range(size), evaluated one position at a time.
+
+    A shuffled index array costs 8 bytes per example on every rank (80 MB for 10M
+    examples, again at each epoch); this costs nothing per example. Position i goes through
+    a 4-round Feistel network over the smallest even number of bits that covers `size`,
+    whose round function is the splitmix64 finalizer keyed per round. A Feistel network is
+    a bijection of its bit range whatever the round function; results outside range(size)
+    are fed through again ("cycle walking"), which stays a bijection of range(size) and
+    takes under four passes on average, since the bit range is less than four times `size`.
+    """
+
+    ROUNDS = 4
+    _MASK64 = (1 << 64) - 1
+
+    def __init__(self, size: int, key: list[int]):
+        self.size = size
+        bits = max(2, (size - 1).bit_length())
+        self._half = (bits + 1) // 2
+        self._mask = (1 << self._half) - 1
+        self._round_keys = [int(k) for k in np.random.SeedSequence(key).generate_state(self.ROUNDS, dtype=np.uint64)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, position: int) -> int:
+        if not 0 <= position < self.size:
+            raise IndexError(f"position {position} outside a permutation of {self.size}")
+        value = position
+        while True:
+            value = self._encrypt(value)
+            if value < self.size:
+                return value
+
+    def _encrypt(self, value: int) -> int:
+        half, mask, m64 = self._half, self._mask, self._MASK64
+        left, right = value >> half, value & mask
+        for key in self._round_keys:
+            z = ((right ^ key) + 0x9E3779B97F4A7C15) & m64  # splitmix64, inlined: this runs per example
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+            left, right = right, left ^ ((z ^ (z >> 31)) & mask)
+        return (left << half) | right
+
+
 class DatasetOrder:
     """The examples of one data set, reshuffled every epoch of that data set; the
-    shuffle of an epoch is a function of (run.seed, data set name, epoch) only."""
+    shuffle of an epoch is a function of (run.seed, data set name, epoch) only. `examples`
+    is anything indexable with a length: the data set's usable example ids."""
 
-    def __init__(self, examples: np.ndarray, seed: int, name: str):
+    def __init__(self, examples, seed: int, name: str):
         if len(examples) == 0:
             raise ConfigError(f"data.datasets: data set {name!r} has no usable examples")
         self.examples = examples
@@ -59,7 +105,7 @@ class DatasetOrder:
         self.name_key = zlib.crc32(name.encode())
         self.epoch = 0
         self.cursor = 0
-        self._permutation: tuple[int, np.ndarray] | None = None
+        self._permutation: tuple[int, RandomPermutation] | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -75,10 +121,9 @@ class DatasetOrder:
         self.cursor += 1
         return example
 
-    def permutation(self, epoch: int) -> np.ndarray:
+    def permutation(self, epoch: int) -> RandomPermutation:
         if self._permutation is None or self._permutation[0] != epoch:
-            rng = np.random.default_rng([self.seed, self.name_key, epoch])
-            self._permutation = (epoch, rng.permutation(len(self.examples)))
+            self._permutation = (epoch, RandomPermutation(len(self.examples), [self.seed, self.name_key, epoch]))
         return self._permutation[1]
 
     def state_dict(self) -> dict:

@@ -1,8 +1,13 @@
 """Rows from data files, each with the place it came from, so a bad row is reported by
 file and line (JSON Lines) or row (JSON arrays, CSV, Parquet, `save_to_disk` folders).
 
-JSON Lines are read line by line here rather than through `datasets`, whose JSON reader
-reports a malformed line without its number. Columnar formats go through `datasets`.
+Every reader streams, so a source larger than memory is read a record at a time: JSON
+Lines line by line (rather than through `datasets`, whose JSON reader reports a malformed
+line without its number), Parquet a row group batch at a time through pyarrow, CSV through
+`datasets` (which converts it once into memory-mapped Arrow files), `save_to_disk` folders
+straight from their memory-mapped Arrow files. A `.json` array is the exception: JSON has
+no record boundaries to stream by, so it is parsed whole; large data belongs in JSON Lines
+or Parquet.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ def read_rows(path: str | Path, hf_cache_dir: Path | None = None) -> Iterator[Ro
         yield from _read_json_lines(path)
     elif suffix == ".json":
         yield from _read_json(path)
-    elif suffix in (".csv", ".parquet"):
-        yield from _read_with_datasets(path, suffix.lstrip("."), hf_cache_dir)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path)
+    elif suffix == ".csv":
+        yield from _read_csv(path, hf_cache_dir)
     else:
         raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json, .csv, .parquet "
                         "or a folder written by datasets' save_to_disk")
@@ -103,16 +110,32 @@ def _read_json(path: Path) -> Iterator[Row]:
             yield Row(index, False, None, f"expected a JSON object, got {type(record).__name__}")
 
 
-def _read_with_datasets(path: Path, kind: str, hf_cache_dir: Path | None) -> Iterator[Row]:
+PARQUET_BATCH_ROWS = 1024
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    index = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                index += 1
+                yield Row(index, False, record)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataError(f"{path}: cannot read as parquet (after row {index}): {err}") from None
+
+
+def _read_csv(path: Path, hf_cache_dir: Path | None) -> Iterator[Row]:
     import datasets
 
-    if kind == "csv":
-        _check_utf8_lines(path)
+    _check_utf8_lines(path)
     try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train",
+        table = datasets.load_dataset("csv", data_files=str(path), split="train",
                                       cache_dir=str(hf_cache_dir) if hf_cache_dir else None)
     except Exception as err:  # datasets wraps parser errors in several exception types
-        raise DataError(f"{path}: cannot read as {kind}: {err}") from None
+        raise DataError(f"{path}: cannot read as csv: {err}") from None
     for index, record in enumerate(table, start=1):
         yield Row(index, False, record)
 
@@ -146,15 +169,31 @@ def _check_utf8_lines(path: Path) -> None:
                                 f"at column {err.start + 1})") from None
 
 
-def content_hash(path: str | Path) -> str:
-    """SHA-256 of a file, or of a folder's files with their relative names."""
+# Bytes hashed at each end of a file for its fingerprint.
+FINGERPRINT_EDGE_BYTES = 1 << 20
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """What identifies a data file's content in the tokenization cache, without reading it all.
+
+    Hashing a multi-GB file would cost seconds to minutes at every launch. Instead: each
+    file's size, modification time (nanoseconds) and the SHA-256 of its first and last MiB
+    (all of it when smaller than 2 MiB). Every ordinary way of changing a file (an editor,
+    a rewrite, an append, a copy over it) changes its modification time or size; the key
+    misses only a different file of the same size and the same edges whose modification
+    time was set back to the old file's on purpose (`touch -d`, `cp -p` of a different
+    file). A miss costs one re-tokenization, never wrong data; after such a copy delete the
+    cache's `tokenized/` folder. A folder (`save_to_disk`) is the fingerprint of its files
+    with their relative names."""
     path = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
         with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+            digest.update(f.read(FINGERPRINT_EDGE_BYTES))
+            if stat.st_size > FINGERPRINT_EDGE_BYTES:
+                f.seek(max(FINGERPRINT_EDGE_BYTES, stat.st_size - FINGERPRINT_EDGE_BYTES))
+                digest.update(f.read())
     return digest.hexdigest()

@@ -1,8 +1,10 @@
 """The global row stream: mixing schedule -> per-data-set shuffles -> pieces -> rows.
 
-Every rank computes the same stream (the tokenized data is cached, the rest is cheap
-bookkeeping) and takes its own rows of each optimizer step, so the stream and its state
-do not depend on the world size and resume is exact on any number of ranks.
+Every rank computes the same stream (the tokenized data is memory-mapped, the rest is
+cheap bookkeeping) and takes its own rows of each optimizer step, so the stream and its
+state do not depend on the world size and resume is exact on any number of ranks. The
+stream works on example ids and the offsets of the mapped arrays: nothing it holds, and
+nothing in its state, grows with the number of examples.
 
 At the end of each epoch of the primary data set (the one with the largest weight) the
 packer's buffer is drained before the next epoch begins, so an epoch is a clean pass
@@ -12,7 +14,12 @@ over the primary data set and no example of epoch e+1 is packed ahead of one of 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -27,21 +34,59 @@ from trainer.data.tokenized import TokenizedDataset
 # of 1,000 packed examples within about 1 % of the weights and packs chat above 95 %.
 PACK_BUFFER = 32
 PACK_MAX_WAIT = 8
+# Bump when the same data and settings would give other rows (it keys cached epoch counts).
+STREAM_VERSION = 1
+
+
+class ExampleSet:
+    """The examples 0..size-1 of a data set but a few excluded ones (over-long examples
+    dropped, held-out ones), in order. The k-th is computed from the sorted exclusions, so
+    the set costs memory for its exclusions only, not for every example."""
+
+    def __init__(self, size: int, excluded=()):
+        self.size = size
+        self.excluded = np.unique(np.asarray(excluded, dtype=np.int64))
+        # kept examples before each excluded one: the k-th kept example is k plus the
+        # number of exclusions whose count of kept examples before them is <= k
+        self._kept_before = self.excluded - np.arange(len(self.excluded))
+
+    def __len__(self) -> int:
+        return self.size - len(self.excluded)
+
+    def __getitem__(self, k: int) -> int:
+        if not 0 <= k < len(self):
+            raise IndexError(f"example {k} of a set of {len(self)}")
+        if not len(self.excluded):
+            return k
+        return k + int(np.searchsorted(self._kept_before, k, side="right"))
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
 
 
 @dataclass
 class StreamDataset:
-    """A tokenized data set as the loader uses it."""
+    """A tokenized data set as the loader uses it: its examples after `data.overlong`."""
 
     name: str
     data: TokenizedDataset
-    examples: np.ndarray  # indices of the usable examples (over-long ones dropped)
-    lengths: np.ndarray  # tokens of each example after truncation, indexed by example
+    examples: ExampleSet | np.ndarray  # the example ids to draw (training) or to evaluate (held out)
+    seq_len: int
     splittable: bool  # text documents longer than a row are split into chunks
-    class_ids: np.ndarray | None = None  # classification: label id of each example
+    class_of_label: np.ndarray | None = None  # classification: class id of each of data.label_values
 
-    def pieces(self, index: int, example: int, seq_len: int) -> list[Piece]:
-        return split_example(index, example, int(self.lengths[example]), seq_len, self.splittable)
+    def length(self, example: int) -> int:
+        """Tokens of an example after truncation (split documents keep them all)."""
+        length = self.data.length(example)
+        return length if self.splittable else min(length, self.seq_len)
+
+    def pieces(self, index: int, example: int, length: int | None = None) -> list[Piece]:
+        """The example as pieces of at most a row; `length` when the caller has it already."""
+        length = self.length(example) if length is None else length
+        return split_example(index, example, length, self.seq_len, self.splittable)
+
+    def class_id(self, example: int) -> int:
+        return int(self.class_of_label[self.data.label_index[example]])
 
 
 class GlobalStream:
@@ -79,8 +124,9 @@ class GlobalStream:
             new_epoch = False
             example = order.next()
             dataset = self.datasets[index]
-            self.schedule.take(index, int(dataset.lengths[example]))
-            for piece in dataset.pieces(index, example, self.seq_len):
+            length = dataset.length(example)
+            self.schedule.take(index, length)
+            for piece in dataset.pieces(index, example, length):
                 self.packer.add(piece) if self.packing else self.queue.append(piece)
 
     def next_row(self) -> list[Piece]:
@@ -92,14 +138,39 @@ class GlobalStream:
         self.rows += 1
         return self.packer.next_row() if self.packing else [self.queue.popleft()]
 
-    def epoch_rows(self) -> int:
-        """Rows of one pass over the primary data set, counted on a fresh copy of the stream."""
+    def epoch_rows(self, cache_dir: Path | None = None) -> int:
+        """Rows of one pass over the primary data set, counted on a fresh copy of the stream.
+        Counting means running the stream through an epoch, a minute at millions of
+        examples, so the count is kept under `cache_dir/epochs/` for the next launch (and a
+        resume) of the same stream; `finetrain prepare` counts it ahead."""
+        key = self._fingerprint()
+        file = cache_dir / "epochs" / f"{key}.json" if cache_dir is not None and key else None
+        if file is not None and file.is_file():
+            return json.loads(file.read_text())["rows"]
         probe = GlobalStream(*self._args)
-        while True:
+        rows = 0
+        while not probe.epochs_drained:
             rows = probe.rows
             probe.next_row()
-            if probe.epochs_drained:
-                return rows
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            fd, aside = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"rows": rows}, f)
+            os.replace(aside, file)
+        return rows
+
+    def _fingerprint(self) -> str | None:
+        """Everything that decides the stream's rows; None when a data set is not a cached one."""
+        if any(ds.data.folder is None or not isinstance(ds.examples, ExampleSet) for ds in self.datasets):
+            return None
+        datasets, weights, mix_by, seq_len, packing, seed, buffer_size = self._args
+        digest = hashlib.sha256(json.dumps([STREAM_VERSION, weights, mix_by, seq_len, packing, seed, buffer_size,
+                                            PACK_MAX_WAIT]).encode())
+        for ds in datasets:
+            digest.update(json.dumps([ds.name, ds.data.folder.name, ds.seq_len, ds.splittable, ds.examples.size]).encode())
+            digest.update(ds.examples.excluded.tobytes())
+        return digest.hexdigest()
 
     @property
     def epochs(self) -> dict[str, float]:

@@ -1,55 +1,59 @@
-"""Tokenized data sets and their on-disk cache.
+"""Tokenized data sets as flat arrays on disk, memory-mapped read-only by every rank.
 
-A data set is tokenized once into flat arrays (token ids, target flags, example
-offsets) and saved under `data.cache_dir`, keyed by the file's content hash, the
-tokenizer, the format and every setting that changes the result; a second run (and
-every rank after the first) loads the arrays at once. Nothing here depends on
-`data.seq_len`: over-long examples are handled when the loader is built.
+A tokenized data set is a folder of raw arrays and a `meta.json` that describes them:
+
+    tokens.<uint16|int32>  every example's token ids, concatenated (uint16 when the
+                           vocabulary fits: half the disk and page cache)
+    targets.bool           per token, whether it is trained on; absent when every token
+                           is (text, continued pretraining) or none is (classification)
+    offsets.int64          example i is tokens[offsets[i]:offsets[i+1]]
+    rows.int64             the source line (or row) of each example, for messages
+    labels.int32           classification: each example's label, an index into the
+                           `label_values` of meta.json (the distinct raw labels)
+
+The ranks of a node map these files, so the node holds one copy in its page cache and no
+rank holds any in its heap, whatever the size of the data. `TokenizedWriter` appends
+examples a chunk at a time, so writing needs memory for one chunk only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
+import mmap
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
-from trainer.data.formats import RowError, build_encoder
-from trainer.data.sources import DataError, content_hash, location, read_rows
+from trainer.data.sources import location
 
-log = logging.getLogger("finetrain")
-
-CACHE_VERSION = 1
-_MEMO: dict[str, "TokenizedDataset"] = {}
+META = "meta.json"
 
 
 @dataclass
 class TokenizedDataset:
-    """Examples of one source as flat arrays: example i is tokens[offsets[i]:offsets[i+1]]."""
+    """Examples of one source; the arrays are memory-mapped files or, in tests, in memory."""
 
     source: str
     format: str
-    tokens: np.ndarray  # int32
+    tokens: np.ndarray  # uint16 or int32
     offsets: np.ndarray  # int64, one more than there are examples
-    targets: np.ndarray  # bool, per token (empty for classification)
-    labels: list  # classification: the raw label of each example (int or class name)
+    targets: np.ndarray  # bool per token: a file, all True (a zero-stride view) or empty (classification)
     rows: np.ndarray  # int64: the source line or row of each example
     by_line: bool
+    label_values: list = field(default_factory=list)  # classification: the distinct raw labels
+    label_index: np.ndarray | None = None  # classification: per example, an index into label_values
     skipped: int = 0
     skipped_where: list[str] = field(default_factory=list)  # the first few, for the warning
+    folder: Path | None = None  # where the arrays are mapped from (None: in memory)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1]) - int(self.offsets[i])
 
     def example_tokens(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i]: self.offsets[i + 1]]
@@ -57,112 +61,144 @@ class TokenizedDataset:
     def example_targets(self, i: int) -> np.ndarray:
         return self.targets[self.offsets[i]: self.offsets[i + 1]]
 
+    def label(self, i: int):
+        """The raw label of example i (classification): an int or a class name."""
+        return self.label_values[int(self.label_index[i])]
+
     def where(self, i: int) -> str:
         return location(self.source, int(self.rows[i]), self.by_line)
 
+    def length_blocks(self, block: int = 1 << 18) -> Iterator[tuple[int, np.ndarray]]:
+        """(first example, lengths) of consecutive blocks of examples. The offsets are read
+        with ordinary file reads rather than through the mapping, so a scan of every
+        example does not leave the whole offsets file in this process's resident memory."""
+        for start in range(0, len(self), block):
+            stop = min(start + block, len(self))
+            yield start, np.diff(self._read("offsets.int64", self.offsets, start, stop + 1))
 
-def tokenize_source(path: Path, source: str, fmt: str, names: dict, tokenizer: PreTrainedTokenizerBase,
-                    train_on_prompt: bool, on_bad_row: str, hf_cache_dir: Path | None = None) -> TokenizedDataset:
-    """Encode every record of `path`; a bad record raises DataError naming its line, or is
-    skipped and counted (`on_bad_row: skip`). `source` is the name shown in messages."""
-    encoder = build_encoder(fmt, tokenizer, names, train_on_prompt)
-    tokens: list[int] = []
-    targets: list[bool] = []
-    offsets, labels, rows = [0], [], []
-    skipped_where: list[str] = []
-    by_line = True
-    for row in read_rows(path, hf_cache_dir):
-        by_line = row.by_line
-        problem = row.error
-        if problem is None:
-            try:
-                encoded = encoder.encode(row.record)
-            except RowError as err:
-                problem = str(err)
-        if problem is not None:
-            where = location(source, row.number, row.by_line)
-            if on_bad_row == "error":
-                raise DataError(f"{where}: {problem} (set data.on_bad_row=skip to skip bad rows)")
-            skipped_where.append(f"{where}: {problem}")
-            continue
-        tokens.extend(encoded.tokens)
-        targets.extend(encoded.targets)
-        offsets.append(len(tokens))
-        labels.append(encoded.label)
-        rows.append(row.number)
-    if len(rows) == 0:
-        detail = f" ({len(skipped_where)} bad rows skipped; first: {skipped_where[0]})" if skipped_where else ""
-        raise DataError(f"{source}: no usable examples{detail}")
+    def examples_with_label(self, value_index: int, block: int = 1 << 18) -> np.ndarray:
+        """Examples whose label is `label_values[value_index]` (for messages about one)."""
+        found = [start + np.flatnonzero(self._read("labels.int32", self.label_index, start,
+                                                   min(start + block, len(self))) == value_index)
+                 for start in range(0, len(self), block)]
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
+    def _read(self, file: str, array: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """array[start:stop], read from its file when it is mapped (see length_blocks)."""
+        if self.folder is None:
+            return np.asarray(array[start:stop])
+        return np.fromfile(self.folder / file, dtype=array.dtype, count=stop - start, offset=start * array.itemsize)
+
+
+@dataclass
+class EncodedChunk:
+    """Consecutive rows of a source, encoded: the good examples as flat arrays, and the
+    bad rows as (row number, what is wrong), in source order."""
+
+    by_line: bool
+    tokens: np.ndarray  # int64
+    targets: np.ndarray  # bool per token (empty for classification)
+    lengths: np.ndarray  # int64 per example
+    rows: np.ndarray  # int64 per example
+    labels: list  # classification: the raw label of each example
+    problems: list[tuple[int, str]]
+    rows_read: int  # good and bad
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+class TokenizedWriter:
+    """Appends encoded chunks to the array files of `folder`; `finish` writes meta.json,
+    which marks the folder complete."""
+
+    def __init__(self, folder: Path, source: str, fmt: str, vocab_size: int):
+        self.folder = folder
+        self.source = source
+        self.format = fmt
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size)
+        folder.mkdir(parents=True)
+        self.files = {name: open(folder / name, "wb") for name in
+                      (f"tokens.{self.dtype.name}", "targets.bool", "offsets.int64", "rows.int64", "labels.int32")}
+        self.files["offsets.int64"].write(np.zeros(1, dtype=np.int64).tobytes())
+        self.examples = 0
+        self.num_tokens = 0
+        self.every_token_a_target = True
+        self.label_ids: dict = {}  # raw label -> index into label_values
+        self.by_line = True
+
+    def add(self, chunk: EncodedChunk) -> None:
+        self.by_line = chunk.by_line
+        if not len(chunk.lengths):
+            return
+        if chunk.tokens.max() > np.iinfo(self.dtype).max:  # a tokenizer with ids beyond its length
+            raise ValueError(f"{self.source}: token id {chunk.tokens.max()} does not fit {self.dtype.name}, "
+                             f"chosen for the tokenizer's {self.vocab_size} tokens")
+        chunk.tokens.astype(self.dtype).tofile(self.files[f"tokens.{self.dtype.name}"])
+        chunk.targets.tofile(self.files["targets.bool"])
+        self.every_token_a_target &= bool(chunk.targets.all())
+        (self.num_tokens + np.cumsum(chunk.lengths)).astype(np.int64).tofile(self.files["offsets.int64"])
+        chunk.rows.astype(np.int64).tofile(self.files["rows.int64"])
+        if self.format == "classification":
+            ids = [self.label_ids.setdefault(value, len(self.label_ids)) for value in chunk.labels]
+            np.asarray(ids, dtype=np.int32).tofile(self.files["labels.int32"])
+        self.examples += len(chunk.lengths)
+        self.num_tokens += int(chunk.lengths.sum())
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def finish(self, skipped: int, skipped_where: list[str]) -> None:
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the folder is renamed into place
+        self.close()
+        targets = "none" if self.format == "classification" else "all" if self.every_token_a_target else "file"
+        if targets != "file":
+            (self.folder / "targets.bool").unlink()
+        if self.format != "classification":
+            (self.folder / "labels.int32").unlink()
+        meta = {"source": self.source, "format": self.format, "by_line": self.by_line,
+                "examples": self.examples, "tokens": self.num_tokens, "token_dtype": self.dtype.name,
+                "targets": targets, "label_values": list(self.label_ids),
+                "skipped": skipped, "skipped_where": skipped_where}
+        aside = self.folder / f".{META}"
+        aside.write_text(json.dumps(meta))
+        os.replace(aside, self.folder / META)
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / META).is_file()
+
+
+def open_tokenized(folder: Path) -> TokenizedDataset:
+    """Map a complete folder's arrays read-only."""
+    meta = json.loads((folder / META).read_text())
+    n, count = meta["examples"], meta["tokens"]
+
+    def mapped(name: str, dtype, length: int) -> np.ndarray:
+        """A read-only array over the file's pages (a plain ndarray: indexing an np.memmap
+        goes through Python code, which the stream would pay for every example)."""
+        if length == 0:  # an empty file cannot be mapped
+            return np.empty(0, dtype=dtype)
+        with open(folder / name, "rb") as f:
+            pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # Examples are drawn in shuffled order: reading ahead of a fault would fetch
+        # neighbours nobody asked for when the data is larger than the page cache.
+        pages.madvise(mmap.MADV_RANDOM)
+        return np.frombuffer(pages, dtype=dtype, count=length)
+
+    targets = {"file": lambda: mapped("targets.bool", np.bool_, count),
+               "all": lambda: np.broadcast_to(np.True_, (count,)),  # no memory, any length
+               "none": lambda: np.empty(0, dtype=np.bool_)}[meta["targets"]]()
+    classification = meta["format"] == "classification"
     return TokenizedDataset(
-        source=source,
-        format=fmt,
-        tokens=np.asarray(tokens, dtype=np.int32),
-        offsets=np.asarray(offsets, dtype=np.int64),
-        targets=np.asarray(targets, dtype=bool),
-        labels=labels if fmt == "classification" else [],
-        rows=np.asarray(rows, dtype=np.int64),
-        by_line=by_line,
-        skipped=len(skipped_where),
-        skipped_where=skipped_where[:5],
-    )
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Everything about a tokenizer that changes token ids or chat rendering."""
-    digest = hashlib.sha256(type(tokenizer).__name__.encode())
-    if tokenizer.is_fast:
-        digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    else:
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    extra = [tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
-             getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)]
-    digest.update(json.dumps(extra, default=str).encode())
-    return digest.hexdigest()
-
-
-def load_tokenized(path: Path, source: str, fmt: str, names: dict, tokenizer: PreTrainedTokenizerBase,
-                   train_on_prompt: bool, on_bad_row: str, cache_dir: Path) -> TokenizedDataset:
-    """The tokenized data set from the cache, tokenizing and saving it on a miss."""
-    key = hashlib.sha256(json.dumps({
-        "version": CACHE_VERSION,
-        "content": content_hash(path),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "format": fmt,
-        "fields": names,
-        "train_on_prompt": train_on_prompt,
-        "on_bad_row": on_bad_row,
-        "source": source,
-    }, sort_keys=True).encode()).hexdigest()
-    if key in _MEMO:
-        return _MEMO[key]
-    file = cache_dir / "tokenized" / f"{Path(source).name}-{key[:20]}.npz"
-    if file.is_file():
-        dataset = _read(file)
-    else:
-        dataset = tokenize_source(path, source, fmt, names, tokenizer, train_on_prompt, on_bad_row, cache_dir / "hf")
-        _write(file, dataset)
-        log.info("tokenized %s: %d examples, %d tokens (cached in %s)", source, len(dataset), len(dataset.tokens), file)
-    _MEMO[key] = dataset
-    return dataset
-
-
-def _write(file: Path, dataset: TokenizedDataset) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"source": dataset.source, "format": dataset.format, "labels": dataset.labels, "by_line": dataset.by_line,
-            "skipped": dataset.skipped, "skipped_where": dataset.skipped_where}
-    fd, aside = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".npz", dir=file.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, tokens=dataset.tokens, offsets=dataset.offsets, targets=dataset.targets, rows=dataset.rows,
-                     meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-        os.replace(aside, file)
-    finally:
-        if os.path.exists(aside):
-            os.unlink(aside)
-
-
-def _read(file: Path) -> TokenizedDataset:
-    with np.load(file, allow_pickle=False) as arrays:
-        meta = json.loads(arrays["meta"].tobytes().decode())
-        return TokenizedDataset(tokens=arrays["tokens"], offsets=arrays["offsets"], targets=arrays["targets"],
-                                rows=arrays["rows"], **meta)
+        source=meta["source"], format=meta["format"],
+        tokens=mapped(f"tokens.{meta['token_dtype']}", np.dtype(meta["token_dtype"]), count),
+        offsets=mapped("offsets.int64", np.int64, n + 1), targets=targets,
+        rows=mapped("rows.int64", np.int64, n), by_line=meta["by_line"],
+        label_values=meta["label_values"], label_index=mapped("labels.int32", np.int32, n) if classification else None,
+        skipped=meta["skipped"], skipped_where=meta["skipped_where"], folder=folder)
