@@ -197,7 +197,7 @@ def test_held_out_conversations_are_read_back_from_the_source(tmp_path, tiny_tok
     for conversation in found["inst"]:
         n = conversation[0]["content"].removeprefix("say ")
         assert conversation == [{"role": "user", "content": f"say {n}"}, {"role": "assistant", "content": n}]
-    assert held_out_conversations(cfg, tiny_tokenizer, 0, 3)["inst"] == found["inst"][:3]
+    assert held_out_conversations(cfg, tiny_tokenizer, 3)["inst"] == found["inst"][:3]
 
 
 def test_classification_eval_uses_the_training_label_ids(tmp_path, tiny_tokenizer):
