@@ -10,7 +10,7 @@ reported ends in the agent's failure summary. Here the same agent runs in this p
   the agent goes on watching them: once every rank has checkpointed and exited 0, so does
   this process. A second signal (after the ranks' repeat window) kills the ranks at once.
 - A run whose ranks exited with code 2 (a user's mistake, already reported in one line by
-  rank 0) exits 2 without more; a rank that crashed or was killed is named in one line per
+  rank 0; ranks the agent ended on its way out count with them) exits 2 without more; a rank that crashed or was killed is named in one line per
   rank, and the exit code is 1.
 - SIGINT, SIGHUP and SIGQUIT stay with the agent: it passes them on and ends the ranks.
 """
@@ -100,7 +100,11 @@ def _report_failures(err) -> int:
     """Exit 2 when the ranks stopped on a user's mistake (rank 0 has said what it was);
     otherwise name each failed rank in one line and exit 1."""
     failures = dict(sorted(err.failures.items()))
-    if all(failure.exitcode == 2 for failure in failures.values()):
+    # Every rank raises a user's mistake, but the first to exit makes the agent end the others
+    # (SIGTERM, then SIGKILL after the shutdown timeout) while they are still on their way out.
+    ended_by_agent = (-signal.SIGTERM, -signal.SIGKILL)
+    codes = [failure.exitcode for failure in failures.values()]
+    if 2 in codes and all(code == 2 or code in ended_by_agent for code in codes):
         return 2
     for rank, failure in failures.items():
         if failure.exitcode < 0:

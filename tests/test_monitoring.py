@@ -162,16 +162,18 @@ def test_generations_wandb_and_summary(tmp_path):
 
 @pytest.mark.slow
 def test_classification_recipe_beats_the_majority_class(tmp_path):
-    """configs/minilm-polarity.yaml, cut to a few steps: pretrained MiniLM with a new linear head
-    on gensim's polarity sentences beats always answering the held-out majority class, in
-    accuracy and in macro-F1 (a constant answer's macro-F1 is below 0.5)."""
+    """configs/minilm-polarity.yaml as users run it (50 steps over 160 sentences, a minute):
+    pretrained MiniLM with a new linear head on gensim's polarity sentences beats always
+    answering the held-out majority class, in accuracy and in macro-F1 (a constant answer's
+    macro-F1 is below 0.5). Cut to fewer steps the schedule decays before the head has
+    learned; the held-out 40 sentences are 29 to 11, a majority of 0.725 to beat."""
     from transformers import AutoTokenizer
 
     from trainer.config import load_config
     from trainer.data import build_eval_sets
 
-    overrides = [f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=null",
-                 "train.max_steps=30", "train.eval_every=0", "logging.progress_bar=false"]
+    overrides = [f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "train.eval_every=0",
+                 "logging.progress_bar=false"]
     run_cli(REPO / "configs" / "minilm-polarity.yaml", *overrides, timeout=900)
     final = [r for r in read_metrics(tmp_path / "run") if "eval/polarity/accuracy" in r][-1]
 
@@ -179,5 +181,5 @@ def test_classification_recipe_beats_the_majority_class(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
     labels = torch.cat([b.labels for b in build_eval_sets(cfg, tokenizer, "sdpa", 0, 1)["polarity"]])
     majority = float(torch.bincount(labels).max()) / len(labels)
-    assert final["eval/polarity/accuracy"] > majority + 0.1, (final, majority)
-    assert final["eval/polarity/macro_f1"] > 0.6, final
+    assert final["eval/polarity/accuracy"] > majority, (final, majority)
+    assert final["eval/polarity/macro_f1"] > 0.7, final

@@ -96,3 +96,27 @@ def test_traceback_on_request(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "DataError" in proc.stderr
     assert re.fullmatch(pattern, error_lines(proc.stderr)[-1])
+
+
+def test_the_launcher_exits_2_when_a_mistake_ends_the_ranks(capsys):
+    """The first rank to report a mistake makes the elastic agent end the others while they are
+    on their way out with the same mistake: still exit 2 and no more lines. A rank that
+    crashed on its own (another code or signal) is named, exit 1."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from launch.elastic import _report_failures
+
+    def failed(*codes: int) -> ChildFailedError:
+        return ChildFailedError("trainer", {rank: ProcessFailure(rank, 1000 + rank, code, "<N/A>")
+                                            for rank, code in enumerate(codes)})
+
+    assert _report_failures(failed(2, 2)) == 2
+    assert _report_failures(failed(2, -signal.SIGTERM)) == 2
+    assert _report_failures(failed(-signal.SIGKILL, 2)) == 2
+    assert capsys.readouterr().err == ""
+    assert _report_failures(failed(2, -signal.SIGABRT)) == 1
+    assert "rank 1 was killed by SIGABRT" in capsys.readouterr().err
+    assert _report_failures(failed(-signal.SIGTERM, -signal.SIGTERM)) == 1
+    assert _report_failures(failed(1, 2)) == 1
