@@ -62,13 +62,14 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from trainer.checkpoint import export_checkpoint
+    from trainer.checkpoint import export_checkpoint, newest_checkpoint
 
     try:
-        out = export_checkpoint(Path(args.checkpoint), Path(args.out), merge=args.merge)
+        checkpoint = newest_checkpoint(Path(args.checkpoint))
+        out = export_checkpoint(checkpoint, Path(args.out), merge=args.merge)
     except UserError as err:
         return report_user_error(err, None)
-    print(f"exported {args.checkpoint} to {out}")
+    print(f"exported {checkpoint} to {out}" + (" (adapter merged into the weights)" if args.merge else ""))
     return 0
 
 
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(run=cmd_prepare)
 
     export = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")
-    export.add_argument("checkpoint")
+    export.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     export.add_argument("--out", required=True)
     export.add_argument("--merge", action="store_true", help="merge the peft adapter into the base weights")
     export.set_defaults(run=cmd_export)

@@ -97,7 +97,7 @@ def test_forgetting_warns_once_per_rehearsal_dataset(caplog):
     assert "general at step 20 is 0.2500 nats above step 0" in caplog.records[0].getMessage()
 
 
-def test_summary_keeps_best_last_and_largest_forgetting(tmp_path):
+def test_summary_keeps_first_best_last_forgetting_and_answers(tmp_path, capsys):
     cfg = Config()
     cfg.run.output_dir = str(tmp_path)
     cfg.data.datasets = [DatasetConfig(name="task", weight=0.9), DatasetConfig(name="general", weight=0.1)]
@@ -105,8 +105,17 @@ def test_summary_keeps_best_last_and_largest_forgetting(tmp_path):
     for step, loss, change in ((0, 3.0, 0.0), (10, 2.5, 0.3), (20, 2.7, 0.1)):
         summary.observe_eval(step, {"eval/general/loss": loss, "eval/general/loss_change": change,
                                     "eval/task/loss": loss, "eval/task/loss_change": change})
+        summary.observe_generations([{"step": step, "dataset": "task", "question": "Who are you?",
+                                      "reference": "A robot.", "generation": f"answer at {step}"}])
     written = summary.write("finished", 20, 20, 1000, tmp_path / "checkpoints" / "step-00000020")
+    assert written["eval"]["general"]["first"]["step"] == 0
     assert written["eval"]["general"]["best"]["step"] == 10 and written["eval"]["general"]["last"]["step"] == 20
+    assert written["answers"] == [{"dataset": "task", "question": "Who are you?", "reference": "A robot.",
+                                   "first": {"step": 0, "answer": "answer at 0"},
+                                   "last": {"step": 20, "answer": "answer at 20"}}]
+    printed = capsys.readouterr().out
+    assert "loss 3 -> 2.7 (step 0 -> 20)" in printed
+    assert "step 0     answer at 0" in printed and "step 20    answer at 20" in printed
     assert written["forgetting"] == {"general": {"loss_change": 0.1, "max_loss_change": 0.3, "max_at_step": 10}}
     assert written["export_command"].startswith(f"finetrain export {tmp_path / 'checkpoints' / 'step-00000020'} --out")
     assert (tmp_path / "summary.json").is_file()

@@ -196,15 +196,28 @@ def _fsync_dir(path: Path) -> None:
 # ------------------------------------------------------------------------------ export
 
 
+def newest_checkpoint(path: Path) -> Path:
+    """`path` if it is a complete checkpoint; for a run folder, its newest complete checkpoint."""
+    path = Path(path)
+    if (path / COMPLETE_MARK).is_file() or not (path / "config.yaml").is_file():
+        return path
+    run_cfg = load_config(path / "config.yaml", check_files=False)
+    found = complete_checkpoints(path / run_cfg.checkpoint.dir)
+    if not found:
+        raise UserError(f"{path}: a run folder without a complete checkpoint in {run_cfg.checkpoint.dir}/")
+    return found[-1]
+
+
 def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
-    """Write a Hugging Face folder from a checkpoint: the full model, the peft adapter
-    (loads with `peft.PeftModel.from_pretrained`), or with `merge` the merged model."""
+    """Write a Hugging Face folder from a checkpoint (or a run folder's newest): the full
+    model, the peft adapter (loads with `peft.PeftModel.from_pretrained`), or with `merge`
+    the merged model."""
     from transformers import AutoTokenizer
 
     from trainer.models import build_model
     from trainer.peft import is_peft_model, merge_adapter
 
-    checkpoint = Path(checkpoint)
+    checkpoint = newest_checkpoint(checkpoint)
     mark = read_mark(checkpoint)
     cfg = load_config(checkpoint / "config.yaml", check_files=False)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")

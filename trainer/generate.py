@@ -37,6 +37,7 @@ _SENTINEL = "Finetrain sentinel answer."
 class HeldOutPrompt:
     dataset: str
     prompt: str  # the rendered conversation up to the answer, generation prompt included
+    question: str  # the last user turn of it, for people to read
     reference: str
 
 
@@ -140,7 +141,8 @@ class HeldOutGeneration:
                             "data.seq_len; generating for those", name, len(split))
             for messages, reference in split:
                 text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                prompts.append(HeldOutPrompt(name, text, reference))
+                question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+                prompts.append(HeldOutPrompt(name, text, question, reference))
         return cls(prompts, tokenizer, cfg.train.micro_batch_size, cfg.data.eval.max_new_tokens)
 
     def run(self, strategy, step: int) -> tuple[dict, list[dict]]:
@@ -152,7 +154,7 @@ class HeldOutGeneration:
             generation = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
             scores = answer_scores(generation, prompt.reference)
             per_dataset.setdefault(prompt.dataset, []).append(scores)
-            rows.append({"step": step, "dataset": prompt.dataset, "prompt": prompt.prompt,
+            rows.append({"step": step, "dataset": prompt.dataset, "prompt": prompt.prompt, "question": prompt.question,
                          "reference": prompt.reference, "generation": generation, **scores})
         results = {f"eval/{name}/{key}": value for name, scored in per_dataset.items()
                    for key, value in mean_answer_scores(scored).items()}

@@ -245,6 +245,7 @@ class Trainer:
             self.metrics.log({"step": self.step, **results})
             self.metrics.log_generations(self.step, generations)
             self.summary.observe_eval(self.step, results)
+            self.summary.observe_generations(generations)
         return results
 
     def step_record(self, result: dict, step_data: torch.Tensor, data_seconds: float, compute_seconds: float,

@@ -1,9 +1,11 @@
 """What a run did, in `summary.json` and once on the console, at its end or at a stop.
 
 Steps, wall time, tokens and tokens/s (over the time spent in optimizer steps, data
-wait included, evaluation and checkpoints not), the best (lowest loss) and the last evaluation
-of each dataset, forgetting (each rehearsal dataset's last and largest loss change since
-step 0), the newest checkpoint and the command that exports it. Wall time and the
+wait included, evaluation and checkpoints not), the first (step 0), best (lowest loss) and
+last evaluation of each dataset, forgetting (each rehearsal dataset's last and largest loss
+change since step 0), the held-out questions with their first and last greedy answers (the
+base model's beside the fine-tuned one's), the newest checkpoint and the command that
+exports it. Wall time and the
 evaluations carry over a resume through the checkpoint, so the summary of a resumed
 run covers the whole run.
 """
@@ -38,9 +40,11 @@ class RunSummary:
         self.started = time.monotonic()
         self.seconds_before = 0.0  # wall time of the runs this one resumes
         self.step_seconds = 0.0  # in optimizer steps, over the whole run
+        self.first: dict[str, dict] = {}
         self.best: dict[str, dict] = {}
         self.last: dict[str, dict] = {}
         self.forgetting: dict[str, dict] = {}
+        self.answers: list[dict] = []  # per held-out question: its first and last generation
 
     def wall_time(self) -> float:
         return self.seconds_before + time.monotonic() - self.started
@@ -51,6 +55,7 @@ class RunSummary:
     def observe_eval(self, step: int, results: dict) -> None:
         for dataset, metrics in eval_by_dataset(results).items():
             record = {"step": step, **metrics}
+            self.first.setdefault(dataset, record)
             self.last[dataset] = record
             if "loss" in metrics and metrics["loss"] <= self.best.get(dataset, {}).get("loss", float("inf")):
                 self.best[dataset] = record
@@ -61,13 +66,23 @@ class RunSummary:
                 self.forgetting[dataset] = {"loss_change": change, "max_loss_change": largest["max_loss_change"],
                                             "max_at_step": largest["max_at_step"]}
 
+    def observe_generations(self, rows: list[dict]) -> None:
+        """Keep each question's first answer (the model before training, when the run starts
+        at step 0) and its latest."""
+        if not self.answers:
+            self.answers = [{"dataset": row["dataset"], "question": row["question"], "reference": row["reference"],
+                             "first": {"step": row["step"], "answer": row["generation"]}} for row in rows]
+        for kept, row in zip(self.answers, rows):
+            kept["last"] = {"step": row["step"], "answer": row["generation"]}
+
     def state_dict(self) -> dict:
-        return {"wall_time_s": self.wall_time(), "step_time_s": self.step_seconds, "best": self.best,
-                "last": self.last, "forgetting": self.forgetting}
+        return {"wall_time_s": self.wall_time(), "step_time_s": self.step_seconds, "first": self.first,
+                "best": self.best, "last": self.last, "forgetting": self.forgetting, "answers": self.answers}
 
     def load_state_dict(self, state: dict) -> None:
         self.seconds_before, self.step_seconds = state["wall_time_s"], state["step_time_s"]
-        self.best, self.last, self.forgetting = state["best"], state["last"], state["forgetting"]
+        self.first, self.best, self.last = state["first"], state["best"], state["last"]
+        self.forgetting, self.answers = state["forgetting"], state["answers"]
 
     def write(self, status: str, step: int, total_steps: int, tokens: int, checkpoint: Path | None) -> dict:
         """Write summary.json and print the summary (rank 0); returns it."""
@@ -84,8 +99,10 @@ class RunSummary:
             "step_time_s": round(self.step_seconds, 3),
             "tokens": tokens,
             "tokens_per_s": tokens / self.step_seconds if self.step_seconds > 0 else 0.0,
-            "eval": {name: {"best": self.best.get(name), "last": last} for name, last in self.last.items()},
+            "eval": {name: {"first": self.first.get(name), "best": self.best.get(name), "last": last}
+                     for name, last in self.last.items()},
             "forgetting": self.forgetting,
+            "answers": self.answers,
             "checkpoint": str(checkpoint) if checkpoint is not None else None,
             "export_command": export,
         }
@@ -99,19 +116,38 @@ class RunSummary:
 
 
 def format_summary(summary: dict, path: Path) -> str:
+    """The summary as a person reads it at a glance: each eval metric from step 0 to the end,
+    forgetting, the held-out answers before and after, and where the results are."""
     lines = [f"finetrain {summary['status']} at step {summary['steps']}/{summary['total_steps']} in "
              f"{summary['wall_time_s']:.1f}s: {summary['tokens']:,} tokens, {summary['tokens_per_s']:,.0f} tokens/s"]
+    width = max((len(name) for name in summary["eval"]), default=0)
     for name, evals in summary["eval"].items():
-        last = evals["last"]
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step" and isinstance(v, (int, float)))
-        best = evals["best"]
-        best_text = f" (best loss {best['loss']:.4f} at step {best['step']})" if best else ""
-        lines.append(f"  eval {name} at step {last['step']}: {shown}{best_text}")
+        first, last, best = evals["first"] or evals["last"], evals["last"], evals["best"]
+        changes = [f"{k} {first[k]:.4g} -> {v:.4g}" if k in first and first["step"] != last["step"] else f"{k} {v:.4g}"
+                   for k, v in last.items() if isinstance(v, (int, float)) and k not in ("step", "loss_change")]
+        span = f" (step {first['step']} -> {last['step']})" if first["step"] != last["step"] else f" (step {last['step']})"
+        best_text = f"; best loss {best['loss']:.4f} at step {best['step']}" if best and best is not last else ""
+        lines.append(f"  eval {name:<{width}}  " + ", ".join(changes) + span + best_text)
     for name, change in summary["forgetting"].items():
-        lines.append(f"  forgetting {name}: loss change {change['loss_change']:+.4f} nats "
+        lines.append(f"  forgetting {name}: loss change {change['loss_change']:+.4f} nats since step 0 "
                      f"(largest {change['max_loss_change']:+.4f} at step {change['max_at_step']})")
+    answers = [a for a in summary.get("answers", []) if "last" in a]
+    if answers:
+        first_step, last_step = answers[0]["first"]["step"], answers[0]["last"]["step"]
+        lines.append(f"  held-out questions, greedy answers at step {first_step} and at step {last_step}:")
+        for number, answer in enumerate(answers, 1):
+            lines.append(f"  {number}. [{answer['dataset']}] {_one_line(answer['question'])}")
+            lines.append(f"       reference:  {_one_line(answer['reference'])}")
+            lines.append(f"       step {first_step:<5} {_one_line(answer['first']['answer'])}")
+            if last_step != first_step:
+                lines.append(f"       step {last_step:<5} {_one_line(answer['last']['answer'])}")
     if summary["checkpoint"]:
         lines.append(f"  checkpoint: {summary['checkpoint']}")
         lines.append(f"  export:     {summary['export_command']}")
     lines.append(f"  summary:    {path}")
     return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 110) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
