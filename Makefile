@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.finetrain-installed
 TORCH  ?= 2.13.0
 TORCH_INDEX_URL ?=
 
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo smoke test test-fast bench
 
 setup: $(STAMP)
 
@@ -35,7 +35,15 @@ $(STAMP): setup.py Makefile
 	$(PY) -c "import torch, transformers, peft, deepspeed, trainer; print('finetrain ready: torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $@
 
+# The main job: SmolLM2-135M-Instruct + LoRA on chat with rehearsal, 2 local ranks, then the
+# adapter merged into a Hugging Face folder. Run again, it resumes and finds the run finished.
+DEMO_RUN := runs/smollm2-demo
 demo: $(STAMP)
+	$(VENV)/bin/finetrain train configs/smollm2-demo.yaml --nproc 2 run.output_dir=$(DEMO_RUN)
+	$(VENV)/bin/finetrain export $(DEMO_RUN) --out $(DEMO_RUN)/merged --merge
+
+# The loop end to end in seconds, on a tiny random model.
+smoke: $(STAMP)
 	$(VENV)/bin/finetrain train configs/debug-tiny.yaml
 
 test: $(STAMP)

@@ -160,6 +160,26 @@ def test_held_out_fraction_per_data_set_split_over_ranks(tmp_path, tiny_tokenize
     assert len(train_examples) == 45 + 30
 
 
+def test_examples_sharing_a_held_out_prompt_never_train(tmp_path, tiny_tokenizer):
+    """A question asked in several rows (duplicates, or the same question answered in other
+    words) is held out everywhere or nowhere: no training example starts with the prompt
+    of a held-out one, and the held-out questions still evaluate."""
+    rows = [{"messages": [{"role": "user", "content": f"question {i % 12}"},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(60)]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    cfg = loader_config(tmp_path, [{"name": "sft", "path": str(path), "format": "chat"}], eval={"fraction": 0.1})
+    loader = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    [ds] = loader.stream.datasets
+    held = [c[0]["content"] for c in held_out_conversations(cfg, tiny_tokenizer, 60)["sft"]]
+    trained = {rows[int(ds.data.rows[e]) - 1]["messages"][0]["content"] for e in ds.examples}
+    assert len(set(held)) == len(held) and not set(held) & trained  # each held-out question asked once
+    # each held-out question had 5 rows: the other rows of those questions are left out
+    held_out_rows = 6  # a tenth of 60
+    twins = 5 * len(held) - held_out_rows
+    assert loader.stats["sft/held_out_prompt_twins"] == twins
+    assert len(ds.examples) == 60 - held_out_rows - twins
+
+
 def test_eval_file_is_one_data_set(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "eval.jsonl", [chat(100 + i) for i in range(5)])
     cfg = loader_config(tmp_path, text_datasets(tmp_path), eval={"path": str(path)})

@@ -31,7 +31,8 @@ def make_dataset(docs: list[list[int]], targets: list[list[bool]], name: str = "
     data = TokenizedDataset(source=name, format="text" if text else "chat",
                             tokens=np.concatenate(docs).astype(np.int32), offsets=offsets,
                             targets=np.concatenate(targets).astype(bool),
-                            rows=np.arange(1, len(docs) + 1), by_line=True)
+                            rows=np.arange(1, len(docs) + 1), prompt_keys=np.arange(len(docs), dtype=np.uint64),
+                            by_line=True)
     return StreamDataset(name, data, np.arange(len(docs)), seq_len, text)
 
 

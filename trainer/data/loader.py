@@ -164,6 +164,16 @@ def _held_out(examples: ExampleSet, name: str, cfg: Config) -> np.ndarray:
     return np.sort(np.asarray([examples[order[k]] for k in range(count)], dtype=np.int64))
 
 
+def _prompt_twins(data: TokenizedDataset, held_out: np.ndarray) -> np.ndarray:
+    """Examples other than the held-out ones that share a held-out example's prompt (a
+    question asked again, a duplicated row): trained on, they would leak the evaluation's
+    questions, and often its answers, into training."""
+    if not len(held_out):
+        return held_out
+    keys = np.unique(np.asarray(data.prompt_keys[held_out]))
+    return np.setdiff1d(data.examples_with_prompt_keys(keys), held_out)
+
+
 def _entries(cfg: Config) -> list[tuple[str, str, DatasetConfig]]:
     return [(dataset_name(ds), f"data.datasets.{i}", ds) for i, ds in enumerate(cfg.data.datasets)]
 
@@ -186,7 +196,15 @@ def _stream_datasets(cfg: Config, tokenizer, report: bool = True
             raise DataError(f"{s.data.source}: no example fits data.seq_len {cfg.data.seq_len} "
                             f"(data.overlong={cfg.data.overlong})")
         held_out = _held_out(usable, s.name, cfg)
-        kept = ExampleSet(len(s.data), np.concatenate([usable.excluded, held_out]))
+        twins = _prompt_twins(s.data, held_out)
+        kept = ExampleSet(len(s.data), np.concatenate([usable.excluded, held_out, twins]))
+        if len(kept) == 0:
+            raise DataError(f"{s.data.source}: every example shares its prompt with a held-out one; "
+                            "nothing is left to train on (lower data.eval.fraction)")
+        stats[f"{s.name}/held_out_prompt_twins"] = len(np.setdiff1d(twins, usable.excluded))
+        if report and stats[f"{s.name}/held_out_prompt_twins"]:
+            log.info("%s: %d training examples share a prompt with a held-out example and are left out of training",
+                     s.name, stats[f"{s.name}/held_out_prompt_twins"])
         train.append(StreamDataset(s.name, s.data, kept, cfg.data.seq_len, s.data.format == "text",
                                    classes.get(s.name)))
         held.append(held_out)
@@ -328,15 +346,19 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
 
 def held_out_conversations(cfg: Config, tokenizer, count: int) -> dict[str, list[list[dict]]]:
     """Per chat or instruction eval data set, the conversations of its first `count`
-    held-out examples that fit `data.seq_len` whole, read back from the source file
-    (the tokenized cache keeps token ids, not the text of each turn)."""
+    held-out examples that fit `data.seq_len` whole, one per prompt (a question asked twice
+    is answered once), read back from the source file (the tokenized cache keeps token
+    ids, not the text of each turn)."""
     cache_dir = cache_root(cfg)
     result = {}
     for key, ds_cfg, ds in _eval_datasets(cfg, tokenizer):
         if ds_cfg.format not in ("chat", "instruction"):
             continue
-        whole = [int(e) for e in ds.examples if ds.data.length(int(e)) <= cfg.data.seq_len]
-        rows = [int(ds.data.rows[e]) for e in whole[:count]]
+        first_of_prompt = {}
+        for e in ds.examples:
+            if ds.data.length(int(e)) <= cfg.data.seq_len:
+                first_of_prompt.setdefault(int(ds.data.prompt_keys[e]), int(e))
+        rows = [int(ds.data.rows[e]) for e in sorted(first_of_prompt.values())[:count]]
         wanted = set(rows)
         encoder = build_encoder(ds_cfg.format, tokenizer, field_names(ds_cfg.format, ds_cfg.fields, f"{key}.fields"),
                                 train_on_prompt=False)

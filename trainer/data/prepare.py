@@ -41,13 +41,14 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.data.formats import RowError, build_encoder
 from trainer.data.sources import DataError, Row, location, read_rows, source_fingerprint
-from trainer.data.tokenized import (EncodedChunk, TokenizedDataset, TokenizedWriter, is_complete, open_tokenized)
+from trainer.data.tokenized import (EncodedChunk, TokenizedDataset, TokenizedWriter, is_complete, open_tokenized,
+                                     prompt_key)
 
 log = logging.getLogger("finetrain")
 
 # Part of every cache key: bump it when the same source and settings would give other arrays
 # (a change to the folder layout in tokenized.py or to an encoder in formats.py).
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # Rows per chunk sent to a worker: large enough that the transfer costs little next to
 # encoding (a chat example takes a few hundred microseconds), small enough that chunks in
 # flight stay a few MB even for long documents.
@@ -68,7 +69,7 @@ class EncodingSpec:
 
 
 def encode_chunk(encoder, rows: list[Row]) -> EncodedChunk:
-    tokens, targets, lengths, numbers, labels, problems = [], [], [], [], [], []
+    tokens, targets, lengths, numbers, keys, labels, problems = [], [], [], [], [], [], []
     for row in rows:
         problem = row.error
         if problem is None:
@@ -81,11 +82,13 @@ def encode_chunk(encoder, rows: list[Row]) -> EncodedChunk:
             continue
         tokens.append(np.asarray(encoded.tokens, dtype=np.int64))
         targets.append(np.asarray(encoded.targets, dtype=bool))
+        keys.append(prompt_key(tokens[-1], targets[-1]))
         lengths.append(len(encoded.tokens))
         numbers.append(row.number)
         labels.append(encoded.label)
     return EncodedChunk(by_line=rows[0].by_line, tokens=_joined(tokens, np.int64), targets=_joined(targets, bool),
                         lengths=np.asarray(lengths, dtype=np.int64), rows=np.asarray(numbers, dtype=np.int64),
+                        prompt_keys=np.asarray(keys, dtype=np.uint64),
                         labels=labels, problems=problems, rows_read=len(rows))
 
 

@@ -8,6 +8,9 @@ A tokenized data set is a folder of raw arrays and a `meta.json` that describes 
                            is (text, continued pretraining) or none is (classification)
     offsets.int64          example i is tokens[offsets[i]:offsets[i+1]]
     rows.int64             the source line (or row) of each example, for messages
+    prompt_keys.uint64     per example, a hash of its prompt (the tokens before its first
+                           target; the whole example when it has no prompt): examples that
+                           share a held-out example's prompt are kept out of training
     labels.int32           classification: each example's label, an index into the
                            `label_values` of meta.json (the distinct raw labels)
 
@@ -18,6 +21,7 @@ examples a chunk at a time, so writing needs memory for one chunk only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -42,6 +46,7 @@ class TokenizedDataset:
     offsets: np.ndarray  # int64, one more than there are examples
     targets: np.ndarray  # bool per token: a file, all True (a zero-stride view) or empty (classification)
     rows: np.ndarray  # int64: the source line or row of each example
+    prompt_keys: np.ndarray  # uint64: a hash of each example's prompt (see prompt_key)
     by_line: bool
     label_values: list = field(default_factory=list)  # classification: the distinct raw labels
     label_index: np.ndarray | None = None  # classification: per example, an index into label_values
@@ -83,6 +88,13 @@ class TokenizedDataset:
                  for start in range(0, len(self), block)]
         return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
+    def examples_with_prompt_keys(self, keys: np.ndarray, block: int = 1 << 18) -> np.ndarray:
+        """Examples whose prompt key is one of `keys`, read in blocks (see length_blocks)."""
+        found = [start + np.flatnonzero(np.isin(self._read("prompt_keys.uint64", self.prompt_keys, start,
+                                                           min(start + block, len(self))), keys))
+                 for start in range(0, len(self), block)]
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
     def _read(self, file: str, array: np.ndarray, start: int, stop: int) -> np.ndarray:
         """array[start:stop], read from its file when it is mapped (see length_blocks)."""
         if self.folder is None:
@@ -100,9 +112,19 @@ class EncodedChunk:
     targets: np.ndarray  # bool per token (empty for classification)
     lengths: np.ndarray  # int64 per example
     rows: np.ndarray  # int64 per example
+    prompt_keys: np.ndarray  # uint64 per example
     labels: list  # classification: the raw label of each example
     problems: list[tuple[int, str]]
     rows_read: int  # good and bad
+
+
+def prompt_key(tokens: np.ndarray, targets: np.ndarray) -> int:
+    """A 64-bit hash of an example's prompt: its tokens before the first target, or all of
+    them when the first token is a target or none is (text, classification)."""
+    first_target = int(np.argmax(targets)) if len(targets) and targets.any() else 0
+    prompt = tokens[:first_target] if first_target else tokens
+    digest = hashlib.blake2b(np.ascontiguousarray(prompt, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -121,7 +143,8 @@ class TokenizedWriter:
         self.dtype = token_dtype(vocab_size)
         folder.mkdir(parents=True)
         self.files = {name: open(folder / name, "wb") for name in
-                      (f"tokens.{self.dtype.name}", "targets.bool", "offsets.int64", "rows.int64", "labels.int32")}
+                      (f"tokens.{self.dtype.name}", "targets.bool", "offsets.int64", "rows.int64",
+                       "prompt_keys.uint64", "labels.int32")}
         self.files["offsets.int64"].write(np.zeros(1, dtype=np.int64).tobytes())
         self.examples = 0
         self.num_tokens = 0
@@ -141,6 +164,7 @@ class TokenizedWriter:
         self.every_token_a_target &= bool(chunk.targets.all())
         (self.num_tokens + np.cumsum(chunk.lengths)).astype(np.int64).tofile(self.files["offsets.int64"])
         chunk.rows.astype(np.int64).tofile(self.files["rows.int64"])
+        chunk.prompt_keys.astype(np.uint64).tofile(self.files["prompt_keys.uint64"])
         if self.format == "classification":
             ids = [self.label_ids.setdefault(value, len(self.label_ids)) for value in chunk.labels]
             np.asarray(ids, dtype=np.int32).tofile(self.files["labels.int32"])
@@ -199,6 +223,7 @@ def open_tokenized(folder: Path) -> TokenizedDataset:
         source=meta["source"], format=meta["format"],
         tokens=mapped(f"tokens.{meta['token_dtype']}", np.dtype(meta["token_dtype"]), count),
         offsets=mapped("offsets.int64", np.int64, n + 1), targets=targets,
-        rows=mapped("rows.int64", np.int64, n), by_line=meta["by_line"],
+        rows=mapped("rows.int64", np.int64, n), prompt_keys=mapped("prompt_keys.uint64", np.uint64, n),
+        by_line=meta["by_line"],
         label_values=meta["label_values"], label_index=mapped("labels.int32", np.int32, n) if classification else None,
         skipped=meta["skipped"], skipped_where=meta["skipped_where"], folder=folder)
