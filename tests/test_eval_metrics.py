@@ -115,7 +115,8 @@ def test_summary_keeps_first_best_last_forgetting_and_answers(tmp_path, capsys):
                                    "last": {"step": 20, "answer": "answer at 20"}}]
     printed = capsys.readouterr().out
     assert "loss 3 -> 2.7 (step 0 -> 20)" in printed
-    assert "step 0     answer at 0" in printed and "step 20    answer at 20" in printed
+    assert "Who are you?\n       reference:       A robot.\n       base (step 0):   answer at 0\n" \
+           "       tuned (step 20): answer at 20" in printed
     assert written["forgetting"] == {"general": {"loss_change": 0.1, "max_loss_change": 0.3, "max_at_step": 10}}
     assert written["export_command"].startswith(f"finetrain export {tmp_path / 'checkpoints' / 'step-00000020'} --out")
     assert (tmp_path / "summary.json").is_file()

@@ -135,12 +135,16 @@ def format_summary(summary: dict, path: Path) -> str:
     if answers:
         first_step, last_step = answers[0]["first"]["step"], answers[0]["last"]["step"]
         lines.append(f"  held-out questions, greedy answers at step {first_step} and at step {last_step}:")
+        # step 0 answers come from the model as loaded: the base model
+        labels = {"reference": "reference", "first": "base (step 0)" if first_step == 0 else f"step {first_step}",
+                  "last": f"tuned (step {last_step})"}
+        shown = ("reference", "first", "last") if last_step != first_step else ("reference", "first")
+        width = max(len(labels[k]) for k in shown) + 1
         for number, answer in enumerate(answers, 1):
             lines.append(f"  {number}. [{answer['dataset']}] {_one_line(answer['question'])}")
-            lines.append(f"       reference:  {_one_line(answer['reference'])}")
-            lines.append(f"       step {first_step:<5} {_one_line(answer['first']['answer'])}")
-            if last_step != first_step:
-                lines.append(f"       step {last_step:<5} {_one_line(answer['last']['answer'])}")
+            for k in shown:
+                text = answer["reference"] if k == "reference" else answer[k]["answer"]
+                lines.append(f"       {labels[k] + ':':<{width}} {_one_line(text)}")
     if summary["checkpoint"]:
         lines.append(f"  checkpoint: {summary['checkpoint']}")
         lines.append(f"  export:     {summary['export_command']}")

@@ -1,0 +1,84 @@
+"""The main job's pieces (configs/smollm2-demo.yaml, `make demo`) on slices: the converted
+SmolLM2 is a language model, held-out questions never train, a short LoRA run on two FSDP
+ranks lowers the chat eval loss, and the closing summary shows the answers side by side."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import REPO
+from runs import read_metrics, run_cli
+from trainer.config import load_config
+from trainer.data import build_train_loader, held_out_conversations
+from trainer.data.builtin import _gensim_lee
+from trainer.models import build_model, load_tokenizer
+
+DEMO = REPO / "configs" / "smollm2-demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo's config (its data cache in a temporary folder) and its tokenizer."""
+    tmp = tmp_path_factory.mktemp("demo")
+    cfg = load_config(DEMO, [f"run.output_dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}"])
+    return cfg, load_tokenizer(cfg, lambda: [])
+
+
+@pytest.mark.slow
+def test_the_converted_model_reads_english(demo):
+    """Perplexity of SmolLM2 after conversion on news text is a small fraction of its
+    perplexity on the same tokens shuffled: the weights are those of a trained model, in the
+    right places."""
+    cfg, tokenizer = demo
+    model = build_model(cfg, tokenizer, "sdpa").eval()
+    text = " ".join(doc["text"] for _, doc in zip(range(3), _gensim_lee()))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :256]
+    shuffled = ids[:, torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        english, noise = (torch.exp(model(input_ids=x, labels=x).loss).item() for x in (ids, shuffled))
+    assert english < 40 and noise > 20 * english, (english, noise)
+
+
+@pytest.mark.slow
+def test_held_out_questions_never_appear_in_training_rows(demo):
+    """The chat corpus repeats questions (2,026 conversations, 749 distinct first questions):
+    no training conversation asks a held-out question, and the answers are read back for
+    distinct questions."""
+    from trainer.data.builtin import _chatterbot
+
+    cfg, tokenizer = demo
+    loader = build_train_loader(cfg, tokenizer, "sdpa", 0, 1)
+    chat = next(ds for ds in loader.stream.datasets if ds.name == "chat")
+    rows = list(_chatterbot())
+    trained = {rows[int(chat.data.rows[e]) - 1]["messages"][0]["content"] for e in chat.examples}
+    held = [c[0]["content"] for c in held_out_conversations(cfg, tokenizer, 48)["chat"]]
+    assert len(held) == len(set(held)) >= 5
+    assert not set(held) & trained
+    assert loader.stats["chat/held_out_prompt_twins"] > 0  # the corpus's repeats of held-out questions
+
+
+@pytest.mark.slow
+def test_a_short_lora_run_lowers_the_chat_loss_and_prints_the_answers(tmp_path):
+    """The demo recipe cut to 4 steps of 4 rows on its 2 FSDP ranks: the chat eval loss falls,
+    the general one is measured for forgetting, and the summary prints each held-out question
+    with the base model's and the tuned model's answers."""
+    proc = run_cli(DEMO, "--nproc", "2", f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+                   "train.max_steps=4", "train.global_batch_size=4", "data.seq_len=128",
+                   "data.eval.max_examples=16", "data.eval.generate=2", "data.eval.max_new_tokens=12",
+                   "logging.progress_bar=false", timeout=900)
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval/chat/loss" in r]
+    assert [r["step"] for r in evals] == [0, 4]
+    assert evals[-1]["eval/chat/loss"] < evals[0]["eval/chat/loss"] - 0.05, evals
+    assert "eval/general/loss_change" in evals[-1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["answers"]) == 2
+    for answer in summary["answers"]:
+        assert f"[chat] {answer['question']}" in proc.stdout
+        for label, key in (("base (step 0):", "first"), ("tuned (step 4):", "last")):
+            assert re.search(re.escape(label) + r" +" + re.escape(" ".join(answer[key]["answer"].split())[:40]),
+                             proc.stdout), (label, proc.stdout)
+    assert "forgetting general: loss change" in proc.stdout
