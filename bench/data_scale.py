@@ -8,9 +8,14 @@ are kept under --work between runs). For each size, in order:
   at the first size and the most workers at every size;
 - run: `finetrain train --nproc 2` for --steps steps on the prepared (warm) cache; per rank
   the peak resident memory (VmHWM, polled from /proc; it counts mapped data pages the rank
-  touched) and the time from launch to the end of the first step.
+  touched) and the time from launch to the end of the first step;
+- checkpoint (at the first size only: the data does not change it): a 7M-parameter Llama
+  trained on 2 FSDP ranks saving every --save-every steps, once with blocking saves and once
+  with `checkpoint.async=true`; each save's stall is the time from the end of the step before
+  it to the end of the step after it, less the median of that interval between steps
+  without a save.
 
-    python bench/data_scale.py [--sizes 100000 1000000 3000000] [--parts prepare run]
+    python bench/data_scale.py [--sizes 100000 1000000 3000000] [--parts prepare run checkpoint]
 
 Writes bench/results/data_scale.json and prints a markdown table. A part is a function
 (args, Workload) -> dict registered in PARTS, run per size in the order given: another
@@ -29,6 +34,7 @@ import platform
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +47,9 @@ sys.path.insert(0, str(REPO))
 
 MODEL = {"model_type": "llama", "vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+# What the checkpoint part saves: 7.1M parameters (the tokenizer uses the first 2,048 ids).
+CHECKPOINT_MODEL = {**MODEL, "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+                    "num_attention_heads": 8, "num_key_value_heads": 4}
 GENERATOR_VERSION = 1
 
 
@@ -206,7 +215,43 @@ def bench_run(args, load: Workload) -> dict:
     return result
 
 
-PARTS: dict[str, Callable[[argparse.Namespace, Workload], dict]] = {"prepare": bench_prepare, "run": bench_run}
+def _save_stalls(load: Workload, save_every: int, steps: int, asynchronous: bool) -> dict:
+    """One 2-rank FSDP run of CHECKPOINT_MODEL saving every `save_every` steps; the stall of
+    each save but the last (which waits for its write by design)."""
+    run = load.folder / f"checkpoint-{'async' if asynchronous else 'blocking'}"
+    shutil.rmtree(run, ignore_errors=True)
+    keys = [f"run.output_dir={run}", "parallel.strategy=fsdp", f"train.max_steps={steps}",
+            f"train.save_every={save_every}", f"checkpoint.async={str(asynchronous).lower()}",
+            f"model.config={json.dumps(CHECKPOINT_MODEL)}", "data.seq_len=256"]
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(load.config), "--nproc", "2", *keys],
+                          capture_output=True, text=True, cwd=REPO, env=environment())
+    if proc.returncode != 0:
+        raise RuntimeError(f"checkpoint run: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    times = {r["step"]: r["time"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r}
+    intervals = {step: times[step + 1] - times[step] for step in times if step + 1 in times}
+    saves = [step for step in intervals if step % save_every == 0]
+    plain = statistics.median(v for step, v in intervals.items() if step % save_every)
+    return {"step_s": plain, "stall_s": [intervals[step] - plain for step in saves],
+            "checkpoint_bytes": sum(f.stat().st_size for f in (run / "checkpoints").rglob("*") if f.is_file())
+            // len(list((run / "checkpoints").iterdir()))}
+
+
+def bench_checkpoint(args, load: Workload) -> dict | None:
+    """Blocking against asynchronous saves (see the module's docstring)."""
+    if load.size != args.sizes[0]:
+        return None
+    steps = 4 * args.save_every + 1
+    result = {mode: _save_stalls(load, args.save_every, steps, mode == "async") for mode in ("blocking", "async")}
+    blocking, background = (statistics.mean(result[m]["stall_s"]) for m in ("blocking", "async"))
+    result["async_over_blocking_stall"] = background / blocking
+    print(f"{load.size:>9,}: save stall {blocking:.2f} s blocking, {background:.2f} s async "
+          f"({result['async_over_blocking_stall']:.2f}x)", file=sys.stderr)
+    return result
+
+
+PARTS: dict[str, Callable[[argparse.Namespace, Workload], dict | None]] = {
+    "prepare": bench_prepare, "run": bench_run, "checkpoint": bench_checkpoint}
 
 
 # --------------------------------------------------------------------------- report
@@ -233,6 +278,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--save-every", type=int, default=4, help="checkpoint part: steps between saves")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "finetrain-data-scale",
                         help="generated data, caches and runs (kept between runs)")
@@ -242,7 +288,8 @@ def main() -> None:
     by_size = {r["size"]: r for r in json.loads(args.out.read_text())["results"]} if args.out.is_file() else {}
     for size in args.sizes:
         load = workload(args, size)
-        by_size[size] = {**by_size.get(size, {}), "size": size, **{part: PARTS[part](args, load) for part in args.parts}}
+        measured = {part: PARTS[part](args, load) for part in args.parts}
+        by_size[size] = {**by_size.get(size, {}), "size": size, **{k: v for k, v in measured.items() if v is not None}}
     results = [by_size[size] for size in sorted(by_size)]
     import torch
 
@@ -252,6 +299,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(results))
+    saved = [r["checkpoint"] for r in results if "checkpoint" in r]
+    for r in saved:
+        print(f"\nsave stall of a {r['blocking']['checkpoint_bytes'] / 1e6:.0f} MB checkpoint, 2 ranks: "
+              f"blocking {statistics.mean(r['blocking']['stall_s']):.2f} s, async {statistics.mean(r['async']['stall_s']):.2f} s "
+              f"({r['async_over_blocking_stall']:.2f}x); a step takes {r['blocking']['step_s']:.2f} s")
     runs = [r for r in results if "run" in r]
     if len(runs) > 1:
         growth = max(runs[-1]["run"]["peak_rss_mib_per_rank"]) - max(runs[0]["run"]["peak_rss_mib_per_rank"])
