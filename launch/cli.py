@@ -22,6 +22,7 @@ from trainer.config import UserError, load_config
 def cmd_train(args) -> int:
     from launch.elastic import default_rdzv_id, run_ranks
     from trainer.__main__ import debug_overrides, main as run_rank
+    from trainer.distributed import end_process
 
     if args.debug and (args.nproc > 1 or args.nnodes > 1):
         return report_user_error(UserError("--debug runs a world of one; drop --nproc and --nnodes"), None)
@@ -35,8 +36,8 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, overrides)
     except UserError as err:
         return report_user_error(err, args.config, overrides)
-    if args.nproc == 1 and args.nnodes == 1:
-        return run_rank([args.config, *args.overrides] + (["--debug"] if args.debug else []))
+    if args.nproc == 1 and args.nnodes == 1:  # this process is the rank, and ends as a rank does
+        end_process(run_rank([args.config, *args.overrides] + (["--debug"] if args.debug else [])))
     return run_ranks([args.config, *args.overrides], args.nproc, args.nnodes, args.rdzv_endpoint,
                      args.rdzv_id or default_rdzv_id(cfg.run.output_dir), scratch=cfg.output_dir / "tmp")
 

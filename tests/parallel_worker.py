@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import TINY_LLAMA, TOY_TEXTS  # noqa: E402
 from trainer.compile import BACKEND, CompileReport, backend_problem  # noqa: E402
 from trainer.config import Config  # noqa: E402
-from trainer.distributed import agree, all_reduce_sum, barrier, init_distributed  # noqa: E402
+from trainer.distributed import agree, all_reduce_sum, barrier, end_process, init_distributed  # noqa: E402
 from trainer.config import UserError  # noqa: E402
 from trainer.estimate import resident_state_bytes  # noqa: E402
 from trainer.generate import greedy_generate  # noqa: E402
@@ -248,3 +248,4 @@ def main(spec_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process(0)  # as a finetrain rank ends

@@ -89,4 +89,7 @@ def debug_overrides(overrides: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()  # a bug raises out of main with its traceback
+    from trainer.distributed import end_process
+
+    end_process(code)

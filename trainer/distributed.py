@@ -6,12 +6,15 @@ strategy code and the collectives in the loop run exactly as they do on N ranks.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import logging
 import os
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -97,6 +100,24 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_process(code: int) -> NoReturn:
+    """End a rank that has shut down in order (`shutdown`) without finalizing the interpreter.
+
+    Process groups outlive destroy_process_group when libraries still hold them (DeepSpeed's
+    group registry and the parameters it tags with their groups, FSDP2's state), and gloo's
+    worker threads run until a group is destroyed. Left to interpreter finalization, that
+    destruction happens while the interpreter is torn down: a worker thread that then takes
+    the GIL to free the last tensor of a collective is ended by the interpreter inside C++
+    code that cannot unwind, and the rank aborts ("terminate called without an active
+    exception", SIGABRT) after all its work is done, more often on a busy machine. So exit
+    handlers run, logs and output are flushed, and the process ends here."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
