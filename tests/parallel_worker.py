@@ -70,6 +70,7 @@ class Run:
     compile: bool = False
     full_state_path: str | None = None  # write full_state_dict here (rank 0) after the last step
     generate: bool = False  # greedy answers to fixed prompts after the last step
+    generate_first: bool = False  # and before the first step (as the loop's step-0 evaluation does)
 
 
 def model_config(run: Run) -> dict:
@@ -198,6 +199,9 @@ def execute(run: Run, out: Path) -> dict:
         strategy.load(Path(run.load_dir))
         start = run.load_step
     result = {"losses": [], "grad_norms": [], "lrs": []}
+    if run.generate_first:
+        result["first_generations"] = greedy_generate(strategy, generation_prompts(), GENERATION_GROUP, 0, STOP_IDS,
+                                                      MAX_NEW_TOKENS)
     for step in range(start, run.steps):
         record = train_step(strategy, rank_micro_batches(step, run))
         for key in ("loss", "grad_norm", "lr"):

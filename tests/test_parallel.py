@@ -138,6 +138,7 @@ def runs(tmp_path_factory, pretrained, nf4_pretrained) -> dict:
         *[{"name": f"{s}-lora", "strategy": s, "peft": "lora", "model_path": pretrained, "activation_checkpointing": True,
            "export_check": True, "generate": True, **saves(f"{s}-lora")} for s in SHARDED],
         *[{"name": f"{s}-micro4", "strategy": s, "micro": 4, "accum": 1, **saves(f"{s}-micro4")} for s in SHARDED],
+        {"name": "fsdp-generate-first", "strategy": "fsdp", "generate_first": True},
         *[{"name": f"{s}-tied", "strategy": s, "tied": True, "activation_checkpointing": True} for s in SHARDED],
         *[{"name": f"{s}-{method}", "strategy": s, "peft": method, "model_path": pretrained}
           for method in PEFT_METHODS if method != "lora" for s in PEFT_STRATEGIES],
@@ -187,6 +188,16 @@ def test_every_strategy_follows_the_single_device_curve(runs, strategy):
     """Invariant 3, full fine-tuning: micro 2 x accumulation 2 x 2 ranks vs micro 8 on one."""
     assert runs["single"]["losses"][-1] < runs["single"]["losses"][0] - 0.05  # it learns: the check has teeth
     assert_same_curve(runs[strategy], runs["single"], strategy)
+
+
+def test_training_after_generation_is_unchanged(runs):
+    """FSDP2 generation keeps each unit gathered for all the tokens of an answer, then
+    reshards: training after it (the loop's step-0 evaluation) follows the same curve and
+    holds the same sharded state per rank."""
+    got, want = runs["fsdp-generate-first"], runs["fsdp"]
+    assert got["first_generations"] and all(isinstance(answer, list) for answer in got["first_generations"])
+    assert_same_curve(got, want, "fsdp after generation")
+    assert got["state_bytes"] == want["state_bytes"]
 
 
 @pytest.mark.slow

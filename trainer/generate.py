@@ -71,7 +71,7 @@ def greedy_generate(strategy, prompts: list[list[int]], group_size: int, pad_tok
     on every rank. Collective: all ranks call it with the same prompts."""
     from transformers import GenerationConfig
 
-    rank, world = strategy.dist.rank, strategy.dist.world_size
+    world = strategy.dist.world_size
     groups = [list(range(i, min(i + group_size, len(prompts)))) for i in range(0, len(prompts), group_size)]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               eos_token_id=stop_ids, pad_token_id=pad_token_id)
@@ -79,18 +79,10 @@ def greedy_generate(strategy, prompts: list[list[int]], group_size: int, pad_tok
     was_training = strategy.model.training
     strategy.model.eval()
     mine: dict[int, list[int]] = {}
-    rounds = -(-len(groups) // world)
-    for round_index in range(rounds):
-        g = round_index * world + rank
-        members = groups[g] if g < len(groups) else groups[0][:1]  # a stand-in keeps this rank in step
-        input_ids, attention_mask = _left_padded([prompts[i] for i in members], pad_token_id)
-        with strategy.autocast():
-            output = model.generate(input_ids=input_ids.to(strategy.dist.device),
-                                    attention_mask=attention_mask.to(strategy.dist.device),
-                                    generation_config=config, synced_gpus=world > 1)
-        if g < len(groups):
-            for i, row in zip(members, output[:, input_ids.shape[1]:].tolist()):
-                mine[i] = _until_stop(row, stop_ids)
+    with strategy.generation():
+        for round_index in range(-(-len(groups) // world)):
+            mine.update(_generate_round(strategy, model, groups, prompts, round_index, config, pad_token_id,
+                                        stop_ids, world))
     strategy.model.train(was_training)
     everyone: list[dict] = [mine]
     if world > 1:
@@ -98,6 +90,21 @@ def greedy_generate(strategy, prompts: list[list[int]], group_size: int, pad_tok
         dist.all_gather_object(everyone, mine)
     answers = {i: ids for part in everyone for i, ids in part.items()}
     return [answers[i] for i in range(len(prompts))]
+
+
+def _generate_round(strategy, model, groups: list[list[int]], prompts: list[list[int]], round_index: int,
+                    config, pad_token_id: int, stop_ids: list[int], world: int) -> dict[int, list[int]]:
+    """This rank's group of prompts in one round (every rank generates in step with the others)."""
+    g = round_index * world + strategy.dist.rank
+    members = groups[g] if g < len(groups) else groups[0][:1]  # a stand-in keeps this rank in step
+    input_ids, attention_mask = _left_padded([prompts[i] for i in members], pad_token_id)
+    with strategy.autocast():
+        output = model.generate(input_ids=input_ids.to(strategy.dist.device),
+                                attention_mask=attention_mask.to(strategy.dist.device),
+                                generation_config=config, synced_gpus=world > 1)
+    if g >= len(groups):
+        return {}
+    return {i: _until_stop(row, stop_ids) for i, row in zip(members, output[:, input_ids.shape[1]:].tolist())}
 
 
 def _left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,11 @@ class Strategy(ABC):
         """Mixed-precision context for forward (strategies that cast params themselves return nullcontext)."""
         return contextlib.nullcontext()
 
+    def generation(self):
+        """Context for greedy generation, which runs one forward per new token: sharding
+        strategies gather the parameters once for all of them."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a loss already divided by the global target count of the step.

@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from trainer.models import decoder_layers
 from trainer.parallel.common import TorchStrategy, apply_layer_options
@@ -80,6 +80,24 @@ class FSDPStrategy(TorchStrategy):
 
     def autocast(self):
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters itself
+
+    @contextlib.contextmanager
+    def generation(self):
+        """Each unit keeps its gathered parameters from its first forward to the end of the
+        generation rather than gathering them again for every new token (tens of all-gathers
+        of the whole model per answer); meanwhile every rank holds the model unsharded, as
+        ZeRO-3 generation does."""
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        resharding = [m._get_fsdp_state()._fsdp_param_group is not None
+                      and m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None for m in units]
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit, reshard in zip(units, resharding):
+                unit.set_reshard_after_forward(reshard, recurse=False)
+                unit.reshard()
 
 
 def separate_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
