@@ -8,9 +8,9 @@ one optimizer step (forward, backward, AdamW's first step, which allocates its s
 the bytes autograd saved for backward during the forward, and the bytes of the model's
 output (the full logits; the summed loss with the fused head).
 
-CPU memory is measured as the process's peak resident set (ru_maxrss): it counts every
-byte the step touched, allocator slack included, and it cannot be reset, so each
-measurement needs its own process.
+CPU memory is measured as the process's peak resident set (VmHWM), reset just before the
+step's baseline is read (/proc/self/clear_refs), so an earlier peak (tokenizer training,
+imports) cannot inflate it: it counts every byte the step touched, allocator slack included.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from conftest import TOY_TEXTS  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
-from trainer.estimate import peak_resident_bytes, saved_tensor_bytes  # noqa: E402
+from trainer.estimate import saved_tensor_bytes  # noqa: E402
 from trainer.loss import forward_summed_loss  # noqa: E402
 from trainer.models import build_model, decoder_layers, train_bpe_tokenizer  # noqa: E402
 from trainer.parallel import build_strategy  # noqa: E402
@@ -37,6 +37,16 @@ from trainer.parallel import build_strategy  # noqa: E402
 def current_resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+def reset_peak_resident() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+
+
+def peak_resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def one_step(spec: dict, model_config: dict, tokenizer, strategy_for) -> dict:
@@ -52,6 +62,7 @@ def one_step(spec: dict, model_config: dict, tokenizer, strategy_for) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, model_config["vocab_size"], (spec["micro"], spec["seq_len"]))
 
+    reset_peak_resident()
     before = current_resident_bytes()
     model = strategy.build_model(lambda: build_model(cfg, tokenizer, "sdpa"))
     strategy.setup(model, total_steps=1)
