@@ -58,3 +58,5 @@ bench: $(STAMP)
 	$(PY) bench/qlora_memory.py
 	$(PY) bench/loss_head.py
 	$(PY) bench/data_scale.py
+	$(PIP) install -e '.[bench]'
+	$(PY) bench/vs_peers.py

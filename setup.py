@@ -36,6 +36,8 @@ setup(
         # real models and text used by the demo configs, benchmarks and tests
         "data": ["gguf>=0.10", "gensim>=4.3"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # bench/vs_peers.py runs TRL's SFTTrainer as one of finetrain's peers; nothing else imports it
+        "bench": ["trl>=1.16"],
     },
     entry_points={"console_scripts": ["finetrain=launch.cli:main"]},
 )

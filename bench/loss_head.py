@@ -25,21 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import RANDOM_16M, REPO, machine, run_worker, train_finetrain
 
-MODEL = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 256, "intermediate_size": 1024,
-         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-         "max_position_embeddings": 2048, "tie_word_embeddings": True}
 VARIANTS = {  # label: train.* overrides
     "plain head": {"fused_loss": False},
     "fused head": {"fused_loss": True},
@@ -65,7 +58,7 @@ def write_chat_data(folder: Path, prompt_share: float) -> Path:
 def write_config(folder: Path, label: str, run: int, args) -> Path:
     cfg = {
         "run": {"name": label, "output_dir": str(folder / f"{label.replace(' ', '-')}-{run}"), "seed": 0},
-        "model": {"config": MODEL, "tokenizer": "builtin:smollm2-135m-instruct", "attention": "sdpa"}
+        "model": {"config": RANDOM_16M, "tokenizer": "builtin:smollm2-135m-instruct", "attention": "sdpa"}
         if args.model == "random-16m" else {"path": args.model, "attention": "sdpa"},
         "data": {"seq_len": args.seq_len, "packing": True, "cache_dir": str(folder / "cache"),
                  "datasets": [{"name": "chat", "path": str(folder / "chat.jsonl"), "format": "chat"}]},
@@ -83,13 +76,7 @@ def write_config(folder: Path, label: str, run: int, args) -> Path:
 
 def run_variant(config: Path, args) -> dict:
     """One training run in a fresh process (`--worker`); its steps after the warm-up."""
-    result_path = config.with_suffix(".json")
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(config), str(result_path)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=7200)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{config}: exited {proc.returncode}\n{proc.stderr[-4000:]}")
-    measured = json.loads(result_path.read_text())
+    measured = run_worker(__file__, [str(config)], config.with_suffix(".json"), args.threads)
     steps, timed = measured["steps"], measured["steps"][args.warmup:]
     real = sum(s["real_tokens"] for s in timed)
     return {
@@ -105,48 +92,8 @@ def run_variant(config: Path, args) -> dict:
 
 
 def worker(config: str, result_path: str) -> None:
-    """Train through the loop's own Trainer; time each optimizer step in wall-clock and in
-    CPU seconds of this process (which other load on the machine does not inflate)."""
-    import logging
-    import resource
-    import time
-
-    import trainer.loop as loop
-    from trainer.config import load_config
-
-    logging.basicConfig(level=logging.INFO)
-    compile_lines = []
-    logging.getLogger("finetrain").addHandler(_Collect(compile_lines))
-    steps = []
-    step = loop.train_step
-
-    def timed_step(strategy, batches, task):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = step(strategy, batches, task)
-        steps.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-                      "real_tokens": sum(b.num_tokens for b in batches), "targets": result["targets"],
-                      "loss": result["loss"]})
-        return result
-
-    loop.train_step = timed_step
-    loop.train(load_config(config))
-    Path(result_path).write_text(json.dumps({
-        "steps": steps, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "compile": next((line for line in compile_lines if "decoder layers compiled" in line), "")}))
-
-
-class _Collect:
-    """A logging handler keeping the messages of train.compile."""
-
-    def __new__(cls, lines: list):
-        import logging
-
-        class Handler(logging.Handler):
-            def emit(self, record):
-                if record.getMessage().startswith("train.compile"):
-                    lines.append(record.getMessage())
-
-        return Handler()
+    _, measured = train_finetrain(config)
+    Path(result_path).write_text(json.dumps(measured))
 
 
 def main() -> None:
@@ -204,12 +151,9 @@ def main() -> None:
 
     out = REPO / "bench" / "results" / f"loss_head-{args.model.removeprefix('builtin:')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    import torch
-
-    out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                           "torch": torch.__version__},
+    out.write_text(json.dumps({"machine": machine(),
                                "settings": {**{k: v for k, v in vars(args).items() if k != "worker"},
-                                            "model_config": MODEL if args.model == "random-16m" else None},
+                                            "model_config": RANDOM_16M if args.model == "random-16m" else None},
                                "results": summary}, indent=1))
 
 

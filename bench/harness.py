@@ -1,0 +1,100 @@
+"""What the training benchmarks share: the random 16M Llama, a measurement run in a fresh
+process, finetrain's own loop with every optimizer step timed, and the machine's description.
+
+Each measurement runs in a process of its own because peak resident memory (ru_maxrss) can
+only grow: a second run in the same process would report the first one's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# SmolLM2's 49,152-token vocabulary with tied embeddings on a small body (hidden 256, 4 layers):
+# at 16M parameters the LM head is most of the FLOPs.
+RANDOM_16M = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 256, "intermediate_size": 1024,
+              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+              "max_position_embeddings": 2048, "tie_word_embeddings": True}
+
+
+def run_worker(script: str, worker_args: list[str], result_path: Path, threads: int, timeout: float = 7200) -> dict:
+    """`python script --worker *worker_args result_path` in a fresh process with `threads`
+    torch threads; returns the JSON the worker wrote to `result_path`."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, script, "--worker", *worker_args, str(result_path)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} --worker {' '.join(worker_args)}: exited {proc.returncode}\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(Path(result_path).read_text())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step_end() -> dict:
+    """When an optimizer step ended, in wall-clock and in CPU seconds of this process, and the
+    peak resident memory by then (what happens after the last step, such as saving, is no
+    part of training's peak)."""
+    return {"end_s": time.perf_counter(), "end_cpu_s": time.process_time(), "rss_mib": peak_rss_mib()}
+
+
+def train_finetrain(config: str):
+    """Train through the loop's own Trainer, recording each optimizer step: the time of
+    `train_step` alone (wall-clock and CPU seconds of this process, which other load on the
+    machine does not inflate), `step_end()`, the real input tokens, targets and loss.
+    Returns the Trainer (its model, trained) and the measurements."""
+    import trainer.loop as loop
+    from trainer.config import load_config
+
+    logging.basicConfig(level=logging.INFO)
+    compile_lines: list[str] = []
+    logging.getLogger("finetrain").addHandler(_CompileReport(compile_lines))
+    steps = []
+    step = loop.train_step
+
+    def timed_step(strategy, batches, task):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = step(strategy, batches, task)
+        steps.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, **step_end(),
+                      "real_tokens": sum(b.num_tokens for b in batches),
+                      "slots": sum(b.num_slots for b in batches), "targets": result["targets"],
+                      "loss": result["loss"]})
+        return result
+
+    loop.train_step = timed_step
+    run = loop.Trainer(load_config(config))
+    run.fit()
+    return run, {"steps": steps, "peak_rss_mib": peak_rss_mib(),
+                 "compile": next((line for line in compile_lines if "decoder layers compiled" in line), "")}
+
+
+class _CompileReport(logging.Handler):
+    """Keeps the messages of train.compile."""
+
+    def __init__(self, lines: list):
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record):
+        if record.getMessage().startswith("train.compile"):
+            self.lines.append(record.getMessage())
+
+
+def machine() -> dict:
+    """Where the numbers were taken; the load average says how busy the cores were."""
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
