@@ -11,9 +11,12 @@ are kept under --work between runs). For each size, in order:
   touched) and the time from launch to the end of the first step;
 - checkpoint (at the first size only: the data does not change it): a 7M-parameter Llama
   trained on 2 FSDP ranks saving every --save-every steps, once with blocking saves and once
-  with `checkpoint.async=true`; each save's stall is the time from the end of the step before
-  it to the end of the step after it, less the median of that interval between steps
-  without a save.
+  with `checkpoint.async=true`. Two measures per save: the stall, the time the training
+  loop waited for the save (the trainer's `checkpoint_wait_s` over the steps up to the next
+  save: a blocking save's whole write; an async save's copy to host memory, its later seal
+  included); and the wall-clock cost, the interval from the end of the step before the save
+  to the end of the step after it less the median interval between steps without a save,
+  which also counts the background write competing with training for the host's cores.
 
     python bench/data_scale.py [--sizes 100000 1000000 3000000] [--parts prepare run checkpoint]
 
@@ -216,8 +219,9 @@ def bench_run(args, load: Workload) -> dict:
 
 
 def _save_stalls(load: Workload, save_every: int, steps: int, asynchronous: bool) -> dict:
-    """One 2-rank FSDP run of CHECKPOINT_MODEL saving every `save_every` steps; the stall of
-    each save but the last (which waits for its write by design)."""
+    """One 2-rank FSDP run of CHECKPOINT_MODEL saving every `save_every` steps: per save but
+    the last (which waits for its write by design), the time the loop waited and the
+    wall-clock cost (see the module's docstring)."""
     run = load.folder / f"checkpoint-{'async' if asynchronous else 'blocking'}"
     shutil.rmtree(run, ignore_errors=True)
     keys = [f"run.output_dir={run}", "parallel.strategy=fsdp", f"train.max_steps={steps}",
@@ -227,12 +231,14 @@ def _save_stalls(load: Workload, save_every: int, steps: int, asynchronous: bool
                           capture_output=True, text=True, cwd=REPO, env=environment())
     if proc.returncode != 0:
         raise RuntimeError(f"checkpoint run: exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    times = {r["step"]: r["time"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-             if "loss" in r}
-    intervals = {step: times[step + 1] - times[step] for step in times if step + 1 in times}
-    saves = [step for step in intervals if step % save_every == 0]
+    records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    intervals = {step: records[step + 1]["time"] - records[step]["time"] for step in records if step + 1 in records}
+    saves = [step for step in intervals if step % save_every == 0 and step + save_every in records]
     plain = statistics.median(v for step, v in intervals.items() if step % save_every)
-    return {"step_s": plain, "stall_s": [intervals[step] - plain for step in saves],
+    return {"step_s": plain,
+            "stall_s": [sum(records[s]["checkpoint_wait_s"] for s in range(step + 1, step + save_every + 1))
+                        for step in saves],
+            "wall_s": [intervals[step] - plain for step in saves],
             "checkpoint_bytes": sum(f.stat().st_size for f in (run / "checkpoints").rglob("*") if f.is_file())
             // len(list((run / "checkpoints").iterdir()))}
 
@@ -241,13 +247,23 @@ def bench_checkpoint(args, load: Workload) -> dict | None:
     """Blocking against asynchronous saves (see the module's docstring)."""
     if load.size != args.sizes[0]:
         return None
-    steps = 4 * args.save_every + 1
+    steps = 10 * args.save_every + 1
     result = {mode: _save_stalls(load, args.save_every, steps, mode == "async") for mode in ("blocking", "async")}
-    blocking, background = (statistics.mean(result[m]["stall_s"]) for m in ("blocking", "async"))
-    result["async_over_blocking_stall"] = background / blocking
-    print(f"{load.size:>9,}: save stall {blocking:.2f} s blocking, {background:.2f} s async "
-          f"({result['async_over_blocking_stall']:.2f}x)", file=sys.stderr)
+    for measure in ("stall_s", "wall_s"):
+        blocking, background = (statistics.mean(result[m][measure]) for m in ("blocking", "async"))
+        result[f"async_over_blocking_{measure.removesuffix('_s')}"] = background / blocking
+    print(f"{load.size:>9,}: " + checkpoint_line(result), file=sys.stderr)
     return result
+
+
+def checkpoint_line(result: dict) -> str:
+    mean = {(mode, measure): statistics.mean(result[mode][measure])
+            for mode in ("blocking", "async") for measure in ("stall_s", "wall_s")}
+    return (f"save of a {result['blocking']['checkpoint_bytes'] / 1e6:.0f} MB checkpoint, 2 ranks, a step "
+            f"{result['blocking']['step_s']:.2f} s: training waits {mean['blocking', 'stall_s']:.3f} s blocking, "
+            f"{mean['async', 'stall_s']:.3f} s async ({result['async_over_blocking_stall']:.2f}x); wall-clock cost "
+            f"{mean['blocking', 'wall_s']:.3f} s blocking, {mean['async', 'wall_s']:.3f} s async "
+            f"({result['async_over_blocking_wall']:.2f}x)")
 
 
 PARTS: dict[str, Callable[[argparse.Namespace, Workload], dict | None]] = {
@@ -299,11 +315,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(results))
-    saved = [r["checkpoint"] for r in results if "checkpoint" in r]
-    for r in saved:
-        print(f"\nsave stall of a {r['blocking']['checkpoint_bytes'] / 1e6:.0f} MB checkpoint, 2 ranks: "
-              f"blocking {statistics.mean(r['blocking']['stall_s']):.2f} s, async {statistics.mean(r['async']['stall_s']):.2f} s "
-              f"({r['async_over_blocking_stall']:.2f}x); a step takes {r['blocking']['step_s']:.2f} s")
+    for r in results:
+        if "wall_s" in r.get("checkpoint", {}).get("async", {}):
+            print("\n" + checkpoint_line(r["checkpoint"]))
     runs = [r for r in results if "run" in r]
     if len(runs) > 1:
         growth = max(runs[-1]["run"]["peak_rss_mib_per_rank"]) - max(runs[0]["run"]["peak_rss_mib_per_rank"])

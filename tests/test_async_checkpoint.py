@@ -19,6 +19,7 @@ from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints
 
 SEALING = '''
 import sys
+import time
 from concurrent.futures import Future
 from pathlib import Path
 sys.path.insert(0, {repo!r})
@@ -31,13 +32,13 @@ class ControlledWrite:
     """A strategy whose background write finishes when the test says so."""
     def __init__(self):
         self.future = Future()
-    def save_async(self, path, process_group):
+    def save_async(self, path, writer):
         (path / f"shard-{{dist.get_rank()}}").write_text("written")
         return self.future
 
 class Tokenizer:
     def save_pretrained(self, path):
-        Path(path).mkdir()
+        Path(path, "tokenizer.json").write_text("{{}}")
 
 cfg = Config()
 cfg.run.output_dir = {out!r}
@@ -47,13 +48,19 @@ checkpointer = Checkpointer(cfg, info, "fsdp")
 strategy = ControlledWrite()
 final = checkpointer.save(7, strategy, {{"step": 7}}, Tokenizer())
 sealed = []
-for finishing_rank in (0, 1):
-    if info.rank == finishing_rank:
-        strategy.future.set_result(None)
-    barrier()
-    checkpointer.poll()
-    sealed.append((final / COMPLETE_MARK).is_file())
-assert checkpointer.pending is None
+if info.rank == 0:  # rank 0 has written its part, rank 1 not yet
+    strategy.future.set_result(None)
+barrier()
+checkpointer.poll()
+time.sleep(0.5)  # rank 0 seals in the background: give it the time to (wrongly) do so
+sealed.append((final / COMPLETE_MARK).is_file())
+if info.rank == 1:
+    strategy.future.set_result(None)
+barrier()
+checkpointer.poll()
+checkpointer.wait()
+sealed.append((final / COMPLETE_MARK).is_file())
+assert checkpointer.pending is None and checkpointer.sealing is None
 if info.rank == 0:
     print("sealed after each rank finished:", sealed, sorted(p.name for p in final.iterdir()))
 dist.destroy_process_group()

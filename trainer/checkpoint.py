@@ -8,6 +8,10 @@ or DeepSpeed's), `trainer_state.pt` (step, data loader position, counters, W&B r
 the resolved `config.yaml` and the `tokenizer/`, so that a checkpoint is exportable
 on its own.
 
+With `checkpoint.async` the training loop only waits while the state is copied to host
+memory; a background thread writes it, and once every rank's write has finished (`poll`)
+rank 0 seals the checkpoint in the background too.
+
 No RNG state is stored: every step reseeds torch from (run.seed, step, rank)
 (`seed_step`), which makes a resumed step draw exactly what it would have drawn,
 at any world size.
@@ -16,12 +20,15 @@ at any world size.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
 import re
 import shutil
-from concurrent.futures import Future
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +36,7 @@ import torch
 
 from trainer.config import Config, ConfigError, UserError, dump_yaml, load_config
 from trainer.distributed import DistInfo, all_reduce_max, barrier
+from trainer.parallel.common import BackgroundWriter
 
 log = logging.getLogger("finetrain")
 
@@ -71,7 +79,7 @@ class PendingSave:
     step: int
     staging: Path
     final: Path
-    future: Future
+    writes: list[Future]
 
 
 class Checkpointer:
@@ -81,9 +89,14 @@ class Checkpointer:
         self.strategy_name = strategy_name
         self.directory = cfg.checkpoint_dir
         self.pending: PendingSave | None = None
-        # The background writes' collectives get a process group of their own: two threads
-        # issuing collectives on one group could interleave them differently on each rank.
-        self.write_group = torch.distributed.new_group(backend="gloo") if cfg.checkpoint.async_ else None
+        self.sealing: Future | None = None  # rank 0's background seal of the last asynchronous save
+        self.waited_s = 0.0  # seconds the training loop spent in save and poll: the metrics' checkpoint_wait_s
+        self._tokenizer_files: dict[str, bytes] | None = None  # the same at every save: rendered once
+        self.writer = None
+        self._file_writer = None
+        if cfg.checkpoint.async_:
+            self.writer = BackgroundWriter(dist_info.device)
+            self._file_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-files")
 
     def resume_path(self) -> Path | None:
         resume = self.cfg.checkpoint.resume
@@ -98,8 +111,9 @@ class Checkpointer:
 
     def save(self, step: int, strategy, trainer_state: dict, tokenizer, wait: bool = False) -> Path:
         """Collective: every rank writes its shards, rank 0 seals and renames. With
-        `checkpoint.async` the shards are written in the background and the checkpoint is
-        sealed later (`poll`), or before this returns when `wait` (a stop, the last step)."""
+        `checkpoint.async` the state is copied aside, written in the background and the
+        checkpoint sealed later (`poll`), or before this returns when `wait` (a stop, the last step)."""
+        started = time.perf_counter()
         self.wait()  # one write in flight at a time
         final = self.directory / step_dir_name(step)
         staging = self.directory / f".incomplete-{step_dir_name(step)}"
@@ -109,52 +123,83 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir()
         barrier()
-        future = strategy.save_async(staging, self.write_group) if self.write_group is not None else None
-        if future is None:
+        files = self._main_rank_files(trainer_state, tokenizer) if self.dist.is_main else {}
+        if self.writer is None:
             strategy.save(staging)
-        if self.dist.is_main:
-            torch.save(trainer_state, staging / "trainer_state.pt")
-            (staging / "config.yaml").write_text(dump_yaml(self.cfg))
-            tokenizer.save_pretrained(staging / "tokenizer")
-        if future is None:
+            _write_files(staging, files)
             self._seal(step, staging, final)
         else:
-            self.pending = PendingSave(step, staging, final, future)
+            writes = [strategy.save_async(staging, self.writer), self._file_writer.submit(_write_files, staging, files)]
+            self.pending = PendingSave(step, staging, final, writes)
             if wait:
                 self.wait()
+        self.waited_s += time.perf_counter() - started
         return final
 
     def poll(self) -> None:
-        """Seal the checkpoint being written once every rank's write has finished (collective:
-        call it on every rank at the same point of every step)."""
+        """Once every rank's background write has finished, have rank 0 seal the checkpoint in
+        the background (collective: call it on every rank at the same point of every step)."""
         if self.pending is None:
             return
-        unfinished = torch.tensor([0 if self.pending.future.done() else 1], dtype=torch.int32)
+        started = time.perf_counter()
+        unfinished = torch.tensor([0 if all(w.done() for w in self.pending.writes) else 1], dtype=torch.int32)
         if not all_reduce_max(unfinished).item():
-            self.wait()
+            self._start_sealing()
+        self.waited_s += time.perf_counter() - started
 
     def wait(self) -> None:
         """Block until the checkpoint being written is written and sealed (collective)."""
-        if self.pending is None:
-            return
+        if self.pending is not None:
+            for write in self.pending.writes:
+                write.result()  # a failed write raises here, and the checkpoint is never sealed
+            barrier()  # every rank's part is on disk
+            self._start_sealing()
+        if self.sealing is not None:
+            sealing, self.sealing = self.sealing, None
+            sealing.result()
+
+    def close(self) -> None:
+        """Release the background writer's buffers and threads (after the last `wait`)."""
+        if self.writer is not None:
+            self.writer.close()
+            self._file_writer.shutdown(wait=False)
+
+    def _start_sealing(self) -> None:
         pending, self.pending = self.pending, None
-        pending.future.result()  # a failed write raises here, and the checkpoint is never sealed
-        self._seal(pending.step, pending.staging, pending.final)
+        if self.dist.is_main:
+            self.sealing = self._file_writer.submit(self._seal_written, pending.step, pending.staging, pending.final)
+
+    def _main_rank_files(self, trainer_state: dict, tokenizer) -> dict[str, bytes]:
+        """Rank 0's own files of a checkpoint, as bytes taken now (training goes on changing
+        the objects they come from while an asynchronous save writes them)."""
+        if self._tokenizer_files is None:
+            with tempfile.TemporaryDirectory() as rendered:
+                tokenizer.save_pretrained(rendered)
+                self._tokenizer_files = {f"tokenizer/{path.relative_to(rendered)}": path.read_bytes()
+                                         for path in sorted(Path(rendered).rglob("*")) if path.is_file()}
+        state = io.BytesIO()
+        torch.save(trainer_state, state)
+        return {"trainer_state.pt": state.getvalue(), "config.yaml": dump_yaml(self.cfg).encode(),
+                **self._tokenizer_files}
 
     def _seal(self, step: int, staging: Path, final: Path) -> None:
-        """Once every rank has written its part: the COMPLETE mark, then the final name."""
+        """Once every rank has written its part: rank 0 seals (collective)."""
         barrier()
         if self.dist.is_main:
-            mark = {"step": step, "world_size": self.dist.world_size, "strategy": self.strategy_name,
-                    "format": "deepspeed" if self.strategy_name.startswith("zero") else "dcp"}
-            _write_synced(staging / COMPLETE_MARK, json.dumps(mark))
-            if final.exists():  # same step saved again (e.g. signal right after a periodic save)
-                shutil.rmtree(final)
-            os.rename(staging, final)
-            _fsync_dir(self.directory)
-            self._apply_retention()
-            log.info("saved checkpoint %s", final)
+            self._seal_written(step, staging, final)
         barrier()
+
+    def _seal_written(self, step: int, staging: Path, final: Path) -> None:
+        """The COMPLETE mark, then the final name, then retention; every rank's part is written."""
+        mark = {"step": step, "world_size": self.dist.world_size, "strategy": self.strategy_name,
+                "format": "deepspeed" if self.strategy_name.startswith("zero") else "dcp"}
+        _write_synced(staging / COMPLETE_MARK, json.dumps(mark))
+        if final.exists():  # same step saved again (e.g. signal right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(self.directory)
+        self._apply_retention()
+        log.info("saved checkpoint %s", final)
 
     def load(self, path: Path, strategy) -> dict:
         mark = read_mark(path)
@@ -176,6 +221,13 @@ class Checkpointer:
             # Remove the mark first: a crash halfway leaves an ignored folder, never a broken "complete" one.
             (old / COMPLETE_MARK).unlink()
             shutil.rmtree(old)
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
 def _write_synced(path: Path, text: str) -> None:

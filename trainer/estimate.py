@@ -275,7 +275,8 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 def strategy_memory(name: str, shape: ModelShape, acts: int, cfg: Config, world: int) -> dict:
     """Per-device bytes under strategy `name` on `world` devices. `params` includes
     `gathered`, the weights all-gathered for compute at the busiest moment; `host` is
-    what offload keeps in this rank's CPU memory instead."""
+    what offload keeps in this rank's CPU memory instead, plus the host copy of the
+    rank's saved state that asynchronous checkpoints keep for the whole run."""
     m = _dtype_bytes(getattr(torch, cfg.model.dtype))
     c = 2 if cfg.parallel.mixed_precision == "bf16" else m
     offload = cfg.parallel.offload != "none"
@@ -288,11 +289,13 @@ def strategy_memory(name: str, shape: ModelShape, acts: int, cfg: Config, world:
     row = {"params": 0, "gathered": 0, "grads": 0, "optimizer": 0, "host": 0}
     if name in ("single", "ddp"):
         row.update(params=(P - Q) * m + packed + constants, grads=T * m, optimizer=ADAM_MOMENTS * T * m)
+        saved_state = row["params"] + row["optimizer"]
     elif name == "fsdp":
         group = max(1, world // cfg.parallel.replicate)  # HSDP shards within a group, replicates across
         shard_params = math.ceil((P - Q) / group) * m + math.ceil(packed / group) + constants
         shard_grads = math.ceil(T / group) * m
         shard_moments = ADAM_MOMENTS * shard_grads
+        saved_state = shard_params + shard_moments
 
         def unsharded(unit: Unit) -> int:
             return (unit.total - unit.quantized) * c + math.ceil(unit.quantized / 2)
@@ -337,6 +340,8 @@ def strategy_memory(name: str, shape: ModelShape, acts: int, cfg: Config, world:
             if cfg.parallel.offload == "params":
                 row["params"] -= partitioned
                 row["host"] += partitioned
+    if cfg.checkpoint.async_ and not name.startswith("zero"):  # zero1-3 refuse checkpoint.async
+        row["host"] += saved_state
     row["activations"] = acts
     row["total"] = row["params"] + row["grads"] + row["optimizer"] + row["activations"]
     return row
@@ -380,7 +385,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{first['parameters']:,} parameters ({first['trainable']:,} trainable) on {first['devices']} device(s); "
              "memory per device",
              "",
-             "| strategy | params | grads | optimizer | activations | total | host (offload) |",
+             "| strategy | params | grads | optimizer | activations | total | host (offload, async save) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for row in rows:

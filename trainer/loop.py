@@ -233,6 +233,7 @@ class Trainer:
             ended = "finished"
             return record
         finally:
+            self.checkpointer.close()
             self.metrics.close()
             if ended:
                 self.summary.write(ended, self.step, self.total_steps, int(self.counts[0]), self.checkpoint)
@@ -264,6 +265,9 @@ class Trainer:
             "step_time_s": seconds,
             "data_wait_s": data_seconds,
             "compute_s": compute_seconds,
+            # what checkpoints cost training since the previous record: a blocking save's whole
+            # write, an asynchronous one's copy to host memory (and any wait for the write before)
+            "checkpoint_wait_s": self.checkpointer.waited_s,
             "time": time.time(),
         }
         if device_peak:
@@ -274,6 +278,7 @@ class Trainer:
         for key, value in self.loader.stats.items():
             record[f"data/{key}"] = value
         record.update(memory_stats(self.dist.device))
+        self.checkpointer.waited_s = 0.0
         return record
 
 

@@ -75,7 +75,7 @@ class Strategy(ABC):
     def save(self, path: Path) -> None:
         """Write model + optimizer + scheduler state into folder `path` (collective)."""
 
-    def save_async(self, path: Path, process_group) -> "concurrent.futures.Future":
+    def save_async(self, path: Path, writer) -> "concurrent.futures.Future":
         """Like `save`, but return once the state is copied aside; the future completes when
         this rank's files are written. Only strategies that save through DCP have it."""
         raise NotImplementedError(f"{self.name} saves synchronously")

@@ -55,13 +55,37 @@ def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
 
 
-def dcp_save_async(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, process_group):
+class BackgroundWriter:
+    """What asynchronous DCP saves keep from one save to the next: a process group of their own
+    (two threads issuing collectives on one group could interleave them differently on each
+    rank), the host buffers the state is copied into (allocated on the first save and reused,
+    pinned and filled by non-blocking copies on CUDA), and DCP's save plan, which is the same
+    at every save of a run."""
+
+    def __init__(self, device: torch.device):
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        on_cuda = device.type == "cuda"
+        self.process_group = torch.distributed.new_group(backend="gloo")
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=on_cuda, use_shared_memory=False,
+                                                   use_async_staging=False, use_non_blocking_copy=on_cuda))
+        self.planner = dcp.DefaultSavePlanner(enable_plan_caching=True)
+
+    def save(self, state: dict, path: Path):
+        """Copy `state` into the host buffers, then write it in a background thread; returns its future."""
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=self.process_group,
+                              async_stager=self.stager, planner=self.planner)
+
+    def close(self) -> None:
+        self.stager.close()
+
+
+def dcp_save_async(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                   writer: BackgroundWriter):
     """dcp_save whose write goes on in a background thread: the state is copied to host memory
-    before this returns (training may then change it), the files are written from that copy.
-    The thread's collectives run on `process_group`, apart from the training loop's."""
+    before this returns (training may then change it), the files are written from that copy."""
     model_sd, optim_sd = checkpointed_state(model, optimizer)
-    future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"),
-                            process_group=process_group)
+    future = writer.save({"model": model_sd, "optim": optim_sd}, path / "dcp")
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
     return future
@@ -120,8 +144,8 @@ class TorchStrategy(Strategy):
     def save(self, path: Path) -> None:
         dcp_save(path, self.unwrapped_model(), self.optimizer, self.scheduler)
 
-    def save_async(self, path: Path, process_group):
-        return dcp_save_async(path, self.unwrapped_model(), self.optimizer, self.scheduler, process_group)
+    def save_async(self, path: Path, writer: BackgroundWriter):
+        return dcp_save_async(path, self.unwrapped_model(), self.optimizer, self.scheduler, writer)
 
     def load(self, path: Path) -> None:
         dcp_load(path, self.unwrapped_model(), self.optimizer, self.scheduler)
