@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from runs import causal_config, run_cli, step_losses, trainer_env, write_config
+from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
 from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints
 
 SEALING = '''
@@ -82,12 +82,25 @@ SECTIONS = dict(train={"max_steps": 40, "log_every": 1, "save_every": 5}, checkp
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
+def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted run, saving synchronously."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = causal_config(tmp, rows=96, train=SECTIONS["train"])
     run_cli(write_config(cfg, tmp / "config.yaml"))
-    return step_losses(Path(cfg["run"]["output_dir"]))
+    return Path(cfg["run"]["output_dir"])
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict:
+    return step_losses(reference_run)
+
+
+def test_the_time_waited_for_checkpoints_is_logged_with_the_next_step(reference_run):
+    """checkpoint_wait_s: the save after step 5 is waited for before step 6, and so on;
+    records without a save in between waited for none."""
+    waits = {r["step"]: r["checkpoint_wait_s"] for r in read_metrics(reference_run) if "loss" in r}
+    assert sorted(waits) == list(range(1, 41))
+    assert [step for step, wait in waits.items() if wait > 0] == [6, 11, 16, 21, 26, 31, 36]
 
 
 def start(config: Path) -> subprocess.Popen:
