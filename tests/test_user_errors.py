@@ -5,12 +5,14 @@ traceback and nothing written that a later run would pick up."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from runs import causal_config, run_cli, write_config
-from conftest import write_jsonl
+from runs import causal_config, run_cli, trainer_env, write_config
+from conftest import REPO, write_jsonl
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -88,6 +90,21 @@ def test_a_failed_start_leaves_the_previous_config_of_the_run(tmp_path):
     (out / "config.yaml").write_text("what ran before\n")
     assert run_cli(config, check=False).returncode == 2
     assert (out / "config.yaml").read_text() == "what ran before\n"
+
+
+def test_estimate_of_a_model_folder_without_its_config_is_one_line(tmp_path):
+    """`finetrain estimate` reads only the model's config.json; a folder without it (say, the
+    path the model will have on the cluster) is the user's to fix, not a traceback."""
+    cfg = causal_config(tmp_path)
+    del cfg["model"]["config"], cfg["model"]["tokenizer"]
+    cfg["model"]["path"] = str(tmp_path / "models" / "llama")
+    path = write_config(cfg, tmp_path / "config.yaml")
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.strip().endswith("models/llama"))
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "estimate", str(path), "--nodes", "1",
+                           "--gpus-per-node", "8"], capture_output=True, text=True, cwd=REPO, env=trainer_env(),
+                          timeout=300)
+    assert_one_line_error(proc, rf"finetrain: {re.escape(str(path))}:{line}: model\.path: .*llama has no config\.json .*",
+                          tmp_path / "run")
 
 
 def test_traceback_on_request(tmp_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -94,7 +95,11 @@ def model_config(cfg: Config):
 
     m = cfg.model
     if m.path:
-        config = AutoConfig.from_pretrained(resolve_model_path(m.path))
+        folder = Path(resolve_model_path(m.path))
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.path: {m.path} has no config.json (the one file the estimate reads: "
+                              "copy it there, or point model.path at a folder that has it)")
+        config = AutoConfig.from_pretrained(folder)
     else:
         params = dict(m.config)
         config = AutoConfig.for_model(params.pop("model_type"), **params)
