@@ -134,9 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    # bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that an optional kernel
-    # package is missing: its own 4-bit CPU matmul works without it, and most runs never use it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     return args.run(args)
 
 

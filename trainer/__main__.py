@@ -26,9 +26,6 @@ def setup_logging() -> None:
         format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    # bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that an optional kernel
-    # package is missing: its own 4-bit CPU matmul works without it, and most runs never use it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def report_user_error(err: UserError, config: str | None, overrides: list[str] = ()) -> int:
