@@ -130,9 +130,11 @@ def test_generations_wandb_and_summary(tmp_path):
     _, history = run_history(out)
     assert [row["_step"] for row in history] == sorted(by_step)
     for row in history:
-        logged = {k: v for k, v in row.items() if not k.startswith(("_", "eval/generations"))}
+        logged = {k: v for k, v in row.items() if not k.startswith(("_", "eval/generations", "eval/answers"))}
         assert logged == pytest.approx(by_step[row["_step"]]), row["_step"]
     assert any(k.startswith("eval/generations") for k in history[0])  # the answers' table
+    # at the end, each question's answer before training beside its last one
+    assert [row["_step"] for row in history if any(k.startswith("eval/answers_first_and_last") for k in row)] == [6]
 
     steps = [r for r in records if "loss" in r]
     for key in ("data_wait_s", "compute_s", "mfu", "memory/peak_rss_gib"):

@@ -234,6 +234,8 @@ class Trainer:
             return record
         finally:
             self.checkpointer.close()
+            if ended:
+                self.metrics.log_answers(self.step, self.summary.answers)
             self.metrics.close()
             if ended:
                 self.summary.write(ended, self.step, self.total_steps, int(self.counts[0]), self.checkpoint)

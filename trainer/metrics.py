@@ -223,6 +223,18 @@ class MetricsLogger:
             table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
             self.wandb.log({"eval/generations": table}, step=step)
 
+    def log_answers(self, step: int, answers: list[dict]) -> None:
+        """Each held-out question's first answer (the model before training, for a run from
+        step 0) beside its latest: a W&B table, logged once at the end of the run."""
+        if self.wandb is None or not answers:
+            return
+        import wandb
+
+        columns = ["dataset", "question", "reference", "first_step", "first_answer", "last_step", "last_answer"]
+        data = [[a["dataset"], a["question"], a["reference"], a["first"]["step"], a["first"]["answer"],
+                 a["last"]["step"], a["last"]["answer"]] for a in answers]
+        self.wandb.log({"eval/answers_first_and_last": wandb.Table(columns=columns, data=data)}, step=step)
+
     def advance(self, steps: int = 1) -> None:
         if self.progress is not None:
             self.progress.update(steps)
