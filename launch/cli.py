@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 
 from launch.submit import add_submit_parser
-from trainer.__main__ import report_user_error
-from trainer.config import UserError, load_config
+from trainer.config import load_config
+from trainer.errors import UserError, report_user_error
 
 
 def cmd_train(args) -> int:
     from launch.elastic import default_rdzv_id, run_ranks
-    from trainer.__main__ import debug_overrides, main as run_rank
     from trainer.distributed import end_process
+    from trainer.rank import debug_overrides, run_rank
 
     if args.debug and (args.nproc > 1 or args.nnodes > 1):
         return report_user_error(UserError("--debug runs a world of one; drop --nproc and --nnodes"), None)
@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
     except UserError as err:
         return report_user_error(err, args.config, overrides)
     if args.nproc == 1 and args.nnodes == 1:  # this process is the rank, and ends as a rank does
-        end_process(run_rank([args.config, *args.overrides] + (["--debug"] if args.debug else [])))
+        end_process(run_rank(args.config, args.overrides, args.debug).exit_code)
     return run_ranks([args.config, *args.overrides], args.nproc, args.nnodes, args.rdzv_endpoint,
                      args.rdzv_id or default_rdzv_id(cfg.run.output_dir), scratch=cfg.output_dir / "tmp")
 
@@ -63,7 +63,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from trainer.checkpoint import export_checkpoint, newest_checkpoint
+    from trainer.export import export_checkpoint, newest_checkpoint
 
     try:
         checkpoint = newest_checkpoint(Path(args.checkpoint))

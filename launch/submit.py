@@ -26,7 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.config import Config, UserError, load_config
+from trainer.config import Config, load_config
+
+from trainer.errors import UserError
 
 log = logging.getLogger("finetrain")
 
@@ -46,27 +48,19 @@ class SlurmTraining:
         """Train; returns the last step reached. Requeues when stopped before the end."""
         from submitit import JobEnvironment
 
-        from trainer.__main__ import report_user_error, setup_logging
-        from trainer.distributed import shutdown
-        from trainer.loop import Trainer
+        from trainer.rank import run_rank
 
-        setup_logging()
         preempt_signal = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
         requeue = signal.getsignal(preempt_signal)  # submitit's checkpoint-and-requeue handler
         signal.signal(preempt_signal, lambda signum, frame: _stop_or_requeue(requeue, signum, frame))
-
-        try:
-            trainer = Trainer(load_config(self.config, self.overrides))
-            trainer.fit()
-        except UserError as err:
-            sys.exit(report_user_error(err, self.config, self.overrides))
-        finally:
-            shutdown()
-        if trainer.step < trainer.total_steps and job_state() == "RUNNING":
-            log.warning("stopped at step %d of %d: requeueing to resume", trainer.step, trainer.total_steps)
+        outcome = run_rank(self.config, self.overrides)
+        if outcome.exit_code:
+            sys.exit(outcome.exit_code)
+        if outcome.unfinished and job_state() == "RUNNING":
+            log.warning("stopped at step %d of %d: requeueing to resume", outcome.step, outcome.total_steps)
             signal.signal(preempt_signal, requeue)
             signal.raise_signal(preempt_signal)  # rank 0 requeues and exits; other ranks just return
-        return trainer.step
+        return outcome.step
 
     def checkpoint(self, *args, **kwargs):
         from submitit.helpers import DelayedSubmission
@@ -157,7 +151,7 @@ def submit(args) -> "submitit.Job":
 
 
 def cmd_submit(args) -> int:
-    from trainer.__main__ import report_user_error
+    from trainer.errors import report_user_error
 
     try:
         job = submit(args)

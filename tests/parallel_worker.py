@@ -29,7 +29,7 @@ from conftest import TINY_LLAMA, TOY_TEXTS  # noqa: E402
 from trainer.compile import BACKEND, CompileReport, backend_problem  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.distributed import agree, all_reduce_sum, barrier, end_process, init_distributed  # noqa: E402
-from trainer.config import UserError  # noqa: E402
+from trainer.errors import UserError
 from trainer.estimate import resident_state_bytes  # noqa: E402
 from trainer.generate import greedy_generate  # noqa: E402
 from trainer.loss import IGNORE_INDEX, count_targets, forward_summed_loss  # noqa: E402

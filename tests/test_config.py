@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_LLAMA, write_jsonl
-from trainer.config import ConfigError, load_config
+from trainer.config import load_config
+from trainer.errors import ConfigError
 
 
 def base_config(tmp_path: Path) -> dict:

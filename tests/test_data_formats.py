@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
-from trainer.config import ConfigError, DatasetConfig, load_config
-from trainer.data import DataError, build_train_loader, training_texts
+from trainer.config import DatasetConfig, load_config
+from trainer.errors import ConfigError
+from trainer.data import build_train_loader, training_texts
+from trainer.errors import DataError
 from trainer.data.formats import ChatEncoder, field_names
 from trainer.data.prepare import EncodingSpec, load_tokenized
 

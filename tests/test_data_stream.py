@@ -322,7 +322,7 @@ def _bad_data_rank(rank: int, config_path: str, store: str, out: str) -> None:
     import torch.distributed as dist
 
     from conftest import TOY_TEXTS
-    from trainer.data import DataError
+    from trainer.errors import DataError
     from trainer.models import train_bpe_tokenizer
 
     os.environ["LOCAL_RANK"] = str(rank)  # one node: rank 0 tokenizes, rank 1 waits for it

@@ -1,7 +1,7 @@
 """The target-only, chunked LM head (`train.fused_loss`) computes the loss and gradients
 of the plain head and full logits (float32, 1e-5 relative): alone, inside every peft
 method, with tied embeddings, in evaluation; and where it cannot stand in, the plain
-head runs and says why. Packed == padded with it: test_packing.py; every strategy:
+head runs and says why. Packed == padded with it: test_data_packing.py; every strategy:
 test_parallel.py."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import Config, ConfigError, ModelConfig, PeftConfig, TrainConfig
+from trainer.config import Config, ModelConfig, PeftConfig, TrainConfig
+
+from trainer.errors import ConfigError
 from trainer.fused_loss import TargetOnlyHead, fused_head, linear_cross_entropy
 from trainer.loss import IGNORE_INDEX, forward_summed_loss
 from trainer.models import build_model

@@ -1,4 +1,4 @@
-"""Atomic checkpoints, retention, resume discovery and Hugging Face export.
+"""Atomic checkpoints, retention and resume discovery.
 
 A checkpoint is the folder `checkpoints/step-00000042/`. It is written as
 `.incomplete-step-00000042/`, gets its completion mark `COMPLETE` last, and is then
@@ -19,7 +19,6 @@ at any world size.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -34,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import Config, ConfigError, UserError, dump_yaml, load_config
+from trainer.config import Config, dump_yaml
+
+from trainer.errors import ConfigError, UserError
 from trainer.distributed import DistInfo, all_reduce_max, barrier
 from trainer.parallel.common import BackgroundWriter
 
@@ -243,89 +244,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ------------------------------------------------------------------------------ export
-
-
-def newest_checkpoint(path: Path) -> Path:
-    """`path` if it is a complete checkpoint; for a run folder, its newest complete checkpoint."""
-    path = Path(path)
-    if (path / COMPLETE_MARK).is_file() or not (path / "config.yaml").is_file():
-        return path
-    run_cfg = load_config(path / "config.yaml", check_files=False)
-    found = complete_checkpoints(path / run_cfg.checkpoint.dir)
-    if not found:
-        raise UserError(f"{path}: a run folder without a complete checkpoint in {run_cfg.checkpoint.dir}/")
-    return found[-1]
-
-
-def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
-    """Write a Hugging Face folder from a checkpoint (or a run folder's newest): the full
-    model, the peft adapter (loads with `peft.PeftModel.from_pretrained`), or with `merge`
-    the merged model."""
-    from transformers import AutoTokenizer
-
-    from trainer.models import build_model
-    from trainer.peft import is_peft_model, merge_adapter
-
-    checkpoint = newest_checkpoint(checkpoint)
-    mark = read_mark(checkpoint)
-    cfg = load_config(checkpoint / "config.yaml", check_files=False)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
-    model = build_model(cfg, tokenizer, attention="sdpa")
-    load_model_weights(checkpoint, mark, model)
-    if merge:
-        if not is_peft_model(model):
-            raise UserError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
-        if cfg.model.quantization != "none":
-            model = dequantized_copy(model, cfg, tokenizer)
-        model = merge_adapter(model)
-    elif is_peft_model(model) and cfg.model.config is not None:
-        log.warning("the adapter's base model is a random init (model.config); export with --merge for a standalone model")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def dequantized_copy(model: torch.nn.Module, cfg: Config, tokenizer) -> torch.nn.Module:
-    """The QLoRA `model` (adapter included) rebuilt without quantization, each 4-bit weight
-    replaced by its dequantized matrix: merging the adapter into it gives a plain model (no
-    quantization_config) that computes what training computed. Merging into the 4-bit
-    layers themselves would re-quantize the sum and lose the adapter's small updates."""
-    from trainer.models import build_model
-    from trainer.quantization import dequantized_state_dict
-
-    plain_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
-    plain = build_model(plain_cfg, tokenizer, attention="sdpa")
-    plain.load_state_dict(dequantized_state_dict(model, getattr(torch, cfg.model.dtype)), strict=True)
-    return plain
-
-
-def load_model_weights(checkpoint: Path, mark: dict, model: torch.nn.Module) -> None:
-    """Load the trained weights of `checkpoint` into a freshly built (unwrapped) model, in one process."""
-    if mark["format"] == "deepspeed":
-        from trainer.parallel.zero import consolidated_state_dict
-
-        state = consolidated_state_dict(checkpoint)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        frozen_ok = [k for k in missing if not _is_trainable(model, k)]
-        if unexpected or len(missing) != len(frozen_ok):
-            raise UserError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-    from trainer.quantization import quantized_linears, without_quantized_weights
-
-    state = {"model": without_quantized_weights(model, get_model_state_dict(model))}
-    dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
-    # Only the frozen 4-bit weights (rebuilt from model.path) may be absent from the checkpoint.
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not quantized_linears(model)))
-
-
-def _is_trainable(model: torch.nn.Module, key: str) -> bool:
-    params = dict(model.named_parameters())
-    return key in params and params[key].requires_grad

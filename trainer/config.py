@@ -13,7 +13,6 @@ import difflib
 import importlib.util
 import keyword
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,17 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class UserError(ValueError):
-    """A mistake in what the user gave finetrain (config, data, files, launch layout), not a
-    bug of finetrain's: reported as one line `finetrain: ...` with exit code 2 on every rank
-    and from every launcher, never as a traceback (FINETRAIN_TRACEBACK=1 shows it)."""
-
-    exit_code = 2
-
-
-class ConfigError(UserError):
-    """A config that cannot run; one line per problem, each starting with the offending key."""
+from trainer.errors import ConfigError
 
 
 @dataclass
@@ -540,59 +529,6 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     need(s.max_requeues >= 0, f"slurm.max_requeues: must be >= 0, got {s.max_requeues}")
     need(s.signal_delay_s >= 0, f"slurm.signal_delay_s: must be >= 0, got {s.signal_delay_s}")
     return errors
-
-
-# ------------------------------------------------------------------------ reporting
-
-_LEADING_KEY = re.compile(r"^(?:unknown key )?([A-Za-z_]\w*(?:\.\w+)*)(?=[:;, ]|$)")
-
-
-def key_lines(path: str | os.PathLike) -> dict[str, int]:
-    """The line of every dotted key written in a YAML config (`data.datasets.0.path` -> 14)."""
-    try:
-        root = yaml.compose(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    lines: dict[str, int] = {}
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                dotted = f"{prefix}{key.value}"
-                lines[dotted] = key.start_mark.line + 1
-                walk(value, dotted + ".")
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                lines[f"{prefix}{index}"] = item.start_mark.line + 1
-                walk(item, f"{prefix}{index}.")
-
-    walk(root, "")
-    return lines
-
-
-def locate_problems(message: str, config: str | os.PathLike | None, overrides: list[str] = ()) -> list[str]:
-    """Each problem of a ConfigError as `config:line: problem`, pointing at the line where its
-    key (or the nearest enclosing section) is written, or naming the override that set it."""
-    given = {}
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        given[key] = item
-    lines = key_lines(config) if config is not None else {}
-    located = []
-    for problem in message.splitlines():
-        if not problem.strip():
-            continue
-        match = _LEADING_KEY.match(problem)
-        key = match.group(1) if match else None
-        if config is None or str(problem).startswith(str(config)):
-            located.append(problem)
-        elif key is not None and key in given:
-            located.append(f"{problem} (override {given[key]})")
-        else:
-            parts = key.split(".") if key else []
-            line = next((lines[".".join(parts[:n])] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in lines), None)
-            located.append(f"{config}:{line}: {problem}" if line else f"{config}: {problem}")
-    return located
 
 
 def cache_root(cfg: Config | None = None) -> Path:

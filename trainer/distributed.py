@@ -19,7 +19,7 @@ from typing import Callable, NoReturn, TypeVar
 import torch
 import torch.distributed as dist
 
-from trainer.config import UserError
+from trainer.errors import UserError
 
 T = TypeVar("T")
 

@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.config import Config, ConfigError, UserError
+from trainer.config import Config
+
+from trainer.errors import ConfigError, UserError
 from trainer.parallel import check_strategy
 from trainer.parallel.zero import bucket_elements, persistence_threshold
 from trainer.quantization import is_quantized_weight, nf4_bytes, quant_state_bytes, quantize_skeleton

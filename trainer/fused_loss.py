@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config
+
+from trainer.errors import ConfigError
 
 log = logging.getLogger("finetrain")
 

@@ -19,7 +19,8 @@ import time
 import torch
 
 from trainer.checkpoint import Checkpointer, seed_step
-from trainer.config import Config, ConfigError, cache_root, dataset_name, dump_yaml
+from trainer.config import Config, cache_root, dataset_name, dump_yaml
+from trainer.errors import ConfigError
 from trainer.data import build_train_loader, describe_batch, training_texts
 from trainer.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
 from trainer.evaluate import Evaluator, to_device

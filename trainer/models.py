@@ -24,7 +24,8 @@ from transformers import (
 )
 
 import trainer.attention  # noqa: F401  registers the "varlen_reference" attention
-from trainer.config import Config, ConfigError, ModelConfig, cache_root
+from trainer.config import Config, ModelConfig, cache_root
+from trainer.errors import ConfigError
 from trainer.fused_loss import install_fused_head
 
 log = logging.getLogger("finetrain")

@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import ConfigError, OptimConfig
+from trainer.config import OptimConfig
+
+from trainer.errors import ConfigError
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

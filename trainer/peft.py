@@ -6,7 +6,9 @@ import peft
 from torch import nn
 from transformers.modeling_layers import GenericForSequenceClassification
 
-from trainer.config import ConfigError, PeftConfig, UserError
+from trainer.config import PeftConfig
+
+from trainer.errors import ConfigError, UserError
 
 TASK_TYPES = {"causal_lm": peft.TaskType.CAUSAL_LM, "sequence_classification": peft.TaskType.SEQ_CLS}
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")

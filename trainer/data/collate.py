@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data.packing import Piece
 from trainer.data.stream import StreamDataset
 from trainer.loss import IGNORE_INDEX, count_targets

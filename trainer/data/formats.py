@@ -22,7 +22,7 @@ import numpy as np
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 DEFAULT_FIELDS = {
     "chat": {"messages": "messages", "role": "role", "content": "content"},

@@ -20,14 +20,17 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from trainer.config import Config, ConfigError, DatasetConfig, UserError, cache_root, dataset_name
+from trainer.config import Config, DatasetConfig, cache_root, dataset_name
+
+from trainer.errors import ConfigError, UserError
 from trainer.data.builtin import builtin_format, is_builtin, materialize
 from trainer.data.collate import Batch, Collator
 from trainer.data.formats import build_encoder, field_names, record_texts
 from trainer.data.mixing import RandomPermutation
 from trainer.data.packing import pack_pieces
 from trainer.data.prepare import EncodingSpec, load_tokenized
-from trainer.data.sources import DataError, read_rows
+from trainer.data.sources import read_rows
+from trainer.errors import DataError
 from trainer.data.stream import ExampleSet, GlobalStream, StreamDataset
 from trainer.data.tokenized import TokenizedDataset
 from trainer.distributed import local_world_size, on_node_leaders

@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 
 class MixingSchedule:

@@ -40,7 +40,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from trainer.data.formats import RowError, build_encoder
-from trainer.data.sources import DataError, Row, location, read_rows, source_fingerprint
+from trainer.data.sources import Row, location, read_rows, source_fingerprint
+from trainer.errors import DataError
 from trainer.data.tokenized import (EncodedChunk, TokenizedDataset, TokenizedWriter, is_complete, open_tokenized,
                                      prompt_key)
 

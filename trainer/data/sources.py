@@ -18,11 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from trainer.config import UserError
-
-
-class DataError(UserError):
-    """Bad input data; the message starts with the file and line or row."""
+from trainer.errors import DataError
 
 
 @dataclass(frozen=True)

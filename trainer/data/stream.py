@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data.mixing import DatasetOrder, MixingSchedule
 from trainer.data.packing import Piece, RowPacker, split_example
 from trainer.data.tokenized import TokenizedDataset

@@ -6,7 +6,9 @@ before a model is built, with a message that says what to set instead.
 
 from __future__ import annotations
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config
+
+from trainer.errors import ConfigError
 from trainer.distributed import DistInfo
 from trainer.parallel.base import Strategy
 

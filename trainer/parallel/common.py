@@ -16,7 +16,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from trainer.compile import compile_decoder_layers
-from trainer.config import Config, ConfigError
+from trainer.config import Config
+from trainer.errors import ConfigError
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import Strategy
 from trainer.quantization import quantized_linears, without_quantized_weights

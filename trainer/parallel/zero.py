@@ -26,7 +26,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.config import Config, ConfigError, UserError, cache_root
+from trainer.config import Config, cache_root
+
+from trainer.errors import ConfigError, UserError
 from trainer.distributed import DistInfo, barrier
 from trainer.optim import build_optimizer, build_scheduler, parameter_groups
 from trainer.parallel.base import Strategy

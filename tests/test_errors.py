@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runs import causal_config, run_cli, trainer_env, write_config
-from conftest import REPO, write_jsonl
+from conftest import REPO
 
 
 def error_lines(stderr: str) -> list[str]:

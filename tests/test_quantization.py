@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from conftest import NF4_LLAMA, TOY_TEXTS
 from runs import causal_config, read_metrics, run_cli, write_config
 from test_export import export, latest_checkpoint, logits_of, sample_ids, train_in_process
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, load_config
+from trainer.errors import ConfigError
 from trainer.distributed import DistInfo
 from trainer.models import build_model, train_bpe_tokenizer
 from trainer.parallel import build_strategy

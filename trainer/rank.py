@@ -1,0 +1,72 @@
+"""One rank of a run, from a config file to an exit code: what every launcher starts.
+
+`python -m trainer` (under torchrun or srun), the single-process `finetrain train` and
+`finetrain submit`'s Slurm task all call `run_rank`, so a rank behaves the same whoever
+started it. Exit codes: 0 when the run finished or was stopped by SIGTERM/SIGUSR1 and
+checkpointed; 2 for a user's mistake (config, data, files, launch layout), reported as one
+line `finetrain: ...` by rank 0 for every rank that agreed on it; 130 after Ctrl-C.
+Anything else is a bug of finetrain's and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from trainer.config import load_config, parse_override
+from trainer.errors import UserError, report_user_error
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def debug_overrides(overrides: list[str]) -> list[str]:
+    """--debug: a few steps into a separate folder, nothing resumed or uploaded."""
+    given = {parse_override(o)[0] for o in overrides}
+    extra = ["train.epochs=null", "checkpoint.resume=never", "logging.wandb.mode=disabled"]
+    if "train.max_steps" not in given:
+        extra.append("train.max_steps=5")
+    return list(overrides) + extra
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    exit_code: int
+    step: int = 0  # optimizer steps done when the rank ended
+    total_steps: int = 0  # 0 when the run never started
+
+    @property
+    def unfinished(self) -> bool:
+        """Stopped (a signal, a preemption) before its last step: a requeue resumes it."""
+        return self.exit_code == 0 and self.step < self.total_steps
+
+
+def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> RankOutcome:
+    """Train on this rank; a user's mistake is reported here and becomes exit code 2."""
+    setup_logging()
+    from trainer.distributed import shutdown
+    from trainer.loop import StopSignal, Trainer
+
+    # From the start: a stop requested while the run sets up is honoured at its first step.
+    stop = StopSignal()
+    overrides = debug_overrides(overrides) if debug else list(overrides)
+    try:
+        trainer = Trainer(load_config(config, overrides), stop, debug=debug)
+        trainer.fit()
+        return RankOutcome(0, trainer.step, trainer.total_steps)
+    except UserError as err:
+        return RankOutcome(report_user_error(err, config, overrides))
+    except KeyboardInterrupt:
+        print("finetrain: interrupted (Ctrl-C); nothing saved since the last checkpoint", file=sys.stderr)
+        return RankOutcome(130)
+    finally:
+        stop.restore()
+        shutdown()
