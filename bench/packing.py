@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from trainer.config import load_config  # noqa: E402
-from trainer.data import build_train_loader, training_texts  # noqa: E402
+from trainer.data.loader import build_train_loader, training_texts  # noqa: E402
 from trainer.loss import forward_summed_loss  # noqa: E402
 from trainer.models import build_model, train_bpe_tokenizer  # noqa: E402
 

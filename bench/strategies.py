@@ -55,11 +55,12 @@ class Batch:
 
 
 def bench_config(parallel: dict, args, world: int, folder: Path):
-    from trainer.config import Config
+    from trainer.config import Config, DatasetConfig
 
     cfg = Config()
     cfg.run.output_dir = str(folder)
-    cfg.model.config = dict(MODEL)
+    cfg.model.config, cfg.model.tokenizer = dict(MODEL), "train-bpe"
+    cfg.data.datasets = [DatasetConfig(name="random", path="random", format="text")]  # ids drawn in `worker`
     cfg.data.seq_len = args.seq_len
     cfg.parallel.mixed_precision = "fp32"
     for key, value in parallel.items():
@@ -81,12 +82,13 @@ def worker(spec: dict) -> None:
     from trainer.loss import count_targets
     from trainer.models import build_model, train_bpe_tokenizer
     from trainer.parallel import build_strategy
+    from trainer.plan import plan_run
 
     args = argparse.Namespace(**spec["args"])
     dist_info = init_distributed()
     cfg = bench_config(spec["parallel"], args, dist_info.world_size, Path(spec["folder"]))
     tokenizer = train_bpe_tokenizer(["random tokens stand in for text here"], vocab_size=300)
-    strategy = build_strategy(cfg, dist_info)
+    strategy = build_strategy(cfg, dist_info, plan_run(cfg, dist_info.world_size, dist_info.device.type))
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     model = strategy.build_model(lambda: build_model(cfg, tokenizer, "sdpa"))

@@ -121,7 +121,7 @@ def finetrain_order(config: Path, tokenizer, steps: int, micro: int) -> list[int
     """The examples (line numbers of train.jsonl) that finetrain's first `steps` optimizer
     steps consume, in order: its own loader, run without a model."""
     from trainer.config import load_config
-    from trainer.data import build_train_loader
+    from trainer.data.loader import build_train_loader
 
     loader = build_train_loader(load_config(config), tokenizer, "sdpa", rank=0, world_size=1)
     return [piece.example for _ in range(steps * micro) for piece in loader.stream.next_row()]

@@ -20,8 +20,11 @@ from trainer.errors import UserError, report_user_error
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from launch.elastic import default_rdzv_id, run_ranks
     from trainer.distributed import end_process
+    from trainer.plan import plan_run
     from trainer.rank import debug_overrides, run_rank
 
     if args.debug and (args.nproc > 1 or args.nnodes > 1):
@@ -34,6 +37,8 @@ def cmd_train(args) -> int:
     overrides = debug_overrides(args.overrides) if args.debug else args.overrides
     try:
         cfg = load_config(args.config, overrides)
+        # The ranks plan the run again; a config they would refuse stops here, before any starts.
+        plan_run(cfg, args.nproc * args.nnodes, "cuda" if torch.cuda.is_available() else "cpu")
     except UserError as err:
         return report_user_error(err, args.config, overrides)
     if args.nproc == 1 and args.nnodes == 1:  # this process is the rank, and ends as a rank does
@@ -45,7 +50,7 @@ def cmd_train(args) -> int:
 def cmd_prepare(args) -> int:
     """Tokenize the run's data into the cache ahead of `train`, with the tokenizer the run
     will use (trained and saved into the run folder for train-bpe, as `train` would)."""
-    from trainer.data import prepare_data, training_texts
+    from trainer.data.loader import prepare_data, training_texts
     from trainer.models import load_tokenizer
 
     try:

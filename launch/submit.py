@@ -144,6 +144,9 @@ def submit(args) -> "submitit.Job":
     overrides = [*args.overrides, *slurm_overrides(args)]
     cfg = load_config(config, overrides)
     params = executor_parameters(cfg, args)  # UserError on a bad task layout
+    from trainer.plan import plan_run
+
+    plan_run(cfg, args.nodes * params["tasks_per_node"], "cuda" if args.gpus_per_node > 0 else "cpu")
     folder = Path(cfg.run.output_dir).resolve() / "slurm"
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=cfg.slurm.max_requeues)
     executor.update_parameters(**params)

@@ -65,6 +65,21 @@ def tiny_bert_config() -> dict:
     return dict(TINY_BERT)
 
 
+def planned(cfg, world_size: int = 1):
+    """The run plan (trainer/plan.py) of a config built in code for a test that makes its own token
+    rows: the data keys only describe them, and the tokenizer is trained in-process."""
+    from trainer.config import DatasetConfig
+    from trainer.plan import plan_run
+
+    if not cfg.data.datasets:
+        cfg.data.datasets = [DatasetConfig(name="rows", path="rows", format="text")]
+    if cfg.model.tokenizer is None and cfg.model.path is None:
+        cfg.model.tokenizer = "train-bpe"
+    if cfg.train.max_steps is None and cfg.train.epochs is None:
+        cfg.train.max_steps = 1
+    return plan_run(cfg, world_size, "cpu")
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from conftest import TOY_TEXTS  # noqa: E402
+from conftest import TOY_TEXTS, planned  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.estimate import saved_tensor_bytes  # noqa: E402
@@ -58,7 +58,7 @@ def one_step(spec: dict, model_config: dict, tokenizer, strategy_for) -> dict:
     cfg.train.micro_batch_size = spec["micro"]
     cfg.data.seq_len = spec["seq_len"]
     cfg.train.fused_loss = spec["fused_loss"]
-    strategy = build_strategy(cfg, strategy_for)
+    strategy = build_strategy(cfg, strategy_for, planned(cfg))
     torch.manual_seed(0)
     ids = torch.randint(0, model_config["vocab_size"], (spec["micro"], spec["seq_len"]))
 

@@ -3,16 +3,15 @@ each run measured (per-step loss, grad norm, lr, state bytes, export check) as J
 
     torchrun --nproc-per-node N tests/parallel_worker.py SPEC.json
 
-Each run builds a tiny Llama (random init from a seed, or a saved folder), the
-strategy, and trains a few optimizer steps on fixed token rows of uneven length,
-exactly as the loop does: target tokens counted over all ranks before the first
-backward, every micro-batch's summed loss divided by that count. Runs with
-`generate` then answer fixed prompts greedily, as `data.eval.generate` does.
+Each run plans itself as a rank of the trainer does (trainer/plan.py: a refusal is a
+result too), builds a tiny Llama (random init from a seed, or a saved folder) and the
+strategy, and trains a few optimizer steps on fixed token rows of uneven length through
+the loop's own `train_step`. Runs with `generate` then answer fixed prompts greedily,
+as `data.eval.generate` does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -25,15 +24,18 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conftest import TINY_LLAMA, TOY_TEXTS  # noqa: E402
+from conftest import TINY_LLAMA, TOY_TEXTS, planned  # noqa: E402
 from trainer.compile import BACKEND, CompileReport, backend_problem  # noqa: E402
 from trainer.config import Config  # noqa: E402
-from trainer.distributed import agree, all_reduce_sum, barrier, end_process, init_distributed  # noqa: E402
-from trainer.errors import UserError
+from trainer.data.collate import Batch  # noqa: E402
+from trainer.distributed import agree, barrier, end_process, init_distributed  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
 from trainer.estimate import resident_state_bytes  # noqa: E402
 from trainer.generate import greedy_generate  # noqa: E402
-from trainer.loss import IGNORE_INDEX, count_targets, forward_summed_loss  # noqa: E402
+from trainer.loop import train_step  # noqa: E402
+from trainer.loss import IGNORE_INDEX, count_targets  # noqa: E402
 from trainer.models import build_model, train_bpe_tokenizer  # noqa: E402
+from trainer.optim import set_schedule_step  # noqa: E402
 from trainer.parallel import build_strategy  # noqa: E402
 
 SEQ_LEN = 32
@@ -89,6 +91,7 @@ def make_config(run: Run, out: Path, world_size: int) -> Config:
     cfg.model.config = None if run.model_path else model_config(run)
     cfg.model.quantization = run.quantization
     cfg.data.cache_dir = str(out / "cache")
+    cfg.data.packing = False  # the rows are made here (step_rows), one document per row
     cfg.peft.method, cfg.peft.r, cfg.peft.alpha, cfg.peft.num_virtual_tokens = run.peft, 4, 8.0, 4
     cfg.parallel.strategy = run.strategy
     cfg.parallel.mixed_precision = run.mixed_precision
@@ -136,23 +139,23 @@ def rank_micro_batches(step: int, run: Run) -> list[tuple[torch.Tensor, torch.Te
     return [(ids[i:i + run.micro], labels[i:i + run.micro]) for i in range(0, per_rank, run.micro)]
 
 
-def train_step(strategy, batches) -> dict:
-    """The loop's step: global target count first, then loss_sum / count per micro-batch."""
-    local = sum(count_targets(labels, "causal_lm") for _, labels in batches)
-    count = float(all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    for index, (ids, labels) in enumerate(batches):
-        last = index == len(batches) - 1
-        with contextlib.nullcontext() if last else strategy.no_sync():
-            with strategy.autocast():
-                summed = forward_summed_loss(strategy.model, {"input_ids": ids}, labels, "causal_lm")
-            strategy.backward(summed / count)
-        loss_sum += summed.detach().double()
-    lr = strategy.lr()
-    with_grad = [name for name, p in strategy.unwrapped_model().named_parameters() if p.grad is not None]
-    grad_norm = strategy.step()
-    loss = float(all_reduce_sum(loss_sum.reshape(1)).item()) / count
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "with_grad": with_grad}
+def as_batches(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Batch]:
+    return [Batch(inputs={"input_ids": ids}, labels=labels, num_targets=count_targets(labels, "causal_lm"),
+                  num_tokens=int((labels != IGNORE_INDEX).sum()), num_slots=labels.numel(), examples={}, tokens={})
+            for ids, labels in micro_batches]
+
+
+def record_gradients(strategy) -> list[str]:
+    """Names of the parameters that hold a gradient when the strategy steps (filled at each step)."""
+    seen: list[str] = []
+    step = strategy.step
+
+    def step_and_record():
+        seen[:] = [name for name, p in strategy.unwrapped_model().named_parameters() if p.grad is not None]
+        return step()
+
+    strategy.step = step_and_record
+    return seen
 
 
 @torch.no_grad()
@@ -189,7 +192,8 @@ def execute(run: Run, out: Path) -> dict:
         assert backend_problem(BACKEND, "cpu") is None, backend_problem(BACKEND, "cpu")
         compiled = CompileReport(layers=0)
     try:  # what the trainer sets up under `agree`; a refusal is a result too
-        strategy = agree(lambda: build_strategy(cfg, dist_info))
+        plan = agree(lambda: planned(cfg, dist_info.world_size))
+        strategy = agree(lambda: build_strategy(cfg, dist_info, plan))
         model = agree(lambda: strategy.build_model(lambda: make_model(cfg)))
         agree(lambda: strategy.setup(model, run.steps))
     except UserError as err:
@@ -198,16 +202,18 @@ def execute(run: Run, out: Path) -> dict:
     if run.load_dir:
         strategy.load(Path(run.load_dir))
         start = run.load_step
+        set_schedule_step(strategy.optimizer, strategy.scheduler, cfg.optim, start)  # as Trainer.resume does
     result = {"losses": [], "grad_norms": [], "lrs": []}
+    with_grad = record_gradients(strategy)
     if run.generate_first:
         result["first_generations"] = greedy_generate(strategy, generation_prompts(), GENERATION_GROUP, 0, STOP_IDS,
                                                       MAX_NEW_TOKENS)
     for step in range(start, run.steps):
-        record = train_step(strategy, rank_micro_batches(step, run))
+        record = train_step(strategy, as_batches(rank_micro_batches(step, run)), "causal_lm")
         for key in ("loss", "grad_norm", "lr"):
             result[key + ("es" if key == "loss" else "s")].append(record[key])
         if step == 0:
-            result["with_grad"] = record["with_grad"]  # torch strategies only (DeepSpeed keeps its own)
+            result["with_grad"] = list(with_grad)  # torch strategies only (DeepSpeed keeps its own)
             result["trainable"] = [name for name, p in strategy.unwrapped_model().named_parameters() if p.requires_grad]
             bytes_here = resident_state_bytes(strategy)
             everyone = [None] * dist.get_world_size()

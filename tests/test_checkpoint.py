@@ -23,7 +23,9 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 sys.path.insert(0, {repo!r})
+sys.path.insert(0, {repo!r} + "/tests")
 import torch.distributed as dist
+from conftest import planned
 from trainer.checkpoint import COMPLETE_MARK, Checkpointer
 from trainer.config import Config
 from trainer.distributed import barrier, init_distributed
@@ -42,9 +44,10 @@ class Tokenizer:
 
 cfg = Config()
 cfg.run.output_dir = {out!r}
+cfg.model.config = {{"model_type": "llama", "vocab_size": 320}}
 cfg.checkpoint.async_ = True
 info = init_distributed()
-checkpointer = Checkpointer(cfg, info, "fsdp")
+checkpointer = Checkpointer(cfg, info, planned(cfg, info.world_size))
 strategy = ControlledWrite()
 final = checkpointer.save(7, strategy, {{"step": 7}}, Tokenizer())
 sealed = []

@@ -15,8 +15,9 @@ import yaml
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
 from trainer.config import DatasetConfig, load_config
 from trainer.errors import ConfigError
-from trainer.data import build_train_loader, training_texts
+from trainer.data.loader import build_train_loader, training_texts
 from trainer.errors import DataError
+from trainer.plan import plan_run
 from trainer.data.formats import ChatEncoder, field_names
 from trainer.data.prepare import EncodingSpec, load_tokenized
 
@@ -247,8 +248,8 @@ def test_undecodable_csv_line(tmp_path, tiny_tokenizer):
 def test_packing_with_prompt_tuning_is_refused(tmp_path, tiny_tokenizer):
     cfg, _ = config(tmp_path, [CHAT])
     cfg.peft.method = "prompt_tuning"
-    with pytest.raises(ValueError, match="data.packing: prompt tuning"):
-        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    with pytest.raises(ConfigError, match="data.packing: prompt tuning"):
+        plan_run(cfg, 1, "cpu")
     cfg.data.packing = False
     batch = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).next_step(1)[0]
     assert "position_ids" not in batch.inputs  # peft would drop them with a warning on every forward
@@ -308,4 +309,4 @@ def test_bad_tokenized_row_is_named_by_file_and_line(tmp_path, tiny_tokenizer, b
 
 def test_tokenized_data_with_a_trained_tokenizer_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="data.datasets.0.format: tokenized data needs the tokenizer it was tokenized"):
-        config(tmp_path, [{"input_ids": [5, 6]}], fmt="tokenized")
+        plan_run(config(tmp_path, [{"input_ids": [5, 6]}], fmt="tokenized")[0], 1, "cpu")

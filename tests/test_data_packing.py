@@ -305,7 +305,7 @@ def test_check_fails_when_boundary_labels_are_not_masked(tiny_tokenizer, tiny_ll
 
 @pytest.mark.parametrize("attention", ["sdpa", "varlen_reference"])
 def test_describe_batch_shows_documents_and_targets(tiny_tokenizer, attention):
-    from trainer.data import describe_batch
+    from trainer.data.collate import describe_batch
 
     texts = ["hello there", "the quick brown fox"]
     docs = [tiny_tokenizer(t)["input_ids"] for t in texts]

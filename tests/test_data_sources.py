@@ -14,7 +14,7 @@ import yaml
 
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
 from trainer.config import load_config
-from trainer.data import build_eval_sets, build_train_loader, held_out_conversations
+from trainer.data.loader import build_eval_sets, build_train_loader, held_out_conversations
 from trainer.errors import DataError
 from trainer.data import prepare as prepare_module
 from trainer.data.builtin import BUILTINS, materialize

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from conftest import TINY_LLAMA, write_jsonl
 from runs import word_tokenizer
 from trainer.config import load_config
-from trainer.data import build_train_loader
+from trainer.data.loader import build_train_loader
 from trainer.data.mixing import RandomPermutation
 from trainer.data.stream import GlobalStream
 

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO
 from runs import read_metrics, run_cli
 from trainer.config import load_config
-from trainer.data import build_train_loader, held_out_conversations
+from trainer.data.loader import build_train_loader, held_out_conversations
 from trainer.data.builtin import _gensim_lee
 from trainer.models import build_model, load_tokenizer
 

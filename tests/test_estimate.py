@@ -60,7 +60,7 @@ def test_8b_model_is_estimated_on_the_meta_device_with_zero_accounting():
     assert model_state(rows["zero2"]) == pytest.approx(2 * P + 14 * P / N, rel=0.01)
     assert model_state(rows["zero3"]) == pytest.approx(16 * P / N, rel=0.01)
     assert model_state(rows["fsdp"]) == pytest.approx(16 * P / N, rel=0.1)  # + one layer's unsharded grads
-    assert rows["single"]["note"].startswith("parallel.strategy single runs on one process")
+    assert rows["single"]["note"].startswith("parallel.strategy: single runs on one process")
     table = format_table(list(rows.values()))
     assert "8,030,261,248 parameters" in table and "| zero3 |" in table and "GiB" in table
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_LLAMA
+from conftest import TINY_LLAMA, planned
 from trainer.config import Config, DatasetConfig
 from trainer.distributed import init_distributed
 from trainer.evaluate import ForgettingMonitor
@@ -101,7 +101,7 @@ def test_summary_keeps_first_best_last_forgetting_and_answers(tmp_path, capsys):
     cfg = Config()
     cfg.run.output_dir = str(tmp_path)
     cfg.data.datasets = [DatasetConfig(name="task", weight=0.9), DatasetConfig(name="general", weight=0.1)]
-    summary = RunSummary(cfg, is_main=True)
+    summary = RunSummary(cfg, ("general",), is_main=True)
     for step, loss, change in ((0, 3.0, 0.0), (10, 2.5, 0.3), (20, 2.7, 0.1)):
         summary.observe_eval(step, {"eval/general/loss": loss, "eval/general/loss_change": change,
                                     "eval/task/loss": loss, "eval/task/loss_change": change})
@@ -129,7 +129,7 @@ def test_left_padded_prompts_answer_as_each_prompt_alone(tiny_tokenizer, attenti
     cfg = Config()
     cfg.model.config = dict(TINY_LLAMA)
     cfg.parallel.strategy, cfg.parallel.mixed_precision = "single", "fp32"
-    strategy = build_strategy(cfg, init_distributed())
+    strategy = build_strategy(cfg, init_distributed(), planned(cfg))
     strategy.setup(strategy.build_model(lambda: build_model(cfg, tiny_tokenizer, attention)), total_steps=1)
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 320, (int(torch.randint(2, 15, (1,), generator=generator)),), generator=generator).tolist()

@@ -150,3 +150,28 @@ def test_debug_mode_prints_first_batch_and_runs_few_steps(tmp_path):
     losses = step_losses(Path(cfg["run"]["output_dir"]))
     assert sorted(losses) == [1, 2, 3, 4, 5]
     assert "row 0" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_resume_with_a_changed_config_follows_the_new_schedule(tmp_path):
+    """A finished 4-step run extended to 8 steps with another optim.lr: every resumed step runs at
+    the new schedule's rate (cosine over 8 steps from the new lr), the changes are listed once; a
+    key the checkpoint cannot continue with (data.seq_len) is refused in one line, exit 2."""
+    from trainer.config import OptimConfig
+    from trainer.optim import lr_multiplier
+
+    cfg = causal_config(tmp_path, optim={"lr": 3e-3, "warmup_steps": 0}, train={"max_steps": 4})
+    config = write_config(cfg, tmp_path / "config.yaml")
+    run_cli(config)
+    out = Path(cfg["run"]["output_dir"])
+    resumed = run_cli(config, "train.max_steps=8", "optim.lr=1e-3")
+    assert "optim.lr: 0.003 -> 0.001" in resumed.stderr and "train.max_steps: 4 -> 8" in resumed.stderr
+    logged = {r["step"]: r["lr"] for r in read_metrics(out) if "lr" in r}
+    schedule = OptimConfig(lr=1e-3, warmup_steps=0)
+    assert sorted(logged) == list(range(1, 9))
+    for step in range(5, 9):  # step k's update uses the rate of 0-based step k - 1
+        assert logged[step] == pytest.approx(1e-3 * lr_multiplier(step - 1, schedule, 8), rel=1e-6), step
+    refused = run_cli(config, "train.max_steps=12", "data.seq_len=128", check=False)
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("finetrain:")]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert "data.seq_len: 64 -> 128 differs from the checkpoint's config" in lines[0]
+    assert "Traceback" not in refused.stderr

@@ -172,7 +172,7 @@ def test_classification_recipe_beats_the_majority_class(tmp_path):
     from transformers import AutoTokenizer
 
     from trainer.config import load_config
-    from trainer.data import build_eval_sets
+    from trainer.data.loader import build_eval_sets
 
     overrides = [f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "train.eval_every=0",
                  "logging.progress_bar=false"]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AttentionInterface, AutoTokenizer
+from transformers import AutoTokenizer
 
-import trainer.models as models
 from trainer.config import Config, ModelConfig, PeftConfig
 from trainer.models import (
     CHATML_TEMPLATE,
@@ -18,7 +16,6 @@ from trainer.models import (
     decoder_layers,
     load_tokenizer,
     parameter_counts,
-    resolve_attention,
     resolve_model_path,
     train_bpe_tokenizer,
 )
@@ -31,6 +28,7 @@ def make_config(tmp_path: Path, model_config: dict | None = None, seed: int = 0,
     cfg.run.output_dir = str(tmp_path / "run")
     cfg.run.seed = seed
     cfg.model = ModelConfig(config=model_config, **model_keys)
+    cfg.data.cache_dir = str(tmp_path / "cache")
     return cfg
 
 
@@ -102,31 +100,6 @@ def test_decoder_layers_and_parameter_counts(tmp_path, tiny_llama_config, tiny_b
     assert trainable == adapter and total == adapter + parameter_counts(llama)[1]
 
 
-# ------------------------------------------------------------------------------ attention
-
-
-def test_resolve_attention(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_attention(ModelConfig(attention="auto"), cpu) == "sdpa"
-    for name in ("sdpa", "eager", "varlen_reference"):
-        assert resolve_attention(ModelConfig(attention=name), cpu) == name
-    assert "varlen_reference" in AttentionInterface._global_mapping
-    with pytest.raises(ValueError, match="model.attention: flash_attention_2 needs a CUDA device"):
-        resolve_attention(ModelConfig(attention="flash_attention_2"), cpu)
-
-    has_flash_attn = importlib.util.find_spec("flash_attn") is not None
-    if not has_flash_attn:
-        with pytest.raises(ValueError, match="model.attention: flash_attention_2 needs the flash_attn package"):
-            resolve_attention(ModelConfig(attention="flash_attention_2"), cuda)
-        assert resolve_attention(ModelConfig(attention="auto"), cuda) == "sdpa"
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
-    assert resolve_attention(ModelConfig(attention="auto"), cuda) == "flash_attention_2"
-    assert resolve_attention(ModelConfig(attention="flash_attention_2"), cuda) == "flash_attention_2"
-    assert resolve_attention(ModelConfig(attention="auto"), cpu) == "sdpa"
-
-
 # ------------------------------------------------------------------------------ tokenizer
 
 
@@ -173,15 +146,14 @@ def test_unknown_builtin_lists_the_known_ones():
 
 
 @pytest.mark.slow
-def test_builtin_smollm2_converts_once_to_a_plain_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "MODEL_CACHE", tmp_path / "models")
-    folder = Path(resolve_model_path("builtin:smollm2-135m-instruct"))
-    assert folder.parent == tmp_path / "models"
+def test_builtin_smollm2_converts_once_to_a_plain_folder(tmp_path):
+    folder = Path(resolve_model_path("builtin:smollm2-135m-instruct", tmp_path / "cache"))
+    assert folder.parent == tmp_path / "cache" / "models"  # data.cache_dir: where the run's cache is
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
     assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.gguf"))
     stamp = (folder / "config.json").stat().st_mtime_ns
-    assert resolve_model_path("builtin:smollm2-135m-instruct") == str(folder)
+    assert resolve_model_path("builtin:smollm2-135m-instruct", tmp_path / "cache") == str(folder)
     assert (folder / "config.json").stat().st_mtime_ns == stamp  # converted once
 
     cfg = make_config(tmp_path, None, path="builtin:smollm2-135m-instruct")

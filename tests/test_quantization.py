@@ -16,9 +16,8 @@ from runs import causal_config, read_metrics, run_cli, write_config
 from test_export import export, latest_checkpoint, logits_of, sample_ids, train_in_process
 from trainer.config import Config, load_config
 from trainer.errors import ConfigError
-from trainer.distributed import DistInfo
 from trainer.models import build_model, train_bpe_tokenizer
-from trainer.parallel import build_strategy
+from trainer.plan import plan_run
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,7 @@ def test_qlora_without_pretrained_weights_or_adapter_is_refused(tmp_path, base_f
     cfg["model"] = {**(model or cfg["model"]), "quantization": "nf4"}
     cfg["peft"] = peft
     with pytest.raises(ConfigError) as err:
-        load_config(write_config(cfg, tmp_path / "config.yaml"))
+        plan_run(load_config(write_config(cfg, tmp_path / "config.yaml")), 1, "cpu")
     assert message in str(err.value)
 
 
@@ -120,8 +119,8 @@ def test_qlora_without_pretrained_weights_or_adapter_is_refused(tmp_path, base_f
 def test_zero_refuses_qlora_before_anything_is_built(tmp_path, base_folder, strategy):
     cfg = load_config(write_config(qlora_config(tmp_path, base_folder, parallel={"strategy": strategy}),
                                    tmp_path / "config.yaml"))
-    with pytest.raises(ConfigError, match=f"^model.quantization nf4: parallel.strategy {strategy} saves"):
-        build_strategy(cfg, DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), backend="gloo"))
+    with pytest.raises(ConfigError, match=f"^model.quantization: parallel.strategy {strategy} saves"):
+        plan_run(cfg, 2, "cpu")
 
 
 @pytest.mark.slow

@@ -19,6 +19,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
 NAME = "varlen_reference"
+# The backends that keep packed documents apart: those that take packed rows flattened with
+# cu_seq_lens (flash_attention_2, and this reference of it), and those given a block-diagonal mask.
+VARLEN_ATTENTION = ("flash_attention_2", NAME)
+MASKED_ATTENTION = ("sdpa", "eager")
 
 
 def varlen_reference_attention(

@@ -84,10 +84,10 @@ class PendingSave:
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, dist_info: DistInfo, strategy_name: str):
+    def __init__(self, cfg: Config, dist_info: DistInfo, plan):
         self.cfg = cfg
         self.dist = dist_info
-        self.strategy_name = strategy_name
+        self.plan = plan
         self.directory = cfg.checkpoint_dir
         self.pending: PendingSave | None = None
         self.sealing: Future | None = None  # rank 0's background seal of the last asynchronous save
@@ -192,8 +192,8 @@ class Checkpointer:
 
     def _seal_written(self, step: int, staging: Path, final: Path) -> None:
         """The COMPLETE mark, then the final name, then retention; every rank's part is written."""
-        mark = {"step": step, "world_size": self.dist.world_size, "strategy": self.strategy_name,
-                "format": "deepspeed" if self.strategy_name.startswith("zero") else "dcp"}
+        mark = {"step": step, "world_size": self.dist.world_size, "strategy": self.plan.strategy,
+                "format": self.plan.checkpoint_format}
         _write_synced(staging / COMPLETE_MARK, json.dumps(mark))
         if final.exists():  # same step saved again (e.g. signal right after a periodic save)
             shutil.rmtree(final)
@@ -205,11 +205,11 @@ class Checkpointer:
     def load(self, path: Path, strategy) -> dict:
         mark = read_mark(path)
         saved_format = mark["format"]
-        wanted = "deepspeed" if self.strategy_name.startswith("zero") else "dcp"
+        wanted = self.plan.checkpoint_format
         if saved_format != wanted:
             raise ConfigError(
                 f"parallel.strategy: checkpoint {path} was written by strategy {mark['strategy']} ({saved_format} format); "
-                f"parallel.strategy {self.strategy_name} reads {wanted} checkpoints. Resume with the same "
+                f"parallel.strategy {self.plan.strategy} reads {wanted} checkpoints. Resume with the same "
                 "family of strategy, or start fresh with checkpoint.resume=never"
             )
         strategy.load(path)

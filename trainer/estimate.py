@@ -7,17 +7,10 @@ forward on meta tensors while a saved-tensors hook adds up what autograd keeps f
 backward, with attention standing in as FlashAttention does (it keeps q, k, v, the
 output and the log-sum-exp, never the seq_len^2 scores).
 
-What each strategy keeps per device (N devices, T trainable of P parameters,
-m master bytes, c compute bytes; with `model.quantization: nf4` the frozen linear
-weights take about 0.52 bytes each instead of m, see trainer/quantization.py):
-
-- single, ddp: P*m weights, T*m grads, 2*T*m AdamW moments.
-- fsdp: everything above divided by N (by N/R with `parallel.replicate` R: HSDP), plus
-  the units gathered at a time in c (the root for the whole step; two decoder layers, or
-  all of them when `reshard_after_forward` is false). `offload` puts the shards in host memory.
-- zero1/2/3 (DeepSpeed): weights in c (zero3: partitioned, small ones whole),
-  grads in c (zero2/3 partitioned) plus the reduction buckets, and 12*T/N bytes
-  of fp32 master copy and moments. `offload` moves those (and zero3 weights) to the host.
+What each strategy keeps per device (parameters, gradients, optimizer state, what offload
+moves to the host) is the strategy's own accounting, next to its code (`memory` of each
+class in trainer/parallel/); with `model.quantization: nf4` the frozen linear weights take
+about 0.52 bytes each instead of the master dtype's (trainer/quantization.py).
 
 `resident_state_bytes` measures the same quantities on a live strategy, which is
 how the tests hold this estimate to the real thing.
@@ -34,13 +27,9 @@ import torch
 from torch import nn
 
 from trainer.config import Config
-
 from trainer.errors import ConfigError, UserError
-from trainer.parallel import check_strategy
-from trainer.parallel.zero import bucket_elements, persistence_threshold
 from trainer.quantization import is_quantized_weight, nf4_bytes, quant_state_bytes, quantize_skeleton
 
-STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 META_ATTENTION = "finetrain_meta"
 ADAM_MOMENTS = 2
 
@@ -91,26 +80,15 @@ class ActivationShape:
 
 
 def model_config(cfg: Config):
-    from transformers import AutoConfig
+    """The model's transformers config, read from `model.path`'s config.json alone (weights,
+    data and checkpoints may only exist on the cluster) or `model.config`."""
+    from trainer.config import cache_root
+    from trainer.models import model_config as training_model_config, resolve_model_path
 
-    from trainer.models import resolve_model_path
-
-    m = cfg.model
-    if m.path:
-        folder = Path(resolve_model_path(m.path))
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"model.path: {m.path} has no config.json (the one file the estimate reads: "
-                              "copy it there, or point model.path at a folder that has it)")
-        config = AutoConfig.from_pretrained(folder)
-    else:
-        params = dict(m.config)
-        config = AutoConfig.for_model(params.pop("model_type"), **params)
-    if m.task == "sequence_classification":
-        config.num_labels = m.num_labels
-        if config.pad_token_id is None:
-            config.pad_token_id = 0
-    config.use_cache = False
-    return config
+    if cfg.model.path and not (Path(resolve_model_path(cfg.model.path, cache_root(cfg))) / "config.json").is_file():
+        raise ConfigError(f"model.path: {cfg.model.path} has no config.json (the one file the estimate reads: "
+                          "copy it there, or point model.path at a folder that has it)")
+    return training_model_config(cfg)
 
 
 def meta_model(cfg: Config, dtype: torch.dtype, quantize: bool = True) -> nn.Module:
@@ -275,80 +253,39 @@ def activation_bytes(acts: ActivationShape, layers: int, checkpointing: bool) ->
 # ----------------------------------------------------------------------------- strategies
 
 
-def _dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+@dataclasses.dataclass
+class ElementSizes:
+    """Bytes per element of the master weights and of compute, and the 4-bit part of a model:
+    its elements, their packed bytes (half a byte each) and their quantization constants
+    (per-block scales, lookup tables, kept whole on every rank)."""
+
+    master: int
+    compute: int
+    quantized: int
+    packed: int
+    constants: int
+
+
+def element_sizes(shape: ModelShape, cfg: Config) -> ElementSizes:
+    master = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
+    packed = sum(math.ceil(n / 2) for n in shape.quantized_numels)
+    return ElementSizes(master=master, compute=2 if cfg.parallel.mixed_precision == "bf16" else master,
+                        quantized=sum(shape.quantized_numels), packed=packed,
+                        constants=sum(nf4_bytes(n) for n in shape.quantized_numels) - packed)
 
 
 def strategy_memory(name: str, shape: ModelShape, acts: int, cfg: Config, world: int) -> dict:
-    """Per-device bytes under strategy `name` on `world` devices. `params` includes
-    `gathered`, the weights all-gathered for compute at the busiest moment; `host` is
-    what offload keeps in this rank's CPU memory instead, plus the host copy of the
-    rank's saved state that asynchronous checkpoints keep for the whole run."""
-    m = _dtype_bytes(getattr(torch, cfg.model.dtype))
-    c = 2 if cfg.parallel.mixed_precision == "bf16" else m
-    offload = cfg.parallel.offload != "none"
-    P, T = shape.total, shape.trainable
-    # 4-bit weights: half a byte per element, packed (sharded by fsdp like any parameter), and
-    # their quantization constants (per-block scales, lookup tables), kept whole on every rank.
-    Q = sum(shape.quantized_numels)
-    packed = sum(math.ceil(n / 2) for n in shape.quantized_numels)
-    constants = sum(nf4_bytes(n) for n in shape.quantized_numels) - packed
-    row = {"params": 0, "gathered": 0, "grads": 0, "optimizer": 0, "host": 0}
-    if name in ("single", "ddp"):
-        row.update(params=(P - Q) * m + packed + constants, grads=T * m, optimizer=ADAM_MOMENTS * T * m)
-        saved_state = row["params"] + row["optimizer"]
-    elif name == "fsdp":
-        group = max(1, world // cfg.parallel.replicate)  # HSDP shards within a group, replicates across
-        shard_params = math.ceil((P - Q) / group) * m + math.ceil(packed / group) + constants
-        shard_grads = math.ceil(T / group) * m
-        shard_moments = ADAM_MOMENTS * shard_grads
-        saved_state = shard_params + shard_moments
+    """Per-device bytes under strategy `name` on `world` devices: its own accounting
+    (trainer/parallel/), plus the activations of one micro-batch and, with asynchronous
+    checkpoints, the host copy of the rank's saved state that they keep for the whole run."""
+    from trainer.parallel import strategy_class
+    from trainer.parallel.base import ASYNC_SAVE
 
-        def unsharded(unit: Unit) -> int:
-            return (unit.total - unit.quantized) * c + math.ceil(unit.quantized / 2)
-
-        # The root and the head stay gathered from the end of forward into backward; decoder
-        # layers two at a time (the one running, the one prefetched), or all of them when
-        # not resharded after forward. Gradients are unsharded one unit at a time (plus the
-        # root's, reduced last).
-        layers = 2 if cfg.parallel.reshard_after_forward else shape.layers
-        gathered = unsharded(shape.root) + unsharded(shape.head) + layers * unsharded(shape.layer)
-        largest = max(shape.layer.trainable, shape.head.trainable, shape.embedding.trainable)
-        gathered_grads = (shape.root.trainable + largest) * c
-        if offload:
-            row.update(params=gathered, gathered=gathered, grads=gathered_grads,
-                       host=shard_params + shard_grads + shard_moments)
-        else:
-            row.update(params=shard_params + gathered, gathered=gathered, grads=shard_grads + gathered_grads,
-                       optimizer=shard_moments)
-    else:
-        stage = int(name.removeprefix("zero"))
-        bucket = bucket_elements(shape.hidden_size)
-        fp32_partition = 4 * sum(math.ceil(n / world) for n in shape.trainable_numels)
-        moments = ADAM_MOMENTS * fp32_partition
-        # ZeRO-3 computing in fp32 steps its weight partitions in place: no second copy.
-        master = 0 if stage == 3 and c == 4 and not offload else fp32_partition
-        if stage == 3:
-            # Every parameter is partitioned; small ones are also kept whole on every rank.
-            partitioned = c * sum(math.ceil(n / world) for n in shape.numels)
-            persistent = c * sum(n for n in shape.numels if n < persistence_threshold(shape.hidden_size))
-            gathered = c * 2 * shape.layer.total  # the layer running and the one prefetched
-            weights = partitioned + persistent + gathered
-            grads = c * sum(math.ceil(n / world) for n in shape.trainable_numels) + c * bucket
-        else:
-            partitioned, gathered = 0, 0
-            weights = P * c
-            reduced = T * c if stage == 1 else c * sum(math.ceil(n / world) for n in shape.trainable_numels)
-            grads = reduced + (4 if stage == 1 else c) * bucket
-        row.update(params=weights, gathered=gathered, grads=grads, optimizer=master + moments)
-        if offload:
-            # The master copy, the moments and the fp32 gradient partition live on the host.
-            row.update(optimizer=0, host=2 * fp32_partition + moments)
-            if cfg.parallel.offload == "params":
-                row["params"] -= partitioned
-                row["host"] += partitioned
-    if cfg.checkpoint.async_ and not name.startswith("zero"):  # zero1-3 refuse checkpoint.async
-        row["host"] += saved_state
+    cls = strategy_class(name)
+    row = cls.memory(name, shape, acts, cfg, world)
+    saved = row.pop("saved")
+    if cfg.checkpoint.async_ and ASYNC_SAVE in cls.supports:
+        row["host"] += saved
     row["activations"] = acts
     row["total"] = row["params"] + row["grads"] + row["optimizer"] + row["activations"]
     return row
@@ -357,6 +294,8 @@ def strategy_memory(name: str, shape: ModelShape, acts: int, cfg: Config, world:
 def estimate_memory(cfg: Config, nodes: int, gpus_per_node: int) -> list[dict]:
     """One row per strategy: per-device bytes of params, grads, optimizer state and
     activations (plus host bytes under offload); `note` says why a strategy cannot run."""
+    from trainer.parallel import strategy_names, strategy_problems
+
     world = nodes * gpus_per_node
     if world < 1:
         raise UserError(f"estimate: --nodes {nodes} x --gpus-per-node {gpus_per_node} is no device")
@@ -365,13 +304,9 @@ def estimate_memory(cfg: Config, nodes: int, gpus_per_node: int) -> list[dict]:
     shape = model_shape(meta_model(cfg, master))
     acts = activation_bytes(activation_shape(cfg, compute), shape.layers, cfg.parallel.activation_checkpointing)
     rows = []
-    for name in STRATEGIES:
+    for name in strategy_names():
         probe = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, strategy=name))
-        try:
-            check_strategy(probe, name, world)
-            note = ""
-        except ConfigError as err:
-            note = str(err)
+        note = "; ".join(strategy_problems(probe, name, world))
         rows.append({"strategy": name, "devices": world, "trainable": shape.trainable, "parameters": shape.total,
                      **strategy_memory(name, shape, acts, probe, world), "note": note})
     return rows

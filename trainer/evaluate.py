@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from trainer.config import Config, dataset_name
-from trainer.data import build_eval_sets
+from trainer.config import Config
+from trainer.data.loader import RunData, build_eval_sets
 from trainer.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from trainer.generate import HeldOutGeneration
 from trainer.loss import forward_summed_loss, model_logits, summed_loss
@@ -81,14 +81,6 @@ def evaluate(strategy, eval_sets: dict, task: str, num_labels: int = 2) -> dict:
     return results
 
 
-def rehearsal_datasets(cfg: Config) -> set[str]:
-    """Every training dataset but the one with the largest weight (the first of equals)."""
-    names = [dataset_name(ds) for ds in cfg.data.datasets]
-    weights = [ds.weight for ds in cfg.data.datasets]
-    primary = max(range(len(names)), key=lambda i: (weights[i], -i))
-    return set(names) - {names[primary]}
-
-
 class ForgettingMonitor:
     """Each eval dataset's loss change since step 0, with one warning per rehearsal
     dataset once its loss rises past `warn_at` nats: that rise is forgetting."""
@@ -130,18 +122,19 @@ class Evaluator:
     """What one evaluation of the run measures, built from `data.eval`: held-out loss per
     dataset, the task metrics of generated answers, and the change since step 0."""
 
-    def __init__(self, cfg: Config, eval_sets: dict, generation: HeldOutGeneration | None, is_main: bool):
+    def __init__(self, cfg: Config, rehearsal: tuple[str, ...], eval_sets: dict, generation: HeldOutGeneration | None,
+                 is_main: bool):
         self.task = cfg.model.task
         self.num_labels = cfg.model.num_labels
         self.eval_sets = eval_sets
         self.generation = generation
-        self.forgetting = ForgettingMonitor(cfg.logging.forgetting_warn, rehearsal_datasets(cfg), is_main)
+        self.forgetting = ForgettingMonitor(cfg.logging.forgetting_warn, set(rehearsal), is_main)
 
     @classmethod
-    def from_config(cls, cfg: Config, tokenizer, attention: str, dist_info: DistInfo) -> "Evaluator":
-        eval_sets = build_eval_sets(cfg, tokenizer, attention, dist_info.rank, dist_info.world_size)
-        generation = HeldOutGeneration.from_config(cfg, tokenizer, dist_info.rank)
-        return cls(cfg, eval_sets, generation, dist_info.is_main)
+    def from_config(cls, cfg: Config, plan, tokenizer, data: RunData, dist_info: DistInfo) -> "Evaluator":
+        eval_sets = build_eval_sets(cfg, tokenizer, plan.attention, dist_info.rank, dist_info.world_size, data)
+        generation = HeldOutGeneration.from_config(cfg, tokenizer, dist_info.rank, data)
+        return cls(cfg, plan.rehearsal_datasets, eval_sets, generation, dist_info.is_main)
 
     def run(self, strategy, step: int) -> tuple[dict, list[dict]]:
         """(eval/<dataset>/<metric> values, the generated answers); collective."""

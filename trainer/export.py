@@ -18,6 +18,7 @@ import torch
 from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints, read_mark
 from trainer.config import Config, load_config
 from trainer.errors import UserError
+from trainer.parallel import strategy_for_format
 
 log = logging.getLogger("finetrain")
 
@@ -48,7 +49,7 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     cfg = load_config(checkpoint / "config.yaml", check_files=False)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
     model = build_model(cfg, tokenizer, attention="sdpa")
-    load_model_weights(checkpoint, mark, model)
+    strategy_for_format(mark["format"]).load_weights(checkpoint, model)
     if merge:
         if not is_peft_model(model):
             raise UserError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
@@ -76,30 +77,3 @@ def dequantized_copy(model: torch.nn.Module, cfg: Config, tokenizer) -> torch.nn
     plain = build_model(plain_cfg, tokenizer, attention="sdpa")
     plain.load_state_dict(dequantized_state_dict(model, getattr(torch, cfg.model.dtype)), strict=True)
     return plain
-
-
-def load_model_weights(checkpoint: Path, mark: dict, model: torch.nn.Module) -> None:
-    """Load the trained weights of `checkpoint` into a freshly built (unwrapped) model, in one process."""
-    if mark["format"] == "deepspeed":
-        from trainer.parallel.zero import consolidated_state_dict
-
-        state = consolidated_state_dict(checkpoint)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        frozen_ok = [k for k in missing if not _is_trainable(model, k)]
-        if unexpected or len(missing) != len(frozen_ok):
-            raise UserError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-    from trainer.quantization import quantized_linears, without_quantized_weights
-
-    state = {"model": without_quantized_weights(model, get_model_state_dict(model))}
-    dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
-    # Only the frozen 4-bit weights (rebuilt from model.path) may be absent from the checkpoint.
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not quantized_linears(model)))
-
-
-def _is_trainable(model: torch.nn.Module, key: str) -> bool:
-    params = dict(model.named_parameters())
-    return key in params and params[key].requires_grad

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config
-from trainer.data import held_out_conversations
+from trainer.data.loader import held_out_conversations
 from trainer.task_metrics import answer_scores, mean_answer_scores
 
 log = logging.getLogger("finetrain")
@@ -136,12 +136,12 @@ class HeldOutGeneration:
         self.stop_ids = stop_token_ids(tokenizer)
 
     @classmethod
-    def from_config(cls, cfg: Config, tokenizer, rank: int) -> "HeldOutGeneration | None":
+    def from_config(cls, cfg: Config, tokenizer, rank: int, data=None) -> "HeldOutGeneration | None":
         count = cfg.data.eval.generate
         if not count:
             return None
         prompts = []
-        for name, conversations in held_out_conversations(cfg, tokenizer, count).items():
+        for name, conversations in held_out_conversations(cfg, tokenizer, count, data).items():
             split = [s for s in map(split_last_answer, conversations) if s is not None]
             if len(split) < count and rank == 0:
                 log.warning("data.eval.generate: %s has %d held-out conversations with a prompt that fit "

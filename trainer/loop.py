@@ -19,15 +19,18 @@ import time
 import torch
 
 from trainer.checkpoint import Checkpointer, seed_step
-from trainer.config import Config, cache_root, dataset_name, dump_yaml
-from trainer.errors import ConfigError
-from trainer.data import build_train_loader, describe_batch, training_texts
+from trainer.config import Config, cache_root, dataset_name, dump_yaml, load_config
+from trainer.data.collate import describe_batch
+from trainer.data.loader import RunData, build_train_loader, training_texts
 from trainer.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
+from trainer.errors import ConfigError, UserError
 from trainer.evaluate import Evaluator, to_device
 from trainer.loss import forward_summed_loss
 from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops, run_description
-from trainer.models import build_model, load_tokenizer, parameter_counts, resolve_attention
-from trainer.parallel import build_strategy, checked_strategy
+from trainer.models import build_model, load_tokenizer, parameter_counts
+from trainer.optim import set_schedule_step
+from trainer.parallel import build_strategy
+from trainer.plan import plan_run, resume_changes
 from trainer.summary import RunSummary
 
 log = logging.getLogger("finetrain")
@@ -77,16 +80,6 @@ def total_steps(cfg: Config, loader) -> int:
     return max(1, math.ceil(cfg.train.epochs * loader.steps_per_epoch()))
 
 
-def accumulation_steps(cfg: Config, world_size: int) -> int:
-    rows_per_pass = cfg.train.micro_batch_size * world_size
-    if cfg.train.global_batch_size % rows_per_pass:
-        raise ConfigError(
-            f"train.global_batch_size: {cfg.train.global_batch_size} rows per step do not split into micro-batches "
-            f"of {cfg.train.micro_batch_size} on {world_size} ranks; use a multiple of {rows_per_pass}"
-        )
-    return cfg.train.global_batch_size // rows_per_pass
-
-
 def train_step(strategy, batches: list, task: str) -> dict:
     """One optimizer step over this rank's micro-batches; returns global sums."""
     device = strategy.dist.device
@@ -129,36 +122,36 @@ class Trainer:
         self.debug = debug
         self.dist = dist_info = init_distributed()
         world = dist_info.world_size
-        self.summary = RunSummary(cfg, dist_info.is_main)  # wall time counts from here
-        # What the config decides about the layout, checked before anything heavy starts.
-        self.strategy_name, self.accum, self.attention = agree(lambda: (
-            checked_strategy(cfg, world), accumulation_steps(cfg, world), resolve_attention(cfg.model, dist_info.device)))
+        # What the run decides once, checked before anything heavy starts (as `finetrain train` did).
+        self.plan = plan = agree(lambda: plan_run(cfg, world, dist_info.device.type))
+        self.summary = RunSummary(cfg, plan.rehearsal_datasets, dist_info.is_main)  # wall time counts from here
         if debug:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.run.seed)
 
         # Rank 0 first: it may train or convert the tokenizer and fill the data cache.
         self.tokenizer = main_first(lambda: load_tokenizer(cfg, lambda: training_texts(cfg)))
-        self.loader = agree(lambda: build_train_loader(cfg, self.tokenizer, self.attention, dist_info.rank, world))
-        self.evaluator = agree(lambda: Evaluator.from_config(cfg, self.tokenizer, self.attention, dist_info))
+        self.data = agree(lambda: RunData.load(cfg, self.tokenizer))
+        self.loader = build_train_loader(cfg, self.tokenizer, plan.attention, dist_info.rank, world, self.data)
+        self.evaluator = agree(lambda: Evaluator.from_config(cfg, plan, self.tokenizer, self.data, dist_info))
         self.total_steps = agree(lambda: total_steps(cfg, self.loader))
 
-        self.strategy = agree(lambda: build_strategy(cfg, dist_info))
-        model = agree(lambda: self.strategy.build_model(lambda: build_model(cfg, self.tokenizer, self.attention)))
+        self.strategy = agree(lambda: build_strategy(cfg, dist_info, plan))
+        model = agree(lambda: self.strategy.build_model(lambda: build_model(cfg, self.tokenizer, plan.attention)))
         trainable, self.num_params = parameter_counts(model)
         agree(lambda: self.strategy.setup(model, self.total_steps))
         log.info("strategy %s on %d rank(s), attention %s, %d micro-batch(es) of %d per step, %d steps; "
-                 "%s of %s parameters trainable", self.strategy_name, world, self.attention,
-                 self.accum, cfg.train.micro_batch_size, self.total_steps, f"{trainable:,}", f"{self.num_params:,}")
+                 "%s of %s parameters trainable", plan.strategy, world, plan.attention,
+                 plan.accumulation, cfg.train.micro_batch_size, self.total_steps, f"{trainable:,}", f"{self.num_params:,}")
 
         self.dataset_names = [dataset_name(ds) for ds in cfg.data.datasets]
-        self.checkpointer = Checkpointer(cfg, dist_info, self.strategy_name)
+        self.checkpointer = Checkpointer(cfg, dist_info, plan)
         self.step = 0
         self.counts = torch.zeros(2 + 2 * len(self.dataset_names), dtype=torch.float64)
         self.checkpoint = None  # the newest checkpoint this run resumed from or wrote
         wandb_run_id = agree(self.resume)
         self.start_step = self.step
-        description = run_description(cfg, self.strategy_name, world, trainable, self.num_params,
+        description = run_description(cfg, plan.strategy, world, trainable, self.num_params,
                                       self.loader.dataset_examples) if dist_info.is_main else None
         self.metrics = agree(lambda: MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id,
                                                    description))
@@ -166,15 +159,26 @@ class Trainer:
             (cfg.output_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     def resume(self) -> str | None:
-        """Continue from the checkpoint `checkpoint.resume` names, if any; returns its W&B run id."""
+        """Continue from the checkpoint `checkpoint.resume` names, if any; returns its W&B run id.
+        Keys changed since the checkpoint take effect from the first resumed step (the learning
+        rate follows this run's schedule), or the resume is refused naming those that cannot."""
         resume_from = self.checkpointer.resume_path()
         if resume_from is None:
             return None
+        try:
+            saved = load_config(resume_from / "config.yaml", check_files=False)
+        except ConfigError as err:
+            raise UserError(f"{resume_from / 'config.yaml'}: {str(err).splitlines()[0]}") from None
+        changes = resume_changes(saved, self.cfg)
         state = self.checkpointer.load(resume_from, self.strategy)
         self.loader.load_state_dict(state["loader"])
         self.step, self.counts = state["step"], state["counts"]
         self.evaluator.forgetting.load_state_dict(state["forgetting"])
         self.summary.load_state_dict(state["summary"])
+        set_schedule_step(self.strategy.optimizer, self.strategy.scheduler, self.cfg.optim, self.step)
+        if changes and self.dist.is_main:
+            log.info("resuming %s at step %d with %d key(s) changed since it was saved (in effect from step %d):\n  %s",
+                     resume_from, self.step, len(changes), self.step + 1, "\n  ".join(changes))
         self.checkpoint = resume_from
         return state["wandb_run_id"]
 
@@ -200,7 +204,7 @@ class Trainer:
             while self.step < self.total_steps:
                 seed_step(cfg.run.seed, self.step, self.dist.rank)
                 with StepTimer(self.dist.device) as data_timer:
-                    batches = self.loader.next_step(self.accum)
+                    batches = self.loader.next_step(self.plan.accumulation)
                 if self.debug and self.step == self.start_step and self.dist.is_main:
                     print(describe_batch(batches[0], self.tokenizer), flush=True)
                 with StepTimer(self.dist.device) as compute_timer:

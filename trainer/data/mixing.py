@@ -16,6 +16,12 @@ import numpy as np
 from trainer.errors import ConfigError
 
 
+def primary_index(weights: list[float]) -> int:
+    """The primary data set, the task: the largest weight, the first of equals. An epoch is one
+    pass over it; every other data set is rehearsal, mixed in at its weight."""
+    return max(range(len(weights)), key=lambda i: (weights[i], -i))
+
+
 class MixingSchedule:
     """Which data set supplies the next example."""
 

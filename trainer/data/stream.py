@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.errors import ConfigError
-from trainer.data.mixing import DatasetOrder, MixingSchedule
+from trainer.data.mixing import DatasetOrder, MixingSchedule, primary_index
 from trainer.data.packing import Piece, RowPacker, split_example
 from trainer.data.tokenized import TokenizedDataset
 
@@ -100,7 +100,7 @@ class GlobalStream:
         self.packing = packing
         self.schedule = MixingSchedule(weights, mix_by)
         self.orders = [DatasetOrder(ds.examples, seed, ds.name) for ds in datasets]
-        self.primary = max(range(len(weights)), key=lambda i: (weights[i], -i))
+        self.primary = primary_index(weights)
         self.capacity = buffer_size if packing else 1
         self.packer = RowPacker(seq_len, PACK_MAX_WAIT)
         self.queue: collections.deque[Piece] = collections.deque()  # unpacked rows, in order

@@ -1,80 +1,78 @@
-"""Parallel strategies behind one interface (see base.py); `build_strategy` picks one.
+"""The registry of parallel strategies: each module of this package is one strategy, which
+describes itself (trainer/parallel/base.py); nothing outside this package names one.
 
-Every key of `parallel.*` either works on the chosen strategy or is refused here,
-before a model is built, with a message that says what to set instead.
+Adding a strategy: a module with a `Strategy` subclass declaring its `names`,
+`checkpoint_format`, `supports`, `memory` and `load_weights`, listed in STRATEGY_CLASSES.
 """
 
 from __future__ import annotations
 
 from trainer.config import Config
-
-from trainer.errors import ConfigError
 from trainer.distributed import DistInfo
-from trainer.parallel.base import Strategy
+from trainer.errors import ConfigError
+from trainer.parallel.base import MULTI_PROCESS, Strategy, requested
+from trainer.parallel.ddp import DDPStrategy
+from trainer.parallel.fsdp import FSDPStrategy
+from trainer.parallel.single import SingleDevice
+from trainer.parallel.zero import Zero1, Zero2, Zero3
 
-SHARDED = ("fsdp", "zero1", "zero2", "zero3")
+STRATEGY_CLASSES: tuple[type[Strategy], ...] = (SingleDevice, DDPStrategy, FSDPStrategy, Zero1, Zero2, Zero3)
+REGISTRY: dict[str, type[Strategy]] = {name: cls for cls in STRATEGY_CLASSES for name in cls.names}
+# `parallel.strategy: auto`: one process trains as it would alone; more shard the model.
+AUTO = {False: SingleDevice.names[0], True: FSDPStrategy.names[0]}
+
+
+def strategy_names() -> list[str]:
+    return list(REGISTRY)
 
 
 def resolve_strategy(cfg: Config, world_size: int) -> str:
-    """`auto` is fsdp on more than one process, single on one."""
+    """The strategy name a config means on `world_size` ranks (`auto` resolved)."""
     if cfg.parallel.strategy == "auto":
-        return "fsdp" if world_size > 1 else "single"
+        return AUTO[world_size > 1]
     return cfg.parallel.strategy
 
 
-def check_strategy(cfg: Config, name: str, world_size: int) -> None:
-    """Refuse a combination of keys that the strategy `name` cannot honour."""
-    par = cfg.parallel
-    picked = f"parallel.strategy {name}" + (" (picked by auto)" if par.strategy == "auto" else "")
-    if name == "single" and world_size > 1:
-        raise ConfigError(f"{picked} runs on one process, but the world has {world_size}; use ddp, fsdp or zero1-3")
-    if par.offload == "optimizer" and name not in SHARDED:
-        raise ConfigError(f"parallel.offload optimizer: {picked} keeps the whole optimizer on the device; "
-                         "use fsdp or zero1-3 (both also run on one device)")
-    if par.offload == "params" and name not in ("fsdp", "zero3"):
-        raise ConfigError(f"parallel.offload params: {picked} does not shard parameters; use fsdp or zero3")
-    if not par.reshard_after_forward and name == "zero3":
-        raise ConfigError("parallel.reshard_after_forward false: zero3 always re-partitions parameters after "
-                         "forward; use zero2 (or fsdp) to keep them gathered")
-    if par.replicate > 1:
-        if name != "fsdp":
-            raise ConfigError(f"parallel.replicate: HSDP ({par.replicate} replicas) needs parallel.strategy fsdp; "
-                              f"{picked} cannot replicate shard groups")
-        if world_size % par.replicate:
-            raise ConfigError(f"parallel.replicate: {par.replicate} replicas do not divide the world of "
-                              f"{world_size} ranks into equal shard groups")
-    if cfg.checkpoint.async_ and name.startswith("zero"):
-        raise ConfigError(f"checkpoint.async: {picked} writes DeepSpeed's own checkpoint files, which it does "
-                          "synchronously; use fsdp (or ddp, single) for background saves, or checkpoint.async=false")
-    if cfg.model.quantization != "none" and name.startswith("zero"):
-        raise ConfigError(f"model.quantization {cfg.model.quantization}: {picked} saves the 4-bit base with "
-                          "bitsandbytes' quantization state in DeepSpeed's checkpoint, which DeepSpeed's loader "
-                          "refuses, so the run could not resume; use fsdp (shards the 4-bit base), ddp or single")
-    if par.deepspeed_config and not name.startswith("zero"):
-        raise ConfigError(f"parallel.deepspeed_config: only read by zero1-3, not by {picked}")
+def strategy_problems(cfg: Config, name: str, world_size: int) -> list[str]:
+    """Why strategy `name` cannot run `cfg` on `world_size` ranks, one line per key (none: it can)."""
+    if name not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return [f"parallel.strategy: {name!r} is not one of auto, {', '.join(REGISTRY)}{hint}"]
+    cls = REGISTRY[name]
+    who = name + (" (picked by auto)" if cfg.parallel.strategy == "auto" else "")
+    problems = []
+    for capability in requested(cfg, world_size):
+        if capability in cls.supports:
+            continue
+        able = [other for other, other_cls in REGISTRY.items() if capability in other_cls.supports]
+        why = cls.why_not.get(capability, "cannot honour it")
+        if capability == MULTI_PROCESS:
+            line = f"parallel.strategy: {who} {why}, but the world has {world_size} ranks"
+        else:
+            line = f"{capability}: parallel.strategy {who} {why}"
+        problems.append(line + (f"; use {one_of(able)}" if able else ""))
+    return problems + cls.config_problems(cfg, world_size)
 
 
-def checked_strategy(cfg: Config, world_size: int) -> str:
-    """The strategy the run uses; ConfigError when the config asks what it cannot do."""
-    name = resolve_strategy(cfg, world_size)
-    check_strategy(cfg, name, world_size)
-    return name
+def one_of(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def build_strategy(cfg: Config, dist_info: DistInfo) -> Strategy:
-    name = checked_strategy(cfg, dist_info.world_size)
-    if name == "single":
-        from trainer.parallel.single import SingleDevice
+def strategy_class(name: str) -> type[Strategy]:
+    return REGISTRY[name]
 
-        return SingleDevice(cfg, dist_info)
-    if name == "ddp":
-        from trainer.parallel.ddp import DDPStrategy
 
-        return DDPStrategy(cfg, dist_info)
-    if name == "fsdp":
-        from trainer.parallel.fsdp import FSDPStrategy
+def strategy_for_format(checkpoint_format: str) -> type[Strategy]:
+    """The strategy class that reads checkpoints of `checkpoint_format` (export)."""
+    for cls in STRATEGY_CLASSES:
+        if cls.checkpoint_format == checkpoint_format:
+            return cls
+    raise ConfigError(f"checkpoint format {checkpoint_format!r} is not one finetrain writes "
+                      f"({', '.join(sorted({c.checkpoint_format for c in STRATEGY_CLASSES}))})")
 
-        return FSDPStrategy(cfg, dist_info)
-    from trainer.parallel.zero import ZeroStrategy
 
-    return ZeroStrategy(cfg, dist_info)
+def build_strategy(cfg: Config, dist_info: DistInfo, plan) -> Strategy:
+    return REGISTRY[plan.strategy](cfg, dist_info, plan)

@@ -1,9 +1,15 @@
-"""The one small interface every parallel strategy implements.
+"""The one small interface every parallel strategy implements, and how a strategy describes itself.
 
 The loop only ever talks to a `Strategy`: it builds the model through it, runs
 forward through `strategy.model`, calls `backward` on the step-normalised loss,
 `no_sync` around every micro-batch but the last, and `step` once per optimizer
 step. Checkpoint files and HF export go through `save`/`load`/`full_state_dict`.
+
+A strategy also says, as class attributes, which `parallel.strategy` names it serves,
+what its checkpoints hold and which keys it honours (`supports`, with `why_not` for the
+ones it refuses); the registry (`trainer/parallel/__init__.py`) turns that into the run
+plan's refusals. `memory` is its per-device memory for `finetrain estimate`, and
+`load_weights` is how export reads its checkpoints in one process.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -19,16 +25,74 @@ from torch import nn
 from trainer.config import Config
 from trainer.distributed import DistInfo
 
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from trainer.plan import RunPlan
+
+
+# What a config may ask of a strategy, beyond plain data-parallel training.
+MULTI_PROCESS = "more than one rank"
+OFFLOAD_OPTIMIZER = "parallel.offload optimizer"
+OFFLOAD_PARAMS = "parallel.offload params"
+REPLICATE = "parallel.replicate"  # HSDP
+KEEP_GATHERED = "parallel.reshard_after_forward false"
+ASYNC_SAVE = "checkpoint.async"
+QUANTIZATION = "model.quantization"
+COMPILE = "train.compile"
+DEEPSPEED_CONFIG = "parallel.deepspeed_config"
+
+
+def requested(cfg: Config, world_size: int) -> list[str]:
+    """The capabilities `cfg` asks of its strategy on `world_size` ranks."""
+    par = cfg.parallel
+    asked = {
+        MULTI_PROCESS: world_size > 1,
+        OFFLOAD_OPTIMIZER: par.offload == "optimizer",
+        OFFLOAD_PARAMS: par.offload == "params",
+        REPLICATE: par.replicate > 1,
+        KEEP_GATHERED: not par.reshard_after_forward,
+        ASYNC_SAVE: cfg.checkpoint.async_,
+        QUANTIZATION: cfg.model.quantization != "none",
+        COMPILE: cfg.train.compile,
+        DEEPSPEED_CONFIG: bool(par.deepspeed_config),
+    }
+    return [capability for capability, wanted in asked.items() if wanted]
+
 
 class Strategy(ABC):
-    name: str = ""
+    names: tuple[str, ...] = ()  # the values of parallel.strategy it serves
+    checkpoint_format: str = "dcp"  # what its checkpoints hold; the COMPLETE mark records it
+    supports: frozenset = frozenset()  # capabilities it honours (see `requested`)
+    why_not: dict[str, str] = {}  # capability -> why it is refused (default: "cannot honour it")
 
-    def __init__(self, cfg: Config, dist_info: DistInfo):
+    def __init__(self, cfg: Config, dist_info: DistInfo, plan: "RunPlan"):
         self.cfg = cfg
         self.dist = dist_info
+        self.plan = plan
+        self.name = plan.strategy
         self.model: nn.Module | None = None  # wrapped model; call it for forward
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
+
+    @classmethod
+    def config_problems(cls, cfg: Config, world_size: int) -> list[str]:
+        """Refusals that its declared capabilities cannot express (e.g. a mesh that does not divide)."""
+        return []
+
+    @classmethod
+    @abstractmethod
+    def memory(cls, name: str, shape, acts: int, cfg: Config, world: int) -> dict:
+        """Per-device bytes on `world` devices (trainer/estimate.py): `params` (including
+        `gathered`, the weights all-gathered for compute at the busiest moment), `grads`,
+        `optimizer`, `host` (what offload keeps in host memory instead) and `saved` (the
+        bytes of this rank's checkpointed state)."""
+
+    @classmethod
+    @abstractmethod
+    def load_weights(cls, checkpoint: Path, model: nn.Module) -> None:
+        """Load the trained weights of one of its checkpoints into a freshly built (unwrapped)
+        model, in one process (export)."""
 
     # ------------------------------------------------------------------ set-up
     def build_model(self, make_model: Callable[[], nn.Module]) -> nn.Module:
@@ -41,7 +105,7 @@ class Strategy(ABC):
 
     # ------------------------------------------------------------------ train step
     def compute_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.cfg.parallel.mixed_precision == "bf16" else torch.float32
+        return self.plan.compute_dtype
 
     def autocast(self):
         """Mixed-precision context for forward (strategies that cast params themselves return nullcontext)."""
@@ -73,11 +137,11 @@ class Strategy(ABC):
     # ------------------------------------------------------------------ state
     @abstractmethod
     def save(self, path: Path) -> None:
-        """Write model + optimizer + scheduler state into folder `path` (collective)."""
+        """Write model + optimizer state into folder `path` (collective)."""
 
-    def save_async(self, path: Path, writer) -> "concurrent.futures.Future":
+    def save_async(self, path: Path, writer) -> "Future":
         """Like `save`, but return once the state is copied aside; the future completes when
-        this rank's files are written. Only strategies that save through DCP have it."""
+        this rank's files are written. Only strategies that support ASYNC_SAVE have it."""
         raise NotImplementedError(f"{self.name} saves synchronously")
 
     @abstractmethod

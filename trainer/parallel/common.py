@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -19,7 +20,7 @@ from trainer.compile import compile_decoder_layers
 from trainer.config import Config
 from trainer.errors import ConfigError
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.parallel.base import Strategy
+from trainer.parallel.base import ASYNC_SAVE, COMPILE, KEEP_GATHERED, MULTI_PROCESS, QUANTIZATION, Strategy
 from trainer.quantization import quantized_linears, without_quantized_weights
 
 
@@ -48,12 +49,11 @@ def apply_layer_options(model: nn.Module, cfg: Config, device: torch.device) -> 
         compile_decoder_layers(model, device)
 
 
-def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
-    """Model and optimizer as a DCP checkpoint (sharded when the model is), scheduler alongside."""
+def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer as a DCP checkpoint (sharded when the model is). The learning-rate
+    schedule is not saved: it is a function of the step and the config (trainer/optim.py)."""
     model_sd, optim_sd = checkpointed_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        torch.save(scheduler.state_dict(), path / "scheduler.pt")
 
 
 class BackgroundWriter:
@@ -81,26 +81,29 @@ class BackgroundWriter:
         self.stager.close()
 
 
-def dcp_save_async(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                   writer: BackgroundWriter):
+def dcp_save_async(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, writer: BackgroundWriter):
     """dcp_save whose write goes on in a background thread: the state is copied to host memory
     before this returns (training may then change it), the files are written from that copy."""
     model_sd, optim_sd = checkpointed_state(model, optimizer)
-    future = writer.save({"model": model_sd, "optim": optim_sd}, path / "dcp")
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        torch.save(scheduler.state_dict(), path / "scheduler.pt")
-    return future
+    return writer.save({"model": model_sd, "optim": optim_sd}, path / "dcp")
 
 
-def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
-    """Inverse of dcp_save; DCP reshards, so the world size may differ from the saver's."""
-    model_sd, optim_sd = checkpointed_state(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Inverse of dcp_save; DCP reshards, so the world size may differ from the saver's. Without
+    an optimizer only the model's weights are read (export, in one process)."""
+    if optimizer is None:
+        state = {"model": without_quantized_weights(model, get_model_state_dict(model))}
+    else:
+        model_sd, optim_sd = checkpointed_state(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path / "dcp"))
     # Only the frozen 4-bit weights (rebuilt from model.path) may be absent from the checkpoint.
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=not quantized_linears(model)))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    options = StateDictOptions(strict=not quantized_linears(model))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"], options=options)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)
 
 
 def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,6 +124,24 @@ def clip_and_norm(parameters, max_norm: float) -> float:
 class TorchStrategy(Strategy):
     """single, ddp and fsdp: a torch optimizer over the (possibly sharded) parameters,
     gradients clipped DTensor-aware, state in DCP. Subclasses wrap the model in `setup`."""
+
+    checkpoint_format = "dcp"
+    supports = frozenset({MULTI_PROCESS, ASYNC_SAVE, QUANTIZATION, COMPILE, KEEP_GATHERED})
+
+    @classmethod
+    def memory(cls, name: str, shape, acts: int, cfg: Config, world: int) -> dict:
+        """A whole replica per rank: weights, gradients and AdamW moments, unsharded."""
+        from trainer.estimate import ADAM_MOMENTS, element_sizes
+
+        size = element_sizes(shape, cfg)
+        params = (shape.total - size.quantized) * size.master + size.packed + size.constants
+        moments = ADAM_MOMENTS * shape.trainable * size.master
+        return {"params": params, "gathered": 0, "grads": shape.trainable * size.master, "optimizer": moments,
+                "host": 0, "saved": params + moments}
+
+    @classmethod
+    def load_weights(cls, checkpoint: Path, model: nn.Module) -> None:
+        dcp_load(checkpoint, model)
 
     def build_optimizer(self, model: nn.Module, total_steps: int) -> None:
         self.optimizer = build_optimizer(model, self.cfg.optim)
@@ -143,13 +164,13 @@ class TorchStrategy(Strategy):
         return norm
 
     def save(self, path: Path) -> None:
-        dcp_save(path, self.unwrapped_model(), self.optimizer, self.scheduler)
+        dcp_save(path, self.unwrapped_model(), self.optimizer)
 
     def save_async(self, path: Path, writer: BackgroundWriter):
-        return dcp_save_async(path, self.unwrapped_model(), self.optimizer, self.scheduler, writer)
+        return dcp_save_async(path, self.unwrapped_model(), self.optimizer, writer)
 
     def load(self, path: Path) -> None:
-        dcp_load(path, self.unwrapped_model(), self.optimizer, self.scheduler)
+        dcp_load(path, self.unwrapped_model(), self.optimizer)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return gathered_model_state(self.unwrapped_model())

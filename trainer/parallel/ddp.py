@@ -5,11 +5,14 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.parallel.base import OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS
 from trainer.parallel.common import TorchStrategy, apply_layer_options
 
 
 class DDPStrategy(TorchStrategy):
-    name = "ddp"
+    names = ("ddp",)
+    why_not = {OFFLOAD_OPTIMIZER: "keeps the whole optimizer on the device",
+               OFFLOAD_PARAMS: "does not shard parameters"}
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         model.to(self.dist.device)

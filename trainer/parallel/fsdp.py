@@ -20,20 +20,62 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from trainer.config import Config
 from trainer.models import decoder_layers
+from trainer.parallel.base import KEEP_GATHERED, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, REPLICATE
 from trainer.parallel.common import TorchStrategy, apply_layer_options
 
 log = logging.getLogger("finetrain")
 
 
 class FSDPStrategy(TorchStrategy):
-    name = "fsdp"
+    names = ("fsdp",)
+    supports = TorchStrategy.supports | {OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, REPLICATE, KEEP_GATHERED}
+
+    @classmethod
+    def config_problems(cls, cfg: Config, world_size: int) -> list[str]:
+        replicas = cfg.parallel.replicate
+        if world_size % replicas:
+            return [f"parallel.replicate: {replicas} replicas do not divide the world of {world_size} ranks "
+                    "into equal shard groups"]
+        return []
+
+    @classmethod
+    def memory(cls, name: str, shape, acts: int, cfg: Config, world: int) -> dict:
+        """Weights, gradients and moments sharded over the shard group (world/R with HSDP), plus
+        the units gathered at a time in the compute dtype: the root and the head from the end of
+        forward into backward, decoder layers two at a time (the one running, the one prefetched)
+        or all of them when not resharded after forward; gradients unsharded one unit at a time
+        (plus the root's, reduced last). `offload` puts the shards in host memory."""
+        from trainer.estimate import ADAM_MOMENTS, element_sizes
+
+        size = element_sizes(shape, cfg)
+        group = max(1, world // cfg.parallel.replicate)
+        shard_params = math.ceil((shape.total - size.quantized) / group) * size.master \
+            + math.ceil(size.packed / group) + size.constants
+        shard_grads = math.ceil(shape.trainable / group) * size.master
+        shard_moments = ADAM_MOMENTS * shard_grads
+
+        def unsharded(unit) -> int:
+            return (unit.total - unit.quantized) * size.compute + math.ceil(unit.quantized / 2)
+
+        layers = 2 if cfg.parallel.reshard_after_forward else shape.layers
+        gathered = unsharded(shape.root) + unsharded(shape.head) + layers * unsharded(shape.layer)
+        largest = max(shape.layer.trainable, shape.head.trainable, shape.embedding.trainable)
+        gathered_grads = (shape.root.trainable + largest) * size.compute
+        row = {"gathered": gathered, "saved": shard_params + shard_moments}
+        if cfg.parallel.offload != "none":
+            return {**row, "params": gathered, "grads": gathered_grads, "optimizer": 0,
+                    "host": shard_params + shard_grads + shard_moments}
+        return {**row, "params": shard_params + gathered, "grads": shard_grads + gathered_grads,
+                "optimizer": shard_moments, "host": 0}
 
     def mixed_precision_policy(self) -> MixedPrecisionPolicy:
         """bf16 compute and all-gathers; gradients reduced in fp32, master weights untouched."""
@@ -45,10 +87,10 @@ class FSDPStrategy(TorchStrategy):
         """1-D over all ranks; with `parallel.replicate` R > 1 a 2-D (replicate, shard) mesh, on
         which fully_shard shards within each group of world/R ranks and replicates across the
         R groups (HSDP): gradients are reduce-scattered in the group, then all-reduced across."""
-        replicas = self.cfg.parallel.replicate
-        if replicas == 1:
-            return init_device_mesh(self.dist.device.type, (self.dist.world_size,))
-        return init_device_mesh(self.dist.device.type, (replicas, self.dist.world_size // replicas),
+        mesh = self.plan.mesh
+        if mesh.replicate == 1:
+            return init_device_mesh(self.dist.device.type, (mesh.shard,))
+        return init_device_mesh(self.dist.device.type, (mesh.replicate, mesh.shard),
                                 mesh_dim_names=("replicate", "shard"))
 
     def offload_policy(self) -> OffloadPolicy:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -28,10 +29,11 @@ from torch import nn
 
 from trainer.config import Config, cache_root
 
-from trainer.errors import ConfigError, UserError
 from trainer.distributed import DistInfo, barrier
-from trainer.optim import build_optimizer, build_scheduler, parameter_groups
-from trainer.parallel.base import Strategy
+from trainer.errors import ConfigError, UserError
+from trainer.optim import build_optimizer, build_scheduler, trainable_groups
+from trainer.parallel.base import (ASYNC_SAVE, COMPILE, DEEPSPEED_CONFIG, KEEP_GATHERED, MULTI_PROCESS,
+                                   OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, QUANTIZATION, Strategy)
 from trainer.parallel.common import apply_layer_options
 
 log = logging.getLogger("finetrain")
@@ -51,17 +53,6 @@ def extensions_dir(cfg: Config) -> Path:
     return cache_root(cfg) / "torch_extensions"
 
 
-def model_hidden_size(cfg: Config) -> int | None:
-    """The model's hidden size, read from model.config or the folder's config.json."""
-    if cfg.model.config is not None:
-        return cfg.model.config.get("hidden_size")
-    from transformers import AutoConfig
-
-    from trainer.models import resolve_model_path
-
-    return getattr(AutoConfig.from_pretrained(resolve_model_path(cfg.model.path)), "hidden_size", None)
-
-
 def bucket_elements(hidden_size: int) -> int:
     """Gradient reduction bucket: hidden^2 elements (as transformers' "auto" sizes it).
     DeepSpeed's default, 5e8 elements, allocates gigabytes even for a small model."""
@@ -73,9 +64,8 @@ def persistence_threshold(hidden_size: int) -> int:
     return 10 * hidden_size
 
 
-def generated_config(cfg: Config, world_size: int, hidden_size: int | None) -> dict:
+def generated_config(cfg: Config, stage: int, world_size: int, hidden_size: int | None) -> dict:
     """The DeepSpeed config that finetrain's keys (and the model's width) imply."""
-    stage = int(cfg.parallel.strategy.removeprefix("zero"))
     micro = cfg.train.micro_batch_size
     accumulation = max(1, cfg.train.global_batch_size // (micro * world_size))
     pin = torch.cuda.is_available()
@@ -102,9 +92,9 @@ def generated_config(cfg: Config, world_size: int, hidden_size: int | None) -> d
     }
 
 
-def deepspeed_config(cfg: Config, world_size: int, hidden_size: int | None) -> dict:
+def deepspeed_config(cfg: Config, stage: int, world_size: int, hidden_size: int | None) -> dict:
     """The generated config with `parallel.deepspeed_config` merged over it (key by key)."""
-    config = generated_config(cfg, world_size, hidden_size)
+    config = generated_config(cfg, stage, world_size, hidden_size)
     if not cfg.parallel.deepspeed_config:
         return config
     path = Path(cfg.parallel.deepspeed_config)
@@ -125,7 +115,7 @@ def deepspeed_config(cfg: Config, world_size: int, hidden_size: int | None) -> d
     if "zero_optimization" in user and user["zero_optimization"].get("stage", config["zero_optimization"]["stage"]) \
             != config["zero_optimization"]["stage"]:
         raise ConfigError(f"parallel.deepspeed_config: {path} sets zero_optimization.stage "
-                         f"{user['zero_optimization']['stage']}, but parallel.strategy is {cfg.parallel.strategy}")
+                         f"{user['zero_optimization']['stage']}, but the strategy is ZeRO stage {stage}")
     return _merge(config, user)
 
 
@@ -142,11 +132,24 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 class ZeroStrategy(Strategy):
-    def __init__(self, cfg: Config, dist_info: DistInfo):
-        super().__init__(cfg, dist_info)
-        self.name = cfg.parallel.strategy
-        self.stage = int(self.name.removeprefix("zero"))
-        self.ds_config = deepspeed_config(cfg, dist_info.world_size, model_hidden_size(cfg))
+    """DeepSpeed's engine at one ZeRO stage (the subclasses below)."""
+
+    stage = 0
+    checkpoint_format = "deepspeed"
+    supports = frozenset({MULTI_PROCESS, OFFLOAD_OPTIMIZER, DEEPSPEED_CONFIG})
+    why_not = {
+        ASYNC_SAVE: "writes DeepSpeed's own checkpoint files, which it does synchronously",
+        QUANTIZATION: "saves the 4-bit base with bitsandbytes' quantization state in DeepSpeed's checkpoint, which "
+                      "DeepSpeed's loader refuses, so the run could not resume",
+        OFFLOAD_PARAMS: "does not partition parameters",
+    }
+
+    def __init__(self, cfg: Config, dist_info: DistInfo, plan):
+        super().__init__(cfg, dist_info, plan)
+        from trainer.models import model_config
+
+        hidden_size = getattr(model_config(cfg), "hidden_size", None)
+        self.ds_config = deepspeed_config(cfg, self.stage, dist_info.world_size, hidden_size)
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir(cfg)))
         # DeepSpeed reads the rank layout from the environment, which a world of one
         # started without torchrun does not have.
@@ -198,9 +201,7 @@ class ZeroStrategy(Strategy):
             return build_optimizer(model, self.cfg.optim)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        groups = parameter_groups(model, self.cfg.optim.weight_decay)
-        if not groups:
-            raise ConfigError("peft.target_modules: the model has no trainable parameters (check peft.method and peft.target_modules)")
+        groups = trainable_groups(model, self.cfg.optim.weight_decay)
         o = self.cfg.optim
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
 
@@ -277,6 +278,80 @@ class ZeroStrategy(Strategy):
 
     def unwrapped_model(self) -> nn.Module:
         return self.engine.module
+
+
+    @classmethod
+    def memory(cls, name: str, shape, acts: int, cfg: Config, world: int) -> dict:
+        """Weights and gradients in the compute dtype (stage 3 partitions the weights, keeping
+        small ones whole on every rank, and gathers two layers at a time; stages 2-3 partition
+        the gradients) plus the reduction buckets, and the fp32 master copy and AdamW moments
+        partitioned over the ranks. `offload` moves those (and zero3 weights) to the host."""
+        from trainer.estimate import ADAM_MOMENTS, element_sizes
+
+        size = element_sizes(shape, cfg)
+        c = size.compute
+        offload = cfg.parallel.offload != "none"
+        bucket = bucket_elements(shape.hidden_size)
+        trainable_partition = sum(math.ceil(n / world) for n in shape.trainable_numels)
+        fp32_partition = 4 * trainable_partition
+        moments = ADAM_MOMENTS * fp32_partition
+        # ZeRO-3 computing in fp32 steps its weight partitions in place: no second copy.
+        master = 0 if cls.stage == 3 and c == 4 and not offload else fp32_partition
+        if cls.stage == 3:
+            partitioned = c * sum(math.ceil(n / world) for n in shape.numels)
+            persistent = c * sum(n for n in shape.numels if n < persistence_threshold(shape.hidden_size))
+            gathered = c * 2 * shape.layer.total  # the layer running and the one prefetched
+            weights = partitioned + persistent + gathered
+            grads = c * trainable_partition + c * bucket
+        else:
+            partitioned, gathered = 0, 0
+            weights = shape.total * c
+            reduced = shape.trainable * c if cls.stage == 1 else c * trainable_partition
+            grads = reduced + (4 if cls.stage == 1 else c) * bucket
+        row = {"params": weights, "gathered": gathered, "grads": grads, "optimizer": master + moments, "host": 0,
+               "saved": weights + master + moments}
+        if offload:
+            # The master copy, the moments and the fp32 gradient partition live on the host.
+            row.update(optimizer=0, host=2 * fp32_partition + moments)
+            if cfg.parallel.offload == "params":
+                row["params"] -= partitioned
+                row["host"] += partitioned
+        return row
+
+    @classmethod
+    def load_weights(cls, checkpoint: Path, model: nn.Module) -> None:
+        """The fp32 weights consolidated from the rank shards; frozen peft base weights may be
+        absent (the freshly built model has them from its base)."""
+        state = consolidated_state_dict(checkpoint)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        if unexpected or any(key in trainable for key in missing):
+            raise UserError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]})")
+
+
+class Zero1(ZeroStrategy):
+    names = ("zero1",)
+    stage = 1
+    supports = ZeroStrategy.supports | {COMPILE, KEEP_GATHERED}
+
+
+class Zero2(ZeroStrategy):
+    names = ("zero2",)
+    stage = 2
+    supports = ZeroStrategy.supports | {COMPILE, KEEP_GATHERED}
+
+
+class Zero3(ZeroStrategy):
+    names = ("zero3",)
+    stage = 3
+    supports = ZeroStrategy.supports | {OFFLOAD_PARAMS}
+    why_not = {
+        **ZeroStrategy.why_not,
+        COMPILE: "gathers parameters in hooks on every submodule of a decoder layer, which the compiled layer "
+                 "cannot hold (or set train.compile=false)",
+        KEEP_GATHERED: "always re-partitions parameters after forward",
+    }
 
 
 def saved_world_size(tag_dir: Path) -> int:

@@ -1,0 +1,242 @@
+"""The run plan: everything a run decides once, from the config and the world it runs on.
+
+`plan_run(cfg, world_size, device_type)` resolves the strategy (`auto` included) and its
+mesh, the gradient accumulation, the master and compute dtypes, the attention backend, the
+primary (task) and rehearsal data sets and the checkpoint format, and checks every rule
+that relates several keys: those of the model, the data and the batch layout here, those of
+a strategy as the strategy declares them (trainer/parallel/). It raises one `ConfigError`
+listing every problem. `finetrain train` calls it before any rank starts, with the world it
+is about to launch, and every rank calls it again with its own: the command refuses exactly
+what a rank would.
+
+`resume_changes` compares a checkpoint's config with the one resuming it: each changed key
+either takes effect (listed once at start-up) or, if the run cannot continue with it, is
+refused by name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from trainer.attention import MASKED_ATTENTION, VARLEN_ATTENTION
+from trainer.config import Config, dataset_name, to_dict
+from trainer.data.mixing import primary_index
+from trainer.errors import ConfigError
+from trainer.parallel import resolve_strategy, strategy_class, strategy_problems
+
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """How the ranks divide the work: `replicate` groups of `shard` ranks that shard one copy
+    of the model (HSDP when replicate > 1), each rank of a group holding `1/sequence` of
+    every row's tokens (sequence parallelism)."""
+
+    replicate: int
+    shard: int
+    sequence: int = 1
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks that read different rows."""
+        return self.replicate * self.shard // self.sequence
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    strategy: str
+    world_size: int
+    mesh: Mesh
+    accumulation: int  # micro-batches per optimizer step on each rank
+    master_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    attention: str
+    primary_dataset: str  # the task: the largest weight (the first of equals)
+    rehearsal_datasets: tuple[str, ...]  # every other training data set: the forgetting monitor's
+    checkpoint_format: str
+
+
+def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
+    """The plan of `cfg` on `world_size` ranks of `device_type` ("cuda" or "cpu"); raises a
+    ConfigError naming every key that cannot work together."""
+    strategy = resolve_strategy(cfg, world_size)
+    problems = [*model_problems(cfg), *data_problems(cfg), *evaluation_problems(cfg),
+                *strategy_problems(cfg, strategy, world_size)]
+    attention = None
+    try:
+        attention = resolve_attention(cfg, device_type)
+    except ConfigError as err:
+        problems.append(str(err))
+    mesh = Mesh(replicate=cfg.parallel.replicate, shard=max(1, world_size // cfg.parallel.replicate))
+    accumulation, batch_problem = _accumulation(cfg, mesh.data_parallel)
+    problems += batch_problem
+    if problems:
+        raise ConfigError("\n".join(problems))
+    names = [dataset_name(ds) for ds in cfg.data.datasets]
+    primary = primary_index([ds.weight for ds in cfg.data.datasets])
+    master = getattr(torch, cfg.model.dtype)
+    return RunPlan(
+        strategy=strategy, world_size=world_size, mesh=mesh, accumulation=accumulation, master_dtype=master,
+        compute_dtype=torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else master, attention=attention,
+        primary_dataset=names[primary], rehearsal_datasets=tuple(n for n in names if n != names[primary]),
+        checkpoint_format=strategy_class(strategy).checkpoint_format)
+
+
+def resolve_attention(cfg: Config, device_type: str) -> str:
+    """The attention backend to build the model with. `auto` takes FlashAttention-2 where it
+    can run (CUDA + flash_attn), since only it and the reference varlen kernel skip the
+    padding of packed rows; sdpa elsewhere (it isolates packed documents through a mask)."""
+    flash_attn = importlib.util.find_spec("flash_attn") is not None
+    fa2_ready = device_type == "cuda" and flash_attn
+    wanted = cfg.model.attention
+    if wanted == "auto":
+        return "flash_attention_2" if fa2_ready else "sdpa"
+    if wanted == "flash_attention_2" and not fa2_ready:
+        missing = [what for what, ok in (("a CUDA device", device_type == "cuda"), ("the flash_attn package", flash_attn))
+                   if not ok]
+        raise ConfigError(f"model.attention: flash_attention_2 needs {' and '.join(missing)} (this process runs on "
+                          f"{device_type}); use model.attention=auto or sdpa, or install finetrain[flash-attn] on a "
+                          "CUDA machine")
+    if cfg.data.packing and cfg.model.task == "causal_lm" and wanted not in VARLEN_ATTENTION + MASKED_ATTENTION:
+        raise ConfigError(f"data.packing: attention {wanted!r} has no document-isolated packed path; use one of "
+                          f"{', '.join(VARLEN_ATTENTION + MASKED_ATTENTION)}, or data.packing=false")
+    return wanted
+
+
+def _accumulation(cfg: Config, data_parallel: int) -> tuple[int, list[str]]:
+    t = cfg.train
+    problems = []
+    if t.global_batch_size % t.micro_batch_size:
+        problems.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                        f"train.micro_batch_size {t.micro_batch_size}")
+    elif t.global_batch_size % (t.micro_batch_size * data_parallel):
+        rows_per_pass = t.micro_batch_size * data_parallel
+        problems.append(f"train.global_batch_size: {t.global_batch_size} rows per step do not split into micro-batches "
+                        f"of {t.micro_batch_size} on {data_parallel} ranks; use a multiple of {rows_per_pass}")
+    if (t.max_steps is None) == (t.epochs is None):
+        problems.append("train: set exactly one of train.max_steps and train.epochs")
+    return max(1, t.global_batch_size // (t.micro_batch_size * data_parallel)), problems
+
+
+def model_problems(cfg: Config) -> list[str]:
+    m, problems = cfg.model, []
+    if (m.path is None) == (m.config is None):
+        problems.append("model: set model.path (a Hugging Face folder) or model.config (random init)"
+                        if m.path is None else "model: set only one of model.path and model.config")
+    if m.tokenizer is None and m.path is None:
+        problems.append("model.tokenizer: required with model.config (a tokenizer folder, or train-bpe)")
+    if m.tokenizer == "train-bpe" and "vocab_size" not in (m.config or {}):
+        problems.append("model.tokenizer: train-bpe needs model.config.vocab_size")
+    if m.dtype == "bfloat16" and cfg.parallel.mixed_precision == "fp32":
+        problems.append("model.dtype: bfloat16 master weights cannot compute in parallel.mixed_precision fp32")
+    if m.quantization != "none":
+        if m.config is not None:
+            problems.append(f"model.quantization: {m.quantization} quantizes pretrained weights as they load; set "
+                            "model.path (model.config is a random init, which has nothing to quantize)")
+        if cfg.peft.method == "none":
+            problems.append(f"model.quantization: {m.quantization} freezes the base in 4-bit, which cannot be "
+                            "trained; set peft.method (lora, dora, ia3, prompt_tuning or prefix_tuning)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"model.quantization: {m.quantization} needs the bitsandbytes package "
+                            "(pip install 'finetrain[qlora]')")
+    return problems
+
+
+def data_problems(cfg: Config) -> list[str]:
+    d, task, problems = cfg.data, cfg.model.task, []
+    if not d.datasets:
+        problems.append("data.datasets: at least one dataset is required")
+    seen = set()
+    for i, ds in enumerate(d.datasets):
+        key = f"data.datasets.{i}"
+        if not ds.path:
+            problems.append(f"{key}.path: required")
+        name = dataset_name(ds)
+        if name in seen:
+            problems.append(f"{key}.name: {name!r} is used twice (names key the metrics)")
+        seen.add(name)
+        problems += _format_problems(f"{key}.format", ds.format, cfg)
+    if d.eval.path and d.eval.fraction:
+        problems.append("data.eval: set path or fraction, not both")
+    if d.eval.path:
+        problems += _format_problems("data.eval.format", d.eval.format, cfg)
+    if d.packing and task == "sequence_classification":
+        problems.append("data.packing: not available for sequence_classification (one label per row); "
+                        "set data.packing=false")
+    if d.packing and cfg.peft.method == "prefix_tuning":
+        problems.append("data.packing: prefix tuning feeds its prefix as a KV cache, which every packed document "
+                        "would attend to across boundaries; set data.packing=false")
+    if d.packing and cfg.peft.method == "prompt_tuning":
+        problems.append("data.packing: prompt tuning prepends its virtual tokens once per row and drops position_ids, "
+                        "so packed documents would not be isolated; set data.packing=false")
+    return problems
+
+
+def _format_problems(key: str, fmt: str, cfg: Config) -> list[str]:
+    """A data format against the task and the tokenizer."""
+    classification = cfg.model.task == "sequence_classification"
+    if classification and fmt != "classification":
+        return [f"{key}: model.task sequence_classification needs format classification, got {fmt}"]
+    if not classification and fmt == "classification":
+        return [f"{key}: classification data needs model.task: sequence_classification"]
+    if fmt == "tokenized" and cfg.model.tokenizer == "train-bpe":
+        return [f"{key}: tokenized data needs the tokenizer it was tokenized with (model.tokenizer or model.path), "
+                "not train-bpe"]
+    return []
+
+
+def evaluation_problems(cfg: Config) -> list[str]:
+    d = cfg.data
+    if not d.eval.generate:
+        return []
+    formats = [d.eval.format] if d.eval.path else [ds.format for ds in d.datasets] if d.eval.fraction else []
+    if cfg.model.task != "causal_lm":
+        return [f"data.eval.generate: answers are generated by a causal LM, not by model.task {cfg.model.task}; "
+                "classification evals report accuracy and macro-F1 (set data.eval.generate=0)"]
+    if not formats:
+        return ["data.eval.generate: there is no held-out data to prompt; set data.eval.fraction or data.eval.path"]
+    if not {"chat", "instruction"} & set(formats):
+        return [f"data.eval.generate: prompts come from chat or instruction eval data, but the eval data is "
+                f"{', '.join(sorted(set(formats)))}"]
+    return []
+
+
+# ----------------------------------------------------------------------------- resume
+
+# Keys that decide what a checkpoint holds or which examples it has seen: a run cannot continue
+# from it with other values. Every other key takes effect from the first resumed step.
+FIXED_ON_RESUME = (
+    "run.seed", "model.config", "model.dtype", "model.quantization", "model.task", "model.num_labels", "peft",
+    "data.seq_len", "data.packing", "data.train_on_prompt", "data.mix_by", "data.overlong", "data.on_bad_row",
+    "data.datasets", "data.eval.fraction", "data.eval.max_examples", "data.eval.path",
+)
+
+
+def resume_changes(saved: Config, current: Config) -> list[str]:
+    """The keys whose values differ between a checkpoint's config and this run's, as
+    `key: old -> new` lines (they take effect); raises ConfigError naming those that cannot."""
+    before, after = _flatten(to_dict(saved)), _flatten(to_dict(current))
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    refused, applied = [], []
+    for key in changed:
+        line = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        # Where a data file lives may change (a run moved to a cluster) as long as it holds the same data.
+        fixed = any(key == f or key.startswith(f + ".") for f in FIXED_ON_RESUME) and not key.endswith(".path")
+        (refused if fixed else applied).append(line)
+    if refused:
+        raise ConfigError("\n".join(f"{line} differs from the checkpoint's config, and the run cannot continue with "
+                                    "it (resume with the checkpoint's value, or start afresh with "
+                                    "checkpoint.resume=never)" for line in refused))
+    return applied
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
+        return {k: v for i, item in enumerate(node) for k, v in _flatten(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): node}
