@@ -112,7 +112,7 @@ class DataConfig:
     seq_len: int = at_least(2048, 16)
     packing: bool = True
     train_on_prompt: bool = False
-    datasets: list = field(default_factory=list)  # list[DatasetConfig]
+    datasets: list[DatasetConfig] = field(default_factory=list)
     eval: EvalDataConfig = field(default_factory=EvalDataConfig)
     mix_by: Literal["examples", "tokens"] = "examples"
     overlong: Literal["truncate", "drop", "error"] = "truncate"
@@ -225,10 +225,6 @@ class Config:
         return self.output_dir / self.checkpoint.dir
 
 
-# Which list-valued keys hold dataclasses.
-_LIST_ITEM_TYPES = {("data", "datasets"): DatasetConfig}
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -314,7 +310,7 @@ def _build(cls, raw: Any, prefix: str, errors: list[str], check_files: bool = Tr
             errors.append(f"unknown key {full}{hint}")
             continue
         name, mistyped = fields[key], len(errors)
-        kwargs[name] = _coerce(hints[name], value, full, errors, tuple(full.split(".")), check_files)
+        kwargs[name] = _coerce(hints[name], value, full, errors, check_files)
         meta = declared[name].metadata
         if "check" in meta and kwargs[name] is not None and len(errors) == mistyped and (check_files or not meta["files"]):
             if not meta["check"](kwargs[name]):
@@ -330,7 +326,7 @@ def _key(field_name: str) -> str:
     return bare if bare != field_name and keyword.iskeyword(bare) else field_name
 
 
-def _coerce(hint, value, key: str, errors: list[str], path: tuple, check_files: bool = True):
+def _coerce(hint, value, key: str, errors: list[str], check_files: bool = True):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
@@ -341,7 +337,7 @@ def _coerce(hint, value, key: str, errors: list[str], path: tuple, check_files: 
         options = [a for a in args if a is not type(None)]
         for option in options:
             trial: list[str] = []
-            result = _coerce(option, value, key, trial, path)
+            result = _coerce(option, value, key, trial)
             if not trial:
                 return result
         errors.append(f"{key}: expected {_describe(hint)}, got {value!r}")
@@ -368,9 +364,8 @@ def _coerce(hint, value, key: str, errors: list[str], path: tuple, check_files: 
             if not isinstance(value, container):
                 errors.append(f"{key}: expected {what}, got {value!r}")
                 return container()
-    item_cls = _LIST_ITEM_TYPES.get(path)
-    if item_cls is not None:
-        return [_build(item_cls, item, f"{key}.{i}.", errors, check_files) for i, item in enumerate(value)]
+    if origin is list and args and dataclasses.is_dataclass(args[0]):  # e.g. list[DatasetConfig]
+        return [_build(args[0], item, f"{key}.{i}.", errors, check_files) for i, item in enumerate(value)]
     return value
 
 
