@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from trainer.errors import ConfigError
+from trainer.faults import config_problems as fault_problems
 
 
 @dataclass
@@ -110,6 +111,10 @@ class ParallelConfig:
     # replicated across the `replicate` groups, so all-gathers stay inside a group.
     replicate: int = 1
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON whose keys override the generated ones
+    # A rank that makes no progress this long ends the run, named (trainer/faults.py): set-up, the
+    # first step, evaluations and checkpoints under init_timeout_s, every other step under step_timeout_s.
+    init_timeout_s: int = 300
+    step_timeout_s: int = 100
 
 
 @dataclass
@@ -137,6 +142,10 @@ class TrainConfig:
     # (trainer/fused_loss.py); false computes the full logits.
     fused_loss: bool = True
     compile: bool = False  # torch.compile each decoder layer (trainer/compile.py)
+    # A step whose loss or gradient norm is NaN or infinite never updates the weights; stop ends the
+    # run there (exit code 3, nothing saved), skip goes on, up to max_skipped_steps in a row.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -523,6 +532,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
                       "which the compiled layer cannot hold; use fsdp (or zero1/zero2), or train.compile=false")
     if m.dtype == "bfloat16" and par.mixed_precision == "fp32":
         errors.append("model.dtype: bfloat16 master weights cannot compute in parallel.mixed_precision fp32")
+
+    errors.extend(fault_problems(cfg))
 
     s = cfg.slurm
     need(s.time_min > 0, f"slurm.time_min: must be > 0, got {s.time_min}")
