@@ -57,7 +57,7 @@ WATCH_DIR_ENV = "FINETRAIN_WATCH_DIR"  # set by the launcher: write the heartbea
 LOG_DIR_ENV = "FINETRAIN_LOG_DIR"  # set by the launcher: send this rank's output to LOG_DIR/rank-N.log
 LAUNCHER_MARGIN_S = 30  # under the launcher, collectives time out this much after its watch fires
 BEAT_INTERVAL_S = 1.0
-WRITE_EVERY_S = 0.1  # at most this often a change of phase is written at once (else by the thread)
+WRITE_EVERY_S = 0.1  # a change of phase is on file at most this late (written at most this often)
 LONG_PHASES = ("setup", "eval", "checkpoint", "finishing")
 
 
@@ -96,6 +96,7 @@ class Watch:
         self.exit_code: int | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._changed = threading.Event()  # a change of phase the thread is to write
         self._written_at = 0.0
         self._thread = None
         self._stacks = None
@@ -119,8 +120,11 @@ class Watch:
         self.apply_collective_timeout(bound)
         if phase != "finishing":
             self.work = (self.state[0], phase, self.collective_bound_s or 0.0)
-        if self.directory is not None and time.monotonic() - self._written_at > WRITE_EVERY_S:
-            self._write()  # what the rank last did is on file, should it stop right after
+        if self.directory is not None:  # on file at once, or within WRITE_EVERY_S by the thread
+            if time.monotonic() - self._written_at > WRITE_EVERY_S:
+                self._write()
+            else:
+                self._changed.set()
 
     def touch(self) -> None:
         """Progress within the current phase (a long wait that is known to be alive)."""
@@ -154,12 +158,18 @@ class Watch:
             pass
 
     def _beat(self) -> None:
-        while not self._stop.wait(BEAT_INTERVAL_S):
+        while not self._stop.is_set():
+            self._changed.wait(BEAT_INTERVAL_S)
+            wait = WRITE_EVERY_S - (time.monotonic() - self._written_at)
+            if wait > 0 and self._stop.wait(wait):
+                break
+            self._changed.clear()
             self._write()
 
     def close(self, exit_code: int) -> None:
         self.exit_code = exit_code
         self._stop.set()
+        self._changed.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._write()  # the launcher sees that this rank ended on purpose
@@ -243,6 +253,8 @@ def exempt(group) -> None:
 def set_collective_timeout(seconds: float) -> bool:
     """Set the timeout of every process group of this process but the exempt ones; False when
     there is no process group yet."""
+    if "torch.distributed" not in sys.modules:
+        return False
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
