@@ -347,6 +347,13 @@ class _Tee(io.TextIOBase):
     def encoding(self):
         return self.console.encoding
 
+    @property
+    def errors(self):
+        return self.console.errors
+
+    def __getattr__(self, name: str):  # buffer, name, mode, ...: the terminal's
+        return getattr(self.console, name)
+
 
 _log = None  # this rank's log file, where tracebacks of consequential failures go
 
