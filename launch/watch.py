@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -115,9 +116,7 @@ class RankWatch:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=STACK_WAIT_S + 10)
-        for path in self.directory.iterdir():
-            path.unlink(missing_ok=True)
-        self.directory.rmdir()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def _run(self) -> None:
         while not self._stop.wait(POLL_S):
