@@ -44,7 +44,8 @@ def cmd_train(args) -> int:
     if args.nproc == 1 and args.nnodes == 1:  # this process is the rank, and ends as a rank does
         end_process(run_rank(args.config, args.overrides, args.debug).exit_code)
     return run_ranks([args.config, *args.overrides], args.nproc, args.nnodes, args.rdzv_endpoint,
-                     args.rdzv_id or default_rdzv_id(cfg.run.output_dir), scratch=cfg.output_dir / "tmp")
+                     args.rdzv_id or default_rdzv_id(cfg.run.output_dir), scratch=cfg.output_dir / "tmp",
+                     run_dir=cfg.output_dir, init_timeout_s=cfg.parallel.init_timeout_s)
 
 
 def cmd_prepare(args) -> int:

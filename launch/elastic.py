@@ -9,9 +9,17 @@ reported ends in the agent's failure summary. Here the same agent runs in this p
 - SIGTERM and SIGUSR1 are forwarded to the ranks (each runs in a session of its own) and
   the agent goes on watching them: once every rank has checkpointed and exited 0, so does
   this process. A second signal (after the ranks' repeat window) kills the ranks at once.
-- A run whose ranks exited with code 2 (a user's mistake, already reported in one line by
-  rank 0; ranks the agent ended on its way out count with them) exits 2 without more; a rank that crashed or was killed is named in one line per
-  rank, and the exit code is 1.
+- A run whose ranks exited with code 2 (a user's mistake) or 3 (a non-finite loss or gradient
+  norm), already reported in one line by rank 0, exits with that code without more (ranks the
+  agent ended on their way out, and ranks that lost contact with them, count with them).
+- A rank that crashed or was killed is named in one line per rank (its signal, "out of memory?"
+  when the kernel's OOM killer ended a process meanwhile, or its exit code and error), and the
+  exit code is 1. The ranks that then lost contact with it (exit code 4) are not causes: their
+  tracebacks stay in their logs.
+- Every rank's stdout and stderr go to `<run>/logs/rank-N.log`; the terminal gets rank 0's
+  output and finetrain's one-line reports from any rank (trainer/faults.py).
+- A rank that stops making progress ends the run within its bound, named, with every rank's
+  stack in `<run>/logs/` (launch/watch.py); exit code 4.
 - SIGINT, SIGHUP and SIGQUIT stay with the agent: it passes them on and ends the ranks.
 """
 
@@ -25,6 +33,8 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+
+from trainer.faults import EXIT_HUNG, EXIT_NONFINITE
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
@@ -59,9 +69,12 @@ def default_rdzv_id(output_dir: str) -> str:
 
 
 def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
-              rdzv_id: str | None = None, scratch: Path | None = None) -> int:
+              rdzv_id: str | None = None, scratch: Path | None = None, run_dir: Path | None = None,
+              init_timeout_s: float = 300) -> int:
     """Run `python -m trainer *trainer_args` as `nproc` ranks on this node of `nnodes`; returns
-    the exit code for the command line."""
+    the exit code for the command line. With `run_dir`, the ranks log into `run_dir/logs` and are
+    watched for hangs (launch/watch.py)."""
+    from launch.watch import RankWatch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -81,11 +94,20 @@ def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoin
         "-m", "trainer", *trainer_args,
     ])
     config, entrypoint, entry_args = config_from_args(args)
+    watch = RankWatch(run_dir, init_timeout_s, child_pids) if run_dir is not None else None
+    saved_env = dict(os.environ)
+    if watch is not None:
+        os.environ.update(watch.environment())  # the agent passes its environment on to the ranks
+        watch.start()
+    oom_before = oom_kills()
     previous = {sig: signal.signal(sig, forward_to_ranks) for sig in STOP_SIGNALS}
     try:
         elastic_launch(config, entrypoint)(*entry_args)
     except ChildFailedError as err:
-        return _report_failures(err)
+        if watch is not None and watch.verdict:
+            return EXIT_HUNG  # the watch ended the ranks and said why
+        oom_killed = None if oom_before is None else oom_kills() != oom_before
+        return _report_failures(err, run_dir / "logs" if run_dir else None, oom_killed)
     except SignalException as err:
         name = signal.Signals(err.sigval).name
         print(f"finetrain: stopped by {name}; the ranks were ended without a checkpoint", file=sys.stderr)
@@ -93,23 +115,86 @@ def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoin
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if watch is not None:
+            watch.stop()
+        os.environ.clear()
+        os.environ.update(saved_env)
     return 0
 
 
-def _report_failures(err) -> int:
-    """Exit 2 when the ranks stopped on a user's mistake (rank 0 has said what it was);
-    otherwise name each failed rank in one line and exit 1."""
+# Exit codes a rank reports itself, in one line from rank 0: a user's mistake, a non-finite step.
+REPORTED_BY_RANKS = (2, EXIT_NONFINITE)
+
+
+def _report_failures(err, log_dir: Path | None = None, oom_killed: bool | None = None) -> int:
+    """Exit with the ranks' code when they stopped on a user's mistake or a non-finite step (rank 0
+    has said what it was); otherwise name each failed rank that is a cause in one line and exit 1
+    (or 4 when every failure was a lost contact with another rank, say on another node)."""
     failures = dict(sorted(err.failures.items()))
     # Every rank raises a user's mistake, but the first to exit makes the agent end the others
-    # (SIGTERM, then SIGKILL after the shutdown timeout) while they are still on their way out.
+    # (SIGTERM, then SIGKILL after the shutdown timeout) while they are still on their way out;
+    # a rank still in a collective with one that exited loses contact with it (exit code 4).
     ended_by_agent = (-signal.SIGTERM, -signal.SIGKILL)
     codes = [failure.exitcode for failure in failures.values()]
-    if 2 in codes and all(code == 2 or code in ended_by_agent for code in codes):
-        return 2
-    for rank, failure in failures.items():
+    for reported in REPORTED_BY_RANKS:
+        if reported in codes and all(code in (reported, EXIT_HUNG, *ended_by_agent) for code in codes):
+            return reported
+    # After the first failure the agent ends the other ranks (SIGTERM); those, and ranks that lost
+    # contact with the failed one, are consequences, whose tracebacks stay in their logs.
+    causes = {rank: f for rank, f in failures.items() if f.exitcode not in (EXIT_HUNG, -signal.SIGTERM)} or failures
+    for rank, failure in causes.items():
         if failure.exitcode < 0:
             what = f"was killed by {failure.signal_name()}"
+            if failure.exitcode == -signal.SIGKILL and oom_killed is not False:
+                what += (" (out of memory? the kernel's OOM killer ended a process during the run: see dmesg)"
+                         if oom_killed else " (out of memory? the kernel's OOM killer sends SIGKILL: see dmesg)")
+        elif failure.exitcode == EXIT_HUNG:
+            what = "lost contact with the other ranks (exit code 4: a rank elsewhere died or hung)"
         else:
             what = f"exited with code {failure.exitcode}"
-        print(f"finetrain: rank {rank} {what} (see its output above)", file=sys.stderr)
-    return 1
+            message = _error_message(failure)
+            if message:
+                what += f": {message}"
+        where = f"its output is in {log_dir / f'rank-{rank}.log'}" if log_dir else "see its output above"
+        print(f"finetrain: rank {rank} {what} ({where})", file=sys.stderr)
+    return EXIT_HUNG if all(f.exitcode == EXIT_HUNG for f in causes.values()) else 1
+
+
+def _error_message(failure) -> str:
+    """The last line of the exception a rank raised (from its torchelastic error file)."""
+    data = getattr(failure, "error_file_data", None) or {}
+    message = data.get("message", "")
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    lines = [line for line in str(message).splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def oom_kills() -> int | None:
+    """Processes the kernel's OOM killer has ended: in this process's memory cgroup (v2 or v1),
+    else on the machine; None where the kernel does not say."""
+    counts = []
+    try:
+        cgroups = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        cgroups = []
+    for line in cgroups:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            counts.append(_counter(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events", "oom_kill"))
+        elif "memory" in controllers.split(","):
+            counts.append(_counter(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.oom_control", "oom_kill"))
+    counts.append(_counter(Path("/proc/vmstat"), "oom_kill"))
+    known = [count for count in counts if count is not None]
+    return sum(known) if known else None
+
+
+def _counter(path: Path, name: str) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None

@@ -15,6 +15,11 @@ job runs the same command and `checkpoint.resume=auto` continues from that check
 that Slurm requeues by itself resumes from that save. submitit caps the requeues at
 `slurm.max_requeues`; it counts every stop after 80 % of the time limit (for limits
 under 50 minutes: every stop) as a time-out.
+
+No finetrain launcher watches these ranks: a hung rank ends the run through the collective
+timeout (`parallel.step_timeout_s` after the first step), one line from each rank that waited
+(trainer/faults.py); `slurm/train.sbatch` runs `finetrain train --nproc`, whose launcher also
+names the hung rank and writes every rank's stack.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,36 +40,63 @@ def test_two_ranks_match_one_rank_and_write_no_temp_files_outside_the_run(tmp_pa
     assert one_tokens == two_tokens
 
 
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the ranks the launcher's elastic agent started."""
+    found = {}
+    for pid in children(launcher_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = pid
+    return found
+
+
+class StderrLines:
+    """The launcher's stderr, line by line as it arrives, with the time each came."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[tuple[float, str]] = []
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc) -> None:
+        for line in proc.stderr:
+            self.lines.append((time.time(), line.rstrip("\n")))
+
+    def since(self, moment: float) -> list[str]:
+        self.thread.join(timeout=30)
+        return [line for at, line in self.lines if at >= moment]
+
+
 @pytest.mark.slow
-def test_a_crashed_rank_ends_the_job_quickly_with_its_error(tmp_path):
+def test_a_killed_rank_is_one_line_naming_it_and_the_others_tracebacks_go_to_their_logs(tmp_path):
     cfg = causal_config(tmp_path, parallel={"strategy": "ddp", "mixed_precision": "fp32"},
                         train={"max_steps": 100000, "log_every": 1})
     config_path = write_config(cfg, tmp_path / "config.yaml")
-    # its own session, so that whatever happens the whole job can be killed at the end
-    launcher = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config_path), "--nproc", "2"],
-                                cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+    out = Path(cfg["run"]["output_dir"])
+    launcher = start_in_session(str(config_path), "--nproc", "2")
+    stderr = StderrLines(launcher)
     try:
-        metrics = Path(cfg["run"]["output_dir"]) / "metrics.jsonl"
-        deadline = time.time() + 240
-        while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
-            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
-            assert time.time() < deadline, "the run never started"
-            time.sleep(0.1)
-        workers = children(launcher.pid)  # `finetrain train --nproc` execs torchrun, whose children are the ranks
-        assert len(workers) == 2, workers
-        os.kill(max(workers), signal.SIGKILL)
+        wait_for_losses(out, 3, [launcher])
+        ranks = rank_pids(launcher.pid)
+        assert sorted(ranks) == [0, 1], ranks
         killed_at = time.time()
+        os.kill(ranks[1], signal.SIGKILL)  # as the kernel's OOM killer does
         code = launcher.wait(timeout=120)
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert code != 0
+        kill_group(launcher)
+    assert code == 1
     assert time.time() - killed_at < 90, "the surviving rank hung"
-    stderr = launcher.stderr.read()
-    assert "SIGKILL" in stderr or "Signal 9" in stderr, stderr[-3000:]
+    after = stderr.since(killed_at)
+    assert 1 <= len(after) <= 3, after
+    assert any(line.startswith("finetrain: rank 1 was killed by SIGKILL") for line in after), after
+    assert str(out / "logs" / "rank-1.log") in "\n".join(after)
+    # the surviving rank's consequential traceback is in its log, not on the terminal
+    assert not any("Traceback" in line or "gloo" in line for at, line in stderr.lines), after
+    assert "Traceback" in (out / "logs" / "rank-0.log").read_text()
 
 
 @pytest.mark.slow
@@ -150,6 +178,48 @@ def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path, reference_curv
     assert "Traceback" not in stderr, stderr[-3000:]
     saved = complete_checkpoints(out / "checkpoints")
     assert saved and 10 <= int(saved[-1].name.split("-")[1]) < 40
+    run_cli(config_path, "--nproc", "2")
+    assert_follows(step_losses(out), reference_curve, 40)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_run_named_with_the_stacks_and_the_run_resumes_exactly(tmp_path, reference_curve):
+    """SIGSTOP one of 2 ranks after step 3 with parallel.step_timeout_s=20: the launcher exits 4
+    within 60 s with one line naming the stopped rank, the other rank's stack is in a file, the
+    checkpoint of step 2 is intact and the run resumes from it on the reference curve."""
+    cfg = causal_config(tmp_path, rows=96, **STOP_SECTIONS)
+    cfg["parallel"]["step_timeout_s"] = 20
+    cfg["train"]["save_every"] = 2
+    config_path = write_config(cfg, tmp_path / "config.yaml")
+    out = Path(cfg["run"]["output_dir"])
+    launcher = start_in_session(str(config_path), "--nproc", "2")
+    stderr = StderrLines(launcher)
+    ranks: dict[int, int] = {}
+    try:
+        wait_for_losses(out, 3, [launcher])
+        ranks = rank_pids(launcher.pid)
+        stopped_at = time.time()
+        os.kill(ranks[1], signal.SIGSTOP)
+        code = launcher.wait(timeout=120)
+        took = time.time() - stopped_at
+    finally:
+        kill_group(launcher)
+        for pid in ranks.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    after = stderr.since(stopped_at)
+    assert code == 4, after
+    assert took < 60, took
+    assert len(after) == 1 and after[0].startswith(f"finetrain: rank 1 (pid {ranks[1]}) made no progress for "), after
+    assert "parallel.step_timeout_s=20" in after[0] and "its process is stopped" in after[0], after
+    stacks = list((out / "logs").glob("stacks-*.txt"))
+    assert len(stacks) == 1 and str(stacks[0]) in after[0]
+    text = stacks[0].read_text()
+    assert "==== rank 0," in text and "trainer/loop.py" in text and "cannot write its stack" in text, text
+    saved = complete_checkpoints(out / "checkpoints")
+    assert saved and saved[-1].name >= "step-00000002"
     run_cli(config_path, "--nproc", "2")
     assert_follows(step_losses(out), reference_curve, 40)
 

@@ -132,6 +132,10 @@ class ParallelConfig:
     replicate: int = at_least(1, 1)
     # A DeepSpeed JSON whose keys override the generated ones.
     deepspeed_config: Optional[str] = rule(None, lambda v: Path(v).is_file(), "does not exist", files=True)
+    # A rank that makes no progress this long ends the run, named (trainer/faults.py): set-up, the first
+    # step, evaluations and checkpoints under init_timeout_s, every other step under step_timeout_s.
+    init_timeout_s: int = positive(300)
+    step_timeout_s: int = positive(100)
 
 
 @dataclass
@@ -159,6 +163,10 @@ class TrainConfig:
     # LM head + cross-entropy on target positions only, in chunks (trainer/fused_loss.py).
     fused_loss: bool = True
     compile: bool = False  # torch.compile each decoder layer (trainer/compile.py)
+    # A step whose loss or gradient norm is NaN or infinite never updates the weights; stop ends the
+    # run there (exit code 3, nothing saved), skip goes on, up to max_skipped_steps in a row.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = at_least(10, 1)
 
 
 @dataclass

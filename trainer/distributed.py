@@ -19,6 +19,7 @@ from typing import Callable, NoReturn, TypeVar
 import torch
 import torch.distributed as dist
 
+from trainer import faults
 from trainer.errors import UserError
 
 T = TypeVar("T")
@@ -203,6 +204,7 @@ def on_node_leaders(work: Callable[[], None], shared_errors: tuple[type[Exceptio
     else:
         done.set()
     while all_reduce_max(torch.tensor([0 if done.is_set() else 1], dtype=torch.int32)).item():
+        faults.touch()  # every rank answered: a long `work` is no hang (parallel.init_timeout_s)
         done.wait(NODE_WORK_POLL_S)
     outcome = None
     if failure:

@@ -48,8 +48,24 @@ def report_user_error(err: UserError, config: str | os.PathLike | None = None, o
     else:
         lines = [line for line in str(err).splitlines() if line.strip()]
     for line in lines:
-        print(f"finetrain: {line}", file=sys.stderr, flush=True)
+        say(line)
     return err.exit_code
+
+
+_console = None  # the terminal, where a launcher sent this rank's stdout and stderr to a log file
+
+
+def set_console(stream) -> None:
+    global _console
+    _console = stream
+
+
+def say(line: str) -> None:
+    """A one-line report `finetrain: line` on stderr, and on the terminal too where a launcher sent
+    this rank's stderr to its log file (trainer/faults.py)."""
+    print(f"finetrain: {line}", file=sys.stderr, flush=True)
+    if _console is not None:
+        print(f"finetrain: {line}", file=_console, flush=True)
 
 
 _LEADING_KEY = re.compile(r"^(?:unknown key )?([A-Za-z_]\w*(?:\.\w+)*)(?=[:;, ]|$)")

@@ -19,6 +19,7 @@ import time
 import torch
 
 from trainer.checkpoint import Checkpointer, seed_step
+from trainer import faults
 from trainer.config import Config, cache_root, dataset_name, dump_yaml, load_config
 from trainer.data.collate import describe_batch
 from trainer.data.loader import RunData, build_train_loader, training_texts
@@ -81,7 +82,9 @@ def total_steps(cfg: Config, loader) -> int:
 
 
 def train_step(strategy, batches: list, task: str) -> dict:
-    """One optimizer step over this rank's micro-batches; returns global sums."""
+    """One optimizer step over this rank's micro-batches; returns global sums. A step whose loss or
+    gradient norm is not finite leaves the weights as they were (`nonfinite`; the same on every rank:
+    both values are global before the strategy decides)."""
     device = strategy.dist.device
     global_targets = all_reduce_sum(torch.tensor([sum(b.num_targets for b in batches)], dtype=torch.float64))
     # A step whose every label is masked still runs (all ranks must), with zero gradient.
@@ -95,10 +98,11 @@ def train_step(strategy, batches: list, task: str) -> dict:
                 summed = forward_summed_loss(strategy.model, to_device(batch.inputs, device), labels, task)
             strategy.backward(summed / denominator)
         loss_sum += summed.detach().double().cpu()
-    lr = strategy.lr()  # the rate this update uses; the scheduler moves on in step()
-    grad_norm = strategy.step()
     loss = float(all_reduce_sum(loss_sum.reshape(1)).item()) / denominator
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "targets": int(global_targets.item())}
+    lr = strategy.lr()  # the rate this update uses; the scheduler moves on in step()
+    grad_norm = strategy.step(skip=not math.isfinite(loss))
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "targets": int(global_targets.item()),
+            "nonfinite": not (math.isfinite(loss) and math.isfinite(grad_norm))}
 
 
 def step_counts(batches: list, names: list[str]) -> torch.Tensor:
@@ -120,7 +124,9 @@ class Trainer:
         self.cfg = cfg
         self.stop = stop or StopSignal()
         self.debug = debug
-        self.dist = dist_info = init_distributed()
+        faults.start(cfg.parallel)  # heartbeat (under finetrain's launcher) and collective timeouts
+        faults.enter("setup")
+        self.dist = dist_info = init_distributed(faults.collective_timeout_s(cfg.parallel.init_timeout_s))
         world = dist_info.world_size
         # What the run decides once, checked before anything heavy starts (as `finetrain train` did).
         self.plan = plan = agree(lambda: plan_run(cfg, world, dist_info.device.type))
@@ -148,6 +154,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, dist_info, plan)
         self.step = 0
         self.counts = torch.zeros(2 + 2 * len(self.dataset_names), dtype=torch.float64)
+        self.skipped_steps = self.skipped_in_a_row = 0  # steps whose update was dropped (train.on_nonfinite)
         self.checkpoint = None  # the newest checkpoint this run resumed from or wrote
         wandb_run_id = agree(self.resume)
         self.start_step = self.step
@@ -173,9 +180,12 @@ class Trainer:
         state = self.checkpointer.load(resume_from, self.strategy)
         self.loader.load_state_dict(state["loader"])
         self.step, self.counts = state["step"], state["counts"]
+        self.skipped_steps, self.skipped_in_a_row = state.get("skipped_steps", 0), state.get("skipped_in_a_row", 0)
         self.evaluator.forgetting.load_state_dict(state["forgetting"])
         self.summary.load_state_dict(state["summary"])
-        set_schedule_step(self.strategy.optimizer, self.strategy.scheduler, self.cfg.optim, self.step)
+        # Dropped (non-finite) steps did not advance the schedule: it counts the updates made.
+        set_schedule_step(self.strategy.optimizer, self.strategy.scheduler, self.cfg.optim,
+                          self.step - self.skipped_steps)
         if changes and self.dist.is_main:
             log.info("resuming %s at step %d with %d key(s) changed since it was saved (in effect from step %d):\n  %s",
                      resume_from, self.step, len(changes), self.step + 1, "\n  ".join(changes))
@@ -185,8 +195,10 @@ class Trainer:
     def save(self, wait: bool = False) -> None:
         trainer_state = {"step": self.step, "loader": self.loader.state_dict(), "counts": self.counts,
                          "wandb_run_id": self.metrics.wandb_run_id, "forgetting": self.evaluator.forgetting.state_dict(),
-                         "summary": self.summary.state_dict()}
-        self.checkpoint = self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer, wait=wait)
+                         "summary": self.summary.state_dict(), "skipped_steps": self.skipped_steps,
+                         "skipped_in_a_row": self.skipped_in_a_row}
+        with faults.long_phase("checkpoint", self.step):
+            self.checkpoint = self.checkpointer.save(self.step, self.strategy, trainer_state, self.tokenizer, wait=wait)
 
     def fit(self) -> dict:
         """Train to the last step (or a stop signal); returns the last logged record."""
@@ -203,22 +215,32 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 seed_step(cfg.run.seed, self.step, self.dist.rank)
+                faults.enter("data", self.step + 1)
                 with StepTimer(self.dist.device) as data_timer:
                     batches = self.loader.next_step(self.plan.accumulation)
                 if self.debug and self.step == self.start_step and self.dist.is_main:
                     print(describe_batch(batches[0], self.tokenizer), flush=True)
+                faults.enter("compute", self.step + 1)
                 with StepTimer(self.dist.device) as compute_timer:
                     result = train_step(strategy, batches, cfg.model.task)
                 self.step += 1
+                faults.step_done(self.step)
+                self.skipped_in_a_row = self.skipped_in_a_row + 1 if result["nonfinite"] else 0
+                self.skipped_steps += result["nonfinite"]
                 self.summary.count_step(data_timer.seconds + compute_timer.seconds)
                 step_data = all_reduce_sum(step_counts(batches, self.dataset_names))
                 self.counts += step_data
                 self.metrics.advance()
 
-                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps or result["nonfinite"]:
                     record = self.step_record(result, step_data, data_timer.seconds, compute_timer.seconds,
                                               flops_token, device_peak)
                     self.metrics.log(record)
+                if result["nonfinite"]:
+                    reason = faults.nonfinite_stop(cfg, self.step, result, self.skipped_in_a_row)
+                    if reason:  # every rank alike; nothing is saved
+                        self.checkpointer.wait()  # a save of an earlier (good) step may be in flight: seal it
+                        raise faults.NonFiniteStep(f"{reason}; {faults.last_good(self.checkpoint)}")
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
                     self.evaluate()
 
@@ -238,6 +260,7 @@ class Trainer:
             ended = "finished"
             return record
         finally:
+            faults.enter("finishing")
             self.checkpointer.close()
             if ended:
                 self.metrics.log_answers(self.step, self.summary.answers)
@@ -248,7 +271,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out loss (and task metrics) per dataset, and the loss change since step 0:
         on rehearsal data a rising `loss_change` is forgetting."""
-        results, generations = self.evaluator.run(self.strategy, self.step)
+        with faults.long_phase("eval", self.step):
+            results, generations = self.evaluator.run(self.strategy, self.step)
         if results:
             self.metrics.log({"step": self.step, **results})
             self.metrics.log_generations(self.step, generations)
@@ -265,6 +289,7 @@ class Trainer:
             "loss": result["loss"],
             "lr": result["lr"],
             "grad_norm": result["grad_norm"],
+            "skipped_steps": self.skipped_steps,  # steps whose update was dropped (non-finite loss or gradients)
             "tokens": result["targets"],
             "tokens_per_s": real_tokens / seconds,
             "packing_efficiency": real_tokens / max(row_tokens, 1.0),

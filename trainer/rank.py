@@ -4,8 +4,10 @@
 `finetrain submit`'s Slurm task all call `run_rank`, so a rank behaves the same whoever
 started it. Exit codes: 0 when the run finished or was stopped by SIGTERM/SIGUSR1 and
 checkpointed; 2 for a user's mistake (config, data, files, launch layout), reported as one
-line `finetrain: ...` by rank 0 for every rank that agreed on it; 130 after Ctrl-C.
-Anything else is a bug of finetrain's and keeps its traceback.
+line `finetrain: ...` by rank 0 for every rank that agreed on it; 3 when a non-finite loss or
+gradient norm stopped the run (nothing saved); 4 when a collective with the other ranks timed
+out or lost one of them (another rank hung or died: one line, the traceback in the rank's log);
+130 after Ctrl-C. Anything else is a bug of finetrain's and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from trainer import faults
 from trainer.config import load_config, parse_override
 from trainer.errors import UserError, report_user_error
 
@@ -51,6 +54,7 @@ class RankOutcome:
 
 def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> RankOutcome:
     """Train on this rank; a user's mistake is reported here and becomes exit code 2."""
+    faults.redirect_output()  # under finetrain's launcher: into <run>/logs/rank-N.log
     setup_logging()
     from trainer.distributed import shutdown
     from trainer.loop import StopSignal, Trainer
@@ -58,15 +62,23 @@ def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> Ran
     # From the start: a stop requested while the run sets up is honoured at its first step.
     stop = StopSignal()
     overrides = debug_overrides(overrides) if debug else list(overrides)
+    outcome = RankOutcome(1)  # a bug raises through
     try:
         trainer = Trainer(load_config(config, overrides), stop, debug=debug)
         trainer.fit()
-        return RankOutcome(0, trainer.step, trainer.total_steps)
+        outcome = RankOutcome(0, trainer.step, trainer.total_steps)
     except UserError as err:
-        return RankOutcome(report_user_error(err, config, overrides))
+        outcome = RankOutcome(report_user_error(err, config, overrides))
     except KeyboardInterrupt:
         print("finetrain: interrupted (Ctrl-C); nothing saved since the last checkpoint", file=sys.stderr)
-        return RankOutcome(130)
+        outcome = RankOutcome(130)
+    except Exception as err:
+        kind = faults.collective_failure(err)  # the consequence of another rank's failure, not a bug here
+        if kind is None:
+            raise
+        outcome = RankOutcome(faults.report_collective_failure(err, kind))
     finally:
         stop.restore()
+        faults.finish(outcome.exit_code)
         shutdown()
+    return outcome

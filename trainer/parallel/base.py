@@ -127,9 +127,11 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     @abstractmethod
-    def step(self) -> float:
-        """Clip (optim.max_grad_norm), optimizer step, scheduler step, zero grads;
-        return the global gradient norm before clipping."""
+    def step(self, skip: bool = False) -> float:
+        """Clip (optim.max_grad_norm), optimizer step, scheduler step, zero grads; return the
+        global gradient norm before clipping. When `skip` (the step's loss was not finite) or the
+        norm is not finite, the update is dropped: gradients zeroed, optimizer and scheduler left
+        as they were. The norm is global, so every rank drops the same steps."""
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

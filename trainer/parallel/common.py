@@ -3,6 +3,7 @@ the torch-optimizer strategy that single, ddp and fsdp build on."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 from trainer.compile import compile_decoder_layers
 from trainer.config import Config
 from trainer.errors import ConfigError
+from trainer.faults import exempt
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import ASYNC_SAVE, COMPILE, KEEP_GATHERED, MULTI_PROCESS, QUANTIZATION, Strategy
 from trainer.quantization import quantized_linears, without_quantized_weights
@@ -68,6 +70,7 @@ class BackgroundWriter:
 
         on_cuda = device.type == "cuda"
         self.process_group = torch.distributed.new_group(backend="gloo")
+        exempt(self.process_group)  # its collectives wait for the slowest rank's disk: no step timeout
         self.stager = DefaultStager(StagingOptions(use_pinned_memory=on_cuda, use_shared_memory=False,
                                                    use_async_staging=False, use_non_blocking_copy=on_cuda))
         self.planner = dcp.DefaultSavePlanner(enable_plan_caching=True)
@@ -156,10 +159,11 @@ class TorchStrategy(Strategy):
         # divided by the global target count, so the sum over ranks is the gradient we want.
         (loss * self.dist.world_size).backward()
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> float:
         norm = clip_and_norm(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        if not skip and math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

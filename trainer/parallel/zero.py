@@ -211,9 +211,14 @@ class ZeroStrategy(Strategy):
         # already divided by the global target count of the step.
         self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> float:
+        """The engine finishes the gradient reduction here, so the global norm is only known inside
+        its step: DeepSpeed drops the update itself when the norm is not finite (and then leaves its
+        scheduler alone, as the torch strategies do). `skip` needs nothing more: a loss that is not
+        finite comes with gradients that are not (the cross-entropy of finite logits is finite)."""
         self.engine.step()  # reduce, clip (gradient_clipping), update, schedule, zero grads
-        return float(self.engine.get_global_grad_norm())
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
 
     # ------------------------------------------------------------------ state
     def save(self, path: Path) -> None:
