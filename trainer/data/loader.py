@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from trainer.config import Config, DatasetConfig, cache_root, dataset_name
+from trainer.eval_sets import declared_sets
 
 from trainer.errors import ConfigError, UserError
 from trainer.data.builtin import builtin_format, is_builtin, materialize
@@ -181,8 +182,11 @@ def _entries(cfg: Config) -> list[tuple[str, str, DatasetConfig]]:
     return [(dataset_name(ds), f"data.datasets.{i}", ds) for i, ds in enumerate(cfg.data.datasets)]
 
 
-def _eval_entry(cfg: Config) -> tuple[str, str, DatasetConfig]:
-    return "eval", "data.eval", DatasetConfig(name="eval", path=cfg.data.eval.path, format=cfg.data.eval.format)
+def _eval_file_entries(cfg: Config) -> list[tuple[str, str, DatasetConfig]]:
+    """The eval sets read from files of their own (`data.eval.path`, `data.eval.sets`), but
+    choice sets (trainer/multiple_choice.py reads those)."""
+    return [(s.name, s.key, DatasetConfig(name=s.name, path=s.path, format=s.format, fields=s.fields))
+            for s in declared_sets(cfg) if not s.held_out and s.format != "choice"]
 
 
 def _stream_datasets(cfg: Config, tokenizer, report: bool = True
@@ -301,44 +305,46 @@ def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_
 
 
 def _eval_datasets(cfg: Config, tokenizer) -> list[tuple[str, DatasetConfig, StreamDataset]]:
-    """The held-out examples of each eval data set, with the config key and the data set
-    config they come from: the held-out fraction of each training data set (at most
-    `data.eval.max_examples`), or `data.eval.path` as the data set "eval"."""
-    if cfg.data.eval.path:
-        classification = cfg.model.task == "sequence_classification"
-        if (cfg.data.eval.format == "classification") != classification:
-            raise ConfigError(f"data.eval.format: {cfg.data.eval.format} data cannot evaluate model.task {cfg.model.task}")
-        _, key, eval_cfg = entry = _eval_entry(cfg)
-        sources = _load_sources(cfg, tokenizer, [entry])
-        if classification:
-            train_sources = _load_sources(cfg, tokenizer, _entries(cfg), report=False)
-            classes = _class_of_label(train_sources + sources, cfg.model.num_labels)
-        else:
-            classes = {}
-        sets = []
-        for s in sources:
-            usable = _usable(s, cfg, {})
-            examples = np.asarray([usable[k] for k in range(min(len(usable), cfg.data.eval.max_examples))])
-            sets.append((key, eval_cfg, StreamDataset(s.name, s.data, examples, cfg.data.seq_len,
-                                                      s.data.format == "text", classes.get(s.name))))
-        return sets
-    if cfg.data.eval.fraction:
+    """The examples of each eval data set scored by its loss, with the config key and the
+    data set config they come from: the held-out fraction of each training data set (at
+    most `data.eval.max_examples`), or `data.eval.path` as the data set "eval", then the
+    `data.eval.sets` (the first `max_examples` of each); choice sets are not among them."""
+    sets = []
+    if cfg.data.eval.fraction and not cfg.data.eval.path:
         datasets, held, _, _ = _stream_datasets(cfg, tokenizer, report=False)
-        return [(key, ds_cfg, StreamDataset(d.name, d.data, h, d.seq_len, d.splittable, d.class_of_label))
-                for (_, key, ds_cfg), d, h in zip(_entries(cfg), datasets, held)]
-    return []
+        sets += [(key, ds_cfg, StreamDataset(d.name, d.data, h, d.seq_len, d.splittable, d.class_of_label))
+                 for (_, key, ds_cfg), d, h in zip(_entries(cfg), datasets, held)]
+    entries = _eval_file_entries(cfg)
+    if not entries:
+        return sets
+    limits = {s.name: s.max_examples for s in declared_sets(cfg)}
+    sources = _load_sources(cfg, tokenizer, entries)
+    if cfg.model.task == "sequence_classification":
+        train_sources = _load_sources(cfg, tokenizer, _entries(cfg), report=False)
+        classes = _class_of_label(train_sources + sources, cfg.model.num_labels)
+    else:
+        classes = {}
+    for (_, key, eval_cfg), s in zip(entries, sources):
+        usable = _usable(s, cfg, {})
+        examples = np.asarray([usable[k] for k in range(min(len(usable), limits[s.name]))], dtype=np.int64)
+        sets.append((key, eval_cfg, StreamDataset(s.name, s.data, examples, cfg.data.seq_len,
+                                                  s.data.format == "text", classes.get(s.name))))
+    return sets
 
 
 def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int) -> dict[str, list[Batch]]:
-    """Per data set, this rank's evaluation micro-batches: the held-out fraction of each
-    training data set, or `data.eval.path` as the data set "eval". Examples are dealt to
-    ranks round-robin, then packed (within one data set only) or padded."""
+    """Per data set scored by its loss, this rank's evaluation micro-batches: the held-out
+    fraction of each training data set, or `data.eval.path` as the data set "eval", and the
+    `data.eval.sets` but choice sets. Examples are dealt to ranks round-robin, then packed
+    (within one data set only) or padded."""
     _check_packing(cfg)
     result = {}
-    for _, _, ds in _eval_datasets(cfg, tokenizer):
+    for key, _, ds in _eval_datasets(cfg, tokenizer):
         if len(ds.examples) < world_size:
-            raise ConfigError(f"data.eval: data set {ds.name!r} has {len(ds.examples)} held-out examples, fewer than "
-                              f"the {world_size} ranks; raise data.eval.fraction")
+            held_out = not key.startswith("data.eval")
+            raise ConfigError(f"{'data.eval' if held_out else key}: data set {ds.name!r} has {len(ds.examples)} "
+                              f"{'held-out ' if held_out or key == 'data.eval' else ''}examples, fewer than the "
+                              f"{world_size} ranks" + ("; raise data.eval.fraction" if held_out else ""))
         pieces = [p for e in ds.examples[rank::world_size] for p in ds.pieces(0, int(e))]
         rows = pack_pieces(pieces, cfg.data.seq_len) if cfg.data.packing else [[p] for p in pieces]
         collate = _collator(cfg, [ds], tokenizer, attention)
@@ -376,10 +382,10 @@ def held_out_conversations(cfg: Config, tokenizer, count: int) -> dict[str, list
 
 
 def prepare_data(cfg: Config, tokenizer, workers: int, progress: bool = True) -> dict[str, TokenizedDataset]:
-    """Tokenize every training data set and `data.eval.path` into the cache (what a run
+    """Tokenize every training data set and eval file (but choice sets) into the cache (what a run
     would, ahead of it), with `workers` processes, and count the rows of an epoch when
     the run is set in epochs; returns the data sets by name."""
-    entries = _entries(cfg) + ([_eval_entry(cfg)] if cfg.data.eval.path else [])
+    entries = _entries(cfg) + _eval_file_entries(cfg)
     prepared = {s.name: s.data for s in _load_sources(cfg, tokenizer, entries, workers=workers, progress=progress)}
     if cfg.train.epochs is not None:
         stream, _ = _global_stream(cfg, tokenizer, report=False)
