@@ -59,9 +59,9 @@ def default_rdzv_id(output_dir: str) -> str:
 
 
 def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
-              rdzv_id: str | None = None, scratch: Path | None = None) -> int:
-    """Run `python -m trainer *trainer_args` as `nproc` ranks on this node of `nnodes`; returns
-    the exit code for the command line."""
+              rdzv_id: str | None = None, scratch: Path | None = None, module: str = "trainer") -> int:
+    """Run `python -m trainer *trainer_args` (or another `module`) as `nproc` ranks on this node
+    of `nnodes`; returns the exit code for the command line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -78,7 +78,7 @@ def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoin
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0" if single_node else rdzv_endpoint,
         "--rdzv-id", uuid.uuid4().hex if single_node else rdzv_id,
         "--signals-to-handle", AGENT_SIGNALS, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
-        "-m", "trainer", *trainer_args,
+        "-m", module, *trainer_args,
     ])
     config, entrypoint, entry_args = config_from_args(args)
     previous = {sig: signal.signal(sig, forward_to_ranks) for sig in STOP_SIGNALS}
