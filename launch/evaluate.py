@@ -65,9 +65,8 @@ def cmd_eval(args) -> int:
         if args.nproc < 1:
             raise UserError(f"--nproc {args.nproc}: must be >= 1")
         resolve_model_path(Path(args.model))
-        missing = _missing_packages()
-        if missing:
-            raise UserError(f"finetrain eval needs {' and '.join(missing)}: pip install 'finetrain[eval]'")
+        if _missing_packages():
+            raise UserError("finetrain eval runs lm-evaluation-harness: pip install 'finetrain[eval]'")
     except UserError as err:
         return report_user_error(err)
     if args.nproc == 1:
@@ -92,8 +91,7 @@ def rank_arguments(args) -> list[str]:
 def _missing_packages() -> list[str]:
     import importlib.util
 
-    return [name for name, module in (("lm-eval", "lm_eval"), ("sacrebleu", "sacrebleu"))
-            if importlib.util.find_spec(module) is None]
+    return ["lm-eval"] if importlib.util.find_spec("lm_eval") is None else []
 
 
 # --------------------------------------------------------------------------- the model
