@@ -331,8 +331,8 @@ def choice_question(record: dict, names: dict) -> ChoiceQuestion:
             index = int(text)
         elif len(text) == 1 and "A" <= text <= "Z":
             index = ord(text) - ord("A")
-        elif answer in choices:
-            index = choices.index(answer)
+        elif text in [c.strip() for c in choices]:
+            index = [c.strip() for c in choices].index(text)
     if index is None:
         raise RowError(f'field "{names["answer"]}": {_short(answer)} is neither the index of a choice, nor one of the '
                        "labels, a letter or a choice's text")
