@@ -11,8 +11,8 @@ from local disk only (the harness runs with the Hugging Face hub and datasets of
   choice after the harness's default delimiter " ", scored with acc and acc_norm, which is
   how finetrain's own choice eval sets score it;
 - a task YAML file of the harness (its folder is added to the include path);
-- a task or group name, from `--include-path` folders or the harness's own registry (whose
-  data must then be in the local datasets cache).
+- a task or group name: from the `--include-path` folders; without them, from the harness's
+  own registry (whose data must then be in the local datasets cache).
 
 `--nproc N` runs N local ranks under torch's elastic agent (one model per rank; the harness
 splits the documents by rank and gathers the results on rank 0 over torch.distributed).
@@ -49,7 +49,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a checkpoint, a run folder (its newest checkpoint) or a Hugging Face folder")
     parser.add_argument("--tasks", required=True,
                         help="comma-separated: finetrain choice files, harness task YAML files, or task names")
-    parser.add_argument("--include-path", action="append", default=[], help="a folder of harness task YAML files")
+    parser.add_argument("--include-path", action="append", default=[],
+                        help="a folder of harness task YAML files; task names are looked up there (else in the "
+                             "harness's registry)")
     parser.add_argument("--fields", default="",
                         help="field mapping of choice files, e.g. context=ctx,choices=endings,answer=label")
     parser.add_argument("--limit", type=int, help="evaluate the first N documents of each task")
@@ -225,7 +227,7 @@ def resolve_tasks(specs: list[str], include: list[str], fields: dict, folder: Pa
             raise UserError(f"--tasks {spec}: no such file")
         else:
             names.append(spec)
-            registry = True
+            registry = not include  # names from the include paths only, when there are some
     return names, paths, registry
 
 
@@ -267,7 +269,9 @@ def run_eval(args) -> int:
     from trainer.config import cache_root
     from trainer.distributed import init_distributed, shutdown
 
-    dist_info = None
+    import torch.distributed as dist
+
+    dist_info, started_here = None, not dist.is_initialized()
     try:
         dist_info = init_distributed()
         model, tokenizer, default_out = load_model(Path(args.model), merge=not args.no_merge, device=dist_info.device)
@@ -278,7 +282,7 @@ def run_eval(args) -> int:
     except UserError as err:
         return report_user_error(err)
     finally:
-        if dist_info is not None:
+        if dist_info is not None and started_here:
             shutdown()
     if results is None:  # not rank 0
         return 0
