@@ -113,8 +113,9 @@ def eval_config_problems(cfg: Config, check_files: bool = True) -> list[str]:
         if s.metrics is not None:
             errors += _metric_problems(f"{key}.metrics", s.metrics, s.format)
             generated = [m for m in s.metrics if m in GENERATION_METRICS]
-            need(not generated or e.generate > 0, f"{key}.metrics: {', '.join(map(str, generated))} score greedy "
-                 "answers; set data.eval.generate to the number of prompts to answer")
+            need(not generated or e.generate > 0, f"{key}.metrics: {', '.join(map(str, generated))} "
+                 f"score{'s' if len(generated) == 1 else ''} greedy answers; set data.eval.generate to the number "
+                 "of prompts to answer")
         if not isinstance(s.forgetting, bool):
             need(s.forgetting > 0, f"{key}.forgetting: true, false, or a margin > 0 (nats of loss rise, or "
                                    f"accuracy drop), got {s.forgetting}")
