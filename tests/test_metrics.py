@@ -214,6 +214,7 @@ def test_forgetting_warning_by_accuracy(tmp_path, general_model, trains_the_answ
     which warns once, naming the set, the step and the drop, and the summary shows it before
     and after; fine-tuning on the task with the general text rehearsed leaves it where it was."""
     cfg = forgetting_config(tmp_path, general_model, general_weight=1.0)
+    cfg["train"]["max_steps"] = 20
     bench = write_jsonl(tmp_path / "data" / "cloze.jsonl", cloze_rows(24))
     cfg["data"]["eval"]["sets"] = [{"name": "cloze", "path": str(bench), "format": "choice", "forgetting": True}]
     if trains_the_answers_away:  # the second choice's order: "the <subject> <object> <verb> on <day>."
@@ -223,7 +224,7 @@ def test_forgetting_warning_by_accuracy(tmp_path, general_model, trains_the_answ
         cfg["data"]["datasets"] = [{"name": "scrambled", "path": str(path), "format": "text"}]
     proc = run_cli(write_config(cfg, tmp_path / "config.yaml"))
     evals = [r for r in read_metrics(Path(cfg["run"]["output_dir"])) if "eval/cloze/acc" in r]
-    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    assert [r["step"] for r in evals] == [0, 10, 20]
     assert evals[0]["eval/cloze/acc"] >= 0.75, evals[0]  # the pretrained model knows the grammar
     changes = {r["step"]: r["eval/cloze/acc_change"] for r in evals}
     warnings = ACCURACY_WARNING.findall(proc.stderr)
