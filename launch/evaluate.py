@@ -58,7 +58,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
     parser.add_argument("--batch-size", type=int, default=8, help="requests per forward")
     parser.add_argument("--no-merge", action="store_true", help="peft checkpoints: evaluate base + adapter unmerged")
-    parser.add_argument("--out", help="results JSON (default: next to the run, see above)")
+    parser.add_argument("--out", help="results JSON (default: RUN/lm_eval/<checkpoint>.json, or HF_DIR/lm_eval.json)")
 
 
 def cmd_eval(args) -> int:
