@@ -69,7 +69,7 @@ class _Plots:
         self.written: list[tuple[str, str, int, int]] = []  # (file name, title, width, height)
 
     def line(self, name: str, title: str, curves: dict[str, tuple[list, list]], ylabel: str = "",
-             hline: tuple[float, str] | None = None, log_y: bool = False) -> str | None:
+             hline: tuple[float, str] | None = None) -> str | None:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
@@ -83,8 +83,6 @@ class _Plots:
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
         if hline is not None:
             ax.axhline(hline[0], color="tab:red", linestyle="--", linewidth=1, label=hline[1])
-        if log_y and all(v > 0 for _, values in curves.values() for v in values):
-            ax.set_yscale("log")
         ax.set_title(title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
@@ -115,7 +113,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         old.unlink()
     plots = _Plots(folder)
     steps = [r for r in records if "loss" in r]
-    sections = [("Training", [plots.line(name, title, {key: _series(steps, key) for key in keys}, log_y=name == "lr")
+    sections = [("Training", [plots.line(name, title, {key: _series(steps, key) for key in keys})
                               for name, title, keys in STEP_PLOTS])]
     memory = sorted({k for r in steps for k in r if k.startswith("memory/")})
     sections[0][1].append(plots.line("memory", "peak memory (GiB)", {k.split("/", 1)[1]: _series(steps, k)
