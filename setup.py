@@ -24,6 +24,8 @@ setup(
         "pyarrow>=15",  # Parquet read in batches (also a dependency of datasets)
         "submitit>=1.5",
         "rouge-score>=0.1.2",  # ROUGE-L of generated answers (data.eval.generate)
+        "sacrebleu>=2.4",  # BLEU and chrF of generated answers (data.eval.metrics)
+        "matplotlib>=3.7",  # the plots of report.html, written at the end of every run
     ],
     extras_require={
         # DeepSpeed compiles against the installed torch: pip install --no-build-isolation
@@ -36,6 +38,8 @@ setup(
         # real models and text used by the demo configs, benchmarks and tests
         "data": ["gguf>=0.10", "gensim>=4.3"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # `finetrain eval`: lm-evaluation-harness on a checkpoint, a run folder or a HF folder
+        "eval": ["lm-eval>=0.4.9"],
         # bench/vs_peers.py runs TRL's SFTTrainer as one of finetrain's peers; nothing else imports it
         "bench": ["trl>=1.16"],
     },

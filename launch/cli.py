@@ -1,4 +1,4 @@
-"""The `finetrain` command: train, prepare, submit, export, estimate.
+"""The `finetrain` command: train, prepare, submit, export, estimate, eval, report.
 
 `finetrain train` validates the config in this process first, so a bad key stops
 before any worker or process group starts; with --nproc N (and --nnodes M) it then runs
@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from launch.evaluate import add_eval_parser
 from launch.submit import add_submit_parser
 from trainer.config import load_config
 from trainer.errors import UserError, report_user_error
@@ -92,6 +93,17 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from trainer.report import write_report
+
+    try:
+        path = write_report(Path(args.run_dir))
+    except UserError as err:
+        return report_user_error(err, None)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetrain", description="Distributed fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.set_defaults(run=cmd_estimate)
 
     add_submit_parser(sub)
+    add_eval_parser(sub)
+
+    report = sub.add_parser("report", help="write report.html with plots from a run folder")
+    report.add_argument("run_dir", help="a run folder (run.output_dir)")
+    report.set_defaults(run=cmd_report)
     return parser
 
 

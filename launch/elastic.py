@@ -70,10 +70,10 @@ def default_rdzv_id(output_dir: str) -> str:
 
 def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
               rdzv_id: str | None = None, scratch: Path | None = None, run_dir: Path | None = None,
-              init_timeout_s: float = 300) -> int:
-    """Run `python -m trainer *trainer_args` as `nproc` ranks on this node of `nnodes`; returns
-    the exit code for the command line. With `run_dir`, the ranks log into `run_dir/logs` and are
-    watched for hangs (launch/watch.py)."""
+              init_timeout_s: float = 300, module: str = "trainer") -> int:
+    """Run `python -m trainer *trainer_args` (or another `module`) as `nproc` ranks on this node
+    of `nnodes`; returns the exit code for the command line. With `run_dir`, the ranks log into
+    `run_dir/logs` and are watched for hangs (launch/watch.py)."""
     from launch.watch import RankWatch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -91,7 +91,7 @@ def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoin
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0" if single_node else rdzv_endpoint,
         "--rdzv-id", uuid.uuid4().hex if single_node else rdzv_id,
         "--signals-to-handle", AGENT_SIGNALS, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
-        "-m", "trainer", *trainer_args,
+        "-m", module, *trainer_args,
     ])
     config, entrypoint, entry_args = config_from_args(args)
     watch = RankWatch(run_dir, init_timeout_s, child_pids) if run_dir is not None else None

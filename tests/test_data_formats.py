@@ -310,3 +310,66 @@ def test_bad_tokenized_row_is_named_by_file_and_line(tmp_path, tiny_tokenizer, b
 def test_tokenized_data_with_a_trained_tokenizer_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="data.datasets.0.format: tokenized data needs the tokenizer it was tokenized"):
         plan_run(config(tmp_path, [{"input_ids": [5, 6]}], fmt="tokenized")[0], 1, "cpu")
+
+
+# --------------------------------------------------------------------------- choice (eval only)
+
+MMLU = {"question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"], "answer": 1, "subject": "math"}
+HELLASWAG = {"ctx": "A man is sitting on a roof. He", "endings": ["is using wrap.", "starts pulling up roofing.",
+                                                                   "is ripping level tiles.", "holds a rubik's cube."],
+             "label": "3"}
+ARC = {"question": "Which is a mammal?", "choices": {"text": ["shark", "whale", "trout"], "label": ["A", "B", "C"]},
+       "answerKey": "B"}
+ARC_NUMERIC = {"question": "Which is a gas?", "choices": {"text": ["ice", "steam", "water", "snow"],
+                                                          "label": ["1", "2", "3", "4"]}, "answerKey": "1"}
+
+
+@pytest.mark.parametrize("record,fields,expected", [
+    (MMLU, {"context": "question"}, ("What is 2 + 2?", ("3", "4", "5", "22"), 1)),
+    (HELLASWAG, {"context": "ctx", "choices": "endings", "answer": "label"}, (HELLASWAG["ctx"], tuple(HELLASWAG["endings"]), 3)),
+    (ARC, {"context": "question", "choices": "choices.text", "labels": "choices.label", "answer": "answerKey"},
+     ("Which is a mammal?", ("shark", "whale", "trout"), 1)),
+    # ARC's numeric labels are labels, not indices: "1" is the first choice
+    (ARC_NUMERIC, {"context": "question", "choices": "choices.text", "labels": "choices.label", "answer": "answerKey"},
+     ("Which is a gas?", ("ice", "steam", "water", "snow"), 0)),
+    ({**MMLU, "answer": "C"}, {"context": "question"}, ("What is 2 + 2?", ("3", "4", "5", "22"), 2)),  # a letter
+    ({"context": "2 + 2 =", "choices": ["three", "four"], "answer": "four"}, {}, ("2 + 2 =", ("three", "four"), 1)),
+    ({**MMLU, "answer": "five"}, {"context": "question"}, None),
+], ids=["mmlu", "hellaswag", "arc", "arc-numeric-labels", "letter", "text", "unknown"])
+def test_choice_records_of_mmlu_hellaswag_and_arc_shape(record, fields, expected):
+    from trainer.data.formats import RowError, choice_question
+
+    names = field_names("choice", fields, "k")
+    if expected is None:
+        with pytest.raises(RowError, match="neither the index of a choice, nor one of the labels, a letter or"):
+            choice_question(record, names)
+        return
+    q = choice_question(record, names)
+    assert (q.context, q.choices, q.answer) == expected
+
+
+CHOICE_BAD_ROWS = [
+    ({"choices": ["a", "b"], "answer": 0}, 'missing field "context"'),
+    ({"context": "c", "choices": ["a"], "answer": 0}, 'field "choices" must be a list of at least 2 non-empty strings'),
+    ({"context": "c", "choices": ["a", ""], "answer": 0}, 'field "choices" must be a list of at least 2 non-empty strings'),
+    ({"context": "c", "choices": ["a", "b"], "answer": 2}, 'field "answer": 2 is not among the 2 choices'),
+    ({"context": "c", "choices": ["a", "b"], "answer": "maybe"}, """field "answer": 'maybe' is neither the index"""),
+    ({"context": "c", "choices": ["a", "b"], "answer": 1, "labels": ["A"]}, 'field "labels" must be a list as long'),
+]
+
+
+@pytest.mark.parametrize("bad,message", CHOICE_BAD_ROWS, ids=[m[:40] for _, m in CHOICE_BAD_ROWS])
+def test_bad_choice_row_is_named_by_file_and_line(tmp_path, tiny_tokenizer, bad, message):
+    """Read as an eval set of a run: the file and line of the bad row, and what is wrong."""
+    from trainer.multiple_choice import build_choice_sets
+
+    good = {"context": "Two plus two is", "choices": ["four", "five"], "answer": 0}
+    bench = write_jsonl(tmp_path / "bench.jsonl", [good, good, bad])
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "model.config={model_type: llama}",
+                             "model.tokenizer=train-bpe", "model.config.vocab_size=320",
+                             f"data.datasets=[{{path: {bench}}}]", f"data.cache_dir={tmp_path / 'cache'}",
+                             "train.max_steps=1", f"data.eval.sets=[{{path: {bench}, format: choice}}]"])
+    with pytest.raises(DataError, match=re.escape(f"{bench}:3: ") + re.escape(message)):
+        build_choice_sets(cfg, tiny_tokenizer, "sdpa")
+    cfg.data.on_bad_row = "skip"
+    assert len(build_choice_sets(cfg, tiny_tokenizer, "sdpa")["bench"].questions) == 2

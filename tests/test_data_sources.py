@@ -94,7 +94,7 @@ def test_tokenization_is_cached_by_content_and_tokenizer(tmp_path, tiny_tokenize
 
 
 BUILTIN_SIZES = {"toy-chat": (2000, 2000), "chatterbot": (500, 5000), "gensim-lee": (250, 400),
-                 "gensim-wiki": (50, 200), "polarity": (200, 200), "newsgroups": (150, 200)}
+                 "gensim-wiki": (50, 200), "polarity": (200, 200), "newsgroups": (150, 200), "lee-cloze": (90, 110)}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
@@ -103,6 +103,15 @@ def test_builtin_data_sets_build_and_tokenize(tmp_path, tmp_path_factory, tiny_t
     fmt = BUILTINS[name][0]
     path = materialize(f"builtin:{name}", cache)
     assert materialize(f"builtin:{name}", cache) == path  # built once
+    if fmt == "choice":  # an eval set: read as questions, not tokenized into the training cache
+        from trainer.data.formats import choice_question, field_names
+
+        questions = [choice_question(json.loads(line), field_names("choice", {}, "k"))
+                     for line in path.read_text().splitlines()]
+        assert BUILTIN_SIZES[name][0] <= len(questions) <= BUILTIN_SIZES[name][1]
+        assert all(len(q.choices) == 4 and len(set(q.choices)) == 4 for q in questions)
+        assert path.read_bytes() == materialize(f"builtin:{name}", tmp_path / "again").read_bytes()  # deterministic
+        return
     data = tokenize(path, fmt, tiny_tokenizer, tmp_path / "cache", f"builtin:{name}")
     low, high = BUILTIN_SIZES[name]
     assert low <= len(data) <= high and data.skipped == 0

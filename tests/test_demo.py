@@ -1,6 +1,8 @@
 """The main job's pieces (configs/smollm2-demo.yaml, `make demo`) on slices: the converted
-SmolLM2 is a language model, held-out questions never train, a short LoRA run on two FSDP
-ranks lowers the chat eval loss, and the closing summary shows the answers side by side."""
+SmolLM2 is a language model, held-out questions never train, nor does any example of the
+general benchmark, a short LoRA run on two FSDP ranks lowers the chat eval loss, and the
+closing summary shows the answers side by side, the benchmark's accuracy before and after,
+and ends with the report's path."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from conftest import REPO
 from runs import read_metrics, run_cli
-from trainer.config import load_config
+from trainer.config import cache_root, load_config
 from trainer.data.loader import build_train_loader, held_out_conversations
 from trainer.data.builtin import _gensim_lee
 from trainer.models import build_model, load_tokenizer
@@ -61,6 +63,36 @@ def test_held_out_questions_never_appear_in_training_rows(demo):
     assert loader.stats["chat/held_out_prompt_twins"] > 0  # the corpus's repeats of held-out questions
 
 
+def test_the_general_benchmark_shares_no_example_with_training_data(demo):
+    """news_cloze (builtin:lee-cloze) is built from lee.cor's stories: none of its contexts or
+    choices is in any document of the demo's training sources (gensim-lee, chatterbot), of
+    which the run trains on a part; it is a forgetting check scored by accuracy."""
+    from trainer.data.builtin import materialize
+    from trainer.eval_sets import declared_sets, forgetting_checks
+
+    cfg, _ = demo
+    (bench,) = [s for s in declared_sets(cfg) if s.format == "choice"]
+    assert (bench.name, bench.path, bench.forgetting) == ("news_cloze", "builtin:lee-cloze", True)
+    assert forgetting_checks(cfg)["news_cloze"] == cfg.logging.forgetting_warn
+    cache = cache_root(cfg)
+    questions = [json.loads(line) for line in materialize(bench.path, cache).read_text().splitlines()]
+    assert len(questions) >= bench.max_examples
+    training = []
+    for ds in cfg.data.datasets:
+        for line in materialize(ds.path, cache).read_text().splitlines():
+            row = json.loads(line)
+            training += [row["text"]] if "text" in row else [m["content"] for m in row["messages"]]
+    corpus = "\n".join(training)
+    pieces = {p for q in questions for p in [q["context"], *q["choices"]]}
+    assert len(pieces) > 150  # every sentence of lee.cor's stories, and the contexts they form
+    shared = [p for p in pieces if p in corpus]
+    assert not shared, shared[:3]
+    # the check has teeth: the same test on the training stories finds them
+    lee = [row for ds in cfg.data.datasets if ds.path == "builtin:gensim-lee"
+           for row in materialize(ds.path, cache).read_text().splitlines()]
+    assert json.loads(lee[0])["text"][:200] in corpus
+
+
 @pytest.mark.slow
 def test_a_short_lora_run_lowers_the_chat_loss_and_prints_the_answers(tmp_path):
     """The demo recipe cut to 4 steps of 4 rows on its 2 FSDP ranks: the chat eval loss falls,
@@ -69,7 +101,7 @@ def test_a_short_lora_run_lowers_the_chat_loss_and_prints_the_answers(tmp_path):
     proc = run_cli(DEMO, "--nproc", "2", f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
                    "train.max_steps=4", "train.global_batch_size=4", "data.seq_len=128",
                    "data.eval.max_examples=16", "data.eval.generate=2", "data.eval.max_new_tokens=12",
-                   "logging.progress_bar=false", timeout=900)
+                   "data.eval.sets.0.max_examples=8", "logging.progress_bar=false", timeout=900)
     evals = [r for r in read_metrics(tmp_path / "run") if "eval/chat/loss" in r]
     assert [r["step"] for r in evals] == [0, 4]
     assert evals[-1]["eval/chat/loss"] < evals[0]["eval/chat/loss"] - 0.05, evals
@@ -82,3 +114,9 @@ def test_a_short_lora_run_lowers_the_chat_loss_and_prints_the_answers(tmp_path):
             assert re.search(re.escape(label) + r" +" + re.escape(" ".join(answer[key]["answer"].split())[:40]),
                              proc.stdout), (label, proc.stdout)
     assert "forgetting general: loss change" in proc.stdout
+    bench = [r for r in read_metrics(tmp_path / "run") if "eval/news_cloze/acc" in r]
+    assert [r["step"] for r in bench] == [0, 4]
+    before, after = (r["eval/news_cloze/acc"] for r in bench)
+    assert f"forgetting news_cloze: accuracy {before:.4f} -> {after:.4f}" in proc.stdout
+    assert re.search(r"eval news_cloze +acc [\d.]+ -> [\d.]+, acc_norm [\d.]+ -> [\d.]+ \(step 0 -> 4\)", proc.stdout)
+    assert proc.stdout.rstrip().endswith(f"report:     {tmp_path / 'run' / 'report.html'}")

@@ -1,5 +1,5 @@
-"""Task metrics on hand-made strings and confusion matrices; prompts, stop tokens and padding of
-generation; the forgetting warning; the run summary."""
+"""Prompts, stop tokens and padding of generation; the forgetting warning (loss and accuracy);
+the run summary."""
 
 from __future__ import annotations
 
@@ -7,67 +7,13 @@ import pytest
 import torch
 
 from conftest import TINY_LLAMA, planned
-from trainer.config import Config, DatasetConfig
+from trainer.config import Config, DatasetConfig, EvalSetConfig
 from trainer.distributed import init_distributed
 from trainer.evaluate import ForgettingMonitor
 from trainer.generate import greedy_generate, split_last_answer, stop_token_ids
 from trainer.models import build_model
 from trainer.parallel import build_strategy
 from trainer.summary import RunSummary
-from trainer.task_metrics import (
-    answer_scores,
-    classification_scores,
-    exact_match,
-    normalize_answer,
-    rouge_l,
-    token_f1,
-)
-
-
-def test_answers_are_normalised_as_squad_does():
-    assert normalize_answer("  The Eiffel   Tower!  ") == "eiffel tower"
-    assert normalize_answer("An apple, a pear; the end.") == "apple pear end"
-    assert normalize_answer("theatre another") == "theatre another"  # articles only as whole words
-
-
-def test_exact_match_after_normalisation():
-    assert exact_match("The Eiffel Tower.", "eiffel tower") == 1.0
-    assert exact_match("Eiffel Tower, Paris", "Eiffel Tower") == 0.0
-
-
-def test_token_f1_counts_shared_words_as_a_bag():
-    # prediction "cat sat on mat" (4 words), reference "cat on mat" (3): 3 shared -> P 3/4, R 1
-    assert token_f1("the cat sat on the mat", "a cat on a mat") == pytest.approx(6 / 7)
-    # "red" thrice vs once and "blue" once vs twice share 2 words: P 2/4, R 2/3
-    assert token_f1("red red red blue", "red blue blue") == pytest.approx(4 / 7)
-    assert token_f1("green", "red blue") == 0.0
-    assert token_f1("", "") == 1.0 and token_f1("The.", "") == 1.0  # both empty after normalisation
-    assert token_f1("red", "") == 0.0
-
-
-def test_rouge_l_is_the_longest_common_subsequence_f_measure():
-    # LCS "the cat on the mat" = 5 words: P 5/6, R 5/5
-    assert rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(10 / 11)
-    # order matters for ROUGE-L but not for token F1: LCS of "c b a" and "a b c" is 1 word
-    assert rouge_l("cat bird dog", "dog bird cat") == pytest.approx(1 / 3)
-    assert token_f1("cat bird dog", "dog bird cat") == 1.0
-    assert answer_scores("Paris", "paris") == {"rougeL": 1.0, "exact_match": 1.0, "f1": 1.0}
-
-
-def test_accuracy_and_macro_f1_from_a_confusion_matrix():
-    confusion = torch.tensor([[3, 1], [2, 4]])  # rows: true class, columns: predicted
-    scores = classification_scores(confusion)
-    assert scores["accuracy"] == pytest.approx(7 / 10)
-    # F1 of class 0: 2*3 / (4 + 5); of class 1: 2*4 / (6 + 5)
-    assert scores["macro_f1"] == pytest.approx((6 / 9 + 8 / 11) / 2)
-    # a class that is neither a reference nor a prediction is left out of the average
-    three = torch.zeros(3, 3)
-    three[:2, :2] = confusion
-    assert classification_scores(three)["macro_f1"] == pytest.approx(scores["macro_f1"])
-    # always predicting the majority class (70 %): F1 2*70/170 for it, 0 for the other, so
-    # macro-F1 p/(1+p) < 0.5 however large the majority
-    majority = classification_scores(torch.tensor([[0, 30], [0, 70]]))
-    assert majority == pytest.approx({"accuracy": 0.7, "macro_f1": 0.7 / 1.7})
 
 
 def test_prompt_is_the_conversation_before_the_last_answer():
@@ -84,24 +30,49 @@ def test_answers_stop_at_the_token_that_closes_an_assistant_turn(tiny_tokenizer)
 
 
 def test_forgetting_warns_once_per_rehearsal_dataset(caplog):
-    monitor = ForgettingMonitor(0.1, rehearsal={"general"}, is_main=True)
-    first = monitor.add_loss_change(0, {"eval/task/loss": 2.0, "eval/general/loss": 3.0})
+    monitor = ForgettingMonitor({"general": 0.1}, is_main=True)
+    first = monitor.add_changes(0, {"eval/task/loss": 2.0, "eval/general/loss": 3.0})
     assert first["eval/general/loss_change"] == 0.0
     with caplog.at_level("WARNING", logger="finetrain"):
-        monitor.add_loss_change(10, {"eval/task/loss": 2.5, "eval/general/loss": 3.05})
+        monitor.add_changes(10, {"eval/task/loss": 2.5, "eval/general/loss": 3.05})
         assert not caplog.records  # 0.05 nats; the task's rise is not forgetting
-        later = monitor.add_loss_change(20, {"eval/task/loss": 2.5, "eval/general/loss": 3.25})
-        monitor.add_loss_change(30, {"eval/task/loss": 2.5, "eval/general/loss": 3.5})
+        later = monitor.add_changes(20, {"eval/task/loss": 2.5, "eval/general/loss": 3.25})
+        monitor.add_changes(30, {"eval/task/loss": 2.5, "eval/general/loss": 3.5})
     assert later["eval/general/loss_change"] == pytest.approx(0.25)
     assert len(caplog.records) == 1
     assert "general at step 20 is 0.2500 nats above step 0" in caplog.records[0].getMessage()
+
+
+def test_forgetting_by_accuracy_warns_once_when_it_drops_past_its_margin(caplog):
+    """A benchmark marked as a forgetting check warns once its `acc` is more than its margin
+    below step 0; a rise, a smaller drop, acc_norm alone, or a set that is no check do not."""
+    monitor = ForgettingMonitor({"bench": 0.05, "general": None}, is_main=True)
+    first = monitor.add_changes(0, {"eval/bench/acc": 0.60, "eval/bench/acc_norm": 0.50,
+                                    "eval/other/acc": 0.9, "eval/general/acc": 0.5})
+    assert first["eval/bench/acc_change"] == 0.0 and first["eval/bench/acc_norm_change"] == 0.0
+    with caplog.at_level("WARNING", logger="finetrain"):
+        monitor.add_changes(10, {"eval/bench/acc": 0.70, "eval/bench/acc_norm": 0.30,  # acc_norm alone fell
+                                 "eval/other/acc": 0.1, "eval/general/acc": 0.1})  # no check / no margin
+        monitor.add_changes(20, {"eval/bench/acc": 0.56, "eval/bench/acc_norm": 0.50})  # 0.04 below
+        assert not caplog.records
+        later = monitor.add_changes(30, {"eval/bench/acc": 0.50, "eval/bench/acc_norm": 0.50})
+        monitor.add_changes(40, {"eval/bench/acc": 0.25, "eval/bench/acc_norm": 0.25})
+    assert later["eval/bench/acc_change"] == pytest.approx(-0.1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "forgetting: accuracy of bench at step 30 is 0.1000 below step 0 (0.6000 -> 0.5000), past its margin 0.05; "
+        "a larger rehearsal weight or a lower optim.lr keeps it up"]
+    restored = ForgettingMonitor({"bench": 0.05}, is_main=True)
+    restored.load_state_dict(monitor.state_dict())  # a resumed run neither re-baselines nor warns again
+    assert restored.add_changes(50, {"eval/bench/acc": 0.2})["eval/bench/acc_change"] == pytest.approx(-0.4)
+    assert len(caplog.records) == 1
 
 
 def test_summary_keeps_first_best_last_forgetting_and_answers(tmp_path, capsys):
     cfg = Config()
     cfg.run.output_dir = str(tmp_path)
     cfg.data.datasets = [DatasetConfig(name="task", weight=0.9), DatasetConfig(name="general", weight=0.1)]
-    summary = RunSummary(cfg, ("general",), is_main=True)
+    cfg.data.eval.fraction = 0.1
+    summary = RunSummary(cfg, is_main=True)
     for step, loss, change in ((0, 3.0, 0.0), (10, 2.5, 0.3), (20, 2.7, 0.1)):
         summary.observe_eval(step, {"eval/general/loss": loss, "eval/general/loss_change": change,
                                     "eval/task/loss": loss, "eval/task/loss_change": change})
@@ -138,3 +109,26 @@ def test_left_padded_prompts_answer_as_each_prompt_alone(tiny_tokenizer, attenti
     alone = greedy_generate(strategy, prompts, 1, tiny_tokenizer.pad_token_id, stops, max_new_tokens=10)
     assert len({len(answer) for answer in alone}) > 3  # answers end at different steps
     assert greedy_generate(strategy, prompts, 8, tiny_tokenizer.pad_token_id, stops, max_new_tokens=10) == alone
+
+
+def test_summary_shows_a_benchmarks_accuracy_before_and_after(tmp_path, capsys):
+    """A choice set marked as a forgetting check: summary.json keeps its accuracy at step 0,
+    at the end and its lowest change; its best evaluation is its highest accuracy; the console
+    shows acc and acc_norm from step 0 to the end, and ends with the report's path."""
+    cfg = Config()
+    cfg.run.output_dir = str(tmp_path)
+    cfg.data.datasets = [DatasetConfig(name="task", path="task.jsonl")]
+    cfg.data.eval.sets = [EvalSetConfig(name="bench", path="bench.jsonl", format="choice", forgetting=0.05)]
+    summary = RunSummary(cfg, is_main=True)
+    for step, acc in ((0, 0.6), (10, 0.7), (20, 0.4), (30, 0.5)):
+        summary.observe_eval(step, {"eval/bench/acc": acc, "eval/bench/acc_norm": acc / 2,
+                                    "eval/bench/acc_change": acc - 0.6, "eval/bench/acc_norm_change": acc / 2 - 0.3})
+    written = summary.write("finished", 30, 30, 100, None)
+    assert written["forgetting"] == {"bench": {"acc_before": 0.6, "acc": 0.5, "acc_change": pytest.approx(-0.1),
+                                               "min_acc_change": pytest.approx(-0.2), "min_at_step": 20}}
+    assert written["eval"]["bench"]["best"]["step"] == 10
+    printed = capsys.readouterr().out
+    assert "eval bench  acc 0.6 -> 0.5, acc_norm 0.3 -> 0.25 (step 0 -> 30); best acc 0.7000 at step 10" in printed
+    assert "forgetting bench: accuracy 0.6000 -> 0.5000, -0.1000 since step 0 (lowest -0.2000 at step 20)" in printed
+    assert printed.rstrip().endswith(f"report:     {tmp_path / 'report.html'}")
+    assert (tmp_path / "report.html").is_file()

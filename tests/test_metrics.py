@@ -185,3 +185,56 @@ def test_classification_recipe_beats_the_majority_class(tmp_path):
     majority = float(torch.bincount(labels).max()) / len(labels)
     assert final["eval/polarity/accuracy"] > majority, (final, majority)
     assert final["eval/polarity/macro_f1"] > 0.7, final
+
+
+ACCURACY_WARNING = re.compile(r"forgetting: accuracy of (\S+) at step (\d+) is ([\d.]+) below step 0")
+
+
+def cloze_rows(n: int, seed: int = 3) -> list[dict]:
+    """A benchmark of the general text's grammar: after 'the <subject>', the sentence in its
+    order among the same words in three other orders."""
+    rng = random.Random(seed)
+    days = "monday tuesday wednesday thursday friday".split()
+    rows = []
+    for _ in range(n):
+        verb, obj, day = (rng.choice(GENERAL_WORDS["verb"]), rng.choice(GENERAL_WORDS["object"]), rng.choice(days))
+        choices = [f"{verb} {obj} on {day}.", f"{obj} {verb} on {day}.", f"on {day} {obj} {verb}.",
+                   f"{day} {obj} on {verb}."]
+        answer = rng.randrange(4)
+        choices[0], choices[answer] = choices[answer], choices[0]
+        rows.append({"context": f"the {rng.choice(GENERAL_WORDS['subject'])}", "choices": choices, "answer": answer})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trains_the_answers_away", [True, False])
+def test_forgetting_warning_by_accuracy(tmp_path, general_model, trains_the_answers_away):
+    """A benchmark marked `forgetting: true` that the pretrained model answers well: training on
+    its wrong answers' word order drops its accuracy past logging.forgetting_warn (ten points),
+    which warns once, naming the set, the step and the drop, and the summary shows it before
+    and after; fine-tuning on the task with the general text rehearsed leaves it where it was."""
+    cfg = forgetting_config(tmp_path, general_model, general_weight=1.0)
+    cfg["train"]["max_steps"] = 20
+    bench = write_jsonl(tmp_path / "data" / "cloze.jsonl", cloze_rows(24))
+    cfg["data"]["eval"]["sets"] = [{"name": "cloze", "path": str(bench), "format": "choice", "forgetting": True}]
+    if trains_the_answers_away:  # the second choice's order: "the <subject> <object> <verb> on <day>."
+        scrambled = [{"text": "the " + " ".join(r["text"][4:].split()[i] for i in (0, 2, 1, 3, 4))}
+                     for r in general_rows(200, seed=2)]
+        path = write_jsonl(tmp_path / "data" / "scrambled.jsonl", scrambled)
+        cfg["data"]["datasets"] = [{"name": "scrambled", "path": str(path), "format": "text"}]
+    proc = run_cli(write_config(cfg, tmp_path / "config.yaml"))
+    evals = [r for r in read_metrics(Path(cfg["run"]["output_dir"])) if "eval/cloze/acc" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert evals[0]["eval/cloze/acc"] >= 0.75, evals[0]  # the pretrained model knows the grammar
+    changes = {r["step"]: r["eval/cloze/acc_change"] for r in evals}
+    warnings = ACCURACY_WARNING.findall(proc.stderr)
+    summary = json.loads((Path(cfg["run"]["output_dir"]) / "summary.json").read_text())["forgetting"]["cloze"]
+    assert (summary["acc_before"], summary["acc"]) == (evals[0]["eval/cloze/acc"], evals[-1]["eval/cloze/acc"])
+    assert f"forgetting cloze: accuracy {summary['acc_before']:.4f} -> {summary['acc']:.4f}" in proc.stdout
+    if trains_the_answers_away:
+        first = next(step for step, change in changes.items() if change < -0.1)
+        assert warnings == [("cloze", str(first), f"{-changes[first]:.4f}")], proc.stderr[-3000:]
+        assert evals[-1]["eval/cloze/acc"] < evals[0]["eval/cloze/acc"] - 0.3
+    else:
+        assert min(changes.values()) >= -0.1, changes
+        assert warnings == []

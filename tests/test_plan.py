@@ -63,7 +63,7 @@ def test_the_plan_resolves_what_the_run_decides_once(tmp_path):
     assert plan.accumulation == 2  # 16 rows = micro 2 x 4 ranks x 2
     assert (plan.master_dtype, plan.compute_dtype) == (torch.float32, torch.bfloat16)
     assert plan.attention == "sdpa"  # auto on a CPU
-    assert (plan.primary_dataset, plan.rehearsal_datasets) == ("task", ("general",))
+    assert plan.primary_dataset == "task"
     assert plan.checkpoint_format == "dcp"
     assert plan_run(with_keys(cfg, parallel__strategy="zero3", parallel__replicate=1), 4, "cpu").checkpoint_format \
         == "deepspeed"

@@ -95,16 +95,36 @@ class DatasetConfig:
     fields: dict = field(default_factory=dict)
 
 
+EVAL_FORMATS = Literal["chat", "instruction", "text", "classification", "tokenized", "choice"]
+
+
+@dataclass
+class EvalSetConfig:
+    # One more eval set (trainer/eval_sets.py); `forgetting`: true, or its own margin, makes it a
+    # forgetting check; metrics and max_examples default to data.eval's.
+    name: str = ""
+    path: str = existing("")
+    format: EVAL_FORMATS = "chat"
+    fields: dict = field(default_factory=dict)
+    metrics: Optional[list] = None
+    forgetting: Union[bool, float] = rule(False, lambda v: isinstance(v, bool) or v > 0,
+                                          "true, false, or a margin > 0 (nats of loss rise, or accuracy drop)")
+    max_examples: Optional[int] = positive(None)
+
+
 @dataclass
 class EvalDataConfig:
     # Held-out data: a file (the eval set "eval"), or a fraction of each training dataset set aside.
     path: Optional[str] = existing()
-    format: Literal["chat", "instruction", "text", "classification", "tokenized"] = "chat"
+    format: EVAL_FORMATS = "chat"
+    fields: dict = field(default_factory=dict)
     fraction: float = rule(0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
     max_examples: int = positive(512)
     # Held-out prompts of each chat/instruction eval set answered greedily at every eval (0: none).
     generate: int = at_least(0, 0)
     max_new_tokens: int = positive(64)
+    metrics: list = field(default_factory=lambda: ["rouge_l", "exact_match", "token_f1"])
+    sets: list[EvalSetConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -192,7 +212,8 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     jsonl: bool = True
     progress_bar: bool = True
-    # Nats of eval loss rise over step 0 on a rehearsal set that log a forgetting warning; null: never.
+    # Margin past which a forgetting check warns, once per set: nats of eval loss rise over step 0
+    # (rehearsal sets, sets marked forgetting), or accuracy drop (0.1 = ten points); null: never.
     forgetting_warn: Optional[float] = rule(0.1, lambda v: v > 0,
                                             "nats of eval loss rise, > 0 (or null for no warning)")
     # Peak FLOP/s of one device for MFU; default: a table of GPUs, on CPUs a matmul measured once.

@@ -1,14 +1,17 @@
-"""Evaluation: held-out loss per dataset, task metrics, and the forgetting monitor.
+"""Evaluation: held-out loss per dataset, task metrics, benchmark accuracy, and the
+forgetting monitor.
 
 With rehearsal data mixed in, the general dataset's held-out loss is the forgetting
 monitor: it should stay flat while the task's falls. Every evaluation, step 0
-included, reports each dataset's `loss_change` against step 0, and a rise past
-`logging.forgetting_warn` nats on a rehearsal set (the held-out part of any training
-dataset but the one with the largest weight, which is the task) is warned about once
-per dataset. The task's own eval loss may rise while its accuracy still improves (a
-confident model pays more for each mistake), so it is not warned about. Chat and
-instruction eval sets can also be answered greedily (`data.eval.generate`) and scored
-with ROUGE-L, exact match and token F1; classification sets report accuracy and macro-F1.
+included, reports each dataset's `loss_change` against step 0 (and each choice set's
+`acc_change` and `acc_norm_change`), and a forgetting check (trainer/eval_sets.py: the
+held-out part of any training dataset but the one with the largest weight, which is the
+task, and the sets marked `forgetting`) is warned about once per set when its loss rises,
+or its accuracy drops, by more than its margin. The task's own eval loss may rise while
+its accuracy still improves (a confident model pays more for each mistake), so it is not
+warned about. Chat and instruction eval sets can also be answered greedily
+(`data.eval.generate`) and scored with the set's metrics; classification sets report
+accuracy and macro-F1; choice sets (trainer/multiple_choice.py) `acc` and `acc_norm`.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch
 from trainer.config import Config
 from trainer.data.loader import RunData, build_eval_sets
 from trainer.distributed import DistInfo, all_reduce_max, all_reduce_sum
+from trainer.eval_sets import forgetting_checks
 from trainer.generate import HeldOutGeneration
 from trainer.loss import forward_summed_loss, model_logits, summed_loss
+from trainer.multiple_choice import ChoiceSet, build_choice_sets, evaluate_choice_set
 from trainer.task_metrics import classification_scores
 
 log = logging.getLogger("finetrain")
@@ -82,33 +87,42 @@ def evaluate(strategy, eval_sets: dict, task: str, num_labels: int = 2) -> dict:
 
 
 class ForgettingMonitor:
-    """Each eval dataset's loss change since step 0, with one warning per rehearsal
-    dataset once its loss rises past `warn_at` nats: that rise is forgetting."""
+    """Each eval set's loss change (and each choice set's accuracy change) since step 0, with
+    one warning per forgetting check once its loss rises, or its accuracy (`acc`) drops, by
+    more than its margin."""
 
-    def __init__(self, warn_at: float | None, rehearsal: set[str], is_main: bool):
-        self.warn_at = warn_at
-        self.rehearsal = rehearsal
+    def __init__(self, margins: dict[str, float | None], is_main: bool):
+        self.margins = margins  # forgetting checks: set name -> margin (None: never warn)
         self.is_main = is_main
-        self.baseline: dict[str, float] | None = None  # eval/<dataset>/loss at step 0
+        self.baseline: dict[str, float] | None = None  # eval/<set>/loss, acc, acc_norm at step 0
         self.warned: set[str] = set()
 
-    def add_loss_change(self, step: int, results: dict) -> dict:
-        """`results` with eval/<dataset>/loss_change added (0 at the baseline itself)."""
+    def add_changes(self, step: int, results: dict) -> dict:
+        """`results` with eval/<set>/loss_change, acc_change and acc_norm_change added (0 at
+        the baseline itself)."""
         if self.baseline is None:
-            self.baseline = {k: v for k, v in results.items() if k.endswith("/loss")}
+            self.baseline = {k: v for k, v in results.items() if k.endswith(("/loss", "/acc", "/acc_norm"))}
         changes = {}
         for key, initial in self.baseline.items():
             if key not in results:
                 continue
             change = changes[f"{key}_change"] = results[key] - initial
-            dataset = key.split("/")[1]
-            if self.warn_at is None or change <= self.warn_at or dataset not in self.rehearsal or dataset in self.warned:
+            dataset, metric = key.split("/")[1:3]
+            margin = self.margins.get(dataset)
+            worse = change if metric == "loss" else -change
+            if metric == "acc_norm" or margin is None or worse <= margin or dataset in self.warned:
                 continue
             self.warned.add(dataset)
-            if self.is_main:
+            if not self.is_main:
+                continue
+            if metric == "loss":
                 log.warning("forgetting: eval loss of %s at step %d is %.4f nats above step 0 (%.4f -> %.4f), past "
-                            "logging.forgetting_warn %g; a larger rehearsal weight or a lower optim.lr keeps it down",
-                            dataset, step, change, initial, results[key], self.warn_at)
+                            "its margin %g; a larger rehearsal weight or a lower optim.lr keeps it down",
+                            dataset, step, change, initial, results[key], margin)
+            else:
+                log.warning("forgetting: accuracy of %s at step %d is %.4f below step 0 (%.4f -> %.4f), past its "
+                            "margin %g; a larger rehearsal weight or a lower optim.lr keeps it up",
+                            dataset, step, -change, initial, results[key], margin)
         return {**results, **changes}
 
     def state_dict(self) -> dict:
@@ -120,29 +134,34 @@ class ForgettingMonitor:
 
 class Evaluator:
     """What one evaluation of the run measures, built from `data.eval`: held-out loss per
-    dataset, the task metrics of generated answers, and the change since step 0."""
+    dataset, the task metrics of generated answers, the accuracy of choice sets, and the
+    change since step 0."""
 
-    def __init__(self, cfg: Config, rehearsal: tuple[str, ...], eval_sets: dict, generation: HeldOutGeneration | None,
-                 is_main: bool):
+    def __init__(self, cfg: Config, eval_sets: dict, generation: HeldOutGeneration | None, is_main: bool,
+                 choice_sets: dict[str, ChoiceSet] | None = None):
         self.task = cfg.model.task
         self.num_labels = cfg.model.num_labels
         self.eval_sets = eval_sets
+        self.choice_sets = choice_sets or {}
         self.generation = generation
-        self.forgetting = ForgettingMonitor(cfg.logging.forgetting_warn, set(rehearsal), is_main)
+        self.forgetting = ForgettingMonitor(forgetting_checks(cfg), is_main)
 
     @classmethod
     def from_config(cls, cfg: Config, plan, tokenizer, data: RunData, dist_info: DistInfo) -> "Evaluator":
         eval_sets = build_eval_sets(cfg, tokenizer, plan.attention, dist_info.rank, dist_info.world_size, data)
+        choice_sets = build_choice_sets(cfg, tokenizer, plan.attention)
         generation = HeldOutGeneration.from_config(cfg, tokenizer, dist_info.rank, data)
-        return cls(cfg, plan.rehearsal_datasets, eval_sets, generation, dist_info.is_main)
+        return cls(cfg, eval_sets, generation, dist_info.is_main, choice_sets)
 
     def run(self, strategy, step: int) -> tuple[dict, list[dict]]:
         """(eval/<dataset>/<metric> values, the generated answers); collective."""
-        if not self.eval_sets:
+        if not self.eval_sets and not self.choice_sets:
             return {}, []
-        results = evaluate(strategy, self.eval_sets, self.task, self.num_labels)
+        results = evaluate(strategy, self.eval_sets, self.task, self.num_labels) if self.eval_sets else {}
+        for name, choice_set in self.choice_sets.items():
+            results.update({f"eval/{name}/{k}": v for k, v in evaluate_choice_set(strategy, choice_set).items()})
         generations: list[dict] = []
         if self.generation is not None:
             scores, generations = self.generation.run(strategy, step)
             results.update(scores)
-        return self.forgetting.add_loss_change(step, results), generations
+        return self.forgetting.add_changes(step, results), generations

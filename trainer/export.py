@@ -39,30 +39,41 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     """Write a Hugging Face folder from a checkpoint (or a run folder's newest): the full
     model, the peft adapter (loads with `peft.PeftModel.from_pretrained`), or with `merge`
     the merged model."""
-    from transformers import AutoTokenizer
-
-    from trainer.models import build_model
-    from trainer.peft import is_peft_model, merge_adapter
+    from trainer.peft import is_peft_model
 
     checkpoint = newest_checkpoint(checkpoint)
-    mark = read_mark(checkpoint)
-    cfg = load_config(checkpoint / "config.yaml", check_files=False)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
-    model = build_model(cfg, tokenizer, attention="sdpa")
-    strategy_for_format(mark["format"]).load_weights(checkpoint, model)
-    if merge:
-        if not is_peft_model(model):
-            raise UserError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
-        if cfg.model.quantization != "none":
-            model = dequantized_copy(model, cfg, tokenizer)
-        model = merge_adapter(model)
-    elif is_peft_model(model) and cfg.model.config is not None:
+    model, tokenizer, cfg = trained_model(checkpoint, merge)
+    if merge and cfg.peft.method == "none":
+        raise UserError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
+    if not merge and is_peft_model(model) and cfg.model.config is not None:
         log.warning("the adapter's base model is a random init (model.config); export with --merge for a standalone model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def trained_model(checkpoint: Path, merge: bool = False) -> tuple[torch.nn.Module, object, Config]:
+    """(the model of a complete checkpoint, rebuilt in this process from its own config.yaml
+    and tokenizer with the trained weights loaded; its tokenizer; its config). With `merge` a
+    peft adapter is merged into the weights (a plain transformers model); without, a peft
+    model is returned as base + adapter."""
+    from transformers import AutoTokenizer
+
+    from trainer.models import build_model
+    from trainer.peft import is_peft_model, merge_adapter
+
+    mark = read_mark(checkpoint)
+    cfg = load_config(checkpoint / "config.yaml", check_files=False)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
+    model = build_model(cfg, tokenizer, attention="sdpa")
+    strategy_for_format(mark["format"]).load_weights(checkpoint, model)
+    if merge and is_peft_model(model):
+        if cfg.model.quantization != "none":
+            model = dequantized_copy(model, cfg, tokenizer)
+        model = merge_adapter(model)
+    return model, tokenizer, cfg
 
 
 def dequantized_copy(model: torch.nn.Module, cfg: Config, tokenizer) -> torch.nn.Module:

@@ -126,6 +126,33 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 # ----------------------------------------------------------------------------- the head
 
 
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     targets: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias)[targets], [N] in fp32, a chunk of positions at a
+    time (no gradient: evaluation). Under autocast the matmul runs in the autocast dtype."""
+    device_type = hidden.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+    with torch.no_grad(), torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        for start in range(0, hidden.size(0), chunk):
+            logits = F.linear(hidden[start:start + chunk].to(compute_dtype), w, b).float()
+            picked = logits.gather(1, targets[start:start + chunk, None]).squeeze(1)
+            out[start:start + chunk] = picked - torch.logsumexp(logits, dim=-1)
+    return out
+
+
+@dataclass
+class _LogProbRequest:
+    rows: torch.Tensor  # [N]: row of each position
+    cols: torch.Tensor  # [N]: position within the row (of the input_ids, before any virtual tokens)
+    targets: torch.Tensor  # [N]: the token whose log-probability the position gives
+    length: int  # the rows' length in input_ids
+    result: torch.Tensor | None = None
+
+
 @dataclass
 class _LossRequest:
     is_target: torch.Tensor  # [B, T-1]: position p of row b predicts a target (labels shifted)
@@ -142,7 +169,13 @@ class TargetOnlyHead(nn.Linear):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         request = self.request
-        if request is None or request.loss is not None:
+        if isinstance(request, _LogProbRequest) and request.result is None:
+            rows, length, width = hidden.shape
+            positions = request.rows * length + (length - request.length) + request.cols
+            selected = hidden.reshape(rows * length, width).index_select(0, positions.to(hidden.device))
+            request.result = linear_log_probs(selected, self.weight, self.bias, request.targets.to(hidden.device))
+            return request.result
+        if request is None or getattr(request, "loss", True) is not None:
             return super().forward(hidden)
         rows, length, width = hidden.shape
         # Prompt tuning puts its virtual tokens before the labelled positions: the labels
@@ -218,3 +251,21 @@ def summed_target_loss(model: nn.Module, head: TargetOnlyHead, inputs: dict, is_
                               "set train.fused_loss=false")
         head.output_checked = True
     return loss
+
+
+def head_log_probs(model: nn.Module, head: TargetOnlyHead, inputs: dict, rows: torch.Tensor, cols: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    """Forward through `model`, whose LM head is `head`; the log-probability [N] (fp32) that
+    position (rows[i], cols[i]) gives token targets[i]. Positions may repeat (the context's
+    last position predicts the first token of every choice)."""
+    request = _LogProbRequest(rows, cols, targets, inputs["input_ids"].shape[1])
+    head.request = request
+    try:
+        model(**inputs)
+    finally:
+        head.request = None
+    if request.result is None:
+        name = type(getattr(model, "module", model)).__name__
+        raise ConfigError(f"train.fused_loss: {name} never called its output layer in forward; "
+                          "set train.fused_loss=false")
+    return request.result

@@ -3,8 +3,9 @@
 `data.eval.generate: N` takes the first N held-out conversations of each chat or
 instruction eval set; the prompt is the conversation up to its last assistant turn,
 rendered with the chat template and its generation prompt, and the reference is that
-turn. Answers end at EOS or at the token the template closes an assistant turn with
-(ChatML's `<|im_end|>`), or after `data.eval.max_new_tokens`.
+turn, which the answer is scored against with the set's metrics (trainer/task_metrics.py).
+Answers end at EOS or at the token the template closes an assistant turn with (ChatML's
+`<|im_end|>`), or after `data.eval.max_new_tokens`.
 
 Decoding is collective: under FSDP2 and ZeRO-3 every forward all-gathers parameters,
 so every rank must run the same number of forwards. Prompts are cut into groups of
@@ -26,7 +27,8 @@ import torch.distributed as dist
 
 from trainer.config import Config
 from trainer.data.loader import held_out_conversations
-from trainer.task_metrics import answer_scores, mean_answer_scores
+from trainer.eval_sets import declared_sets
+from trainer.task_metrics import set_scores
 
 log = logging.getLogger("finetrain")
 
@@ -127,8 +129,10 @@ def _until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
 class HeldOutGeneration:
     """The prompts of `data.eval.generate`, answered and scored at every evaluation."""
 
-    def __init__(self, prompts: list[HeldOutPrompt], tokenizer, group_size: int, max_new_tokens: int):
+    def __init__(self, prompts: list[HeldOutPrompt], tokenizer, group_size: int, max_new_tokens: int,
+                 metrics: dict[str, tuple[str, ...]] | None = None):
         self.prompts = prompts
+        self.metrics = metrics or {}  # per data set, the metrics its answers are scored with (default: all per-answer)
         self.tokenizer = tokenizer
         self.group_size = group_size
         self.max_new_tokens = max_new_tokens
@@ -150,19 +154,23 @@ class HeldOutGeneration:
                 text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
                 prompts.append(HeldOutPrompt(name, text, question, reference))
-        return cls(prompts, tokenizer, cfg.train.micro_batch_size, cfg.data.eval.max_new_tokens)
+        metrics = {s.name: s.metrics for s in declared_sets(cfg)}
+        return cls(prompts, tokenizer, cfg.train.micro_batch_size, cfg.data.eval.max_new_tokens, metrics)
 
     def run(self, strategy, step: int) -> tuple[dict, list[dict]]:
-        """({eval/<dataset>/rougeL, exact_match, f1}, one row per prompt for generations.jsonl)."""
+        """({eval/<dataset>/<metric>: the set's score}, one row per prompt for generations.jsonl,
+        with the per-answer scores)."""
         answers = greedy_generate(strategy, self.prompt_ids, self.group_size, self.tokenizer.pad_token_id,
                                   self.stop_ids, self.max_new_tokens)
-        rows, per_dataset = [], {}
-        for prompt, ids in zip(self.prompts, answers):
-            generation = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            scores = answer_scores(generation, prompt.reference)
-            per_dataset.setdefault(prompt.dataset, []).append(scores)
-            rows.append({"step": step, "dataset": prompt.dataset, "prompt": prompt.prompt, "question": prompt.question,
-                         "reference": prompt.reference, "generation": generation, **scores})
-        results = {f"eval/{name}/{key}": value for name, scored in per_dataset.items()
-                   for key, value in mean_answer_scores(scored).items()}
+        generations = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
+        rows, results = [], {}
+        for name in dict.fromkeys(p.dataset for p in self.prompts):
+            members = [i for i, p in enumerate(self.prompts) if p.dataset == name]
+            scored, scores = set_scores([generations[i] for i in members], [self.prompts[i].reference for i in members],
+                                        self.metrics.get(name, ("rouge_l", "exact_match", "token_f1")))
+            results.update({f"eval/{name}/{key}": value for key, value in scores.items()})
+            for i, answer_scores in zip(members, scored):
+                prompt = self.prompts[i]
+                rows.append({"step": step, "dataset": name, "prompt": prompt.prompt, "question": prompt.question,
+                             "reference": prompt.reference, "generation": generations[i], **answer_scores})
         return results, rows

@@ -130,7 +130,7 @@ class Trainer:
         world = dist_info.world_size
         # What the run decides once, checked before anything heavy starts (as `finetrain train` did).
         self.plan = plan = agree(lambda: plan_run(cfg, world, dist_info.device.type))
-        self.summary = RunSummary(cfg, plan.rehearsal_datasets, dist_info.is_main)  # wall time counts from here
+        self.summary = RunSummary(cfg, dist_info.is_main)  # wall time counts from here
         if debug:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.run.seed)

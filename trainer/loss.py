@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.fused_loss import fused_head, summed_target_loss
+from trainer.fused_loss import fused_head, head_log_probs, summed_target_loss
 
 IGNORE_INDEX = -100
 
@@ -60,3 +60,17 @@ def forward_summed_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, ta
         return summed_loss(model_logits(model, inputs, labels), labels, task)
     is_target = labels[..., 1:] != IGNORE_INDEX  # the same shift as summed_loss
     return summed_target_loss(model, head, inputs, is_target, labels[..., 1:][is_target])
+
+
+def target_log_probs(model: nn.Module, inputs: dict, rows: torch.Tensor, cols: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """Forward one micro-batch; the log-probability [N] (fp32) that position (rows[i], cols[i])
+    of `input_ids` gives token targets[i] (positions may repeat): through the target-only head
+    when the model has one (only those positions reach the vocabulary), else from the logits."""
+    head = fused_head(model)
+    if head is not None:
+        return head_log_probs(model, head, inputs, rows, cols, targets)
+    logits = model(**inputs).logits
+    logits = logits[:, logits.size(1) - inputs["input_ids"].shape[1]:]  # after prompt tuning's virtual tokens
+    picked = logits[rows.to(logits.device), cols.to(logits.device)].float()
+    return picked.log_softmax(-1).gather(1, targets.to(logits.device)[:, None]).squeeze(1)

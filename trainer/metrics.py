@@ -205,7 +205,7 @@ class MetricsLogger:
             if "loss" in record:
                 self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                           tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            evals = {k: v for k, v in record.items() if k.startswith("eval/") and k.endswith(("/loss", "/rougeL"))}
+            evals = {k: v for k, v in record.items() if k.startswith("eval/") and k.endswith(("/loss", "/rougeL", "/acc"))}
             if evals:
                 self.progress.write(f"step {record['step']}: " + "  ".join(f"{k}={v:.4f}" for k, v in evals.items()))
 

@@ -1,11 +1,12 @@
 """What a run did, in `summary.json` and once on the console, at its end or at a stop.
 
 Steps, wall time, tokens and tokens/s (over the time spent in optimizer steps, data
-wait included, evaluation and checkpoints not), the first (step 0), best (lowest loss) and
-last evaluation of each dataset, forgetting (each rehearsal dataset's last and largest loss
-change since step 0), the held-out questions with their first and last greedy answers (the
+wait included, evaluation and checkpoints not), the first (step 0), best (lowest loss, or
+highest accuracy for a choice set) and last evaluation of each dataset, forgetting (each
+forgetting check's last and worst loss rise, or accuracy drop, since step 0, with its value
+before and after), the held-out questions with their first and last greedy answers (the
 base model's beside the fine-tuned one's), the newest checkpoint and the command that
-exports it. Wall time and the
+exports it, and the run report (trainer/report.py, written here too). Wall time and the
 evaluations carry over a resume through the checkpoint, so the summary of a resumed
 run covers the whole run.
 """
@@ -13,11 +14,15 @@ run covers the whole run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from trainer.config import Config
+from trainer.eval_sets import forgetting_checks
+
+log = logging.getLogger("finetrain")
 
 
 def eval_by_dataset(results: dict) -> dict[str, dict]:
@@ -32,10 +37,10 @@ def eval_by_dataset(results: dict) -> dict[str, dict]:
 class RunSummary:
     """Collects what the summary reports as the run goes; its state rides in checkpoints."""
 
-    def __init__(self, cfg: Config, rehearsal: tuple[str, ...], is_main: bool):
+    def __init__(self, cfg: Config, is_main: bool):
         self.cfg = cfg
         self.is_main = is_main
-        self.rehearsal = set(rehearsal)
+        self.rehearsal = set(forgetting_checks(cfg))
         self.started = time.monotonic()
         self.seconds_before = 0.0  # wall time of the runs this one resumes
         self.step_seconds = 0.0  # in optimizer steps, over the whole run
@@ -58,12 +63,22 @@ class RunSummary:
             self.last[dataset] = record
             if "loss" in metrics and metrics["loss"] <= self.best.get(dataset, {}).get("loss", float("inf")):
                 self.best[dataset] = record
+            elif "loss" not in metrics and "acc" in metrics and \
+                    metrics["acc"] >= self.best.get(dataset, {}).get("acc", -1.0):
+                self.best[dataset] = record
             if "loss_change" in metrics and dataset in self.rehearsal:
                 change, previous = metrics["loss_change"], self.forgetting.get(dataset)
                 largest = previous if previous and previous["max_loss_change"] >= change else \
                     {"max_loss_change": change, "max_at_step": step}
                 self.forgetting[dataset] = {"loss_change": change, "max_loss_change": largest["max_loss_change"],
                                             "max_at_step": largest["max_at_step"]}
+            elif "acc_change" in metrics and dataset in self.rehearsal:
+                change, previous = metrics["acc_change"], self.forgetting.get(dataset)
+                worst = previous if previous and previous["min_acc_change"] <= change else \
+                    {"min_acc_change": change, "min_at_step": step}
+                self.forgetting[dataset] = {"acc_before": self.first[dataset]["acc"], "acc": metrics["acc"],
+                                            "acc_change": change, "min_acc_change": worst["min_acc_change"],
+                                            "min_at_step": worst["min_at_step"]}
 
     def observe_generations(self, rows: list[dict]) -> None:
         """Keep each question's first answer (the model before training, when the run starts
@@ -104,12 +119,21 @@ class RunSummary:
             "answers": self.answers,
             "checkpoint": str(checkpoint) if checkpoint is not None else None,
             "export_command": export,
+            "report": str(self.cfg.output_dir / "report.html"),
         }
         if self.is_main:
             path = self.cfg.output_dir / "summary.json"
             aside = path.with_name(".summary.json.tmp")
             aside.write_text(json.dumps(summary, indent=2) + "\n")
             os.replace(aside, path)
+            from trainer.report import write_report
+
+            try:
+                write_report(self.cfg.output_dir)
+            except Exception as err:  # the run's results are saved; a report that fails must not hide them
+                log.warning("report.html not written (%s: %s); `finetrain report %s` tries again",
+                            type(err).__name__, err, self.cfg.output_dir)
+                summary["report"] = None
             print(format_summary(summary, path), flush=True)
         return summary
 
@@ -123,11 +147,19 @@ def format_summary(summary: dict, path: Path) -> str:
     for name, evals in summary["eval"].items():
         first, last, best = evals["first"] or evals["last"], evals["last"], evals["best"]
         changes = [f"{k} {first[k]:.4g} -> {v:.4g}" if k in first and first["step"] != last["step"] else f"{k} {v:.4g}"
-                   for k, v in last.items() if isinstance(v, (int, float)) and k not in ("step", "loss_change")]
+                   for k, v in last.items() if isinstance(v, (int, float)) and k != "step" and not k.endswith("_change")]
         span = f" (step {first['step']} -> {last['step']})" if first["step"] != last["step"] else f" (step {last['step']})"
-        best_text = f"; best loss {best['loss']:.4f} at step {best['step']}" if best and best is not last else ""
+        best_text = ""
+        if best and best is not last and best["step"] != last["step"]:
+            key = "loss" if "loss" in best else "acc"
+            best_text = f"; best {key} {best[key]:.4f} at step {best['step']}"
         lines.append(f"  eval {name:<{width}}  " + ", ".join(changes) + span + best_text)
     for name, change in summary["forgetting"].items():
+        if "acc_change" in change:
+            lines.append(f"  forgetting {name}: accuracy {change['acc_before']:.4f} -> {change['acc']:.4f}, "
+                         f"{change['acc_change']:+.4f} since step 0 (lowest {change['min_acc_change']:+.4f} at step "
+                         f"{change['min_at_step']})")
+            continue
         lines.append(f"  forgetting {name}: loss change {change['loss_change']:+.4f} nats since step 0 "
                      f"(largest {change['max_loss_change']:+.4f} at step {change['max_at_step']})")
     answers = [a for a in summary.get("answers", []) if "last" in a]
@@ -148,6 +180,8 @@ def format_summary(summary: dict, path: Path) -> str:
         lines.append(f"  checkpoint: {summary['checkpoint']}")
         lines.append(f"  export:     {summary['export_command']}")
     lines.append(f"  summary:    {path}")
+    if summary.get("report"):
+        lines.append(f"  report:     {summary['report']}")
     return "\n".join(lines)
 
 

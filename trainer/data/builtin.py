@@ -6,6 +6,9 @@ from a deterministic generator or from text that PyPI packages ship (never commi
 - chatterbot (chat): the English conversations of `chatterbot-corpus`.
 - gensim-lee (text): the Lee news corpus from gensim's test data.
 - gensim-wiki (text): the Wikipedia article extract from gensim's test data.
+- lee-cloze (choice): a HellaSwag-style cloze from gensim's `lee.cor` (50 news stories, none
+  of them in `lee_background.cor`, which gensim-lee trains on): the true next sentence of a
+  story among four, the other three from other stories; an evaluation benchmark only.
 - polarity (classification): Pang & Lee sentence polarity from gensim's test data, labels neg/pos.
 - newsgroups (classification): gensim's mini 20-newsgroups sample (alt.atheism vs sci.space),
   message bodies without headers, labels the group names.
@@ -119,6 +122,31 @@ def _gensim_wiki() -> Iterator[dict]:
                 yield {"text": text}
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) > 1]
+
+
+def _lee_cloze() -> Iterator[dict]:
+    """For each story of lee.cor and each of its sentences after the first: the context is up
+    to the two sentences before it, the choices the sentence itself and three sentences of
+    other stories (seeded), in a seeded order."""
+    # Windows-1252 (its pound sign is byte 0xa3); the 50 stories share no sentence with lee_background.cor
+    lines = (_gensim_test_data() / "lee.cor").read_bytes().decode("cp1252").splitlines()
+    stories = [_sentences(line) for line in lines if line.strip()]
+    rng = random.Random(2024)
+    for number, story in enumerate(stories):
+        others = [s for k, other in enumerate(stories) if k != number for s in other]
+        for k in range(1, len(story)):
+            choices = [story[k]] + rng.sample([s for s in others if s != story[k]], 3)
+            order = list(range(4))
+            rng.shuffle(order)
+            yield {"context": " ".join(story[max(0, k - 2):k]), "choices": [choices[i] for i in order],
+                   "answer": order.index(0), "story": number}
+
+
 def _polarity() -> Iterator[dict]:
     # The file is Windows-1252 (its dashes are byte 0x97).
     for line in (_gensim_test_data() / "pang_lee_polarity.cor").read_bytes().decode("cp1252").splitlines():
@@ -167,6 +195,7 @@ BUILTINS: dict[str, tuple[str, int, Callable[[], Iterator[dict]]]] = {
     "chatterbot": ("chat", 1, _chatterbot),
     "gensim-lee": ("text", 1, _gensim_lee),
     "gensim-wiki": ("text", 1, _gensim_wiki),
+    "lee-cloze": ("choice", 1, _lee_cloze),
     "polarity": ("classification", 1, _polarity),
     "newsgroups": ("classification", 1, _newsgroups),
 }

@@ -8,6 +8,8 @@
 - classification: `text` and `label`; an integer class id, or a class name (string).
 - tokenized: `input_ids` from the user's own pipeline, and optional `labels` (the ids
   again where a token is a target, -100 where not; unshifted, as in Hugging Face).
+- choice (evaluation only): a `context`, its `choices` and the `answer` (see
+  `choice_question`), scored by trainer/multiple_choice.py.
 
 Field names are mapped per dataset (`fields: {messages: conversations, role: from,
 content: value}` reads sharegpt, `{prompt: instruction, input: input, response: output}`
@@ -30,6 +32,7 @@ DEFAULT_FIELDS = {
     "text": {"text": "text"},
     "classification": {"text": "text", "label": "label"},
     "tokenized": {"input_ids": "input_ids", "labels": "labels"},
+    "choice": {"context": "context", "choices": "choices", "answer": "answer", "labels": "labels"},
 }
 IGNORE_LABEL = -100
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
@@ -276,6 +279,68 @@ def _integers(record: dict, names: dict, key: str, required: bool) -> np.ndarray
         raise RowError(f"{names[key]}[{i}] is {_short(values[i])}, too large for a token id") from None
 
 
+@dataclass(frozen=True)
+class ChoiceQuestion:
+    context: str
+    choices: tuple[str, ...]
+    answer: int  # index into choices
+
+
+def _field(record: dict, name: str):
+    """`record[name]`, or for a dotted name (`choices.text`) the nested value, when the file
+    has no key of that exact name."""
+    if name in record or "." not in name:
+        return record.get(name)
+    value = record
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def choice_question(record: dict, names: dict) -> ChoiceQuestion:
+    """A multiple-choice question from a record of MMLU, HellaSwag or ARC shape (with
+    `fields` mapping their names: HellaSwag `{context: ctx, choices: endings, answer:
+    label}`, ARC `{context: question, choices: choices.text, labels: choices.label, answer:
+    answerKey}`). The answer is an index; or a string: one of `labels` (ARC's "A" or "1"),
+    else a number ("2", HellaSwag), else a letter (A = the first choice), else a choice's text."""
+    def get(key: str, required: bool = True):
+        value = _field(record, names[key])
+        if value is None and required:
+            shown = f'"{names[key]}"' if names[key] == key else f'"{names[key]}" ({key})'
+            raise RowError(f"missing field {shown}")
+        return value
+
+    context, choices, answer = get("context"), get("choices"), get("answer")
+    if not isinstance(context, str):
+        raise RowError(f'field "{names["context"]}" must be str, got {type(context).__name__} {_short(context)}')
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise RowError(f'field "{names["choices"]}" must be a list of at least 2 non-empty strings, got {_short(choices)}')
+    labels = get("labels", required=False)
+    if labels is not None and (not isinstance(labels, list) or len(labels) != len(choices)):
+        raise RowError(f'field "{names["labels"]}" must be a list as long as the choices, got {_short(labels)}')
+    index = None
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        index = answer
+    elif isinstance(answer, str) and answer.strip():
+        text = answer.strip()
+        if labels is not None and text in [str(label) for label in labels]:
+            index = [str(label) for label in labels].index(text)
+        elif text.lstrip("-").isdigit():
+            index = int(text)
+        elif len(text) == 1 and "A" <= text <= "Z":
+            index = ord(text) - ord("A")
+        elif text in [c.strip() for c in choices]:
+            index = [c.strip() for c in choices].index(text)
+    if index is None:
+        raise RowError(f'field "{names["answer"]}": {_short(answer)} is neither the index of a choice, nor one of the '
+                       "labels, a letter or a choice's text")
+    if not 0 <= index < len(choices):
+        raise RowError(f'field "{names["answer"]}": {_short(answer)} is not among the {len(choices)} choices')
+    return ChoiceQuestion(context, tuple(choices), index)
+
+
 ENCODERS = {
     "chat": ChatEncoder,
     "instruction": InstructionEncoder,
@@ -298,6 +363,10 @@ def record_texts(fmt: str, record: dict, names: dict) -> list[str]:
         if not isinstance(turns, list):
             return []
         return [t[names["content"]] for t in turns if isinstance(t, dict) and isinstance(t.get(names["content"]), str)]
+    if fmt == "choice":
+        choices = _field(record, names["choices"])
+        context = _field(record, names["context"])
+        return [t for t in ([context] + (choices if isinstance(choices, list) else [])) if isinstance(t, str)]
     keys = {"instruction": ("prompt", "input", "response", "system"), "text": ("text",),
             "classification": ("text",)}[fmt]
     return [record[names[k]] for k in keys if isinstance(record.get(names[k]), str)]

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from trainer.config import Config, DatasetConfig, cache_root, dataset_name
+from trainer.eval_sets import declared_sets
 
 from trainer.errors import ConfigError, UserError
 from trainer.data.builtin import builtin_format, is_builtin, materialize
@@ -181,17 +182,20 @@ def _entries(cfg: Config) -> list[tuple[str, str, DatasetConfig]]:
     return [(dataset_name(ds), f"data.datasets.{i}", ds) for i, ds in enumerate(cfg.data.datasets)]
 
 
-def _eval_entry(cfg: Config) -> tuple[str, str, DatasetConfig]:
-    return "eval", "data.eval", DatasetConfig(name="eval", path=cfg.data.eval.path, format=cfg.data.eval.format)
+def _eval_file_entries(cfg: Config) -> list[tuple[str, str, DatasetConfig]]:
+    """The eval sets read from files of their own (`data.eval.path`, `data.eval.sets`), but
+    choice sets (trainer/multiple_choice.py reads those)."""
+    return [(s.name, s.key, DatasetConfig(name=s.name, path=s.path, format=s.format, fields=s.fields))
+            for s in declared_sets(cfg) if not s.held_out and s.format != "choice"]
 
 
 @dataclass
 class RunData:
     """The run's data, tokenized, checked and split once, then shared by training, evaluation
     and generation: the training data sets (over-long, held-out and prompt-twin examples
-    excluded), their weights, the load-time counters, and the evaluation sets (`data.eval.path`
-    as the set "eval", or the held-out fraction of each training data set), each with its
-    config key and data set config."""
+    excluded), their weights, the load-time counters, and the evaluation sets scored by their
+    loss (the held-out fraction of each training data set, or `data.eval.path` as the set "eval",
+    then the `data.eval.sets` but choice sets), each with its config key and data set config."""
 
     train: list[StreamDataset]
     weights: list[float]
@@ -202,7 +206,7 @@ class RunData:
     def load(cls, cfg: Config, tokenizer, report: bool = True, workers: int | None = None,
              progress: bool | None = None) -> "RunData":
         """Warnings about the data are logged when `report` (once per run)."""
-        entries = _entries(cfg) + ([_eval_entry(cfg)] if cfg.data.eval.path else [])
+        entries = _entries(cfg) + _eval_file_entries(cfg)
         sources = _load_sources(cfg, tokenizer, entries, report, workers, progress)
         # Class names get their ids over every data set of the run, evaluation included.
         classes = _class_of_label(sources, cfg.model.num_labels) if cfg.model.task == "sequence_classification" else {}
@@ -229,9 +233,10 @@ class RunData:
             if len(held_out):
                 evaluation.append((key, ds_cfg, StreamDataset(s.name, s.data, held_out, cfg.data.seq_len, splittable,
                                                               classes.get(s.name))))
+        limits = {s.name: s.max_examples for s in declared_sets(cfg)}
         for (_, key, ds_cfg), s in zip(entries[len(train_sources):], eval_sources):
             usable = _usable(s, cfg, {}, report)
-            examples = np.asarray([usable[k] for k in range(min(len(usable), cfg.data.eval.max_examples))])
+            examples = np.asarray([usable[k] for k in range(min(len(usable), limits[s.name]))], dtype=np.int64)
             evaluation.append((key, ds_cfg, StreamDataset(s.name, s.data, examples, cfg.data.seq_len,
                                                           s.data.format == "text", classes.get(s.name))))
         return cls(train, [s.weight for s in train_sources], stats, evaluation)
@@ -311,14 +316,17 @@ def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_
 
 def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int,
                     data: RunData | None = None) -> dict[str, list[Batch]]:
-    """Per eval data set, this rank's evaluation micro-batches. Examples are dealt to ranks
-    round-robin, then packed (within one data set only) or padded."""
+    """Per eval data set scored by its loss (choice sets are not), this rank's evaluation
+    micro-batches. Examples are dealt to ranks round-robin, then packed (within one data set
+    only) or padded."""
     data = data or RunData.load(cfg, tokenizer, report=False)
     result = {}
-    for _, _, ds in data.evaluation:
+    for key, _, ds in data.evaluation:
         if len(ds.examples) < world_size:
-            raise ConfigError(f"data.eval: data set {ds.name!r} has {len(ds.examples)} held-out examples, fewer than "
-                              f"the {world_size} ranks; raise data.eval.fraction")
+            held_out = not key.startswith("data.eval")
+            raise ConfigError(f"{'data.eval' if held_out else key}: data set {ds.name!r} has {len(ds.examples)} "
+                              f"{'held-out ' if held_out or key == 'data.eval' else ''}examples, fewer than the "
+                              f"{world_size} ranks" + ("; raise data.eval.fraction" if held_out else ""))
         pieces = [p for e in ds.examples[rank::world_size] for p in ds.pieces(0, int(e))]
         rows = pack_pieces(pieces, cfg.data.seq_len) if cfg.data.packing else [[p] for p in pieces]
         collate = _collator(cfg, [ds], tokenizer, attention)
