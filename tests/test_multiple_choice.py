@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_LLAMA, TOY_TEXTS, write_jsonl
+from conftest import REPO, TINY_LLAMA, TOY_TEXTS, planned, write_jsonl
 from trainer.config import Config, EvalSetConfig
 from trainer.distributed import init_distributed
 from trainer.models import build_model
@@ -91,7 +91,7 @@ def run_config(tmp: Path, model_dir: Path, bench: Path, **keys) -> Config:
 def finetrain_scores(cfg: Config, attention: str) -> tuple[list[list[float]], dict]:
     """What a run's evaluation computes for the set, on one rank."""
     tokenizer = tokenizer_of(Path(cfg.model.path))
-    strategy = build_strategy(cfg, init_distributed())
+    strategy = build_strategy(cfg, init_distributed(), planned(cfg))
     strategy.setup(strategy.build_model(lambda: build_model(cfg, tokenizer, attention)), total_steps=1)
     choice_set = build_choice_sets(cfg, tokenizer, attention)["bench"]
     lls = choice_log_likelihoods(strategy, choice_set)
