@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -80,7 +79,7 @@ def test_a_stopped_rank_is_named_and_the_others_leave_their_stacks(stand_ins):
 
 def test_without_a_stuck_rank_the_one_waited_for_longest_is_named(stand_ins):
     watch, start = stand_ins
-    ranks = start("data", "compute")  # rank 0 entered its phase first: the others wait for it
+    start("data", "compute")  # rank 0 entered its phase first: the others wait for it
     wait_past_bound()
     assert watch.check()
     assert watch.verdict.startswith("rank 0 ") and "the other ranks were waiting for it" in watch.verdict
