@@ -91,11 +91,27 @@ def _node_local_dir() -> str:
     return "/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir()
 
 
+def sweep_stale(parent: Path, min_age_s: float = 600) -> None:
+    """Remove the folders of watches whose launcher was killed (SIGKILL leaves them behind):
+    old, and none of their ranks alive."""
+    for folder in parent.glob("finetrain-watch-*"):
+        try:
+            if time.time() - folder.stat().st_mtime < min_age_s:
+                continue
+            pids = [json.loads(beat.read_text()).get("pid") for beat in folder.glob("rank-*.json")]
+        except (OSError, ValueError):
+            continue
+        if not any(proc_state(pid) not in ("", "Z", "X") for pid in pids if isinstance(pid, int)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class RankWatch:
     """Watches the ranks that `pids()` lists (the elastic agent's children) from a thread."""
 
     def __init__(self, run_dir: Path, init_timeout_s: float, pids):
-        self.directory = Path(tempfile.mkdtemp(prefix="finetrain-watch-", dir=_node_local_dir()))
+        parent = _node_local_dir()
+        sweep_stale(Path(parent))
+        self.directory = Path(tempfile.mkdtemp(prefix="finetrain-watch-", dir=parent))
         self.log_dir = Path(run_dir) / "logs"
         self.init_timeout_s = init_timeout_s
         self.pids = pids

@@ -1,7 +1,8 @@
-"""Launching N local ranks through `finetrain train --nproc N`: a run, and a crash that must not hang."""
+"""Launching N local ranks through `finetrain train --nproc N`: a run, stops, resumes, and ranks that die or hang."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import pytest
 from conftest import REPO
 from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
 from trainer.checkpoint import complete_checkpoints
+from trainer.faults import WATCH_DIR_ENV
 
 
 def children(pid: int) -> list[int]:
@@ -182,6 +184,21 @@ def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path, reference_curv
     assert_follows(step_losses(out), reference_curve, 40)
 
 
+def stop_during_a_step(pid: int) -> dict:
+    """SIGSTOP rank `pid` while its heartbeat says it is in a step, not in a checkpoint or an
+    evaluation (those run under the longer parallel.init_timeout_s); returns that heartbeat."""
+    environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+    beat_file = Path(environ[WATCH_DIR_ENV.encode()].decode()) / f"rank-{int(environ[b'RANK'])}.json"
+    deadline = time.time() + 60
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        beat = json.loads(beat_file.read_text())  # what the launcher sees: a stopped rank writes no more
+        if beat["phase"] in ("data", "compute", "end of step") or time.time() > deadline:
+            return beat
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_a_stopped_rank_ends_the_run_named_with_the_stacks_and_the_run_resumes_exactly(tmp_path, reference_curve):
     """SIGSTOP one of 2 ranks after step 3 with parallel.step_timeout_s=20: the launcher exits 4
@@ -199,7 +216,8 @@ def test_a_stopped_rank_ends_the_run_named_with_the_stacks_and_the_run_resumes_e
         wait_for_losses(out, 3, [launcher])
         ranks = rank_pids(launcher.pid)
         stopped_at = time.time()
-        os.kill(ranks[1], signal.SIGSTOP)
+        beat = stop_during_a_step(ranks[1])
+        assert beat["step"] >= 3, beat  # step 3 done (metrics.jsonl has it), or a later one under way
         code = launcher.wait(timeout=120)
         took = time.time() - stopped_at
     finally:

@@ -104,12 +104,15 @@ class Watch:
 
     def enter(self, phase: str, step: int | None = None) -> None:
         bound, key = self.bound(phase)
+        bound_changed = bound != self.state[3]
         self.state = (self.state[0] if step is None else step, phase, time.monotonic(), bound, key)
         self.apply_collective_timeout(bound)
         if phase != "finishing":
             self.work = (self.state[0], phase, self.collective_bound_s or 0.0)
-        if self.directory is not None:  # on file at once, or within WRITE_EVERY_S by the thread
-            if time.monotonic() - self._written_at > WRITE_EVERY_S:
+        # On file at once when the bound changes (the launcher never applies a shorter bound than
+        # the rank's), else at once or within WRITE_EVERY_S by the thread.
+        if self.directory is not None:
+            if bound_changed or time.monotonic() - self._written_at > WRITE_EVERY_S:
                 self._write()
             else:
                 self._changed.set()
