@@ -45,19 +45,28 @@ class ModelConfig:
     # by bitsandbytes as they load, and stay frozen; the adapter, embeddings, norms and head keep `dtype`.
     quantization: Literal["none", "nf4"] = "none"
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager", "varlen_reference"] = "auto"
+    # The base model's attention and hidden dropout while fine-tuning (null: as the model's config
+    # has it); refused for architectures without any (trainer/models.py).
+    dropout: Optional[float] = None
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     num_labels: int = 2
 
 
 @dataclass
 class PeftConfig:
-    method: Literal["none", "lora", "dora", "ia3", "prompt_tuning", "prefix_tuning"] = "none"
+    # none; any method of the installed peft by name (lora, loha, lokr, oft, vera, adalora, ia3,
+    # ln_tuning, prompt_tuning, prefix_tuning, ...); dora (LoRA with weight decomposition); or
+    # bottleneck (finetrain's adapter modules, trainer/adapters.py). Checked in trainer/peft.py.
+    method: str = "none"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     # Module names, or "all-linear" (every linear layer but the output head).
     target_modules: Union[str, list] = "all-linear"
     num_virtual_tokens: int = 16  # prompt and prefix tuning
+    # Any other key of the method's config (peft's LoHaConfig, OFTConfig, ...; bottleneck:
+    # reduction_factor, placement, activation), checked by that config.
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -403,18 +412,15 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         need(m.config is None, f"model.quantization: {m.quantization} quantizes pretrained weights as they load; "
              "set model.path (model.config is a random init, which has nothing to quantize)")
         need(cfg.peft.method != "none", f"model.quantization: {m.quantization} freezes the base in 4-bit, which "
-             "cannot be trained; set peft.method (lora, dora, ia3, prompt_tuning or prefix_tuning)")
+             "cannot be trained; set peft.method (lora, qlora's usual one, or another adapter method)")
         need(importlib.util.find_spec("bitsandbytes") is not None,
              f"model.quantization: {m.quantization} needs the bitsandbytes package (pip install 'finetrain[qlora]')")
 
-    p = cfg.peft
-    if p.method != "none":
-        need(p.r > 0, f"peft.r: must be > 0, got {p.r}")
-        need(p.alpha > 0, f"peft.alpha: must be > 0, got {p.alpha}")
-        need(0 <= p.dropout < 1, f"peft.dropout: must be in [0, 1), got {p.dropout}")
-        need(p.num_virtual_tokens > 0, f"peft.num_virtual_tokens: must be > 0, got {p.num_virtual_tokens}")
-        if isinstance(p.target_modules, str):
-            need(p.target_modules == "all-linear", f"peft.target_modules: a list of module names or all-linear, got {p.target_modules!r}")
+    from trainer.models import dropout_problems
+    from trainer.peft import peft_config_problems
+
+    errors.extend(peft_config_problems(cfg))
+    errors.extend(dropout_problems(cfg))
 
     d = cfg.data
     need(d.seq_len >= 16, f"data.seq_len: must be >= 16, got {d.seq_len}")
@@ -459,16 +465,6 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
                           f"but the eval data is {', '.join(sorted(set(eval_formats)))}")
     if d.packing and m.task == "sequence_classification":
         errors.append("data.packing: not available for sequence_classification (one label per row); set data.packing=false")
-    if d.packing and p.method == "prefix_tuning":
-        errors.append(
-            "data.packing: prefix tuning feeds its prefix as a KV cache, which every packed document "
-            "would attend to across boundaries; set data.packing=false"
-        )
-    if d.packing and p.method == "prompt_tuning":
-        errors.append(
-            "data.packing: prompt tuning prepends its virtual tokens once per row and drops position_ids, "
-            "so packed documents would not be isolated; set data.packing=false"
-        )
 
     o = cfg.optim
     need(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")

@@ -36,12 +36,14 @@ def newest_checkpoint(path: Path) -> Path:
 
 def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     """Write a Hugging Face folder from a checkpoint (or a run folder's newest): the full
-    model, the peft adapter (loads with `peft.PeftModel.from_pretrained`), or with `merge`
-    the merged model."""
+    model, the peft adapter (loads with `peft.PeftModel.from_pretrained`), the bottleneck
+    adapters (load with `trainer.adapters.load_bottleneck_adapters`), or with `merge` the
+    merged model."""
     from transformers import AutoTokenizer
 
+    from trainer.adapters import is_bottleneck_model, save_bottleneck_adapters
     from trainer.models import build_model
-    from trainer.peft import is_peft_model, merge_adapter
+    from trainer.peft import has_adapter, merge_adapter
 
     checkpoint = newest_checkpoint(checkpoint)
     mark = read_mark(checkpoint)
@@ -50,16 +52,21 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     model = build_model(cfg, tokenizer, attention="sdpa")
     load_model_weights(checkpoint, mark, model)
     if merge:
-        if not is_peft_model(model):
+        if not has_adapter(model):
             raise UserError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
+        if is_bottleneck_model(model):
+            merge_adapter(model)  # refused, saying why
         if cfg.model.quantization != "none":
             model = dequantized_copy(model, cfg, tokenizer)
         model = merge_adapter(model)
-    elif is_peft_model(model) and cfg.model.config is not None:
+    elif has_adapter(model) and cfg.model.config is not None:
         log.warning("the adapter's base model is a random init (model.config); export with --merge for a standalone model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    if is_bottleneck_model(model):
+        save_bottleneck_adapters(model, out)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 

@@ -144,7 +144,8 @@ class Trainer:
         self.total_steps = agree(lambda: total_steps(cfg, self.loader))
 
         self.strategy = agree(lambda: build_strategy(cfg, dist_info))
-        model = agree(lambda: self.strategy.build_model(lambda: build_model(cfg, self.tokenizer, self.attention)))
+        model = agree(lambda: self.strategy.build_model(
+            lambda: build_model(cfg, self.tokenizer, self.attention, self.total_steps)))
         trainable, self.num_params = parameter_counts(model)
         agree(lambda: self.strategy.setup(model, self.total_steps))
         log.info("strategy %s on %d rank(s), attention %s, %d micro-batch(es) of %d per step, %d steps; "

@@ -188,12 +188,15 @@ def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> 
 # --------------------------------------------------------------------------- model
 
 
-def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str) -> nn.Module:
+def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str,
+                total_steps: int | None = None) -> nn.Module:
     """The model on CPU in `model.dtype`, with its task head and peft wrapper. New weights
     (random init, a fresh classification head, adapters) come from `run.seed`, so every
     process builds the identical model. With `model.quantization` transformers loads it
     onto this process's CUDA device when there is one: bitsandbytes quantizes where the
-    weights land, and FSDP2 would move 4-bit weights to the device without their scales."""
+    weights land, and FSDP2 would move 4-bit weights to the device without their scales.
+    `total_steps`: the run's optimizer steps (default train.max_steps), which some adapter
+    methods schedule over (AdaLoRA)."""
     from trainer.peft import apply_peft
     from trainer.quantization import bnb_config, prepare_quantized
 
@@ -214,6 +217,8 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
         raise ConfigError(f"{key}: transformers cannot read it: {first_line(err)}") from err
     # Packed rows are recognised from position_ids only when no KV cache is built.
     config.use_cache = False
+    if m.dropout is not None:
+        set_dropout(config, m.dropout)
     vocab_key = "model.config.vocab_size" if m.config is not None else f"model.path: {m.path}"
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(f"{vocab_key}: vocab size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
@@ -228,12 +233,64 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
         if m.quantization != "none":
             prepare_quantized(model)
         if cfg.peft.method != "none":
-            model = apply_peft(model, cfg.peft, m.task)
+            model = apply_peft(model, cfg.peft, m.task, total_steps or cfg.train.max_steps)
     install_fused_head(model, cfg)
     trainable, total = parameter_counts(model)
     log.info("model %s (%s, %s): %s of %s parameters trainable (%.2f%%)", type(model).__name__, m.task,
              cfg.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+# --------------------------------------------------------------------------- dropout
+
+# Dropout of a model's head, not of the base model: model.dropout leaves them as they are.
+_HEAD_DROPOUT = ("classifier", "summary", "pooler", "qa_", "seq_classif")
+
+
+def dropout_attributes(config) -> list[str]:
+    """The base model's dropout probabilities in a transformers config (Llama and Qwen
+    `attention_dropout`; BERT `hidden_dropout_prob` and `attention_probs_dropout_prob`; GPT-2
+    `resid_pdrop`, `embd_pdrop` and `attn_pdrop`; ...), looked up in the text model's config of a
+    multimodal one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [name for name, value in text.to_dict().items()
+            if ("dropout" in name or name.endswith("pdrop")) and not any(h in name for h in _HEAD_DROPOUT)
+            and isinstance(value, (int, float)) and not isinstance(value, bool)]
+
+
+def set_dropout(config, probability: float) -> list[str]:
+    """Set every base-model dropout of `config` to `probability`; returns the attributes set."""
+    names = dropout_attributes(config)
+    if not names:
+        raise ConfigError(f"model.dropout: {type(config).__name__} ({config.model_type}) has no attention or hidden "
+                          "dropout to set; leave model.dropout unset (null)")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in names:
+        setattr(text, name, probability)
+    return names
+
+
+def dropout_problems(cfg: Config) -> list[str]:
+    """What is wrong with `model.dropout` (its range, and an architecture without dropout)."""
+    m = cfg.model
+    if m.dropout is None:
+        return []
+    if not 0 <= m.dropout < 1:
+        return [f"model.dropout: a probability in [0, 1), got {m.dropout}"]
+    try:
+        if m.config is not None and "model_type" in m.config:
+            params = dict(m.config)
+            config = AutoConfig.for_model(params.pop("model_type"), **params)
+        elif m.path and Path(m.path).is_dir():
+            config = AutoConfig.from_pretrained(m.path)
+        else:
+            return []  # a builtin model is checked as it is built; a missing folder is reported as such
+    except (OSError, ValueError, TypeError, KeyError):
+        return []  # the model's config is reported where the model is built
+    if not dropout_attributes(config):
+        return [f"model.dropout: {type(config).__name__} ({config.model_type}) has no attention or hidden dropout "
+                "to set; leave model.dropout unset (null)"]
+    return []
 
 
 def first_line(err: BaseException) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from trainer.config import Config
 from trainer.evaluate import rehearsal_datasets
+from trainer.peft import can_merge
 
 
 def eval_by_dataset(results: dict) -> dict[str, dict]:
@@ -89,7 +90,7 @@ class RunSummary:
         seconds = self.wall_time()
         export = None
         if checkpoint is not None:
-            merge = " --merge" if self.cfg.peft.method != "none" else ""
+            merge = " --merge" if can_merge(self.cfg.peft.method) else ""
             export = f"finetrain export {checkpoint} --out {self.cfg.output_dir / 'export'}{merge}"
         summary = {
             "status": status,

@@ -34,6 +34,7 @@ from trainer.errors import DataError
 from trainer.data.stream import ExampleSet, GlobalStream, StreamDataset
 from trainer.data.tokenized import TokenizedDataset
 from trainer.distributed import local_world_size, on_node_leaders
+from trainer.peft import prepends_virtual_tokens
 
 log = logging.getLogger("finetrain")
 
@@ -222,15 +223,15 @@ def _pad_token_id(tokenizer) -> int:
 
 
 def _check_packing(cfg: Config) -> None:
-    if cfg.data.packing and cfg.peft.method == "prompt_tuning":
-        raise ConfigError("data.packing: prompt tuning prepends its virtual tokens to each row and drops position_ids, "
-                          "so packed documents would attend to each other; set data.packing=false")
+    if cfg.data.packing and prepends_virtual_tokens(cfg.peft.method):
+        raise ConfigError(f"data.packing: {cfg.peft.method} prepends its virtual tokens to each row and drops "
+                          "position_ids, so packed documents would attend to each other; set data.packing=false")
 
 
 def _collator(cfg: Config, datasets: list[StreamDataset], tokenizer, attention: str) -> Collator:
     return Collator(datasets, cfg.model.task, cfg.data.seq_len, cfg.data.packing, attention, _pad_token_id(tokenizer),
                     mask_dtype=getattr(torch, cfg.model.dtype),
-                    position_ids=cfg.peft.method != "prompt_tuning")
+                    position_ids=not prepends_virtual_tokens(cfg.peft.method))
 
 
 class TrainLoader:

@@ -11,6 +11,7 @@ from trainer.config import Config
 from trainer.errors import ConfigError
 from trainer.distributed import DistInfo
 from trainer.parallel.base import Strategy
+from trainer.peft import peft_strategy_problem
 
 SHARDED = ("fsdp", "zero1", "zero2", "zero3")
 
@@ -52,6 +53,9 @@ def check_strategy(cfg: Config, name: str, world_size: int) -> None:
                           "refuses, so the run could not resume; use fsdp (shards the 4-bit base), ddp or single")
     if par.deepspeed_config and not name.startswith("zero"):
         raise ConfigError(f"parallel.deepspeed_config: only read by zero1-3, not by {picked}")
+    problem = peft_strategy_problem(cfg.peft.method, name)
+    if problem:
+        raise ConfigError(problem)
 
 
 def checked_strategy(cfg: Config, world_size: int) -> str:
