@@ -334,11 +334,23 @@ def _feedforward_modules(model: nn.Module, targets: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- strategies
 
 
-def peft_strategy_problem(method: str, strategy: str) -> str | None:
-    """Why `strategy` cannot train `method` (one line starting with the key), or None."""
+# Methods whose adapters peft cannot build on weights that ZeRO-3 partitioned while loading them
+# (model.path under zero3 is loaded partitioned, each rank holding a slice of every weight).
+_NEED_WHOLE_WEIGHTS = {
+    "loha": "peft sizes LoHa's factors from the shapes of the base weights",
+    "ln_tuning": "peft copies the norm layers it trains, partitioned weights and all, which DeepSpeed then refuses",
+}
+
+
+def peft_strategy_problem(cfg: Config, strategy: str) -> str | None:
+    """Why `strategy` cannot train `cfg.peft.method` (one line starting with the key), or None."""
+    method = cfg.peft.method
     if method == "adalora" and strategy not in ("single", "ddp"):
         return (f"peft.method adalora: after every optimizer step AdaLoRA re-allocates its rank budget from each "
                 f"adapter weight's whole gradient, which parallel.strategy {strategy} keeps sharded; use single or ddp")
+    if method in _NEED_WHOLE_WEIGHTS and strategy == "zero3" and cfg.model.path is not None:
+        return (f"peft.method {method}: {_NEED_WHOLE_WEIGHTS[method]}, but parallel.strategy zero3 loads model.path "
+                "already partitioned over the ranks; use fsdp (it shards after the adapter is built) or zero2")
     return None
 
 

@@ -53,7 +53,7 @@ def check_strategy(cfg: Config, name: str, world_size: int) -> None:
                           "refuses, so the run could not resume; use fsdp (shards the 4-bit base), ddp or single")
     if par.deepspeed_config and not name.startswith("zero"):
         raise ConfigError(f"parallel.deepspeed_config: only read by zero1-3, not by {picked}")
-    problem = peft_strategy_problem(cfg.peft.method, name)
+    problem = peft_strategy_problem(cfg, name)
     if problem:
         raise ConfigError(problem)
 
