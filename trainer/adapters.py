@@ -132,7 +132,7 @@ def adapter_sites(model: nn.Module, placement: list[str]) -> list[str]:
         prefix = names[id(layer)]
         attention = [name for name, _ in layer.named_children() if "attn" in name.lower() or "attention" in name.lower()]
         to_hidden = [(name, m) for name, m in layer.named_modules()
-                     if isinstance(m, nn.Linear) and m.out_features == hidden]
+                     if isinstance(m, nn.Linear) and m.out_features == hidden and ADAPTER not in name]
         in_attention = [name for name, _ in to_hidden if name.split(".")[0] in attention]
         outside = [name for name, _ in to_hidden if name.split(".")[0] not in attention]
         kind = type(layer).__name__

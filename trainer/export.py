@@ -43,19 +43,17 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
 
     from trainer.adapters import is_bottleneck_model, save_bottleneck_adapters
     from trainer.models import build_model
-    from trainer.peft import has_adapter, merge_adapter
+    from trainer.peft import has_adapter, merge_adapter, merge_problem
 
     checkpoint = newest_checkpoint(checkpoint)
     mark = read_mark(checkpoint)
     cfg = load_config(checkpoint / "config.yaml", check_files=False)
+    if merge and merge_problem(cfg.peft.method):  # before building anything
+        raise UserError(f"--{merge_problem(cfg.peft.method)} (checkpoint {checkpoint})")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
     model = build_model(cfg, tokenizer, attention="sdpa")
     load_model_weights(checkpoint, mark, model)
     if merge:
-        if not has_adapter(model):
-            raise UserError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
-        if is_bottleneck_model(model):
-            merge_adapter(model)  # refused, saying why
         if cfg.model.quantization != "none":
             model = dequantized_copy(model, cfg, tokenizer)
         model = merge_adapter(model)

@@ -93,9 +93,7 @@ def prepends_virtual_tokens(method: str) -> bool:
 
 def can_merge(method: str) -> bool:
     """Whether the method's adapter folds into the base weights (`finetrain export --merge`)."""
-    if method in ("none", "bottleneck") or method in UNTRAINABLE:
-        return False
-    return not is_prompt_learning(method) and method not in _UNMERGEABLE
+    return method not in UNTRAINABLE and merge_problem(method) is None
 
 
 # peft tuners whose adapter is not a weight change (or whose peft has no merge for it).
@@ -420,28 +418,39 @@ def load_adapter_training_state(model: nn.Module, state: dict | None) -> None:
 # --------------------------------------------------------------------------- export
 
 
+_BOTTLENECK_MERGE = (
+    "merge: bottleneck adapters are layers of their own (down-projection, nonlinearity, up-projection) between the "
+    "frozen blocks; the nonlinearity cannot be folded into the base weights, so they add latency by design. Export "
+    "without --merge: the adapter folder loads onto the base with trainer.adapters.load_bottleneck_adapters")
+
+
+def merge_problem(method: str) -> str | None:
+    """Why the adapter of `method` cannot be merged into the base weights, or None."""
+    if method == "none":
+        return "merge: the model has no adapter to merge (peft.method is none)"
+    if method == "bottleneck":
+        return _BOTTLENECK_MERGE
+    if is_prompt_learning(method):
+        return (f"merge: peft.method {method} cannot be merged: its virtual tokens are extra inputs, not weight "
+                "changes; export the adapter (without --merge) and load it with peft")
+    if method in _UNMERGEABLE:
+        return (f"merge: peft.method {method} has no merge in peft (its adapter is not a weight change); "
+                "export the adapter (without --merge) and load it with peft")
+    return None
+
+
 def merge_adapter(model: nn.Module) -> nn.Module:
     """The plain transformers model with the adapter folded into its weights."""
     from trainer.adapters import is_bottleneck_model
 
     if is_bottleneck_model(model):
-        raise UserError(
-            "merge: bottleneck adapters are layers of their own (down-projection, nonlinearity, up-projection) "
-            "between the frozen blocks; the nonlinearity cannot be folded into the base weights, so they add "
-            "latency by design. Export without --merge: the adapter folder loads onto the base with "
-            "trainer.adapters.load_bottleneck_adapters"
-        )
+        raise UserError(_BOTTLENECK_MERGE)
     if not is_peft_model(model):
-        raise UserError("merge: the model has no peft adapter (peft.method is none)")
+        raise UserError(merge_problem("none"))
     method = model.active_peft_config.peft_type.value.lower()
-    if model.active_peft_config.is_prompt_learning:
-        raise UserError(
-            f"merge: peft.method {method} cannot be merged: its virtual tokens are extra inputs, not weight "
-            "changes; export the adapter (without --merge) and load it with peft"
-        )
-    if method in _UNMERGEABLE:
-        raise UserError(f"merge: peft.method {method} has no merge in peft (its adapter is not a weight change); "
-                        "export the adapter (without --merge) and load it with peft")
+    problem = merge_problem(method)
+    if problem:
+        raise UserError(problem)
     try:
         return model.merge_and_unload()
     except (NotImplementedError, ValueError, AttributeError) as err:
