@@ -247,7 +247,7 @@ def test_undecodable_csv_line(tmp_path, tiny_tokenizer):
 def test_packing_with_prompt_tuning_is_refused(tmp_path, tiny_tokenizer):
     cfg, _ = config(tmp_path, [CHAT])
     cfg.peft.method = "prompt_tuning"
-    with pytest.raises(ValueError, match="data.packing: prompt tuning"):
+    with pytest.raises(ValueError, match="data.packing: prompt_tuning prepends its virtual tokens"):
         build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
     cfg.data.packing = False
     batch = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).next_step(1)[0]

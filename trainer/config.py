@@ -48,6 +48,9 @@ class ModelConfig:
     # The base model's attention and hidden dropout while fine-tuning (null: as the model's config
     # has it); refused for architectures without any (trainer/models.py).
     dropout: Optional[float] = None
+    # auto: the tokenizer's own chat template (finetrain's ChatML when it has none); finetrain:
+    # finetrain's ChatML, which renders tools, tool calls and reasoning; or a Jinja file.
+    chat_template: str = "auto"
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     num_labels: int = 2
 
@@ -79,6 +82,9 @@ class DatasetConfig:
     # role: from, content: value} for sharegpt or {prompt: instruction, input: input,
     # response: output} for alpaca.
     fields: dict = field(default_factory=dict)
+    # chat/instruction: the parts of assistant turns that train (content, reasoning, tool_calls);
+    # tool results never do.
+    train_on: list = field(default_factory=lambda: ["content", "reasoning", "tool_calls"])
 
 
 @dataclass
@@ -105,6 +111,9 @@ class DataConfig:
     mix_by: Literal["examples", "tokens"] = "examples"
     overlong: Literal["truncate", "drop", "error"] = "truncate"
     on_bad_row: Literal["error", "skip"] = "error"
+    # Stop at start-up when a trained assistant turn of the first rows does not have the chat
+    # template's end-of-turn token among its targets (the model would never learn to stop).
+    check_end_of_turn: bool = True
     cache_dir: Optional[str] = None  # finetrain's cache (see cache_root); default: $FINETRAIN_CACHE or ~/.cache/finetrain
 
 
@@ -408,6 +417,9 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     elif m.tokenizer and check_files and not m.tokenizer.startswith("builtin:"):
         need(Path(m.tokenizer).is_dir(), f"model.tokenizer: {m.tokenizer} is not a folder (or use train-bpe)")
     need(m.num_labels >= 2 or m.task != "sequence_classification", "model.num_labels: must be >= 2")
+    if m.chat_template not in ("auto", "finetrain") and check_files:
+        need(Path(m.chat_template).is_file(), f"model.chat_template: auto, finetrain or a Jinja file; "
+                                              f"{m.chat_template} is not a file")
     if m.quantization != "none":
         need(m.config is None, f"model.quantization: {m.quantization} quantizes pretrained weights as they load; "
              "set model.path (model.config is a random init, which has nothing to quantize)")
@@ -416,6 +428,7 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         need(importlib.util.find_spec("bitsandbytes") is not None,
              f"model.quantization: {m.quantization} needs the bitsandbytes package (pip install 'finetrain[qlora]')")
 
+    from trainer.data.formats import train_on_problems
     from trainer.models import dropout_problems
     from trainer.peft import peft_config_problems
 
@@ -439,6 +452,7 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
             need(ds.format == "classification", f"{key}.format: model.task sequence_classification needs format classification, got {ds.format}")
         else:
             need(ds.format != "classification", f"{key}.format: classification data needs model.task: sequence_classification")
+        errors.extend(train_on_problems(ds.format, ds.train_on, f"{key}.train_on"))
         if ds.format == "tokenized":
             need(m.tokenizer != "train-bpe", f"{key}.format: tokenized data needs the tokenizer it was tokenized with "
                                              "(model.tokenizer or model.path), not train-bpe")

@@ -32,12 +32,40 @@ log = logging.getLogger("finetrain")
 
 SPECIAL_TOKENS = {"bos_token": "<|begin|>", "eos_token": "<|end|>", "pad_token": "<|pad|>"}
 
-# ChatML: the same template many instruct models use; masking works on any template.
+# ChatML, the layout many instruct models use, with what chat data carries in 2026: the tools
+# offered (JSON schemas in the system turn, as Hermes and Qwen2.5 render them), assistant tool
+# calls as <tool_call> JSON, `tool` turns with the results, and reasoning in <think> before an
+# assistant turn's answer. finetrain's default when a tokenizer has no template, and
+# `model.chat_template: finetrain`. Every turn renders the same whatever follows it, so turns are
+# located by rendering prefixes (trainer/data/formats.py); masking works on any template.
 CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{- '# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\n</tools>\n\nFor each call, return a JSON object with the function name and arguments within "
+    "<tool_call></tool_call>:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+    "</tool_call><|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' and message['reasoning_content'] %}"
+    "{{- '<think>\n' + message['reasoning_content'] | trim + '\n</think>\n\n' }}"
+    "{%- endif %}"
+    "{%- if message['content'] %}{{- message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set call = call['function'] if call['function'] is defined else call %}"
+    "{%- if message['content'] or not loop.first %}{{- '\n' }}{%- endif %}"
+    "{{- '<tool_call>\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' + (call['arguments'] | tojson) + '}\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
 MODEL_CACHE = cache_root() / "models"
@@ -179,10 +207,31 @@ def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> 
         if tokenizer.eos_token is None:
             raise ConfigError(f"model.tokenizer: {source} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat_template(cfg.model.chat_template, tokenizer.chat_template)
     _write_folder_atomically(saved, tokenizer.save_pretrained)
     return tokenizer
+
+
+def chat_template(setting: str, own: str | None) -> str:
+    """The chat template `model.chat_template` asks for: the tokenizer's own (`auto`; finetrain's
+    ChatML when it has none), finetrain's ChatML (`finetrain`), or a Jinja file's."""
+    if setting == "finetrain" or (setting == "auto" and not own):
+        return CHATML_TEMPLATE
+    if setting == "auto":
+        return own
+    try:
+        return Path(setting).read_text()
+    except OSError as err:
+        raise ConfigError(f"model.chat_template: cannot read {setting}: {err.strerror}") from None
+
+
+def describe_template(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> str:
+    """How a message names the run's chat template."""
+    if tokenizer.chat_template == CHATML_TEMPLATE:
+        return "finetrain's ChatML template"
+    if cfg.model.chat_template not in ("auto", "finetrain"):
+        return f"the chat template in {cfg.model.chat_template}"
+    return f"the chat template of {cfg.model.tokenizer or cfg.model.path}"
 
 
 # --------------------------------------------------------------------------- model

@@ -77,7 +77,7 @@ def _load_sources(cfg: Config, tokenizer, entries: list[tuple[str, str, DatasetC
     def load(name: str, key: str, ds: DatasetConfig, **tokenizing) -> TokenizedDataset:
         path = resolve_source(ds.path, ds.format, key, cache_dir)
         spec = EncodingSpec(ds.format, field_names(ds.format, ds.fields, f"{key}.fields"), cfg.data.train_on_prompt,
-                            tokenizer)
+                            tokenizer, tuple(ds.train_on))
         return load_tokenized(path, ds.path, spec, cfg.data.on_bad_row, cache_dir, **tokenizing)
 
     def fill_cache() -> None:
