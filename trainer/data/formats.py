@@ -319,15 +319,25 @@ def _tool_call(call, j: int) -> dict:
 
 
 def _inserted_span(full: str, shorter: str) -> tuple[int, int]:
-    """Where `full` has the characters that `shorter` lacks (one contiguous insertion)."""
+    """Where `full` has the characters that `shorter` lacks (one contiguous insertion). When the
+    insertion could sit at several places (its first characters repeat what follows it, or its
+    last ones what precedes it: `<think>...` before `<tool_call>`), the place that starts a line
+    with a non-blank character is taken, where a template starts a block."""
+    size = len(full) - len(shorter)
     prefix = 0
-    limit = len(shorter)
-    while prefix < limit and full[prefix] == shorter[prefix]:
+    while prefix < len(shorter) and full[prefix] == shorter[prefix]:
         prefix += 1
     suffix = 0
-    while suffix < limit - prefix and full[-1 - suffix] == shorter[-1 - suffix]:
+    while suffix < len(shorter) and full[-1 - suffix] == shorter[-1 - suffix]:
         suffix += 1
-    return prefix, len(full) - suffix
+    first = len(shorter) - suffix  # every start in [first, prefix] gives `full` back
+
+    def score(start: int) -> int:
+        opens_line = start == 0 or full[start - 1] == "\n"
+        return 2 * (opens_line and not full[start].isspace()) + (not full[start].isspace())
+
+    start = max(range(first, prefix + 1), key=lambda p: (score(p), -p))
+    return start, start + size
 
 
 class InstructionEncoder:
