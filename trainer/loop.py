@@ -22,11 +22,12 @@ from trainer.checkpoint import Checkpointer, seed_step
 from trainer.config import Config, cache_root, dataset_name, dump_yaml
 from trainer.errors import ConfigError
 from trainer.data import build_train_loader, describe_batch, training_texts
+from trainer.data.end_of_turn import check_end_of_turn
 from trainer.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
 from trainer.evaluate import Evaluator, to_device
 from trainer.loss import forward_summed_loss
 from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops, run_description
-from trainer.models import build_model, load_tokenizer, parameter_counts, resolve_attention
+from trainer.models import build_model, describe_template, load_tokenizer, parameter_counts, resolve_attention
 from trainer.parallel import build_strategy, checked_strategy
 from trainer.summary import RunSummary
 
@@ -140,6 +141,10 @@ class Trainer:
         # Rank 0 first: it may train or convert the tokenizer and fill the data cache.
         self.tokenizer = main_first(lambda: load_tokenizer(cfg, lambda: training_texts(cfg)))
         self.loader = agree(lambda: build_train_loader(cfg, self.tokenizer, self.attention, dist_info.rank, world))
+        # A trained assistant turn must end with the template's end-of-turn token among its targets.
+        turn_report = agree(lambda: check_end_of_turn(cfg, self.tokenizer, describe_template(cfg, self.tokenizer)))
+        if debug and dist_info.is_main:
+            print("\n".join(turn_report or ["end-of-turn check: no chat or instruction data"]), flush=True)
         self.evaluator = agree(lambda: Evaluator.from_config(cfg, self.tokenizer, self.attention, dist_info))
         self.total_steps = agree(lambda: total_steps(cfg, self.loader))
 
