@@ -285,3 +285,34 @@ def test_adalora_penalty_and_rank_allocation_run_in_the_step(tiny_llama_config, 
         ranks.append(sum(int((p != 0).sum()) for p in e))
     # 4 singular values per adapted layer at first, 2 on average once the budget is final
     assert ranks[0] == 4 * len(e) and ranks[-1] == 2 * len(e), ranks
+
+
+def test_adalora_resumes_exactly_with_its_importance_scores(tmp_path):
+    """AdaLoRA's importance averages steer which singular values it masks; they are saved
+    beside the checkpoint, so a run resumed from step 3 logs the uninterrupted losses."""
+    import shutil
+
+    from runs import step_losses
+    from trainer.checkpoint import complete_checkpoints
+    from trainer.loop import Trainer
+
+    cfg = causal_config(tmp_path, peft={"method": "adalora", "r": 2, "options": {"init_r": 4, "tinit": 1, "tfinal": 1}},
+                        optim={"lr": 2e-2, "warmup_steps": 0}, train={"max_steps": 6, "save_every": 3})
+    config = write_config(cfg, tmp_path / "config.yaml")
+    trainer = Trainer(load_config(config))
+    trainer.fit()
+    expected = step_losses(trainer.cfg.output_dir)
+    checkpoint = complete_checkpoints(trainer.cfg.checkpoint_dir)[0]
+    assert checkpoint.name == "step-00000003" and (checkpoint / "adapter_state.pt").is_file()
+    saved = torch.load(checkpoint / "adapter_state.pt", weights_only=True)
+    assert saved["exp_avg_ipt"] and all(v.abs().sum() > 0 for v in saved["exp_avg_ipt"].values())
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(trainer.cfg.output_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-00000006")
+    resumed = Trainer(load_config(config, [f"run.output_dir={copy}", f"checkpoint.resume={copy / 'checkpoints' / checkpoint.name}"]))
+    assert resumed.start_step == 3
+    resumed.fit()
+    again = step_losses(copy)
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(expected[step], rel=1e-6), step
