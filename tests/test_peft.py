@@ -235,7 +235,7 @@ def test_a_wrong_option_stops_the_run_with_one_line_and_exit_2(tmp_path):
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "rank_dropuot" in text)
     assert re.fullmatch(rf"finetrain: {re.escape(str(path))}:{line}: peft\.options\.rank_dropuot: not an option of "
                         r"peft's LoHaConfig \(peft\.method loha\); did you mean rank_dropout\?", lines[0]), lines[0]
-    assert load_config(path, [f"peft.options={{rank_dropout: 0.1}}"]).peft.options == {"rank_dropout": 0.1}
+    assert load_config(path, ["peft.options={rank_dropout: 0.1}"]).peft.options == {"rank_dropout": 0.1}
 
 
 def test_a_method_the_model_cannot_take_is_refused_at_build(tiny_llama_config, tiny_tokenizer):

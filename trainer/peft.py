@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import math
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from trainer.config import Config, PeftConfig
-
-log = logging.getLogger("finetrain")
 
 # finetrain's own names, beside peft's.
 OWN_METHODS = ("none", "dora", "bottleneck")
