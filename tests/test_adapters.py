@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
 from runs import causal_config, step_losses, write_config
 from trainer.adapters import (ADAPTER, CONFIG_FILE, WEIGHTS_FILE, BottleneckAdapter, adapter_sites,
                               is_bottleneck_model, load_bottleneck_adapters)
 from trainer.checkpoint import complete_checkpoints
 from trainer.config import Config, ModelConfig, PeftConfig, load_config
 from trainer.errors import ConfigError, UserError
+from trainer.export import export_checkpoint
 from trainer.loop import Trainer
 from trainer.models import build_model
 from trainer.peft import merge_adapter, peft_config_problems
@@ -151,17 +148,10 @@ def test_resume_is_exact(trained):
         assert again[step] == pytest.approx(expected[step], rel=1e-6), step
 
 
-def export(checkpoint: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", "export", str(checkpoint), "--out", str(out), *flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
 def test_exported_adapter_folder_reloads_onto_the_base_to_the_same_logits(trained):
     trainer, tmp = trained["trainer"], trained["tmp"]
     checkpoint = complete_checkpoints(trainer.cfg.checkpoint_dir)[-1]
-    proc = export(checkpoint, tmp / "adapter")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = tmp / "adapter"
+    folder = export_checkpoint(checkpoint, tmp / "adapter")  # what `finetrain export` runs
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("bottleneck")) == [CONFIG_FILE, WEIGHTS_FILE]
     assert not (folder / "model.safetensors").exists()  # the adapters only, not the base
     info = json.loads((folder / CONFIG_FILE).read_text())
@@ -183,9 +173,11 @@ def test_exported_adapter_folder_reloads_onto_the_base_to_the_same_logits(traine
 
 def test_merge_is_refused_saying_adapters_add_latency(trained, tiny_llama_config, tiny_tokenizer):
     trainer, tmp = trained["trainer"], trained["tmp"]
-    proc = export(complete_checkpoints(trainer.cfg.checkpoint_dir)[-1], tmp / "merged", "--merge")
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "add latency by design" in lines[0] and "cannot be folded" in lines[0], lines
+    with pytest.raises(UserError) as err:  # `finetrain export --merge`, before it builds anything
+        export_checkpoint(complete_checkpoints(trainer.cfg.checkpoint_dir)[-1], tmp / "merged", merge=True)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--merge: bottleneck adapters are layers of their own")
+    assert "cannot be folded into the base weights, so they add latency by design" in message
+    assert not (tmp / "merged").exists()
     with pytest.raises(UserError, match="add latency by design"):
         merge_adapter(bottleneck_model(tiny_llama_config, tiny_tokenizer))

@@ -108,10 +108,3 @@ def test_a_run_with_such_a_template_stops_at_start_up_in_one_line(tmp_path):
     assert re.search(rf"data\.check_end_of_turn: the chat template in {re.escape(str(tmp_path / 'eot.jinja'))} ends "
                      r"assistant turns with '<\|im_end\|>', but in .*sft\.jsonl:1 \(turn 1\)", lines[0]), lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_debug_prints_the_check(tmp_path):
-    cfg = causal_config(tmp_path)
-    proc = run_cli(write_config(cfg, tmp_path / "config.yaml"), "--debug", "train.max_steps=1")
-    assert ("end-of-turn check (finetrain's ChatML template): '<|im_end|>' is a target at the end of all 16 assistant "
-            "turns of the first 16 rows of sft") in proc.stdout, proc.stdout[-2000:]

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from runs import causal_config, run_cli, write_config
+from runs import causal_config, write_config
 from trainer.config import Config, ModelConfig, PeftConfig, load_config
 from trainer.errors import ConfigError
 from trainer.models import build_model
@@ -225,16 +225,20 @@ def test_wrong_peft_keys_are_one_line_naming_the_key(method, options, keys, expe
     assert "\n" not in problems[0]
 
 
-def test_a_wrong_option_stops_the_run_with_one_line_and_exit_2(tmp_path):
+def test_a_wrong_option_stops_the_run_with_one_line_and_exit_2(tmp_path, capsys):
+    """As every entry point reports it: one line at the key's line of the config, exit code 2."""
+    from trainer.errors import report_user_error
+
     cfg = causal_config(tmp_path, peft={"method": "loha", "options": {"rank_dropuot": 0.1}})
     path = write_config(cfg, tmp_path / "config.yaml")
-    proc = run_cli(path, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, lines
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert report_user_error(err.value, path) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "rank_dropuot" in text)
-    assert re.fullmatch(rf"finetrain: {re.escape(str(path))}:{line}: peft\.options\.rank_dropuot: not an option of "
-                        r"peft's LoHaConfig \(peft\.method loha\); did you mean rank_dropout\?", lines[0]), lines[0]
+    assert len(lines) == 1 and re.fullmatch(
+        rf"finetrain: {re.escape(str(path))}:{line}: peft\.options\.rank_dropuot: not an option of peft's LoHaConfig "
+        r"\(peft\.method loha\); did you mean rank_dropout\?", lines[0]), lines
     assert load_config(path, ["peft.options={rank_dropout: 0.1}"]).peft.options == {"rank_dropout": 0.1}
 
 
