@@ -55,6 +55,7 @@ class Run:
     accum: int = 2
     steps: int = 4
     peft: str = "none"  # a peft.method
+    peft_options: dict = dataclasses.field(default_factory=dict)  # peft.options
     quantization: str = "none"  # model.quantization (nf4: QLoRA on model_path)
     model_path: str | None = None  # a saved folder (pretrained-style); None: seeded random init
     tied: bool = False
@@ -93,6 +94,7 @@ def make_config(run: Run, out: Path, world_size: int) -> Config:
     cfg.data.cache_dir = str(out / "cache")
     cfg.data.packing = False  # the rows are made here (step_rows), one document per row
     cfg.peft.method, cfg.peft.r, cfg.peft.alpha, cfg.peft.num_virtual_tokens = run.peft, 4, 8.0, 4
+    cfg.peft.options = dict(run.peft_options)
     cfg.parallel.strategy = run.strategy
     cfg.parallel.mixed_precision = run.mixed_precision
     cfg.parallel.activation_checkpointing = run.activation_checkpointing

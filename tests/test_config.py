@@ -58,7 +58,6 @@ def test_overrides_apply_with_types(tmp_path):
         (["data.seq_len=8"], "data.seq_len: must be >= 16, got 8"),
         (["data.datasets.0.weight=-1"], "data.datasets.0.weight: must be > 0, got -1.0"),
         (["data.datasets.0.path=/nonexistent/x.jsonl"], "data.datasets.0.path: /nonexistent/x.jsonl does not exist"),
-        (["peft.method=lorax"], "peft.method: 'lorax' is not one of none, lora, dora, ia3, prompt_tuning, prefix_tuning (did you mean lora?)"),
         (["model.config=null", "model.path=/nonexistent/model"], "model.path: /nonexistent/model is not a folder"),
         (["optim.betas=[0.9, 1.5]"], "optim.betas: two numbers in [0, 1), got [0.9, 1.5]"),
         (["data.packing=maybe"], "data.packing: expected true or false, got 'maybe'"),

@@ -248,7 +248,7 @@ def test_undecodable_csv_line(tmp_path, tiny_tokenizer):
 def test_packing_with_prompt_tuning_is_refused(tmp_path, tiny_tokenizer):
     cfg, _ = config(tmp_path, [CHAT])
     cfg.peft.method = "prompt_tuning"
-    with pytest.raises(ConfigError, match="data.packing: prompt tuning"):
+    with pytest.raises(ConfigError, match="data.packing: peft.method prompt_tuning prepends its virtual tokens"):
         plan_run(cfg, 1, "cpu")
     cfg.data.packing = False
     batch = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1).next_step(1)[0]
@@ -373,3 +373,158 @@ def test_bad_choice_row_is_named_by_file_and_line(tmp_path, tiny_tokenizer, bad,
         build_choice_sets(cfg, tiny_tokenizer, "sdpa")
     cfg.data.on_bad_row = "skip"
     assert len(build_choice_sets(cfg, tiny_tokenizer, "sdpa")["bench"].questions) == 2
+
+
+# ----------------------------------------------------------------------------- tools, tool calls, reasoning
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
+TOOL_CHAT = {"tools": [WEATHER], "messages": [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "reasoning_content": "I should ask the weather tool.",
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "name": "get_weather", "content": "22 C and sunny"},
+    {"role": "assistant", "content": "It is 22 C and sunny in Paris."},
+]}
+REASONING = "<think>\nI should ask the weather tool.\n</think>\n\n"
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+ANSWER = "It is 22 C and sunny in Paris.<|im_end|>\n"
+
+
+def chat_examples(tmp_path: Path, tokenizer, rows: list, train_on: list | None = None, **data):
+    """The chat data set of `rows` as the loader sees it (train_on: the data set's key)."""
+    cfg, path = config(tmp_path, rows, seq_len=1024, **data)
+    if train_on is not None:
+        cfg.data.datasets[0].train_on = train_on
+    return examples_of(cfg, tokenizer), path
+
+
+def expected_mask(tokenizer, text: str, target_pieces: list[str]) -> list[bool]:
+    """By hand: a token is a target when it starts inside one of `target_pieces` (each found in
+    `text` in order, after the previous one)."""
+    spans, at = [], 0
+    for piece in target_pieces:
+        start = text.index(piece, at)
+        spans.append((start, start + len(piece)))
+        at = start + len(piece)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [any(a <= begin < b for a, b in spans) for begin, _ in offsets]
+
+
+@pytest.mark.parametrize("train_on, pieces", [
+    (None, [REASONING + CALL, ANSWER]),
+    (["content", "tool_calls"], [CALL, ANSWER]),
+    (["content", "reasoning"], [REASONING, "<|im_end|>\n", ANSWER]),
+], ids=["default", "no-reasoning", "no-tool-calls"])
+def test_three_turn_tool_conversation_has_the_hand_built_mask(tmp_path, tiny_tokenizer, train_on, pieces):
+    """user -> assistant (reasoning + tool call) -> tool result -> assistant answer, with the
+    tools offered: the tool call's tokens (and by default the reasoning's) are targets, the
+    tool result's never; the mask equals one built by hand from the rendered text."""
+    tokenizer = tiny_tokenizer
+    ds, _ = chat_examples(tmp_path, tokenizer, [TOOL_CHAT], train_on)
+    tokens, targets = ds.data.example_tokens(0).tolist(), ds.data.example_targets(0).tolist()
+    text = tokenizer.decode(tokens)
+    assert text == tokenizer.apply_chat_template(TOOL_CHAT["messages"], tools=TOOL_CHAT["tools"], tokenize=False)
+    assert "<tools>\n" + json.dumps(WEATHER) in text  # the tools are offered in the system turn
+    assert targets == expected_mask(tokenizer, text, pieces)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    result = text.index("22 C and sunny<|im_end|>")
+    tool_tokens = [i for i, (begin, _) in enumerate(offsets) if result <= begin < result + len("22 C and sunny<|im_end|>")]
+    assert tool_tokens and not any(targets[i] for i in tool_tokens)
+    call = text.index('"get_weather", "arguments"')
+    call_targets = [targets[i] for i, (begin, _) in enumerate(offsets) if call <= begin < call + 20]
+    assert all(call_targets) if train_on is None or "tool_calls" in train_on else not any(call_targets)
+
+
+def test_tool_results_never_train_even_with_train_on_prompt(tmp_path, tiny_tokenizer):
+    ds, _ = chat_examples(tmp_path, tiny_tokenizer, [TOOL_CHAT], train_on_prompt=True)
+    tokens, targets = ds.data.example_tokens(0).tolist(), ds.data.example_targets(0)
+    text = tiny_tokenizer.decode(tokens)
+    tool_turn = "<|im_start|>tool\n22 C and sunny<|im_end|>\n"
+    start = text.index(tool_turn)
+    everything_else = [start, start + len(tool_turn)]
+    offsets = tiny_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert targets.tolist() == [not (everything_else[0] <= begin < everything_else[1]) for begin, _ in offsets]
+
+
+def test_openai_string_arguments_and_field_names_are_read(tmp_path, tiny_tokenizer):
+    """Arguments as a JSON string (OpenAI's API) equal the object; reasoning under another
+    field name is mapped per data set."""
+    row = json.loads(json.dumps(TOOL_CHAT))
+    row["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Paris"}'
+    row["messages"][1]["thinking"] = row["messages"][1].pop("reasoning_content")
+    mapped, _ = chat_examples(tmp_path, tiny_tokenizer, [row], fields={"reasoning": "thinking"})
+    plain, _ = chat_examples(tmp_path / "plain", tiny_tokenizer, [TOOL_CHAT])
+    assert np.array_equal(mapped.data.tokens, plain.data.tokens)
+    assert np.array_equal(mapped.data.targets, plain.data.targets)
+
+
+def _with(turn: int, **changes) -> dict:
+    row = json.loads(json.dumps(TOOL_CHAT))
+    row["messages"][turn].update(changes)
+    return {k: v for k, v in row.items()}
+
+
+TOOL_BAD_ROWS = [
+    ({**TOOL_CHAT, "tools": [{"description": "no name"}]},
+     'tools[0] must be {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'),
+    ({**TOOL_CHAT, "tools": "get_weather"}, 'field "tools" must be list, got str'),
+    (_with(0, tool_calls=[{"function": {"name": "x", "arguments": {}}}]),
+     'turn 0: field "tool_calls" on a user turn; only assistant turns have tool_calls'),
+    (_with(1, tool_calls=[{"function": {"arguments": {}}}]), "turn 1: tool_calls[0] must be {\"type\": \"function\""),
+    (_with(1, tool_calls=[{"function": {"name": "get_weather", "arguments": "{city: Paris"}}]),
+     "turn 1: tool_calls[0].function.arguments is not valid JSON: '{city: Paris'"),
+    (_with(1, tool_calls=[{"function": {"name": "get_weather", "arguments": [1]}}]),
+     "turn 1: tool_calls[0].function.arguments must be an object, got [1]"),
+    (_with(1, tool_calls=None, reasoning_content=None), 'turn 1: missing field "content"'),
+    (_with(1, tool_calls=None), "turn 1: assistant turn with neither content nor tool_calls"),
+    (_with(1, tool_calls=None, content="Let me see."), "turn 2: a tool result must follow an assistant turn with "
+                                                        "tool_calls"),
+    (_with(2, content=None), 'turn 2: missing field "content"'),
+    (_with(0, reasoning_content="hmm"), 'turn 0: field "reasoning_content" on a user turn; only assistant turns '
+                                        'have reasoning'),
+]
+
+
+@pytest.mark.parametrize("bad, message", TOOL_BAD_ROWS, ids=[m[:40] for _, m in TOOL_BAD_ROWS])
+def test_bad_tool_shapes_are_named_by_file_and_line(tmp_path, tiny_tokenizer, bad, message):
+    cfg, path = config(tmp_path, [TOOL_CHAT, CHAT, bad], seq_len=1024)
+    with pytest.raises(DataError) as err:
+        build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    assert str(err.value).startswith(f"{path}:3: {message}"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_template_that_drops_tool_calls_is_caught(tmp_path, tiny_tokenizer):
+    """A plain ChatML template (content only) would train on tool rows without their calls."""
+    content_only = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                    "{% endif %}")
+    encoder = ChatEncoder(tiny_tokenizer, field_names("chat", {}, "fields"), train_on_prompt=False)
+    original = tiny_tokenizer.chat_template
+    try:
+        tiny_tokenizer.chat_template = content_only
+        with pytest.raises(ValueError, match=r"the chat template does not render the tools \(tool 0 'get_weather' "
+                                             r"is missing\); use a template that does \(model.chat_template: finetrain"):
+            encoder.encode(TOOL_CHAT)
+        with pytest.raises(ValueError, match="does not render tool_calls"):
+            encoder.encode({"messages": TOOL_CHAT["messages"]})
+        encoder.encode(CHAT)  # rows without tools are fine with it
+    finally:
+        tiny_tokenizer.chat_template = original
+
+
+@pytest.mark.parametrize("train_on, message", [
+    (["content", "thoughts"], "data.datasets.0.train_on: 'thoughts' is not a part of an assistant turn; one of "
+                              "content, reasoning, tool_calls (tool results never train)"),
+    ([], "data.datasets.0.train_on: a non-empty list of content, reasoning, tool_calls, got []"),
+])
+def test_wrong_train_on_names_the_key(tmp_path, train_on, message):
+    path = write_jsonl(tmp_path / "sft.jsonl", [TOOL_CHAT])
+    raw = {"model": {"config": dict(TINY_LLAMA), "tokenizer": "train-bpe"}, "train": {"max_steps": 1},
+           "data": {"datasets": [{"path": str(path), "format": "chat", "train_on": train_on}]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "c.yaml")
+    assert str(err.value) == message

@@ -150,6 +150,9 @@ def test_debug_mode_prints_first_batch_and_runs_few_steps(tmp_path):
     losses = step_losses(Path(cfg["run"]["output_dir"]))
     assert sorted(losses) == [1, 2, 3, 4, 5]
     assert "row 0" in proc.stdout, proc.stdout[-2000:]
+    # the end-of-turn check of the chat data, before the first batch
+    assert ("end-of-turn check (finetrain's ChatML template): '<|im_end|>' is a target at the end of all 16 assistant "
+            "turns of the first 16 rows of sft") in proc.stdout, proc.stdout[-2000:]
 
 
 def test_resume_with_a_changed_config_follows_the_new_schedule(tmp_path):

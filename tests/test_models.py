@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import trainer.models as models
+
 from trainer.config import Config, ModelConfig, PeftConfig
 from trainer.models import (
     CHATML_TEMPLATE,
@@ -19,6 +21,7 @@ from trainer.models import (
     resolve_model_path,
     train_bpe_tokenizer,
 )
+from trainer.plan import plan_run
 
 from conftest import TOY_TEXTS
 
@@ -178,3 +181,51 @@ def test_builtin_minilm_resolves_to_a_bert_folder(tmp_path):
     tokenizer = load_tokenizer(cfg, lambda: [])
     model = build_model(cfg, tokenizer, "sdpa")
     assert model(**tokenizer(["a sentence"], return_tensors="pt")).logits.shape == (1, 2)
+
+
+# ----------------------------------------------------------------------------- model.dropout
+
+
+def test_model_dropout_sets_the_architectures_own_dropouts(tmp_path, tiny_llama_config, tiny_bert_config,
+                                                          tiny_tokenizer):
+    """Llama has attention dropout only; BERT hidden and attention dropout (its classifier's
+    is left as it is): each set, and active in training mode only."""
+    llama = build_model(make_config(tmp_path, tiny_llama_config, dropout=0.3), tiny_tokenizer, "sdpa")
+    assert llama.config.attention_dropout == 0.3
+    bert_cfg = make_config(tmp_path, tiny_bert_config, dropout=0.25, task="sequence_classification")
+    bert = build_model(bert_cfg, tiny_tokenizer, "sdpa")
+    assert (bert.config.hidden_dropout_prob, bert.config.attention_probs_dropout_prob) == (0.25, 0.25)
+    assert bert.config.classifier_dropout is None
+    assert bert.bert.encoder.layer[0].output.dropout.p == 0.25
+    ids = tiny_tokenizer(["The quick brown fox jumps over the lazy dog."], return_tensors="pt")["input_ids"]
+    for model in (llama, bert):
+        model.train()
+        with torch.no_grad():
+            assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+            model.eval()
+            assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    # unset keeps the model's own; 0 switches BERT's default 0.1 off
+    assert build_model(make_config(tmp_path, tiny_bert_config), tiny_tokenizer, "sdpa").config.hidden_dropout_prob == 0.1
+    quiet = build_model(make_config(tmp_path, tiny_bert_config, dropout=0.0), tiny_tokenizer, "sdpa").train()
+    with torch.no_grad():
+        assert torch.equal(quiet(input_ids=ids).logits, quiet(input_ids=ids).logits)
+
+
+def test_model_dropout_is_refused_by_name_where_the_model_has_none(tmp_path):
+    import yaml
+
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    mamba = {"model_type": "mamba", "vocab_size": 320, "hidden_size": 32, "num_hidden_layers": 2}
+    config = {"model": {"config": mamba, "tokenizer": "train-bpe", "dropout": 0.1},
+              "data": {"datasets": [{"path": "x.jsonl"}]}, "train": {"max_steps": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as err:
+        plan_run(load_config(tmp_path / "config.yaml", check_files=False), 1, "cpu")
+    assert str(err.value) == ("model.dropout: MambaConfig (mamba) has no attention or hidden dropout to set; "
+                              "leave model.dropout unset (null)")
+    with pytest.raises(ConfigError, match=r"^model.dropout: a probability in \[0, 1\), got 1.5$"):
+        load_config(tmp_path / "config.yaml", ["model.config.model_type=llama", "model.dropout=1.5"], check_files=False)
+    with pytest.raises(ConfigError, match="model.dropout: MambaConfig"):  # and where the model is built
+        models.set_dropout(models.AutoConfig.for_model(**mamba), 0.1)

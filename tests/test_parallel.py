@@ -31,6 +31,8 @@ WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
 SHARDED = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 PEFT_METHODS = ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
 PEFT_STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+# The rest of the matrix, in a launch of its own: more of peft's methods and finetrain's bottleneck adapters.
+MORE_METHODS = ("loha", "lokr", "oft", "vera", "adalora", "ln_tuning", "bottleneck")
 RTOL = 1e-4
 # QLoRA (model.quantization nf4) trains on these; zero1-3 refuse it.
 NF4_STRATEGIES = ("ddp", "fsdp")
@@ -385,6 +387,49 @@ def test_every_peft_method_on_every_strategy_trains_the_single_device_curve(runs
     reference = runs[f"single-{method}"]
     assert reference["losses"][-1] != reference["losses"][0]  # the adapter trains
     assert_same_curve(run, reference, f"{strategy}-{method}")
+
+
+@pytest.fixture(scope="module")
+def adapter_runs(tmp_path_factory, pretrained) -> dict:
+    """The methods of MORE_METHODS on single (the references) and on every strategy of the
+    matrix, from the 'pretrained' tiny Llama; one launch per world size."""
+    tmp = tmp_path_factory.mktemp("adapters")
+    one_rank = launch(tmp, "adapters-one-rank", 1, [
+        {"name": f"single-{method}", "strategy": "single", "micro": 8, "accum": 1, "peft": method,
+         "model_path": pretrained} for method in MORE_METHODS])
+    two_ranks = launch(tmp, "adapters-two-ranks", 2, [
+        {"name": f"{strategy}-{method}", "strategy": strategy, "peft": method, "model_path": pretrained,
+         "export_check": method == "bottleneck"} for method in MORE_METHODS for strategy in PEFT_STRATEGIES])
+    return {**one_rank, **two_ranks}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", MORE_METHODS)
+@pytest.mark.parametrize("strategy", PEFT_STRATEGIES)
+def test_more_adapter_methods_on_every_strategy_train_the_single_device_curve(adapter_runs, method, strategy):
+    """The rest of the peft x strategy matrix: each cell trains as single does (per-step loss,
+    gradient norm and learning rate at 1e-4), or is refused at start-up with one line that names
+    the key; the reference itself trains. A crash fails the launch."""
+    run = adapter_runs[f"{strategy}-{method}"]
+    reference = adapter_runs[f"single-{method}"]
+    assert "refused" not in reference, reference
+    assert reference["losses"][-1] < reference["losses"][0]  # the adapter trains
+    if "refused" in run:
+        assert run["refused"].startswith(f"peft.method {method}: "), run["refused"]
+        assert "\n" not in run["refused"]
+        return
+    assert_same_curve(run, reference, f"{strategy}-{method}")
+    if method == "bottleneck":  # the gathered adapters load into a freshly built adapted model
+        assert 0 <= run["export_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_matrix_refuses_only_what_it_must(adapter_runs):
+    """Which cells are refused: AdaLoRA (its rank allocation reads whole gradients) on the
+    sharded strategies, and on zero3, which loads a pretrained model already partitioned, the
+    methods peft cannot build on partitioned weights (LoHa, LN tuning); the rest trains."""
+    refused = sorted(name for name, run in adapter_runs.items() if "refused" in run)
+    assert refused == ["fsdp-adalora", "zero2-adalora", "zero3-adalora", "zero3-ln_tuning", "zero3-loha"], refused
 
 
 @pytest.mark.slow

@@ -71,11 +71,18 @@ class ModelConfig:
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager", "varlen_reference"] = "auto"
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     num_labels: int = at_least(2, 2)
+    # The base model's attention and hidden dropout while fine-tuning (null: as its config has it).
+    dropout: Optional[float] = rule(None, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+    # auto: the tokenizer's template (finetrain's ChatML if none); finetrain: ChatML with tools and
+    # reasoning; or a Jinja file.
+    chat_template: str = rule("auto", lambda v: v in ("auto", "finetrain") or Path(v).is_file(),
+                              "is not a file (auto, finetrain or a Jinja file)", files=True)
 
 
 @dataclass
 class PeftConfig:
-    method: Literal["none", "lora", "dora", "ia3", "prompt_tuning", "prefix_tuning"] = "none"
+    # none; any method of the installed peft (lora, loha, oft, ...); dora; or bottleneck (trainer/adapters.py).
+    method: str = "none"
     r: int = positive(8)
     alpha: float = positive(16.0)
     dropout: float = rule(0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
@@ -83,6 +90,7 @@ class PeftConfig:
     target_modules: Union[str, list] = rule("all-linear", lambda v: not isinstance(v, str) or v == "all-linear",
                                             "a list of module names or all-linear")
     num_virtual_tokens: int = positive(16)  # prompt and prefix tuning
+    options: dict = field(default_factory=dict)  # any other key of the method's config, checked by it
 
 
 @dataclass
@@ -93,6 +101,8 @@ class DatasetConfig:
     weight: float = positive(1.0)
     # finetrain's field names -> the file's, e.g. {messages: conversations, role: from, content: value}.
     fields: dict = field(default_factory=dict)
+    # chat/instruction: the parts of assistant turns that train; tool results never do.
+    train_on: list = field(default_factory=lambda: ["content", "reasoning", "tool_calls"])
 
 
 EVAL_FORMATS = Literal["chat", "instruction", "text", "classification", "tokenized", "choice"]
@@ -138,6 +148,8 @@ class DataConfig:
     overlong: Literal["truncate", "drop", "error"] = "truncate"
     on_bad_row: Literal["error", "skip"] = "error"
     cache_dir: Optional[str] = None  # finetrain's cache (see cache_root); default: $FINETRAIN_CACHE or ~/.cache/finetrain
+    # Stop when a trained assistant turn of the first rows lacks the template's end-of-turn target.
+    check_end_of_turn: bool = True
 
 
 @dataclass

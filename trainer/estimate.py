@@ -106,7 +106,7 @@ def meta_model(cfg: Config, dtype: torch.dtype, quantize: bool = True) -> nn.Mod
         if quantize and cfg.model.quantization != "none":
             quantize_skeleton(model, cfg)
         if cfg.peft.method != "none":
-            model = apply_peft(model, cfg.peft, cfg.model.task)
+            model = apply_peft(model, cfg.peft, cfg.model.task, cfg.train.max_steps)
     install_fused_head(model, cfg)
     return model
 

@@ -37,19 +37,26 @@ def newest_checkpoint(path: Path) -> Path:
 
 def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     """Write a Hugging Face folder from a checkpoint (or a run folder's newest): the full
-    model, the peft adapter (loads with `peft.PeftModel.from_pretrained`), or with `merge`
-    the merged model."""
-    from trainer.peft import is_peft_model
+    model, the peft adapter (loads with `peft.PeftModel.from_pretrained`), the bottleneck
+    adapters (load with `trainer.adapters.load_bottleneck_adapters`), or with `merge` the
+    merged model."""
+    from trainer.adapters import is_bottleneck_model, save_bottleneck_adapters
+    from trainer.peft import has_adapter, merge_problem
 
     checkpoint = newest_checkpoint(checkpoint)
+    if merge:  # refused before anything is built
+        problem = merge_problem(load_config(checkpoint / "config.yaml", check_files=False).peft.method)
+        if problem:
+            raise UserError(f"--{problem} (checkpoint {checkpoint})")
     model, tokenizer, cfg = trained_model(checkpoint, merge)
-    if merge and cfg.peft.method == "none":
-        raise UserError(f"--merge: checkpoint {checkpoint} has no adapter to merge (peft.method is none)")
-    if not merge and is_peft_model(model) and cfg.model.config is not None:
+    if not merge and has_adapter(model) and cfg.model.config is not None:
         log.warning("the adapter's base model is a random init (model.config); export with --merge for a standalone model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    if is_bottleneck_model(model):
+        save_bottleneck_adapters(model, out)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 

@@ -22,13 +22,14 @@ from trainer.checkpoint import Checkpointer, seed_step
 from trainer import faults
 from trainer.config import Config, cache_root, dataset_name, dump_yaml, load_config
 from trainer.data.collate import describe_batch
+from trainer.data.end_of_turn import check_end_of_turn
 from trainer.data.loader import RunData, build_train_loader, training_texts
 from trainer.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
 from trainer.errors import ConfigError, UserError
 from trainer.evaluate import Evaluator, to_device
 from trainer.loss import forward_summed_loss
 from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops, run_description
-from trainer.models import build_model, load_tokenizer, parameter_counts
+from trainer.models import build_model, describe_template, load_tokenizer, parameter_counts
 from trainer.optim import set_schedule_step
 from trainer.parallel import build_strategy
 from trainer.plan import plan_run, resume_changes
@@ -139,11 +140,16 @@ class Trainer:
         self.tokenizer = main_first(lambda: load_tokenizer(cfg, lambda: training_texts(cfg)))
         self.data = agree(lambda: RunData.load(cfg, self.tokenizer))
         self.loader = build_train_loader(cfg, self.tokenizer, plan.attention, dist_info.rank, world, self.data)
+        # A trained assistant turn must end with the template's end-of-turn token among its targets.
+        turn_report = agree(lambda: check_end_of_turn(cfg, self.tokenizer, describe_template(cfg, self.tokenizer)))
+        if debug and dist_info.is_main:
+            print("\n".join(turn_report or ["end-of-turn check: no chat or instruction data"]), flush=True)
         self.evaluator = agree(lambda: Evaluator.from_config(cfg, plan, self.tokenizer, self.data, dist_info))
         self.total_steps = agree(lambda: total_steps(cfg, self.loader))
 
         self.strategy = agree(lambda: build_strategy(cfg, dist_info, plan))
-        model = agree(lambda: self.strategy.build_model(lambda: build_model(cfg, self.tokenizer, plan.attention)))
+        model = agree(lambda: self.strategy.build_model(
+            lambda: build_model(cfg, self.tokenizer, plan.attention, self.total_steps)))
         trainable, self.num_params = parameter_counts(model)
         agree(lambda: self.strategy.setup(model, self.total_steps))
         log.info("strategy %s on %d rank(s), attention %s, %d micro-batch(es) of %d per step, %d steps; "

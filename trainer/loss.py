@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.fused_loss import fused_head, head_log_probs, summed_target_loss
+from trainer.peft import adapter_regularizer
 
 IGNORE_INDEX = -100
 
@@ -54,12 +55,18 @@ def model_logits(model: nn.Module, inputs: dict, labels: torch.Tensor) -> torch.
 
 
 def forward_summed_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Forward one micro-batch; the sum of its per-target cross-entropies in float32."""
+    """Forward one micro-batch; the sum of its per-target cross-entropies in float32. A penalty
+    the adapter method adds to the training loss (AdaLoRA's) is added once per optimizer step:
+    each micro-batch adds it times its own target count, which the loop's division by the
+    step's global count turns into the penalty itself."""
     head = fused_head(model)
     if head is None:
-        return summed_loss(model_logits(model, inputs, labels), labels, task)
-    is_target = labels[..., 1:] != IGNORE_INDEX  # the same shift as summed_loss
-    return summed_target_loss(model, head, inputs, is_target, labels[..., 1:][is_target])
+        loss = summed_loss(model_logits(model, inputs, labels), labels, task)
+    else:
+        is_target = labels[..., 1:] != IGNORE_INDEX  # the same shift as summed_loss
+        loss = summed_target_loss(model, head, inputs, is_target, labels[..., 1:][is_target])
+    penalty = adapter_regularizer(model)
+    return loss if penalty is None else loss + penalty * count_targets(labels, task)
 
 
 def target_log_probs(model: nn.Module, inputs: dict, rows: torch.Tensor, cols: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -31,12 +32,40 @@ log = logging.getLogger("finetrain")
 
 SPECIAL_TOKENS = {"bos_token": "<|begin|>", "eos_token": "<|end|>", "pad_token": "<|pad|>"}
 
-# ChatML: the same template many instruct models use; masking works on any template.
+# ChatML, the layout many instruct models use, with what chat data carries in 2026: the tools
+# offered (JSON schemas in the system turn, as Hermes and Qwen2.5 render them), assistant tool
+# calls as <tool_call> JSON, `tool` turns with the results, and reasoning in <think> before an
+# assistant turn's answer. finetrain's default when a tokenizer has no template, and
+# `model.chat_template: finetrain`. Every turn renders the same whatever follows it, so turns are
+# located by rendering prefixes (trainer/data/formats.py); masking works on any template.
 CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{- '# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\n</tools>\n\nFor each call, return a JSON object with the function name and arguments within "
+    "<tool_call></tool_call>:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+    "</tool_call><|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' and message['reasoning_content'] %}"
+    "{{- '<think>\n' + message['reasoning_content'] | trim + '\n</think>\n\n' }}"
+    "{%- endif %}"
+    "{%- if message['content'] %}{{- message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set call = call['function'] if call['function'] is defined else call %}"
+    "{%- if message['content'] or not loop.first %}{{- '\n' }}{%- endif %}"
+    "{{- '<tool_call>\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' + (call['arguments'] | tojson) + '}\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -155,10 +184,31 @@ def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> 
         if tokenizer.eos_token is None:
             raise ConfigError(f"model.tokenizer: {source} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat_template(cfg.model.chat_template, tokenizer.chat_template)
     _write_folder_atomically(saved, tokenizer.save_pretrained)
     return tokenizer
+
+
+def chat_template(setting: str, own: str | None) -> str:
+    """The chat template `model.chat_template` asks for: the tokenizer's own (`auto`; finetrain's
+    ChatML when it has none), finetrain's ChatML (`finetrain`), or a Jinja file's."""
+    if setting == "finetrain" or (setting == "auto" and not own):
+        return CHATML_TEMPLATE
+    if setting == "auto":
+        return own
+    try:
+        return Path(setting).read_text()
+    except OSError as err:
+        raise ConfigError(f"model.chat_template: cannot read {setting}: {err.strerror}") from None
+
+
+def describe_template(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> str:
+    """How a message names the run's chat template."""
+    if tokenizer.chat_template == CHATML_TEMPLATE:
+        return "finetrain's ChatML template"
+    if cfg.model.chat_template not in ("auto", "finetrain"):
+        return f"the chat template in {cfg.model.chat_template}"
+    return f"the chat template of {cfg.model.tokenizer or cfg.model.path}"
 
 
 # --------------------------------------------------------------------------- model
@@ -166,7 +216,8 @@ def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> 
 
 def model_config(cfg: Config, pad_token_id: int | None = None):
     """The transformers config of the model to train: `model.path`'s config.json or `model.config`,
-    with the task's head. The one place it is built (training, export, ZeRO's buckets, the estimate)."""
+    with the task's head and `model.dropout`. The one place it is built (training, export, ZeRO's
+    buckets, the estimate)."""
     m = cfg.model
     head = {}
     if m.task == "sequence_classification":
@@ -183,15 +234,20 @@ def model_config(cfg: Config, pad_token_id: int | None = None):
         raise ConfigError(f"{key}: transformers cannot read it: {first_line(err)}") from err
     # Packed rows are recognised from position_ids only when no KV cache is built.
     config.use_cache = False
+    if m.dropout is not None:
+        set_dropout(config, m.dropout)
     return config
 
 
-def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str) -> nn.Module:
+def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str,
+                total_steps: int | None = None) -> nn.Module:
     """The model on CPU in `model.dtype`, with its task head and peft wrapper. New weights
     (random init, a fresh classification head, adapters) come from `run.seed`, so every
     process builds the identical model. With `model.quantization` transformers loads it
     onto this process's CUDA device when there is one: bitsandbytes quantizes where the
-    weights land, and FSDP2 would move 4-bit weights to the device without their scales."""
+    weights land, and FSDP2 would move 4-bit weights to the device without their scales.
+    `total_steps`: the run's optimizer steps (default train.max_steps), which some adapter
+    methods schedule over (AdaLoRA)."""
     from trainer.peft import apply_peft
     from trainer.quantization import bnb_config, prepare_quantized
 
@@ -212,12 +268,57 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: str)
         if m.quantization != "none":
             prepare_quantized(model)
         if cfg.peft.method != "none":
-            model = apply_peft(model, cfg.peft, m.task)
+            model = apply_peft(model, cfg.peft, m.task, total_steps or cfg.train.max_steps)
     install_fused_head(model, cfg)
     trainable, total = parameter_counts(model)
     log.info("model %s (%s, %s): %s of %s parameters trainable (%.2f%%)", type(model).__name__, m.task,
              cfg.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+# --------------------------------------------------------------------------- dropout
+
+# Dropout of a model's head, not of the base model: model.dropout leaves them as they are.
+_HEAD_DROPOUT = ("classifier", "summary", "pooler", "qa_", "seq_classif")
+
+
+def dropout_attributes(config) -> list[str]:
+    """The base model's dropout probabilities in a transformers config (Llama and Qwen
+    `attention_dropout`; BERT `hidden_dropout_prob` and `attention_probs_dropout_prob`; GPT-2
+    `resid_pdrop`, `embd_pdrop` and `attn_pdrop`; ...), looked up in the text model's config of a
+    multimodal one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [name for name, value in text.to_dict().items()
+            if ("dropout" in name or name.endswith("pdrop")) and not any(h in name for h in _HEAD_DROPOUT)
+            and isinstance(value, (int, float)) and not isinstance(value, bool)]
+
+
+def set_dropout(config, probability: float) -> list[str]:
+    """Set every base-model dropout of `config` to `probability`; returns the attributes set."""
+    names = dropout_attributes(config)
+    if not names:
+        raise ConfigError(f"model.dropout: {type(config).__name__} ({config.model_type}) has no attention or hidden "
+                          "dropout to set; leave model.dropout unset (null)")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in names:
+        setattr(text, name, probability)
+    return names
+
+
+def dropout_problems(cfg: Config) -> list[str]:
+    """An architecture without dropout to set (the range of `model.dropout` is the schema's)."""
+    m = cfg.model
+    readable = m.config is not None and "model_type" in m.config or m.path and Path(m.path).is_dir()
+    if m.dropout is None or not readable:
+        return []  # a builtin model is checked as it is built; a missing folder is reported as such
+    try:
+        config = model_config(dataclasses.replace(cfg, model=dataclasses.replace(m, dropout=None)))
+    except (ConfigError, TypeError, KeyError):
+        return []  # the model's config is reported where the model is built
+    if not dropout_attributes(config):
+        return [f"model.dropout: {type(config).__name__} ({config.model_type}) has no attention or hidden dropout "
+                "to set; leave model.dropout unset (null)"]
+    return []
 
 
 def first_line(err: BaseException) -> str:

@@ -25,7 +25,10 @@ from trainer.attention import MASKED_ATTENTION, VARLEN_ATTENTION
 from trainer.config import Config, dataset_name, to_dict
 from trainer.data.mixing import primary_index
 from trainer.errors import ConfigError
+from trainer.data.formats import train_on_problems
 from trainer.eval_sets import eval_config_problems, format_problems
+from trainer.models import dropout_problems
+from trainer.peft import peft_config_problems
 from trainer.parallel import resolve_strategy, strategy_class, strategy_problems
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
@@ -64,7 +67,7 @@ def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
     """The plan of `cfg` on `world_size` ranks of `device_type` ("cuda" or "cpu"); raises a
     ConfigError naming every key that cannot work together."""
     strategy = resolve_strategy(cfg, world_size)
-    problems = [*model_problems(cfg), *data_problems(cfg), *eval_config_problems(cfg),
+    problems = [*model_problems(cfg), *peft_config_problems(cfg), *data_problems(cfg), *eval_config_problems(cfg),
                 *strategy_problems(cfg, strategy, world_size)]
     attention = None
     try:
@@ -131,6 +134,7 @@ def model_problems(cfg: Config) -> list[str]:
         problems.append("model.tokenizer: required with model.config (a tokenizer folder, or train-bpe)")
     if m.tokenizer == "train-bpe" and "vocab_size" not in (m.config or {}):
         problems.append("model.tokenizer: train-bpe needs model.config.vocab_size")
+    problems += dropout_problems(cfg)
     if m.dtype == "bfloat16" and cfg.parallel.mixed_precision == "fp32":
         problems.append("model.dtype: bfloat16 master weights cannot compute in parallel.mixed_precision fp32")
     if m.quantization != "none":
@@ -139,7 +143,7 @@ def model_problems(cfg: Config) -> list[str]:
                             "model.path (model.config is a random init, which has nothing to quantize)")
         if cfg.peft.method == "none":
             problems.append(f"model.quantization: {m.quantization} freezes the base in 4-bit, which cannot be "
-                            "trained; set peft.method (lora, dora, ia3, prompt_tuning or prefix_tuning)")
+                            "trained; set peft.method (lora, qlora's usual one, or another adapter method)")
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(f"model.quantization: {m.quantization} needs the bitsandbytes package "
                             "(pip install 'finetrain[qlora]')")
@@ -160,15 +164,10 @@ def data_problems(cfg: Config) -> list[str]:
             problems.append(f"{key}.name: {name!r} is used twice (names key the metrics)")
         seen.add(name)
         problems += format_problems(cfg, f"{key}.format", ds.format)
+        problems += train_on_problems(ds.format, ds.train_on, f"{key}.train_on")
     if d.packing and task == "sequence_classification":
         problems.append("data.packing: not available for sequence_classification (one label per row); "
                         "set data.packing=false")
-    if d.packing and cfg.peft.method == "prefix_tuning":
-        problems.append("data.packing: prefix tuning feeds its prefix as a KV cache, which every packed document "
-                        "would attend to across boundaries; set data.packing=false")
-    if d.packing and cfg.peft.method == "prompt_tuning":
-        problems.append("data.packing: prompt tuning prepends its virtual tokens once per row and drops position_ids, "
-                        "so packed documents would not be isolated; set data.packing=false")
     return problems
 
 
@@ -177,7 +176,8 @@ def data_problems(cfg: Config) -> list[str]:
 # Keys that decide what a checkpoint holds or which examples it has seen: a run cannot continue
 # from it with other values. Every other key takes effect from the first resumed step.
 FIXED_ON_RESUME = (
-    "run.seed", "model.config", "model.dtype", "model.quantization", "model.task", "model.num_labels", "peft",
+    "run.seed", "model.config", "model.dtype", "model.quantization", "model.task", "model.num_labels",
+    "model.chat_template", "peft",
     "data.seq_len", "data.packing", "data.train_on_prompt", "data.mix_by", "data.overlong", "data.on_bad_row",
     "data.datasets", "data.eval.fraction", "data.eval.max_examples", "data.eval.path", "data.eval.fields",
 )

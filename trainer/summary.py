@@ -21,6 +21,7 @@ from pathlib import Path
 
 from trainer.config import Config
 from trainer.eval_sets import forgetting_checks
+from trainer.peft import can_merge
 
 log = logging.getLogger("finetrain")
 
@@ -103,7 +104,7 @@ class RunSummary:
         seconds = self.wall_time()
         export = None
         if checkpoint is not None:
-            merge = " --merge" if self.cfg.peft.method != "none" else ""
+            merge = " --merge" if can_merge(self.cfg.peft.method) else ""
             export = f"finetrain export {checkpoint} --out {self.cfg.output_dir / 'export'}{merge}"
         summary = {
             "status": status,

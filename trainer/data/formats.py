@@ -1,7 +1,10 @@
 """Records to token ids and target masks, one encoder per data format.
 
 - chat: `messages` [{role, content}] rendered with the tokenizer's chat template; the
-  targets are the assistant turns (all tokens with `data.train_on_prompt`).
+  targets are the assistant turns (all tokens with `data.train_on_prompt`). A row may offer
+  `tools` (function schemas); assistant turns may carry `tool_calls` and `reasoning_content`,
+  `tool` turns the results. Which parts of an assistant turn train is the data set's
+  `train_on` (content, reasoning, tool_calls: all by default); tool results never train.
 - instruction: `prompt` (+ optional `input`, `system`) and `response`, rendered as a
   user/assistant exchange through the same chat template.
 - text: the text followed by EOS; every token is a target (continued pretraining).
@@ -18,16 +21,21 @@ reads alpaca); sharegpt's role names `human` and `gpt` are read as user and assi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from jinja2 import TemplateError
-from transformers import PreTrainedTokenizerBase
 
 from trainer.errors import ConfigError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 DEFAULT_FIELDS = {
-    "chat": {"messages": "messages", "role": "role", "content": "content"},
+    "chat": {"messages": "messages", "role": "role", "content": "content", "tools": "tools",
+             "tool_calls": "tool_calls", "reasoning": "reasoning_content"},
     "instruction": {"prompt": "prompt", "input": "input", "response": "response", "system": "system"},
     "text": {"text": "text"},
     "classification": {"text": "text", "label": "label"},
@@ -35,6 +43,9 @@ DEFAULT_FIELDS = {
     "choice": {"context": "context", "choices": "choices", "answer": "answer", "labels": "labels"},
 }
 IGNORE_LABEL = -100
+# The parts of an assistant turn that can train (`data.datasets.N.train_on`); all by default.
+TRAIN_PARTS = ("content", "reasoning", "tool_calls")
+TRAIN_ON_DEFAULT = TRAIN_PARTS
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
 
 
@@ -87,9 +98,13 @@ class ChatEncoder:
     An assistant turn's span is found by rendering prefixes of the conversation: it starts
     where the prefix up to it, with the generation prompt, ends, and ends where the prefix
     including it ends. This works for any template that renders a conversation as the
-    concatenation of its prefixes, and is checked for each record."""
+    concatenation of its prefixes, and is checked for each record. A part of the turn that
+    does not train (`train_on` without reasoning or tool_calls) is located by rendering the
+    turn without it: what the two renderings do not share is that part. Tool results are
+    never targets, whatever `data.train_on_prompt` says: the model reads them, a tool writes them."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool,
+                 train_on: tuple = TRAIN_ON_DEFAULT):
         if not tokenizer.chat_template:
             raise ConfigError("model.tokenizer: chat and instruction data need a tokenizer with a chat template")
         if not tokenizer.is_fast:
@@ -98,51 +113,119 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.names = names
         self.train_on_prompt = train_on_prompt
+        self.train_on = tuple(train_on)
+
+    # ------------------------------------------------------------------ reading a record
 
     def messages(self, record: dict) -> list[dict]:
+        return self.conversation(record).messages
+
+    def conversation(self, record: dict) -> Conversation:
+        """The record's turns as the chat template takes them (OpenAI's layout: assistant
+        `tool_calls` of {type: function, function: {name, arguments}}, `tool` turns), and its tools."""
         turns = _get(record, self.names, "messages", list)
         if not turns:
             raise RowError(f'empty conversation: field "{self.names["messages"]}" has no turns')
+        tools = self._tools(record)
         messages = []
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict):
                 raise RowError(f'turn {i} of "{self.names["messages"]}" must be an object, got {type(turn).__name__}')
             try:
-                role = _get(turn, self.names, "role", str)
-                content = _get(turn, self.names, "content", str)
+                messages.append(self._message(turn, messages))
             except RowError as err:
                 raise RowError(f"turn {i}: {err}") from None
-            messages.append({"role": ROLE_ALIASES.get(role, role), "content": content})
         if not any(m["role"] == "assistant" for m in messages) and not self.train_on_prompt:
             raise RowError("conversation has no assistant turn (nothing to train on)")
-        return messages
+        return Conversation(messages, tools)
+
+    def _message(self, turn: dict, before: list[dict]) -> dict:
+        role = _get(turn, self.names, "role", str)
+        role = ROLE_ALIASES.get(role, role)
+        calls = _get(turn, self.names, "tool_calls", list, required=False)
+        reasoning = _get(turn, self.names, "reasoning", str, required=False)
+        for value, key in ((calls, "tool_calls"), (reasoning, "reasoning")):
+            if value is not None and role != "assistant":
+                raise RowError(f'field "{self.names[key]}" on a {role} turn; only assistant turns have {key}')
+        if role == "tool":
+            if not before or not (before[-1]["role"] == "tool" or before[-1].get("tool_calls")):
+                raise RowError("a tool result must follow an assistant turn with tool_calls (or another tool result)")
+            content = _get(turn, self.names, "content", (str, dict, list))
+            message = {"role": "tool", "content": content if isinstance(content, str) else json.dumps(content)}
+            for key in ("name", "tool_call_id"):
+                if isinstance(turn.get(key), str):
+                    message[key] = turn[key]
+            return message
+        content = _get(turn, self.names, "content", str, required=role != "assistant" or not (calls or reasoning))
+        message = {"role": role, "content": content or ""}
+        if calls:
+            message["tool_calls"] = [_tool_call(call, j) for j, call in enumerate(calls)]
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if role == "assistant" and not (message["content"].strip() or calls):
+            raise RowError("assistant turn with neither content nor tool_calls")
+        return message
+
+    def _tools(self, record: dict) -> list[dict] | None:
+        tools = _get(record, self.names, "tools", list, required=False)
+        if not tools:
+            return None
+        normalised = []
+        for j, tool in enumerate(tools):
+            spec = tool.get("function", tool) if isinstance(tool, dict) else None
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+                raise RowError(f'{self.names["tools"]}[{j}] must be {{"type": "function", "function": {{"name": ..., '
+                               f'"description": ..., "parameters": {{...}}}}}}, got {_short(tool)}')
+            if "parameters" in spec and not isinstance(spec["parameters"], dict):
+                raise RowError(f'{self.names["tools"]}[{j}].parameters must be a JSON schema (an object), '
+                               f'got {_short(spec["parameters"])}')
+            normalised.append({"type": "function", "function": spec})
+        return normalised
+
+    # ------------------------------------------------------------------ encoding
 
     def encode(self, record: dict) -> Encoded:
-        return self.encode_messages(self.messages(record))
+        return self.encode_messages(self.conversation(record))
 
-    def encode_messages(self, messages: list[dict]) -> Encoded:
-        text = self._render(messages, generation_prompt=False)
+    def encode_messages(self, conversation: Conversation | list[dict]) -> Encoded:
+        if not isinstance(conversation, Conversation):
+            conversation = Conversation(conversation, None)
+        messages = conversation.messages
+        text = self._render(conversation, generation_prompt=False)
+        self._check_rendered(conversation, text)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         tokens = encoding["input_ids"]
-        if self.train_on_prompt:
-            return Encoded(tokens, [True] * len(tokens))
-        spans = self._assistant_spans(messages, text)
         starts = np.fromiter((begin for begin, _ in encoding["offset_mapping"]), dtype=np.int64, count=len(tokens))
+        if self.train_on_prompt:
+            targets = np.ones(len(tokens), dtype=bool)
+            for a, b in self.turn_spans(conversation, text, role="tool"):
+                targets &= ~((starts >= a) & (starts < b))
+            return Encoded(tokens, targets)
         targets = np.zeros(len(tokens), dtype=bool)
-        for a, b in spans:
-            targets |= (starts >= a) & (starts < b)
+        for k, (a, b) in zip(self.assistant_turns(messages), self.turn_spans(conversation, text)):
+            inside = (starts >= a) & (starts < b)
+            for c, d in self._untrained_parts(conversation, k):
+                inside &= ~((starts >= c) & (starts < d))
+            targets |= inside
         if not targets[1:].any():
             raise RowError("no target tokens (assistant turns are empty)")
         return Encoded(tokens, targets)
 
-    def _assistant_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
-        """Character spans of the assistant turns in `text`, the rendered conversation."""
+    @staticmethod
+    def assistant_turns(messages: list[dict]) -> list[int]:
+        return [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+
+    def turn_spans(self, conversation: Conversation, text: str, role: str = "assistant") -> list[tuple[int, int]]:
+        """Character spans in `text` (the rendered conversation) of the turns of `role`: an
+        assistant turn after its header (the generation prompt), another turn whole."""
+        messages = conversation.messages
         spans = []
         for k, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != role:
                 continue
-            start = self._prefix(messages[:k])
-            end = self._render(messages[: k + 1], generation_prompt=False)
+            before = conversation.upto(k)
+            start = self._prefix(before) if role == "assistant" else self._render(before, generation_prompt=False)
+            end = self._render(conversation.upto(k + 1), generation_prompt=False)
             if not (text.startswith(start) and text.startswith(end) and len(start) <= len(end)):
                 raise RowError(
                     "the tokenizer's chat template renders earlier turns differently once later turns follow, "
@@ -151,27 +234,121 @@ class ChatEncoder:
             spans.append((len(start), len(end)))
         return spans
 
-    def _prefix(self, messages: list[dict]) -> str:
+    def _untrained_parts(self, conversation: Conversation, k: int) -> list[tuple[int, int]]:
+        """Character spans of the parts of assistant turn `k` that `train_on` leaves out."""
+        message = conversation.messages[k]
+        dropped = []
+        for part, key in (("reasoning", "reasoning_content"), ("tool_calls", "tool_calls"), ("content", "content")):
+            if part in self.train_on or not message.get(key):
+                continue
+            without = {name: value for name, value in message.items() if name != key}
+            if key == "content":
+                without["content"] = ""
+            full = self._render(conversation.upto(k + 1), generation_prompt=False)
+            shorter = self._render(Conversation(conversation.messages[:k] + [without], conversation.tools),
+                                   generation_prompt=False)
+            dropped.append(_inserted_span(full, shorter))
+        return dropped
+
+    def _check_rendered(self, conversation: Conversation, text: str) -> None:
+        """A template that ignores tools, tool calls, tool results or reasoning would train on
+        conversations without them, silently: stop at the first row where one is missing."""
+        for j, tool in enumerate(conversation.tools or []):
+            if tool["function"]["name"] not in text:
+                raise RowError(f"the chat template does not render the tools (tool {j} "
+                               f"{tool['function']['name']!r} is missing); {_TEMPLATE_HINT}")
+        for k, message in enumerate(conversation.messages):
+            for call in message.get("tool_calls", []):
+                if call["function"]["name"] not in text:
+                    raise RowError(f"the chat template does not render tool_calls (turn {k} calls "
+                                   f"{call['function']['name']!r}); {_TEMPLATE_HINT}")
+            if message.get("reasoning_content") and message["reasoning_content"].strip() not in text:
+                raise RowError(f"the chat template does not render the reasoning of turn {k} (it reads "
+                               f"reasoning_content); {_TEMPLATE_HINT}")
+            if message["role"] == "tool" and message["content"].strip() not in text:
+                raise RowError(f"the chat template does not render the tool result of turn {k}; {_TEMPLATE_HINT}")
+
+    def _prefix(self, conversation: Conversation) -> str:
         """The text before an assistant turn's content (its header included)."""
         try:
-            return self._render(messages, generation_prompt=True)
+            return self._render(conversation, generation_prompt=True)
         except RowError:
-            if messages:
+            if conversation.messages:
                 raise
             return ""  # templates may reject an empty conversation; nothing precedes the first turn
 
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+    def _render(self, conversation: Conversation | list[dict], generation_prompt: bool) -> str:
+        if not isinstance(conversation, Conversation):
+            conversation = Conversation(conversation, None)
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            return self.tokenizer.apply_chat_template(conversation.messages, tools=conversation.tools, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
         except TemplateError as err:
             raise RowError(f"the chat template rejects this conversation: {err}") from None
+
+
+_TEMPLATE_HINT = "use a template that does (model.chat_template: finetrain is ChatML with tools and reasoning)"
+
+
+@dataclass
+class Conversation:
+    """What a chat template renders: the turns, and the tools offered (None: no tools)."""
+
+    messages: list[dict]
+    tools: list[dict] | None = None
+
+    def upto(self, k: int) -> "Conversation":
+        return Conversation(self.messages[:k], self.tools)
+
+
+def _tool_call(call, j: int) -> dict:
+    """One tool call as chat templates take it: {type, function: {name, arguments (an object)}}."""
+    spec = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise RowError(f'tool_calls[{j}] must be {{"type": "function", "function": {{"name": ..., "arguments": '
+                       f'{{...}}}}}}, got {_short(call)}')
+    arguments = spec.get("arguments", {})
+    if isinstance(arguments, str):  # OpenAI's API sends the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise RowError(f"tool_calls[{j}].function.arguments is not valid JSON: {_short(arguments)}") from None
+    if not isinstance(arguments, dict):
+        raise RowError(f"tool_calls[{j}].function.arguments must be an object, got {_short(arguments)}")
+    normalised = {"type": "function", "function": {"name": spec["name"], "arguments": arguments}}
+    if isinstance(call.get("id"), str):
+        normalised["id"] = call["id"]
+    return normalised
+
+
+def _inserted_span(full: str, shorter: str) -> tuple[int, int]:
+    """Where `full` has the characters that `shorter` lacks (one contiguous insertion). When the
+    insertion could sit at several places (its first characters repeat what follows it, or its
+    last ones what precedes it: `<think>...` before `<tool_call>`), the place that starts a line
+    with a non-blank character is taken, where a template starts a block."""
+    size = len(full) - len(shorter)
+    prefix = 0
+    while prefix < len(shorter) and full[prefix] == shorter[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < len(shorter) and full[-1 - suffix] == shorter[-1 - suffix]:
+        suffix += 1
+    first = len(shorter) - suffix  # every start in [first, prefix] gives `full` back
+
+    def score(start: int) -> int:
+        opens_line = start == 0 or full[start - 1] == "\n"
+        return 2 * (opens_line and not full[start].isspace()) + (not full[start].isspace())
+
+    start = max(range(first, prefix + 1), key=lambda p: (score(p), -p))
+    return start, start + size
 
 
 class InstructionEncoder:
     """prompt/input/response as one user turn and one assistant turn (optional system turn)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
-        self.chat = ChatEncoder(tokenizer, names, train_on_prompt)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool,
+                 train_on: tuple = TRAIN_ON_DEFAULT):
+        self.chat = ChatEncoder(tokenizer, names, train_on_prompt, train_on)
         self.names = names
 
     def messages(self, record: dict) -> list[dict]:
@@ -194,7 +371,7 @@ class InstructionEncoder:
 class TextEncoder:
     """A document and its EOS: packed documents are then separated by EOS."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool, train_on: tuple = ()):
         if tokenizer.eos_token_id is None:
             raise ConfigError("model.tokenizer: text data needs a tokenizer with an EOS token to end each document")
         self.tokenizer = tokenizer
@@ -213,7 +390,7 @@ class TextEncoder:
 class ClassificationEncoder:
     """Text with the tokenizer's special tokens, and its label (int, or a class name)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool, train_on: tuple = ()):
         self.tokenizer = tokenizer
         self.names = names
 
@@ -235,7 +412,7 @@ class TokenizedEncoder:
     `data.train_on_prompt` does not apply. Checked with numpy (pre-tokenized corpora are
     large); the element-by-element search runs only to name what is wrong."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool, train_on: tuple = ()):
         self.vocab_size = len(tokenizer)
         self.names = names
 
@@ -350,8 +527,24 @@ ENCODERS = {
 }
 
 
-def build_encoder(fmt: str, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool):
-    return ENCODERS[fmt](tokenizer, names, train_on_prompt)
+def build_encoder(fmt: str, tokenizer: PreTrainedTokenizerBase, names: dict, train_on_prompt: bool,
+                  train_on: tuple = TRAIN_ON_DEFAULT):
+    return ENCODERS[fmt](tokenizer, names, train_on_prompt, tuple(train_on))
+
+
+def train_on_problems(fmt: str, train_on, key: str) -> list[str]:
+    """What is wrong with a data set's `train_on` (the parts of assistant turns that train)."""
+    if not isinstance(train_on, list) or not train_on or not all(isinstance(p, str) for p in train_on):
+        return [f"{key}: a non-empty list of {', '.join(TRAIN_PARTS)}, got {train_on!r}"]
+    unknown = [p for p in train_on if p not in TRAIN_PARTS]
+    if unknown:
+        return [f"{key}: {unknown[0]!r} is not a part of an assistant turn; one of {', '.join(TRAIN_PARTS)} "
+                "(tool results never train)"]
+    if fmt == "instruction" and "content" not in train_on:
+        return [f"{key}: instruction data has only the response to train on; keep content"]
+    if fmt not in ("chat", "instruction") and set(train_on) != set(TRAIN_PARTS):
+        return [f"{key}: only chat and instruction data have assistant turns, not {fmt} data"]
+    return []
 
 
 def record_texts(fmt: str, record: dict, names: dict) -> list[str]:
@@ -362,7 +555,17 @@ def record_texts(fmt: str, record: dict, names: dict) -> list[str]:
         turns = record.get(names["messages"])
         if not isinstance(turns, list):
             return []
-        return [t[names["content"]] for t in turns if isinstance(t, dict) and isinstance(t.get(names["content"]), str)]
+        texts = []
+        for turn in turns:
+            if not isinstance(turn, dict):
+                continue
+            for key in ("content", "reasoning"):
+                if isinstance(turn.get(names[key]), str):
+                    texts.append(turn[names[key]])
+            for call in turn.get(names["tool_calls"]) or []:
+                if isinstance(call, dict):
+                    texts.append(json.dumps(call.get("function", call), ensure_ascii=False))
+        return texts
     if fmt == "choice":
         choices = _field(record, names["choices"])
         context = _field(record, names["context"])

@@ -35,6 +35,7 @@ from trainer.errors import DataError
 from trainer.data.stream import ExampleSet, GlobalStream, StreamDataset
 from trainer.data.tokenized import TokenizedDataset
 from trainer.distributed import local_world_size, on_node_leaders
+from trainer.peft import prepends_virtual_tokens
 
 log = logging.getLogger("finetrain")
 
@@ -77,7 +78,7 @@ def _load_sources(cfg: Config, tokenizer, entries: list[tuple[str, str, DatasetC
     def load(name: str, key: str, ds: DatasetConfig, **tokenizing) -> TokenizedDataset:
         path = resolve_source(ds.path, ds.format, key, cache_dir)
         spec = EncodingSpec(ds.format, field_names(ds.format, ds.fields, f"{key}.fields"), cfg.data.train_on_prompt,
-                            tokenizer)
+                            tokenizer, tuple(ds.train_on))
         return load_tokenized(path, ds.path, spec, cfg.data.on_bad_row, cache_dir, **tokenizing)
 
     def fill_cache() -> None:
@@ -248,7 +249,7 @@ class RunData:
 def _collator(cfg: Config, datasets: list[StreamDataset], tokenizer, attention: str) -> Collator:
     return Collator(datasets, cfg.model.task, cfg.data.seq_len, cfg.data.packing, attention, tokenizer.pad_token_id,
                     mask_dtype=getattr(torch, cfg.model.dtype),
-                    position_ids=cfg.peft.method != "prompt_tuning")
+                    position_ids=not prepends_virtual_tokens(cfg.peft.method))
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import Iterator
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from trainer.data.formats import RowError, build_encoder
+from trainer.data.formats import TRAIN_ON_DEFAULT, RowError, build_encoder
 from trainer.data.sources import Row, location, read_rows, source_fingerprint
 from trainer.errors import DataError
 from trainer.data.tokenized import (EncodedChunk, TokenizedDataset, TokenizedWriter, is_complete, open_tokenized,
@@ -49,7 +49,7 @@ log = logging.getLogger("finetrain")
 
 # Part of every cache key: bump it when the same source and settings would give other arrays
 # (a change to the folder layout in tokenized.py or to an encoder in formats.py).
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 # Rows per chunk sent to a worker: large enough that the transfer costs little next to
 # encoding (a chat example takes a few hundred microseconds), small enough that chunks in
 # flight stay a few MB even for long documents.
@@ -64,9 +64,10 @@ class EncodingSpec:
     names: dict
     train_on_prompt: bool
     tokenizer: PreTrainedTokenizerBase
+    train_on: tuple = TRAIN_ON_DEFAULT  # the parts of assistant turns that train
 
     def encoder(self):
-        return build_encoder(self.format, self.tokenizer, self.names, self.train_on_prompt)
+        return build_encoder(self.format, self.tokenizer, self.names, self.train_on_prompt, self.train_on)
 
 
 def encode_chunk(encoder, rows: list[Row]) -> EncodedChunk:
@@ -215,6 +216,7 @@ def cache_folder(path: Path, source: str, spec: EncodingSpec, on_bad_row: str, c
         "format": spec.format,
         "fields": spec.names,
         "train_on_prompt": spec.train_on_prompt,
+        "train_on": sorted(spec.train_on),
         "on_bad_row": on_bad_row,
         "source": source,
     }, sort_keys=True).encode()).hexdigest()

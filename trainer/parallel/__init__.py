@@ -44,15 +44,17 @@ def strategy_problems(cfg: Config, name: str, world_size: int) -> list[str]:
     cls = REGISTRY[name]
     who = name + (" (picked by auto)" if cfg.parallel.strategy == "auto" else "")
     problems = []
-    for capability in requested(cfg, world_size):
-        if capability in cls.supports:
+    for request in requested(cfg, world_size):
+        if request.capability in cls.supports:
             continue
-        able = [other for other, other_cls in REGISTRY.items() if capability in other_cls.supports]
-        why = cls.why_not.get(capability, "cannot honour it")
-        if capability == MULTI_PROCESS:
+        able = [other for other, other_cls in REGISTRY.items() if request.capability in other_cls.supports]
+        why = cls.why_not.get(request.capability, "cannot honour it")
+        if request.capability == MULTI_PROCESS:
             line = f"parallel.strategy: {who} {why}, but the world has {world_size} ranks"
+        elif request.need:
+            line = f"{request.key}: {request.need}, but parallel.strategy {who} {why}"
         else:
-            line = f"{capability}: parallel.strategy {who} {why}"
+            line = f"{request.key}: parallel.strategy {who} {why}"
         problems.append(line + (f"; use {one_of(able)}" if able else ""))
     return problems + cls.config_problems(cfg, world_size)
 

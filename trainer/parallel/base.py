@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -41,10 +42,22 @@ ASYNC_SAVE = "checkpoint.async"
 QUANTIZATION = "model.quantization"
 COMPILE = "train.compile"
 DEEPSPEED_CONFIG = "parallel.deepspeed_config"
+# What some peft methods need of the strategy (trainer/peft.py says which, and why).
+WHOLE_GRADIENTS = "each adapter weight's whole gradient after the optimizer step"
+WHOLE_BASE_WEIGHTS = "the base weights whole when the adapter is built"
 
 
-def requested(cfg: Config, world_size: int) -> list[str]:
-    """The capabilities `cfg` asks of its strategy on `world_size` ranks."""
+@dataclass(frozen=True)
+class Request:
+    capability: str
+    key: str  # the config key that asks for it, as messages name it
+    need: str | None = None  # why the config needs it, where the key alone does not say
+
+
+def requested(cfg: Config, world_size: int) -> list[Request]:
+    """What `cfg` asks of its strategy on `world_size` ranks."""
+    from trainer.peft import strategy_needs
+
     par = cfg.parallel
     asked = {
         MULTI_PROCESS: world_size > 1,
@@ -57,7 +70,8 @@ def requested(cfg: Config, world_size: int) -> list[str]:
         COMPILE: cfg.train.compile,
         DEEPSPEED_CONFIG: bool(par.deepspeed_config),
     }
-    return [capability for capability, wanted in asked.items() if wanted]
+    return [Request(capability, capability) for capability, wanted in asked.items() if wanted] + [
+        Request(capability, key, need) for capability, key, need in strategy_needs(cfg)]
 
 
 class Strategy(ABC):

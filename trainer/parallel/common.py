@@ -22,7 +22,9 @@ from trainer.config import Config
 from trainer.errors import ConfigError
 from trainer.faults import exempt
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.parallel.base import ASYNC_SAVE, COMPILE, KEEP_GATHERED, MULTI_PROCESS, QUANTIZATION, Strategy
+from trainer.parallel.base import (ASYNC_SAVE, COMPILE, KEEP_GATHERED, MULTI_PROCESS, QUANTIZATION, WHOLE_BASE_WEIGHTS,
+                                   WHOLE_GRADIENTS, Strategy)
+from trainer.peft import adapter_training_state, after_optimizer_step, load_adapter_training_state
 from trainer.quantization import quantized_linears, without_quantized_weights
 
 
@@ -124,12 +126,16 @@ def clip_and_norm(parameters, max_norm: float) -> float:
     return float(norm)
 
 
+ADAPTER_STATE = "adapter_state.pt"
+
+
 class TorchStrategy(Strategy):
     """single, ddp and fsdp: a torch optimizer over the (possibly sharded) parameters,
     gradients clipped DTensor-aware, state in DCP. Subclasses wrap the model in `setup`."""
 
     checkpoint_format = "dcp"
-    supports = frozenset({MULTI_PROCESS, ASYNC_SAVE, QUANTIZATION, COMPILE, KEEP_GATHERED})
+    supports = frozenset({MULTI_PROCESS, ASYNC_SAVE, QUANTIZATION, COMPILE, KEEP_GATHERED, WHOLE_GRADIENTS,
+                          WHOLE_BASE_WEIGHTS})
 
     @classmethod
     def memory(cls, name: str, shape, acts: int, cfg: Config, world: int) -> dict:
@@ -164,17 +170,31 @@ class TorchStrategy(Strategy):
         if not skip and math.isfinite(norm):
             self.optimizer.step()
             self.scheduler.step()
+            after_optimizer_step(self.unwrapped_model(), self.scheduler.last_epoch - 1)  # e.g. AdaLoRA's rank budget
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
     def save(self, path: Path) -> None:
         dcp_save(path, self.unwrapped_model(), self.optimizer)
+        self._save_adapter_state(path)
 
     def save_async(self, path: Path, writer: BackgroundWriter):
-        return dcp_save_async(path, self.unwrapped_model(), self.optimizer, writer)
+        future = dcp_save_async(path, self.unwrapped_model(), self.optimizer, writer)
+        self._save_adapter_state(path)
+        return future
 
     def load(self, path: Path) -> None:
         dcp_load(path, self.unwrapped_model(), self.optimizer)
+        state_file = path / ADAPTER_STATE
+        if state_file.is_file():
+            load_adapter_training_state(self.unwrapped_model(), torch.load(state_file, weights_only=True))
+
+    def _save_adapter_state(self, path: Path) -> None:
+        """The adapter method's own training state (AdaLoRA's importance averages), the same on
+        every rank of the strategies that train such methods: written by rank 0."""
+        state = adapter_training_state(self.unwrapped_model())
+        if state is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            torch.save(state, path / ADAPTER_STATE)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return gathered_model_state(self.unwrapped_model())

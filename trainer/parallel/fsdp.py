@@ -29,7 +29,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from trainer.config import Config
 from trainer.models import decoder_layers
-from trainer.parallel.base import KEEP_GATHERED, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, REPLICATE
+from trainer.parallel.base import KEEP_GATHERED, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, REPLICATE, WHOLE_GRADIENTS
 from trainer.parallel.common import TorchStrategy, apply_layer_options
 
 log = logging.getLogger("finetrain")
@@ -37,7 +37,8 @@ log = logging.getLogger("finetrain")
 
 class FSDPStrategy(TorchStrategy):
     names = ("fsdp",)
-    supports = TorchStrategy.supports | {OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, REPLICATE, KEEP_GATHERED}
+    supports = TorchStrategy.supports - {WHOLE_GRADIENTS} | {OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, REPLICATE, KEEP_GATHERED}
+    why_not = {WHOLE_GRADIENTS: "keeps every gradient sharded"}
 
     @classmethod
     def config_problems(cls, cfg: Config, world_size: int) -> list[str]:

@@ -33,7 +33,8 @@ from trainer.distributed import DistInfo, barrier
 from trainer.errors import ConfigError, UserError
 from trainer.optim import build_optimizer, build_scheduler, trainable_groups
 from trainer.parallel.base import (ASYNC_SAVE, COMPILE, DEEPSPEED_CONFIG, KEEP_GATHERED, MULTI_PROCESS,
-                                   OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, QUANTIZATION, Strategy)
+                                   OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, QUANTIZATION, WHOLE_BASE_WEIGHTS,
+                                   WHOLE_GRADIENTS, Strategy)
 from trainer.parallel.common import apply_layer_options
 
 log = logging.getLogger("finetrain")
@@ -138,6 +139,7 @@ class ZeroStrategy(Strategy):
     checkpoint_format = "deepspeed"
     supports = frozenset({MULTI_PROCESS, OFFLOAD_OPTIMIZER, DEEPSPEED_CONFIG})
     why_not = {
+        WHOLE_GRADIENTS: "reduces the gradients into its own partitions inside its step",
         ASYNC_SAVE: "writes DeepSpeed's own checkpoint files, which it does synchronously",
         QUANTIZATION: "saves the 4-bit base with bitsandbytes' quantization state in DeepSpeed's checkpoint, which "
                       "DeepSpeed's loader refuses, so the run could not resume",
@@ -338,13 +340,13 @@ class ZeroStrategy(Strategy):
 class Zero1(ZeroStrategy):
     names = ("zero1",)
     stage = 1
-    supports = ZeroStrategy.supports | {COMPILE, KEEP_GATHERED}
+    supports = ZeroStrategy.supports | {COMPILE, KEEP_GATHERED, WHOLE_BASE_WEIGHTS}
 
 
 class Zero2(ZeroStrategy):
     names = ("zero2",)
     stage = 2
-    supports = ZeroStrategy.supports | {COMPILE, KEEP_GATHERED}
+    supports = ZeroStrategy.supports | {COMPILE, KEEP_GATHERED, WHOLE_BASE_WEIGHTS}
 
 
 class Zero3(ZeroStrategy):
@@ -356,6 +358,7 @@ class Zero3(ZeroStrategy):
         COMPILE: "gathers parameters in hooks on every submodule of a decoder layer, which the compiled layer "
                  "cannot hold (or set train.compile=false)",
         KEEP_GATHERED: "always re-partitions parameters after forward",
+        WHOLE_BASE_WEIGHTS: "loads model.path already partitioned over the ranks",
     }
 
 
