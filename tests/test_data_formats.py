@@ -526,5 +526,5 @@ def test_wrong_train_on_names_the_key(tmp_path, train_on, message):
            "data": {"datasets": [{"path": str(path), "format": "chat", "train_on": train_on}]}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as err:
-        load_config(tmp_path / "c.yaml")
+        plan_run(load_config(tmp_path / "c.yaml"), 1, "cpu")
     assert str(err.value) == message

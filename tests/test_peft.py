@@ -8,12 +8,14 @@ import re
 import pytest
 import torch
 
+from conftest import planned
 from runs import causal_config, write_config
 from trainer.config import Config, ModelConfig, PeftConfig, load_config
 from trainer.errors import ConfigError
 from trainer.models import build_model
 from trainer.peft import (UNTRAINABLE, can_merge, is_peft_model, known_methods, merge_adapter, peft_config_problems,
                           peft_keys)
+from trainer.plan import plan_run
 
 # The methods users reach for (the strategy x method matrix of tests/test_parallel.py).
 METHODS = ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "loha", "lokr", "oft", "vera", "adalora",
@@ -232,7 +234,7 @@ def test_a_wrong_option_stops_the_run_with_one_line_and_exit_2(tmp_path, capsys)
     cfg = causal_config(tmp_path, peft={"method": "loha", "options": {"rank_dropuot": 0.1}})
     path = write_config(cfg, tmp_path / "config.yaml")
     with pytest.raises(ConfigError) as err:
-        load_config(path)
+        plan_run(load_config(path), 1, "cpu")
     assert report_user_error(err.value, path) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "rank_dropuot" in text)
@@ -261,7 +263,7 @@ def test_adalora_penalty_and_rank_allocation_run_in_the_step(tiny_llama_config, 
     cfg.model = ModelConfig(config=dict(tiny_llama_config, initializer_range=0.3))
     cfg.peft = PeftConfig(method="adalora", r=2, options={"init_r": 4, "tinit": 1, "tfinal": 1, "deltaT": 1})
     cfg.optim.lr = 1e-2
-    steps = 6
+    steps = cfg.train.max_steps = 6
     model = build_model(cfg, tiny_tokenizer, "sdpa", total_steps=steps)
     batch = fixed_batch(tiny_tokenizer)
     labels = batch.pop("labels")
@@ -279,7 +281,7 @@ def test_adalora_penalty_and_rank_allocation_run_in_the_step(tiny_llama_config, 
     assert halves == pytest.approx(plain, rel=1e-5)
 
     strategy = SingleDevice(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"),
-                                          backend="gloo"))
+                                          backend="gloo"), planned(cfg))
     strategy.setup(model, steps)
     ranks = []
     for _ in range(steps):
