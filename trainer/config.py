@@ -130,6 +130,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # fsdp: ZeRO-3 style; False keeps params gathered (ZeRO-2 style)
     # HSDP: parameters sharded within groups of world/replicate ranks (a node), replicated across groups.
     replicate: int = at_least(1, 1)
+    sequence_parallel: int = at_least(1, 1)  # Ulysses: each row's tokens split over N ranks (trainer/sequence_parallel.py)
     # A DeepSpeed JSON whose keys override the generated ones.
     deepspeed_config: Optional[str] = rule(None, lambda v: Path(v).is_file(), "does not exist", files=True)
 
@@ -159,6 +160,7 @@ class TrainConfig:
     # LM head + cross-entropy on target positions only, in chunks (trainer/fused_loss.py).
     fused_loss: bool = True
     compile: bool = False  # torch.compile each decoder layer (trainer/compile.py)
+    activation_offload: bool = False  # saved activations in host memory until backward (trainer/activation_offload.py)
 
 
 @dataclass

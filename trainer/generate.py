@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from trainer.config import Config
 from trainer.data.loader import held_out_conversations
+from trainer.sequence_parallel import whole_sequence_attention
 from trainer.task_metrics import answer_scores, mean_answer_scores
 
 log = logging.getLogger("finetrain")
@@ -79,7 +80,7 @@ def greedy_generate(strategy, prompts: list[list[int]], group_size: int, pad_tok
     was_training = strategy.model.training
     strategy.model.eval()
     mine: dict[int, list[int]] = {}
-    with strategy.generation():
+    with strategy.generation(), whole_sequence_attention(model):  # one token at a time: nothing to shard
         for round_index in range(-(-len(groups) // world)):
             mine.update(_generate_round(strategy, model, groups, prompts, round_index, config, pad_token_id,
                                         stop_ids, world))

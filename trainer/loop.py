@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from trainer.activation_offload import activation_offload
 from trainer.checkpoint import Checkpointer, seed_step
 from trainer.config import Config, cache_root, dataset_name, dump_yaml, load_config
 from trainer.data.collate import describe_batch
@@ -83,6 +84,7 @@ def total_steps(cfg: Config, loader) -> int:
 def train_step(strategy, batches: list, task: str) -> dict:
     """One optimizer step over this rank's micro-batches; returns global sums."""
     device = strategy.dist.device
+    offload = strategy.cfg.train.activation_offload
     global_targets = all_reduce_sum(torch.tensor([sum(b.num_targets for b in batches)], dtype=torch.float64))
     # A step whose every label is masked still runs (all ranks must), with zero gradient.
     denominator = max(float(global_targets.item()), 1.0)
@@ -91,8 +93,9 @@ def train_step(strategy, batches: list, task: str) -> dict:
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last else strategy.no_sync():
             labels = batch.labels.to(device)
-            with strategy.autocast():
-                summed = forward_summed_loss(strategy.model, to_device(batch.inputs, device), labels, task)
+            with strategy.autocast(), activation_offload(offload):
+                summed = forward_summed_loss(strategy.model, to_device(batch.inputs, device), labels, task,
+                                             batch.labels_shifted)
             strategy.backward(summed / denominator)
         loss_sum += summed.detach().double().cpu()
     lr = strategy.lr()  # the rate this update uses; the scheduler moves on in step()

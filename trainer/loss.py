@@ -29,14 +29,15 @@ def count_targets(labels: torch.Tensor, task: str) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Sum of per-target cross-entropies in float32 (the caller normalises)."""
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, shifted: bool = False) -> torch.Tensor:
+    """Sum of per-target cross-entropies in float32 (the caller normalises). `shifted`: labels
+    are already the next tokens (a sequence shard, trainer/data/sequence_shard.py)."""
     if task == "sequence_classification":
         return F.cross_entropy(logits.float(), labels, reduction="sum")
     # logits[t] predicts labels[t + 1]; a document's first token is labelled -100,
     # so the previous document's last position never predicts it.
-    shift_logits = logits[..., :-1, :].float()
-    shift_labels = labels[..., 1:]
+    shift_logits = logits.float() if shifted else logits[..., :-1, :].float()
+    shift_labels = labels if shifted else labels[..., 1:]
     return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
@@ -53,10 +54,12 @@ def model_logits(model: nn.Module, inputs: dict, labels: torch.Tensor) -> torch.
     return logits
 
 
-def forward_summed_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, task: str) -> torch.Tensor:
+def forward_summed_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, task: str,
+                        shifted: bool = False) -> torch.Tensor:
     """Forward one micro-batch; the sum of its per-target cross-entropies in float32."""
     head = fused_head(model)
     if head is None:
-        return summed_loss(model_logits(model, inputs, labels), labels, task)
-    is_target = labels[..., 1:] != IGNORE_INDEX  # the same shift as summed_loss
-    return summed_target_loss(model, head, inputs, is_target, labels[..., 1:][is_target])
+        return summed_loss(model_logits(model, inputs, labels), labels, task, shifted)
+    next_tokens = labels if shifted else labels[..., 1:]  # the same shift as summed_loss
+    is_target = next_tokens != IGNORE_INDEX
+    return summed_target_loss(model, head, inputs, is_target, next_tokens[is_target], shifted)

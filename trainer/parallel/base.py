@@ -41,6 +41,7 @@ ASYNC_SAVE = "checkpoint.async"
 QUANTIZATION = "model.quantization"
 COMPILE = "train.compile"
 DEEPSPEED_CONFIG = "parallel.deepspeed_config"
+SEQUENCE_PARALLEL = "parallel.sequence_parallel"  # Ulysses: rows sharded by tokens over sequence groups
 
 
 def requested(cfg: Config, world_size: int) -> list[str]:
@@ -56,6 +57,7 @@ def requested(cfg: Config, world_size: int) -> list[str]:
         QUANTIZATION: cfg.model.quantization != "none",
         COMPILE: cfg.train.compile,
         DEEPSPEED_CONFIG: bool(par.deepspeed_config),
+        SEQUENCE_PARALLEL: par.sequence_parallel > 1,
     }
     return [capability for capability, wanted in asked.items() if wanted]
 
