@@ -17,6 +17,7 @@ refused by name.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -146,12 +147,13 @@ def sequence_problems(cfg: Config, world_size: int, attention: str | None) -> li
         config = model_config(cfg).get_text_config()
     except ConfigError as err:
         return problems + [str(err)]
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    for what, count in (("attention heads", heads), ("key-value heads", kv_heads)):
-        if count is not None and count % n:
-            problems.append(f"{key}: the model's {count} {what} do not split over {n} ranks (each rank attends "
-                            f"with 1/{n} of them); use a divisor of {count}")
+    heads = getattr(config, "num_attention_heads", None) or 0
+    counts = {"attention heads": heads, "key-value heads": getattr(config, "num_key_value_heads", None) or heads}
+    uneven = {what: count for what, count in counts.items() if count % n}
+    if uneven:
+        common = math.gcd(*counts.values())
+        problems.append(f"{key}: the model's {' and '.join(f'{c} {w}' for w, c in uneven.items())} do not split over "
+                        f"{n} ranks (each rank attends with 1/{n} of them); use a divisor of {common}")
     return problems
 
 
