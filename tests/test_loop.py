@@ -65,6 +65,8 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
     steps = 60 if ranks == 1 else 30  # two ranks start slower; fewer steps keep the test short
     sections = dict(train={"max_steps": steps, "log_every": 1, "save_every": steps // 3},
                     optim={"lr": 3e-3, "warmup_steps": 5})
+    if sequence > 1:  # held-out loss (sharded like training) and greedy answers (unsharded) too
+        sections["data"] = {"eval": {"fraction": 0.1, "generate": 2, "max_new_tokens": 8}}
     launch = ["--nproc", str(ranks)] if ranks > 1 else []
     reference = causal_config(tmp_path / "reference", rows=96, **sections)
     run_cli(write_config(reference, tmp_path / "reference.yaml"), *launch)
@@ -109,6 +111,14 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
             assert resumed[step] == pytest.approx(expected[step], rel=tolerance, abs=tolerance / 10), step
         lines = (copy / "metrics.jsonl").read_text().splitlines()
         assert len([line for line in lines if '"loss"' in line]) == steps
+        if sequence > 1:  # the held-out loss at step 0 and at the end, and answers generated at both
+            evals = [r for r in read_metrics(copy) if "eval/sft/loss" in r]
+            wanted = [r for r in read_metrics(Path(reference["run"]["output_dir"])) if "eval/sft/loss" in r]
+            assert [r["step"] for r in evals] == [r["step"] for r in wanted] == [0, steps]
+            for got, want in zip(evals, wanted):
+                assert got["eval/sft/loss"] == pytest.approx(want["eval/sft/loss"], rel=1e-5)
+            generated = [json.loads(line) for line in (copy / "generations.jsonl").read_text().splitlines()]
+            assert sorted({row["step"] for row in generated}) == [0, steps]
         # W&B: both processes logged into one run, each step once, the same values as metrics.jsonl
         run_id, history = run_history(copy)
         logged = {row["_step"]: row["loss"] for row in history if "loss" in row}

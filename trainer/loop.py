@@ -143,8 +143,9 @@ class Trainer:
         model = agree(lambda: self.strategy.build_model(lambda: build_model(cfg, self.tokenizer, plan.attention)))
         trainable, self.num_params = parameter_counts(model)
         agree(lambda: self.strategy.setup(model, self.total_steps))
-        log.info("strategy %s on %d rank(s), attention %s, %d micro-batch(es) of %d per step, %d steps; "
-                 "%s of %s parameters trainable", plan.strategy, world, plan.attention,
+        log.info("strategy %s on %d rank(s)%s, attention %s, %d micro-batch(es) of %d per step, %d steps; "
+                 "%s of %s parameters trainable", plan.strategy, world,
+                 f" in sequence groups of {plan.mesh.sequence}" if plan.mesh.sequence > 1 else "", plan.attention,
                  plan.accumulation, cfg.train.micro_batch_size, self.total_steps, f"{trainable:,}", f"{self.num_params:,}")
 
         self.dataset_names = [dataset_name(ds) for ds in cfg.data.datasets]
