@@ -5,6 +5,8 @@ the training curves with it are compared in tests/test_parallel.py.)"""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -29,7 +31,7 @@ def tiny_model(tokenizer, checkpointing: bool = False, compiled: bool = False):
 def step(model, offload: ActivationOffload | None):
     ids = torch.randint(1, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     model.zero_grad(set_to_none=True)
-    with offload if offload is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    with offload if offload is not None else contextlib.nullcontext():
         loss = forward_summed_loss(model, {"input_ids": ids, "use_cache": False}, ids, "causal_lm")
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
