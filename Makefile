@@ -59,5 +59,6 @@ bench: $(STAMP)
 	$(PY) bench/qlora_memory.py
 	$(PY) bench/loss_head.py
 	$(PY) bench/data_scale.py
+	$(PY) bench/long_context.py
 	$(PIP) install -e '.[bench]'
 	$(PY) bench/vs_peers.py

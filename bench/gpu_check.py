@@ -8,6 +8,8 @@
 (b) 30 optimizer steps of SmolLM2 full fine-tuning through `finetrain train`: bf16 compute,
     `train.compile=true`, the fused loss head (the default), packed rows of 2,048 tokens, on
     `parallel.strategy=single` and on `fsdp` with one rank.
+(c) one long row (8,192 tokens) per step with activation checkpointing, with and without
+    `train.activation_offload`: peak CUDA memory and step time.
 
     python bench/gpu_check.py [key=value ...]   # overrides for both runs, e.g. logging.peak_flops=...
 
@@ -118,6 +120,42 @@ def training_run(strategy: str, folder: Path, overrides: list[str]) -> dict:
     }
 
 
+LONG_ROW, LONG_STEPS = 8192, 8  # SmolLM2's longest position; the first WARMUP steps are not averaged
+
+
+def long_row_with_and_without_offload(folder: Path, overrides: list[str]) -> dict:
+    """(c): one row of LONG_ROW tokens per step, activation checkpointing on, with and without
+    `train.activation_offload`: peak CUDA memory and step time of each (`finetrain train --nproc 1`)."""
+    import yaml
+
+    runs = {}
+    for offload in (False, True):
+        name = "offload" if offload else "on-device"
+        config = {
+            "run": {"name": f"gpu-check-long-{name}", "output_dir": str(folder / f"long-{name}"), "seed": 0},
+            "model": {"path": MODEL},
+            "data": {"seq_len": LONG_ROW, "datasets": [{"name": "lee", "path": "builtin:gensim-lee", "format": "text"}]},
+            "parallel": {"strategy": "single", "mixed_precision": "bf16", "activation_checkpointing": True},
+            "train": {"micro_batch_size": 1, "global_batch_size": 1, "max_steps": LONG_STEPS, "activation_offload": offload},
+            "checkpoint": {"resume": "never"},
+            "logging": {"progress_bar": False},
+        }
+        path = folder / f"long-{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--nproc", "1", *overrides],
+                              cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+        if proc.returncode != 0:
+            runs[name] = {"error": f"exited {proc.returncode}", "stderr": proc.stderr[-3000:]}
+            continue
+        steps = [json.loads(line) for line in (folder / f"long-{name}" / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in steps if "step_time_s" in r]
+        timed = [r["step_time_s"] for r in steps if r["step"] > WARMUP]
+        runs[name] = {"seq_len": LONG_ROW, "step_time_s": sum(timed) / len(timed),
+                      "peak_allocated_gib": max(r["memory/max_allocated_gib"] for r in steps),
+                      "peak_reserved_gib": max(r["memory/max_reserved_gib"] for r in steps)}
+    return runs
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU (torch.cuda.is_available() is false); run it on a machine with one",
@@ -131,12 +169,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report["training"] = {strategy: training_run(strategy, Path(tmp), sys.argv[1:])
                               for strategy in ("single", "fsdp")}
+        report["long_row_activation_offload"] = long_row_with_and_without_offload(Path(tmp), sys.argv[1:])
     text = json.dumps(report, indent=1)
     print(text)
     out = REPO / "bench" / "results" / "gpu_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    failed = not report["flash_attention_2"]["passed"] or any("error" in run for run in report["training"].values())
+    failed = not report["flash_attention_2"]["passed"] or any(
+        "error" in run for run in (*report["training"].values(), *report["long_row_activation_offload"].values()))
     return 1 if failed else 0
 
 

@@ -52,6 +52,7 @@ class Batch:
     inputs: dict
     labels: object
     num_targets: int
+    labels_shifted: bool = False
 
 
 def bench_config(parallel: dict, args, world: int, folder: Path):

@@ -82,12 +82,18 @@ def cmd_export(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from trainer.estimate import estimate_memory, format_table
+    from trainer.estimate import estimate_memory, format_longest, format_table, longest_seq_len
 
     try:
         # only the model's config.json is read: data and checkpoints may live on the cluster
         cfg = load_config(args.config, args.overrides, check_files=False)
-        print(format_table(estimate_memory(cfg, args.nodes, args.gpus_per_node)))
+        if not args.longest:
+            print(format_table(estimate_memory(cfg, args.nodes, args.gpus_per_node)))
+            return 0
+        if args.gpu_memory_gib <= 0 or (args.host_memory_gib is not None and args.host_memory_gib <= 0):
+            raise UserError("estimate: --gpu-memory-gib and --host-memory-gib must be > 0")
+        device, host = args.gpu_memory_gib * 2**30, args.host_memory_gib and args.host_memory_gib * 2**30
+        print(format_longest(longest_seq_len(cfg, args.nodes, args.gpus_per_node, device, host), device, host))
     except UserError as err:
         return report_user_error(err, args.config, args.overrides)
     return 0
@@ -136,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("overrides", nargs="*")
     estimate.add_argument("--nodes", type=int, default=1)
     estimate.add_argument("--gpus-per-node", type=int, default=1)
+    estimate.add_argument("--longest", action="store_true",
+                          help="the longest data.seq_len that fits each device, per strategy")
+    estimate.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one device (--longest)")
+    estimate.add_argument("--host-memory-gib", type=float, default=None,
+                          help="host memory of one node, for what offloading keeps there (--longest; default: unbounded)")
     estimate.set_defaults(run=cmd_estimate)
 
     add_submit_parser(sub)

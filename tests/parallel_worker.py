@@ -7,7 +7,10 @@ Each run plans itself as a rank of the trainer does (trainer/plan.py: a refusal 
 result too), builds a tiny Llama (random init from a seed, or a saved folder) and the
 strategy, and trains a few optimizer steps on fixed token rows of uneven length through
 the loop's own `train_step`. Runs with `generate` then answer fixed prompts greedily,
-as `data.eval.generate` does.
+as `data.eval.generate` does. `packed` runs put the same documents two to a row, collated
+and (with `sequence_parallel`) cut for each sequence rank as the loader does; the
+`isolation` check compares per-document logits under sequence parallelism with each
+document run alone.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ class Run:
     full_state_path: str | None = None  # write full_state_dict here (rank 0) after the last step
     generate: bool = False  # greedy answers to fixed prompts after the last step
     generate_first: bool = False  # and before the first step (as the loop's step-0 evaluation does)
+    packed: bool = False  # the step's documents two to a row of 2 x SEQ_LEN (the reference's, repacked)
+    sequence_parallel: int = 1
+    attention: str = "auto"  # model.attention
+    activation_offload: bool = False
+    check: str = ""  # "isolation": per-document logits under sequence parallelism, no training
 
 
 def model_config(run: Run) -> dict:
@@ -92,7 +100,9 @@ def make_config(run: Run, out: Path, world_size: int) -> Config:
     cfg.model.config = None if run.model_path else model_config(run)
     cfg.model.quantization = run.quantization
     cfg.data.cache_dir = str(out / "cache")
-    cfg.data.packing = False  # the rows are made here (step_rows), one document per row
+    cfg.data.packing = run.packed  # the rows are made here (step_rows): one document per row, or two packed
+    cfg.data.seq_len = 2 * SEQ_LEN if run.packed else cfg.data.seq_len
+    cfg.model.attention = run.attention
     cfg.peft.method, cfg.peft.r, cfg.peft.alpha, cfg.peft.num_virtual_tokens = run.peft, 4, 8.0, 4
     cfg.peft.options = dict(run.peft_options)
     cfg.parallel.strategy = run.strategy
@@ -101,20 +111,22 @@ def make_config(run: Run, out: Path, world_size: int) -> Config:
     cfg.parallel.offload = run.offload
     cfg.parallel.deepspeed_config = run.deepspeed_config
     cfg.parallel.replicate = run.replicate
+    cfg.parallel.sequence_parallel = run.sequence_parallel
     cfg.optim.lr = 1e-2
     cfg.optim.weight_decay = 0.1
     cfg.optim.warmup_steps = 1
     cfg.optim.max_grad_norm = 1.0
     cfg.train.micro_batch_size = run.micro
-    cfg.train.global_batch_size = run.micro * run.accum * world_size
+    cfg.train.global_batch_size = run.micro * run.accum * world_size // run.sequence_parallel
     cfg.train.max_steps = run.steps
     cfg.train.fused_loss = run.fused_loss
     cfg.train.compile = run.compile
+    cfg.train.activation_offload = run.activation_offload
     return cfg
 
 
-def make_model(cfg: Config):
-    return build_model(cfg, tokenizer(), "sdpa")
+def make_model(cfg: Config, attention: str = "sdpa"):
+    return build_model(cfg, tokenizer(), attention)
 
 
 def step_rows(step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +151,75 @@ def rank_micro_batches(step: int, run: Run) -> list[tuple[torch.Tensor, torch.Te
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     ids, labels = ids[mine], labels[mine]
     return [(ids[i:i + run.micro], labels[i:i + run.micro]) for i in range(0, per_rank, run.micro)]
+
+
+def documents_dataset(ids: torch.Tensor, labels: torch.Tensor):
+    """The rows of `step_rows` as tokenized documents (every token a target), for the collator."""
+    from test_data_packing import make_dataset
+
+    lengths = (labels != IGNORE_INDEX).sum(1).tolist()
+    return make_dataset([ids[b, :n].tolist() for b, n in enumerate(lengths)], [[True] * n for n in lengths],
+                        seq_len=2 * SEQ_LEN), lengths
+
+
+def packed_micro_batches(step: int, run: Run, cfg: Config, plan) -> list[Batch]:
+    """The reference's documents of `step` (micro 8 x 1 rank: 8 documents), two to a packed row, as
+    the loader hands them to this rank: its data-parallel block of rows, collated, and with
+    sequence parallelism cut for its sequence rank (documents cross the cut)."""
+    from trainer.data.loader import _collator
+    from trainer.data.packing import Piece
+    from trainer.data.sequence_shard import sequence_shard
+
+    ids, labels = step_rows(step, 8)
+    dataset, lengths = documents_dataset(ids, labels)
+    rows = [[Piece(0, 2 * r + i, 0, lengths[2 * r + i], True) for i in (0, 1)] for r in range(4)]
+    size = run.sequence_parallel
+    reader = dist.get_rank() // size
+    per_rank = run.micro * run.accum
+    mine = rows[reader * per_rank: (reader + 1) * per_rank]
+    collate = _collator(cfg, [dataset], tokenizer(), plan.attention)
+    batches = [collate(mine[i:i + run.micro]) for i in range(0, per_rank, run.micro)]
+    return batches if size == 1 else [sequence_shard(b, dist.get_rank() % size, size) for b in batches]
+
+
+@torch.no_grad()
+def isolation(run: Run, out: Path) -> dict:
+    """Per-document logits of one micro-batch under sequence parallelism (2 ranks, documents crossing
+    the cut), gathered, against each document run alone: the largest difference per backend, and
+    the same with the documents' bounds planted away (the whole micro-batch one document)."""
+    from trainer.data.collate import Collator
+    from trainer.data.packing import Piece
+    from trainer.data.sequence_shard import sequence_shard
+    from trainer.sequence_parallel import enable_sequence_parallel, whole_sequence_attention
+    from test_data_packing import make_dataset
+
+    gen = torch.Generator().manual_seed(11)
+    lengths = [13, 19, 7, 15, 9, 30]  # rows of 32: [13, 19] [7, 15, 9 + 1 padding] [30 + 2 padding]
+    docs = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+    dataset = make_dataset(docs, [[True] * n for n in lengths], seq_len=SEQ_LEN)
+    pieces = [Piece(0, i, 0, n, True) for i, n in enumerate(lengths)]
+    batch = Collator([dataset], "causal_lm", SEQ_LEN, True, "varlen_reference", 0)(
+        [pieces[:2], pieces[2:5], pieces[5:]])
+    starts = [0, 13, 32, 39, 54, 64]  # the document at 39-53 crosses the cut at 48
+    result = {"max_abs_diff": {}, "leak_max_abs_diff": {}}
+    for attention in ("sdpa", "varlen_reference"):
+        cfg = make_config(dataclasses.replace(run, fused_loss=False), out, dist.get_world_size())
+        model = make_model(cfg, attention).eval()
+        enable_sequence_parallel(model, 2)
+        with whole_sequence_attention(model):
+            alone = [model(input_ids=torch.tensor([doc]), use_cache=False).logits[0] for doc in docs]
+        for planted in (False, True):
+            shard = sequence_shard(batch, dist.get_rank(), 2)
+            if planted:
+                whole = torch.tensor([0, 96], dtype=torch.int32)
+                shard.inputs.update(cu_seq_lens_q=whole, cu_seq_lens_k=whole, max_length_q=96, max_length_k=96)
+            local = model(**shard.inputs).logits[0]
+            parts = [torch.empty_like(local) for _ in range(2)]
+            dist.all_gather(parts, local)
+            logits = torch.cat(parts)
+            diff = max(float((logits[a:a + len(doc)] - ref).abs().max()) for a, doc, ref in zip(starts, docs, alone))
+            result["leak_max_abs_diff" if planted else "max_abs_diff"][attention] = diff
+    return result
 
 
 def as_batches(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Batch]:
@@ -193,10 +274,12 @@ def execute(run: Run, out: Path) -> dict:
     if run.compile:  # compiled for real, not the eager fallback; counted from here on
         assert backend_problem(BACKEND, "cpu") is None, backend_problem(BACKEND, "cpu")
         compiled = CompileReport(layers=0)
+    if run.check == "isolation":
+        return isolation(run, out)
     try:  # what the trainer sets up under `agree`; a refusal is a result too
         plan = agree(lambda: planned(cfg, dist_info.world_size))
         strategy = agree(lambda: build_strategy(cfg, dist_info, plan))
-        model = agree(lambda: strategy.build_model(lambda: make_model(cfg)))
+        model = agree(lambda: strategy.build_model(lambda: make_model(cfg, plan.attention)))
         agree(lambda: strategy.setup(model, run.steps))
     except UserError as err:
         return {"refused": str(err)}
@@ -211,7 +294,8 @@ def execute(run: Run, out: Path) -> dict:
         result["first_generations"] = greedy_generate(strategy, generation_prompts(), GENERATION_GROUP, 0, STOP_IDS,
                                                       MAX_NEW_TOKENS)
     for step in range(start, run.steps):
-        record = train_step(strategy, as_batches(rank_micro_batches(step, run)), "causal_lm")
+        batches = packed_micro_batches(step, run, cfg, plan) if run.packed else as_batches(rank_micro_batches(step, run))
+        record = train_step(strategy, batches, "causal_lm")
         for key in ("loss", "grad_norm", "lr"):
             result[key + ("es" if key == "loss" else "s")].append(record[key])
         if step == 0:

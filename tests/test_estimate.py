@@ -205,3 +205,58 @@ def test_estimate_command_prints_a_table_per_strategy(tmp_path):
         assert f"| {name} |" in proc.stdout
     assert "on 8 device(s)" in proc.stdout
     assert "- ddp: parallel.offload optimizer" in proc.stdout  # refused, and why
+
+
+# ------------------------------------------------------------------------------ long context
+
+
+def test_sequence_parallelism_and_activation_offloading_in_the_estimate():
+    """Sequence ranks each hold seq_len/N tokens of a row: N=2 gives the activations of half the
+    row; offloading keeps on the device what backward works on and puts the rest in host memory."""
+    cfg = make_cfg(PROBE_MODEL, mixed_precision="bf16")
+    cfg.data.seq_len, cfg.train.micro_batch_size = 8192, 1
+    whole = by_strategy(estimate_memory(cfg, 1, 2))["fsdp"]
+    cfg.parallel.sequence_parallel = 2
+    sharded = by_strategy(estimate_memory(cfg, 1, 2))["fsdp"]
+    cfg.parallel.sequence_parallel, cfg.data.seq_len = 1, 4096
+    half = by_strategy(estimate_memory(cfg, 1, 2))["fsdp"]
+    assert sharded["activations"] == half["activations"] < 0.6 * whole["activations"]
+    assert model_state(sharded) == model_state(whole)  # the model is sharded over every rank either way
+    cfg.data.seq_len, cfg.parallel.sequence_parallel, cfg.train.activation_offload = 8192, 2, True
+    offloaded = by_strategy(estimate_memory(cfg, 1, 2))["fsdp"]
+    assert offloaded["activations"] < sharded["activations"] and offloaded["host"] > offloaded["activations"] / 2
+    assert by_strategy(estimate_memory(make_cfg(PROBE_MODEL, sequence_parallel=3), 1, 2))["fsdp"]["note"].startswith(
+        "parallel.sequence_parallel: 3 ranks per sequence group do not divide the world of 2 ranks")
+
+
+def test_the_longest_seq_len_fits_and_the_next_one_does_not():
+    from trainer.estimate import USABLE_FRACTION, longest_seq_len
+
+    cfg = make_cfg(PROBE_MODEL, mixed_precision="bf16", activation_checkpointing=True, sequence_parallel=2)
+    cfg.train.micro_batch_size = 1
+    device = 2**30
+    rows = by_strategy(longest_seq_len(cfg, 1, 2, device))
+    fsdp = rows["fsdp"]
+    assert fsdp["longest"] % 1024 == 0 and fsdp["tokens_per_rank"] == fsdp["longest"] // 2
+    for seq_len, fits in ((fsdp["longest"], True), (fsdp["longest"] + 2 * 1024, False)):
+        cfg.data.seq_len = seq_len
+        assert (by_strategy(estimate_memory(cfg, 1, 2))["fsdp"]["total"] <= USABLE_FRACTION * device) == fits, seq_len
+    assert rows["single"]["longest"] is None and rows["single"]["note"]
+    cfg.train.activation_offload = True
+    offloaded = by_strategy(longest_seq_len(cfg, 1, 2, device))["fsdp"]
+    assert offloaded["longest"] > fsdp["longest"] and offloaded["host"] > 0
+    limited = by_strategy(longest_seq_len(cfg, 1, 2, device, host_bytes_per_node=2 * offloaded["host"] / 2))["fsdp"]
+    assert limited["longest"] < offloaded["longest"]
+
+
+def test_estimate_longest_command(tmp_path):
+    cfg = causal_config(tmp_path)
+    path = write_config(cfg, tmp_path / "config.yaml")
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "estimate", str(path), "--nodes", "1",
+                           "--gpus-per-node", "2", "--longest", "--gpu-memory-gib", "1", "parallel.sequence_parallel=2",
+                           "parallel.activation_checkpointing=true"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| strategy | longest seq_len | tokens per rank |" in proc.stdout and "| fsdp | " in proc.stdout
+    assert "parallel.sequence_parallel 2" in proc.stdout

@@ -53,21 +53,27 @@ def _wait_for_records(path: Path, count: int, proc: subprocess.Popen, timeout: f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,ranks,resume_ranks", [(signal.SIGTERM, 1, [1]), (signal.SIGUSR1, 1, [1]),
-                                                    (signal.SIGTERM, 2, [2, 1])],
-                         ids=["SIGTERM", "SIGUSR1", "SIGTERM-2-ranks-resumed-on-2-and-1"])
-def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks):
+@pytest.mark.parametrize("sig,ranks,resume_ranks,sequence", [(signal.SIGTERM, 1, [1], 1), (signal.SIGUSR1, 1, [1], 1),
+                                                             (signal.SIGTERM, 2, [2, 1], 2)],
+                         ids=["SIGTERM", "SIGUSR1", "SIGTERM-2-sequence-ranks-resumed-on-2-and-1"])
+def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequence):
     """Stopped by a signal, resumed from its checkpoint (on each of `resume_ranks` ranks,
-    from copies of the stopped run), the run logs the uninterrupted run's losses."""
+    from copies of the stopped run), the run logs the uninterrupted run's losses. On 2 ranks the
+    stopped run is sequence-parallel (parallel.sequence_parallel 2: both ranks read the same rows,
+    each computes half of every row), the uninterrupted one data-parallel (each rank its own rows),
+    and the copies resume on 2 ranks with sequence parallelism and on 1 rank without it."""
     steps = 60 if ranks == 1 else 30  # two ranks start slower; fewer steps keep the test short
     sections = dict(train={"max_steps": steps, "log_every": 1, "save_every": steps // 3},
                     optim={"lr": 3e-3, "warmup_steps": 5})
+    if sequence > 1:  # held-out loss (sharded like training) and greedy answers (unsharded) too
+        sections["data"] = {"eval": {"fraction": 0.1, "generate": 2, "max_new_tokens": 8}}
     launch = ["--nproc", str(ranks)] if ranks > 1 else []
     reference = causal_config(tmp_path / "reference", rows=96, **sections)
     run_cli(write_config(reference, tmp_path / "reference.yaml"), *launch)
     expected = step_losses(Path(reference["run"]["output_dir"]))
     assert sorted(expected) == list(range(1, steps + 1))
 
+    sections["parallel"] = {"sequence_parallel": sequence}
     cfg = causal_config(tmp_path / "stopped", rows=96, logging={"progress_bar": False, "wandb": {"mode": "offline"}},
                         **sections)
     config_path = write_config(cfg, tmp_path / "stopped.yaml")
@@ -92,17 +98,27 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks):
     for resumed_ranks in resume_ranks:
         copy = tmp_path / f"resumed-on-{resumed_ranks}"
         shutil.copytree(out, copy)
-        run_cli(config_path, *(["--nproc", str(resumed_ranks)] if resumed_ranks > 1 else []), f"run.output_dir={copy}")
+        run_cli(config_path, *(["--nproc", str(resumed_ranks)] if resumed_ranks > 1 else []), f"run.output_dir={copy}",
+                f"parallel.sequence_parallel={sequence if resumed_ranks == ranks else 1}")
         resumed = step_losses(copy)
         assert sorted(resumed) == list(range(1, steps + 1)), "every step logged exactly once across the two runs"
         finished = json.loads((copy / "summary.json").read_text())
         assert (finished["status"], finished["steps"]) == ("finished", steps)
         assert finished["wall_time_s"] > stopped["wall_time_s"]  # the summary covers both processes
-        tolerance = 1e-6 if resumed_ranks == ranks else 1e-5  # another world size sums in another order
+        # another world size, or another split of the rows, sums in another order
+        tolerance = 1e-6 if resumed_ranks == ranks and sequence == 1 else 1e-5
         for step in range(1, steps + 1):
             assert resumed[step] == pytest.approx(expected[step], rel=tolerance, abs=tolerance / 10), step
         lines = (copy / "metrics.jsonl").read_text().splitlines()
         assert len([line for line in lines if '"loss"' in line]) == steps
+        if sequence > 1:  # the held-out loss at step 0 and at the end, and answers generated at both
+            evals = [r for r in read_metrics(copy) if "eval/sft/loss" in r]
+            wanted = [r for r in read_metrics(Path(reference["run"]["output_dir"])) if "eval/sft/loss" in r]
+            assert [r["step"] for r in evals] == [r["step"] for r in wanted] == [0, steps]
+            for got, want in zip(evals, wanted):
+                assert got["eval/sft/loss"] == pytest.approx(want["eval/sft/loss"], rel=1e-5)
+            generated = [json.loads(line) for line in (copy / "generations.jsonl").read_text().splitlines()]
+            assert sorted({row["step"] for row in generated}) == [0, steps]
         # W&B: both processes logged into one run, each step once, the same values as metrics.jsonl
         run_id, history = run_history(copy)
         logged = {row["_step"]: row["loss"] for row in history if "loss" in row}

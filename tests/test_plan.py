@@ -145,6 +145,7 @@ def test_each_strategy_honours_or_refuses_what_it_declares(tmp_path, name):
         "parallel.reshard_after_forward false": {"parallel__reshard_after_forward": False},
         "checkpoint.async": {"checkpoint__async_": True},
         "train.compile": {"train__compile": True},
+        "parallel.sequence_parallel": {"parallel__sequence_parallel": 2},
     }
     for capability, keys in cases.items():
         cfg = with_keys(config(tmp_path), parallel__strategy=name, **keys)
@@ -157,6 +158,66 @@ def test_each_strategy_honours_or_refuses_what_it_declares(tmp_path, name):
                 plan_run(cfg, world, "cpu")
             assert str(err.value).startswith(f"{capability}: parallel.strategy {name} "), str(err.value)
     assert plan_run(with_keys(base, parallel__strategy=name), 1, "cpu").strategy == name
+
+
+# ------------------------------------------------------------------------ sequence parallelism
+
+
+def test_sequence_parallelism_is_a_mesh_dimension(tmp_path):
+    """Sequence groups of N ranks read the same rows: the data-parallel ranks, which the batch
+    splits over, are the world over N; the model is sharded over every rank (HSDP: the shard group)."""
+    cfg = config(tmp_path, train={"micro_batch_size": 1, "global_batch_size": 4},
+                 parallel={"strategy": "fsdp", "sequence_parallel": 2})
+    plan = plan_run(cfg, 4, "cpu")
+    assert (plan.mesh.shard, plan.mesh.sequence, plan.mesh.data_parallel, plan.accumulation) == (4, 2, 2, 2)
+    hsdp = plan_run(with_keys(cfg, parallel__replicate=2), 4, "cpu")
+    assert (hsdp.mesh.replicate, hsdp.mesh.shard, hsdp.mesh.data_parallel) == (2, 2, 2)
+    with pytest.raises(ConfigError, match="do not split into micro-batches of 1 on 2 data-parallel ranks"):
+        plan_run(with_keys(cfg, train__global_batch_size=3), 4, "cpu")
+
+
+WIDE_HEADS = {**TINY_LLAMA, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3}
+
+
+@pytest.mark.parametrize("keys, world_size, expected", [
+    ({"parallel__sequence_parallel": 4}, 4,
+     "parallel.sequence_parallel: the model's 2 key-value heads do not split over 4 ranks (each rank attends with 1/4 "
+     "of them); use a divisor of 2"),
+    ({"parallel__sequence_parallel": 4, "model__config": WIDE_HEADS}, 4,
+     "parallel.sequence_parallel: the model's 6 attention heads and 3 key-value heads do not split over 4 ranks"),
+    ({"parallel__sequence_parallel": 2, "model__config": WIDE_HEADS}, 2,
+     "parallel.sequence_parallel: the model's 3 key-value heads do not split over 2 ranks"),
+    ({"parallel__sequence_parallel": 2, "data__seq_len": 63}, 2,
+     "data.seq_len: 63 tokens per row do not split over parallel.sequence_parallel 2 ranks; use a multiple of 2"),
+    ({"parallel__sequence_parallel": 2}, 3,
+     "parallel.sequence_parallel: 2 ranks per sequence group do not divide the world of 3 ranks"),
+    ({"parallel__sequence_parallel": 2, "parallel__replicate": 4}, 4,
+     "parallel.sequence_parallel: 2 ranks per sequence group do not divide the shard groups of 1 ranks"),
+    ({"parallel__sequence_parallel": 2, "model__attention": "eager"}, 2,
+     "parallel.sequence_parallel: attention 'eager' needs a seq_len^2 mask on every rank"),
+    ({"parallel__sequence_parallel": 2, "peft__method": "prompt_tuning", "data__packing": False}, 2,
+     "parallel.sequence_parallel: peft.method prompt_tuning feeds virtual tokens to every row"),
+    ({"parallel__sequence_parallel": 2, "peft__method": "prefix_tuning", "data__packing": False}, 2,
+     "parallel.sequence_parallel: peft.method prefix_tuning feeds virtual tokens to every row"),
+])
+def test_what_sequence_parallelism_cannot_shard_is_refused_in_one_line(tmp_path, keys, world_size, expected):
+    with pytest.raises(ConfigError) as err:
+        plan_run(with_keys(config(tmp_path, train={"global_batch_size": 8}), **keys), world_size, "cpu")
+    assert str(err.value).splitlines() == [str(err.value)] and str(err.value).startswith(expected), str(err.value)
+
+
+def test_sequence_parallelism_refuses_a_classification_encoder_in_one_line(tmp_path):
+    from conftest import TINY_BERT
+
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": "a red cat", "label": 1}])
+    cfg = config(tmp_path, model={"config": dict(TINY_BERT), "task": "sequence_classification"},
+                 data={"packing": False, "datasets": [{"name": "cls", "path": str(data), "format": "classification"}]},
+                 parallel={"sequence_parallel": 2})
+    with pytest.raises(ConfigError) as err:
+        plan_run(cfg, 2, "cpu")
+    assert str(err.value).startswith("parallel.sequence_parallel: model.task sequence_classification needs each row "
+                                     "whole on one rank"), str(err.value)
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_attention_auto_takes_flash_attention_where_it_runs(tmp_path, monkeypatch):

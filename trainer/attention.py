@@ -23,6 +23,9 @@ NAME = "varlen_reference"
 # cu_seq_lens (flash_attention_2, and this reference of it), and those given a block-diagonal mask.
 VARLEN_ATTENTION = ("flash_attention_2", NAME)
 MASKED_ATTENTION = ("sdpa", "eager")
+# The backends that sequence parallelism runs on whole sequences, one document at a time
+# (trainer/sequence_parallel.py); eager would need a seq_len^2 mask on every rank.
+SEQUENCE_PARALLEL_ATTENTION = ("flash_attention_2", NAME, "sdpa")
 
 
 def varlen_reference_attention(

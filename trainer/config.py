@@ -162,6 +162,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # fsdp: ZeRO-3 style; False keeps params gathered (ZeRO-2 style)
     # HSDP: parameters sharded within groups of world/replicate ranks (a node), replicated across groups.
     replicate: int = at_least(1, 1)
+    sequence_parallel: int = at_least(1, 1)  # Ulysses: each row's tokens split over N ranks (trainer/sequence_parallel.py)
     # A DeepSpeed JSON whose keys override the generated ones.
     deepspeed_config: Optional[str] = rule(None, lambda v: Path(v).is_file(), "does not exist", files=True)
     # A rank that makes no progress this long ends the run, named (trainer/faults.py): set-up, the first
@@ -195,6 +196,7 @@ class TrainConfig:
     # LM head + cross-entropy on target positions only, in chunks (trainer/fused_loss.py).
     fused_loss: bool = True
     compile: bool = False  # torch.compile each decoder layer (trainer/compile.py)
+    activation_offload: bool = False  # saved activations in host memory until backward (trainer/activation_offload.py)
     # A step whose loss or gradient norm is NaN or infinite never updates the weights; stop ends the
     # run there (exit code 3, nothing saved), skip goes on, up to max_skipped_steps in a row.
     on_nonfinite: Literal["stop", "skip"] = "stop"

@@ -12,6 +12,13 @@ moves to the host) is the strategy's own accounting, next to its code (`memory` 
 class in trainer/parallel/); with `model.quantization: nf4` the frozen linear weights take
 about 0.52 bytes each instead of the master dtype's (trainer/quantization.py).
 
+Long context: with `parallel.sequence_parallel` N each rank computes seq_len/N tokens of every
+row (attention on all of them but with 1/N of the heads, the same bytes), so the activations are
+measured on a micro-batch of seq_len/N tokens; with `train.activation_offload` what autograd
+saves waits in host memory and the device keeps what backward works on (`activation_placement`).
+Activations grow linearly with seq_len (attention keeps no seq_len^2 scores), so
+`longest_seq_len` measures them at two lengths and solves for the longest that fits a device.
+
 `resident_state_bytes` measures the same quantities on a live strategy, which is
 how the tests hold this estimate to the real thing.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -222,7 +230,8 @@ def activation_shape(cfg: Config, compute_dtype: torch.dtype) -> ActivationShape
     model = meta_model(cfg, compute_dtype, quantize=False)
     model.train()
     head = fused_head(model)
-    rows, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    # sequence parallelism: this rank's tokens of each row (its attention: all of them, 1/N of the heads)
+    rows, seq = cfg.train.micro_batch_size, cfg.data.seq_len // cfg.parallel.sequence_parallel
     ids = torch.zeros(rows, seq, dtype=torch.long, device="meta")
     classification = cfg.model.task == "sequence_classification"
     labels = torch.zeros(rows if classification else (rows, seq), dtype=torch.long)
@@ -248,6 +257,19 @@ def activation_bytes(acts: ActivationShape, layers: int, checkpointing: bool) ->
     if not checkpointing:
         return acts.in_layers + acts.outside + acts.logits
     return layers * acts.layer_input + acts.in_layers // max(layers, 1) + acts.outside + acts.logits
+
+
+def activation_placement(acts: ActivationShape, layers: int, checkpointing: bool, offload: bool) -> tuple[int, int]:
+    """(device, host) bytes of one micro-batch's activations. Offloaded (trainer/activation_offload.py),
+    what forward saves waits in host memory; the device holds what backward works on: one layer's
+    saved tensors (recomputed, under checkpointing) and the next ones coming back, counted as one
+    more layer's (or its input, under checkpointing), and the loss head's transient."""
+    if not offload:
+        return activation_bytes(acts, layers, checkpointing), 0
+    per_layer = acts.in_layers // max(layers, 1)
+    if checkpointing:
+        return per_layer + acts.layer_input + acts.logits, layers * acts.layer_input + acts.outside
+    return 2 * per_layer + acts.logits, acts.in_layers + acts.outside
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -296,20 +318,104 @@ def estimate_memory(cfg: Config, nodes: int, gpus_per_node: int) -> list[dict]:
     activations (plus host bytes under offload); `note` says why a strategy cannot run."""
     from trainer.parallel import strategy_names, strategy_problems
 
+    from trainer.plan import sequence_problems
+
     world = nodes * gpus_per_node
     if world < 1:
         raise UserError(f"estimate: --nodes {nodes} x --gpus-per-node {gpus_per_node} is no device")
-    master = getattr(torch, cfg.model.dtype)
-    compute = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else master
-    shape = model_shape(meta_model(cfg, master))
-    acts = activation_bytes(activation_shape(cfg, compute), shape.layers, cfg.parallel.activation_checkpointing)
+    shape = model_shape(meta_model(cfg, master_dtype(cfg)))
+    device_acts, host_acts = activations(cfg, shape)
     rows = []
     for name in strategy_names():
         probe = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, strategy=name))
-        note = "; ".join(strategy_problems(probe, name, world))
+        note = "; ".join(strategy_problems(probe, name, world) + sequence_problems(probe, world, None))
+        row = strategy_memory(name, shape, device_acts, probe, world)
+        row["host"] += host_acts
         rows.append({"strategy": name, "devices": world, "trainable": shape.trainable, "parameters": shape.total,
-                     **strategy_memory(name, shape, acts, probe, world), "note": note})
+                     "seq_len": cfg.data.seq_len, "sequence_parallel": cfg.parallel.sequence_parallel,
+                     "activations_host": host_acts, **row, "note": note})
     return rows
+
+
+def master_dtype(cfg: Config) -> torch.dtype:
+    return getattr(torch, cfg.model.dtype)
+
+
+def activations(cfg: Config, shape: ModelShape) -> tuple[int, int]:
+    """(device, host) bytes of one micro-batch's activations per rank at `data.seq_len`."""
+    compute = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else master_dtype(cfg)
+    return activation_placement(activation_shape(cfg, compute), shape.layers, cfg.parallel.activation_checkpointing,
+                                cfg.train.activation_offload)
+
+
+# Of a device's memory, what the estimate lets a run fill: the rest goes to the CUDA context,
+# NCCL's buffers and the caching allocator's fragmentation.
+USABLE_FRACTION = 0.9
+
+
+def longest_seq_len(cfg: Config, nodes: int, gpus_per_node: int, device_bytes: float,
+                    host_bytes_per_node: float | None = None) -> list[dict]:
+    """Per strategy, the longest `data.seq_len` (a multiple of 1024 and of the sequence-parallel
+    size) whose per-device total fits USABLE_FRACTION of `device_bytes` (and, when given, whose
+    host memory fits the node's): activations are linear in seq_len, so they are measured at two
+    lengths and the line is solved, then the answer is measured once more to confirm it."""
+    world = nodes * gpus_per_node
+    n = cfg.parallel.sequence_parallel
+    step = 1024 * n // math.gcd(1024, n)
+    shape = model_shape(meta_model(cfg, master_dtype(cfg)))
+
+    @functools.cache
+    def at(seq_len: int) -> tuple[int, int]:
+        return activations(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len)), shape)
+
+    first, second = 4 * step, 8 * step
+    (d1, h1), (d2, h2) = at(first), at(second)
+    per_token = ((d2 - d1) / (second - first), (h2 - h1) / (second - first))
+    budget = USABLE_FRACTION * device_bytes
+    rows = []
+    for row in estimate_memory(cfg, nodes, gpus_per_node):
+        found = dict(row, longest=None)
+        if not row["note"]:
+            state = row["total"] - row["activations"]
+            host_state = row["host"] - row["activations_host"]
+            limits = [(budget - state - (d1 - per_token[0] * first)) / per_token[0]]
+            if host_bytes_per_node:
+                per_device = host_bytes_per_node / gpus_per_node
+                limits.append((per_device - host_state - (h1 - per_token[1] * first)) / max(per_token[1], 1e-9))
+            seq_len = int(min(limits) // step * step)
+            while seq_len >= step:  # confirmed by measuring there (the line is a straight one, nearly)
+                device, host = at(seq_len)
+                fits = state + device <= budget and (not host_bytes_per_node or
+                                                     host_state + host <= host_bytes_per_node / gpus_per_node)
+                if fits:
+                    found.update(longest=seq_len, tokens_per_rank=seq_len // n, activations=device,
+                                 activations_host=host, total=state + device, host=host_state + host)
+                    break
+                seq_len = int(seq_len * 0.95 // step * step)
+            if found["longest"] is None:
+                found["note"] = f"even seq_len {step} does not fit {format_bytes(budget)} per device"
+        rows.append(found)
+    return rows
+
+
+def format_longest(rows: list[dict], device_bytes: float, host_bytes_per_node: float | None) -> str:
+    first = rows[0]
+    host = f", host memory {format_bytes(host_bytes_per_node)} per node" if host_bytes_per_node else ""
+    lines = [f"{first['parameters']:,} parameters ({first['trainable']:,} trainable) on {first['devices']} device(s) "
+             f"of {format_bytes(device_bytes)} ({USABLE_FRACTION:.0%} usable){host}; "
+             f"parallel.sequence_parallel {first['sequence_parallel']}",
+             "",
+             "| strategy | longest seq_len | tokens per rank | activations | total per device | host per device |",
+             "|---|---:|---:|---:|---:|---:|"]
+    notes = []
+    for row in rows:
+        if row["longest"] is None:
+            lines.append(f"| {row['strategy']} | — | — | — | — | — |")
+            notes.append(f"- {row['strategy']}: {row['note']}")
+            continue
+        lines.append(f"| {row['strategy']} | {row['longest']:,} | {row['tokens_per_rank']:,} | "
+                     f"{format_bytes(row['activations'])} | {format_bytes(row['total'])} | {format_bytes(row['host'])} |")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def format_bytes(n: float) -> str:
@@ -324,8 +430,11 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     first = rows[0]
+    sequence = f"; {first['seq_len'] // first['sequence_parallel']:,} tokens per rank of each row of " \
+        f"{first['seq_len']:,} (parallel.sequence_parallel {first['sequence_parallel']})" \
+        if first["sequence_parallel"] > 1 else ""
     lines = [f"{first['parameters']:,} parameters ({first['trainable']:,} trainable) on {first['devices']} device(s); "
-             "memory per device",
+             f"memory per device{sequence}",
              "",
              "| strategy | params | grads | optimizer | activations | total | host (offload, async save) |",
              "|---|---:|---:|---:|---:|---:|---:|"]

@@ -66,7 +66,7 @@ def evaluate(strategy, eval_sets: dict, task: str, num_labels: int = 2) -> dict:
                     logits = model_logits(model, inputs, labels)
                     loss = summed_loss(logits, labels, task)
                 else:  # the training loss path: no full logits with the fused head
-                    loss = forward_summed_loss(model, inputs, labels, task)
+                    loss = forward_summed_loss(model, inputs, labels, task, batch.labels_shifted)
             totals[0] += weight * float(loss)
             totals[1] += weight * batch.num_targets
             if classification:

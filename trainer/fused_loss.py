@@ -157,6 +157,7 @@ class _LogProbRequest:
 class _LossRequest:
     is_target: torch.Tensor  # [B, T-1]: position p of row b predicts a target (labels shifted)
     targets: torch.Tensor  # [N]: those targets, in row-major order
+    shifted: bool = False  # is_target is [B, T]: the last position predicts too (a sequence shard)
     loss: torch.Tensor | None = None
 
 
@@ -180,7 +181,7 @@ class TargetOnlyHead(nn.Linear):
         rows, length, width = hidden.shape
         # Prompt tuning puts its virtual tokens before the labelled positions: the labels
         # align with the last ones.
-        offset = length - request.is_target.size(1) - 1
+        offset = length - request.is_target.size(1) - (0 if request.shifted else 1)
         row, col = request.is_target.nonzero(as_tuple=True)
         positions = (row * length + offset + col).to(hidden.device)
         selected = hidden.reshape(rows * length, width).index_select(0, positions)
@@ -230,10 +231,10 @@ def install_fused_head(model: nn.Module, cfg: Config) -> bool:
 
 
 def summed_target_loss(model: nn.Module, head: TargetOnlyHead, inputs: dict, is_target: torch.Tensor,
-                       targets: torch.Tensor) -> torch.Tensor:
+                       targets: torch.Tensor, shifted: bool = False) -> torch.Tensor:
     """Forward through `model` (or its strategy wrapper), whose LM head is `head`; the
     summed CE of the positions `is_target` against `targets` (the caller normalises)."""
-    request = _LossRequest(is_target, targets)
+    request = _LossRequest(is_target, targets, shifted)
     head.request = request
     try:
         loss = model(**inputs).logits  # what the head returned, as the model passes it on

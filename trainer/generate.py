@@ -28,6 +28,7 @@ import torch.distributed as dist
 from trainer.config import Config
 from trainer.data.loader import held_out_conversations
 from trainer.eval_sets import declared_sets
+from trainer.sequence_parallel import whole_sequence_attention
 from trainer.task_metrics import set_scores
 
 log = logging.getLogger("finetrain")
@@ -81,7 +82,7 @@ def greedy_generate(strategy, prompts: list[list[int]], group_size: int, pad_tok
     was_training = strategy.model.training
     strategy.model.eval()
     mine: dict[int, list[int]] = {}
-    with strategy.generation():
+    with strategy.generation(), whole_sequence_attention(model):  # one token at a time: nothing to shard
         for round_index in range(-(-len(groups) // world)):
             mine.update(_generate_round(strategy, model, groups, prompts, round_index, config, pad_token_id,
                                         stop_ids, world))

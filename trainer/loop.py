@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from trainer.activation_offload import activation_offload
 from trainer.checkpoint import Checkpointer, seed_step
 from trainer import faults
 from trainer.config import Config, cache_root, dataset_name, dump_yaml, load_config
@@ -87,6 +88,7 @@ def train_step(strategy, batches: list, task: str) -> dict:
     gradient norm is not finite leaves the weights as they were (`nonfinite`; the same on every rank:
     both values are global before the strategy decides)."""
     device = strategy.dist.device
+    offload = strategy.cfg.train.activation_offload
     global_targets = all_reduce_sum(torch.tensor([sum(b.num_targets for b in batches)], dtype=torch.float64))
     # A step whose every label is masked still runs (all ranks must), with zero gradient.
     denominator = max(float(global_targets.item()), 1.0)
@@ -95,8 +97,9 @@ def train_step(strategy, batches: list, task: str) -> dict:
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last else strategy.no_sync():
             labels = batch.labels.to(device)
-            with strategy.autocast():
-                summed = forward_summed_loss(strategy.model, to_device(batch.inputs, device), labels, task)
+            with strategy.autocast(), activation_offload(offload):
+                summed = forward_summed_loss(strategy.model, to_device(batch.inputs, device), labels, task,
+                                             batch.labels_shifted)
             strategy.backward(summed / denominator)
         loss_sum += summed.detach().double().cpu()
     loss = float(all_reduce_sum(loss_sum.reshape(1)).item()) / denominator
@@ -152,8 +155,9 @@ class Trainer:
             lambda: build_model(cfg, self.tokenizer, plan.attention, self.total_steps)))
         trainable, self.num_params = parameter_counts(model)
         agree(lambda: self.strategy.setup(model, self.total_steps))
-        log.info("strategy %s on %d rank(s), attention %s, %d micro-batch(es) of %d per step, %d steps; "
-                 "%s of %s parameters trainable", plan.strategy, world, plan.attention,
+        log.info("strategy %s on %d rank(s)%s, attention %s, %d micro-batch(es) of %d per step, %d steps; "
+                 "%s of %s parameters trainable", plan.strategy, world,
+                 f" in sequence groups of {plan.mesh.sequence}" if plan.mesh.sequence > 1 else "", plan.attention,
                  plan.accumulation, cfg.train.micro_batch_size, self.total_steps, f"{trainable:,}", f"{self.num_params:,}")
 
         self.dataset_names = [dataset_name(ds) for ds in cfg.data.datasets]

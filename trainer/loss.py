@@ -30,14 +30,15 @@ def count_targets(labels: torch.Tensor, task: str) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Sum of per-target cross-entropies in float32 (the caller normalises)."""
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, shifted: bool = False) -> torch.Tensor:
+    """Sum of per-target cross-entropies in float32 (the caller normalises). `shifted`: labels
+    are already the next tokens (a sequence shard, trainer/data/sequence_shard.py)."""
     if task == "sequence_classification":
         return F.cross_entropy(logits.float(), labels, reduction="sum")
     # logits[t] predicts labels[t + 1]; a document's first token is labelled -100,
     # so the previous document's last position never predicts it.
-    shift_logits = logits[..., :-1, :].float()
-    shift_labels = labels[..., 1:]
+    shift_logits = logits.float() if shifted else logits[..., :-1, :].float()
+    shift_labels = labels if shifted else labels[..., 1:]
     return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
@@ -54,19 +55,25 @@ def model_logits(model: nn.Module, inputs: dict, labels: torch.Tensor) -> torch.
     return logits
 
 
-def forward_summed_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Forward one micro-batch; the sum of its per-target cross-entropies in float32. A penalty
-    the adapter method adds to the training loss (AdaLoRA's) is added once per optimizer step:
-    each micro-batch adds it times its own target count, which the loop's division by the
-    step's global count turns into the penalty itself."""
+def forward_summed_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, task: str,
+                        shifted: bool = False) -> torch.Tensor:
+    """Forward one micro-batch; the sum of its per-target cross-entropies in float32 (`shifted`:
+    labels are already the next tokens, as in a sequence shard). A penalty the adapter method
+    adds to the training loss (AdaLoRA's) is added once per optimizer step: each micro-batch
+    adds it times its own target count, which the loop's division by the step's global count
+    turns into the penalty itself."""
     head = fused_head(model)
+    next_tokens = labels if shifted else labels[..., 1:]  # the same shift as summed_loss
     if head is None:
-        loss = summed_loss(model_logits(model, inputs, labels), labels, task)
+        loss = summed_loss(model_logits(model, inputs, labels), labels, task, shifted)
     else:
-        is_target = labels[..., 1:] != IGNORE_INDEX  # the same shift as summed_loss
-        loss = summed_target_loss(model, head, inputs, is_target, labels[..., 1:][is_target])
+        is_target = next_tokens != IGNORE_INDEX
+        loss = summed_target_loss(model, head, inputs, is_target, next_tokens[is_target], shifted)
     penalty = adapter_regularizer(model)
-    return loss if penalty is None else loss + penalty * count_targets(labels, task)
+    if penalty is None:
+        return loss
+    targets = count_targets(labels, task) if task == "sequence_classification" else int((next_tokens != IGNORE_INDEX).sum())
+    return loss + penalty * targets
 
 
 def target_log_probs(model: nn.Module, inputs: dict, rows: torch.Tensor, cols: torch.Tensor,

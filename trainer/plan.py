@@ -17,28 +17,32 @@ refused by name.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
 
-from trainer.attention import MASKED_ATTENTION, VARLEN_ATTENTION
+from trainer.attention import MASKED_ATTENTION, SEQUENCE_PARALLEL_ATTENTION, VARLEN_ATTENTION
 from trainer.config import Config, dataset_name, to_dict
 from trainer.data.mixing import primary_index
 from trainer.errors import ConfigError
 from trainer.data.formats import train_on_problems
 from trainer.eval_sets import eval_config_problems, format_problems
 from trainer.models import dropout_problems
-from trainer.peft import peft_config_problems
+from trainer.peft import is_prompt_learning, peft_config_problems
 from trainer.parallel import resolve_strategy, strategy_class, strategy_problems
 
-PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
 
 
 @dataclass(frozen=True)
 class Mesh:
     """How the ranks divide the work: `replicate` groups of `shard` ranks that shard one copy
-    of the model (HSDP when replicate > 1), each rank of a group holding `1/sequence` of
-    every row's tokens (sequence parallelism)."""
+    of the model (HSDP when replicate > 1); within them, groups of `sequence` consecutive ranks
+    read the same rows, each computing `1/sequence` of every row's tokens (sequence
+    parallelism). Sequence ranks hold the same weights and their gradients add up like those
+    of ranks that read different rows, so the model is sharded over all ranks of a shard group,
+    as DeepSpeed's ALST (ZeRO over data x sequence ranks) and torchtitan's context parallelism
+    (FSDP over dp_shard x cp) shard it."""
 
     replicate: int
     shard: int
@@ -74,9 +78,11 @@ def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
         attention = resolve_attention(cfg, device_type)
     except ConfigError as err:
         problems.append(str(err))
-    mesh = Mesh(replicate=cfg.parallel.replicate, shard=max(1, world_size // cfg.parallel.replicate))
-    accumulation, batch_problem = _accumulation(cfg, mesh.data_parallel)
-    problems += batch_problem
+    sequence = sequence_problems(cfg, world_size, attention)
+    mesh = Mesh(replicate=cfg.parallel.replicate, shard=max(1, world_size // cfg.parallel.replicate),
+                sequence=cfg.parallel.sequence_parallel)
+    accumulation, batch_problem = _accumulation(cfg, mesh.data_parallel) if not sequence else (1, [])
+    problems += sequence + batch_problem
     if problems:
         raise ConfigError("\n".join(problems))
     names = [dataset_name(ds) for ds in cfg.data.datasets]
@@ -110,6 +116,49 @@ def resolve_attention(cfg: Config, device_type: str) -> str:
     return wanted
 
 
+def sequence_problems(cfg: Config, world_size: int, attention: str | None) -> list[str]:
+    """What `parallel.sequence_parallel` N needs: sequence groups of N ranks that divide the world (and,
+    with HSDP, each shard group), rows and attention heads that split N ways, and a model whose rows
+    can be cut: a causal LM whose packed documents the sharded attention can isolate."""
+    n, key = cfg.parallel.sequence_parallel, "parallel.sequence_parallel"
+    if n == 1:
+        return []
+    problems = []
+    shard_group = world_size // cfg.parallel.replicate
+    if world_size % n:
+        problems.append(f"{key}: {n} ranks per sequence group do not divide the world of {world_size} ranks")
+    elif cfg.parallel.replicate > 1 and shard_group % n:
+        problems.append(f"{key}: {n} ranks per sequence group do not divide the shard groups of {shard_group} ranks "
+                        f"(parallel.replicate {cfg.parallel.replicate})")
+    if cfg.data.seq_len % n:
+        problems.append(f"data.seq_len: {cfg.data.seq_len} tokens per row do not split over {key} {n} ranks; "
+                        f"use a multiple of {n}")
+    if cfg.model.task != "causal_lm":
+        problems.append(f"{key}: model.task {cfg.model.task} needs each row whole on one rank (an encoder attends "
+                        "both ways and the label belongs to the whole row); set parallel.sequence_parallel=1")
+        return problems
+    if is_prompt_learning(cfg.peft.method):
+        problems.append(f"{key}: peft.method {cfg.peft.method} feeds virtual tokens to every row, which the "
+                        "sharded rows cannot place; use lora, dora or ia3, or parallel.sequence_parallel=1")
+    if attention is not None and attention not in SEQUENCE_PARALLEL_ATTENTION:
+        problems.append(f"{key}: attention {attention!r} needs a seq_len^2 mask on every rank; use "
+                        f"model.attention={' or '.join(SEQUENCE_PARALLEL_ATTENTION)}")
+    try:
+        from trainer.models import model_config
+
+        config = model_config(cfg).get_text_config()
+    except ConfigError as err:
+        return problems + [str(err)]
+    heads = getattr(config, "num_attention_heads", None) or 0
+    counts = {"attention heads": heads, "key-value heads": getattr(config, "num_key_value_heads", None) or heads}
+    uneven = {what: count for what, count in counts.items() if count % n}
+    if uneven:
+        common = math.gcd(*counts.values())
+        problems.append(f"{key}: the model's {' and '.join(f'{c} {w}' for w, c in uneven.items())} do not split over "
+                        f"{n} ranks (each rank attends with 1/{n} of them); use a divisor of {common}")
+    return problems
+
+
 def _accumulation(cfg: Config, data_parallel: int) -> tuple[int, list[str]]:
     t = cfg.train
     problems = []
@@ -118,8 +167,10 @@ def _accumulation(cfg: Config, data_parallel: int) -> tuple[int, list[str]]:
                         f"train.micro_batch_size {t.micro_batch_size}")
     elif t.global_batch_size % (t.micro_batch_size * data_parallel):
         rows_per_pass = t.micro_batch_size * data_parallel
+        ranks = f"{data_parallel} ranks" if cfg.parallel.sequence_parallel == 1 else \
+            f"{data_parallel} data-parallel ranks (the world over parallel.sequence_parallel)"
         problems.append(f"train.global_batch_size: {t.global_batch_size} rows per step do not split into micro-batches "
-                        f"of {t.micro_batch_size} on {data_parallel} ranks; use a multiple of {rows_per_pass}")
+                        f"of {t.micro_batch_size} on {ranks}; use a multiple of {rows_per_pass}")
     if (t.max_steps is None) == (t.epochs is None):
         problems.append("train: set exactly one of train.max_steps and train.epochs")
     return max(1, t.global_batch_size // (t.micro_batch_size * data_parallel)), problems

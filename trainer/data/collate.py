@@ -41,6 +41,7 @@ class Batch:
     examples: dict[str, int]  # per data set: examples starting in this micro-batch
     tokens: dict[str, int]  # per data set: real tokens in this micro-batch
     row_lengths: list[list[int]] = field(default_factory=list)  # per row, its documents' lengths in order
+    labels_shifted: bool = False  # labels[t] is the target of position t (a sequence shard), not of t - 1
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from trainer.attention import VARLEN_ATTENTION
 from trainer.config import Config, DatasetConfig, cache_root, dataset_name
 from trainer.eval_sets import declared_sets
 
@@ -30,6 +31,7 @@ from trainer.data.formats import build_encoder, field_names, record_texts
 from trainer.data.mixing import RandomPermutation
 from trainer.data.packing import pack_pieces
 from trainer.data.prepare import EncodingSpec, load_tokenized
+from trainer.data.sequence_shard import sequence_shard
 from trainer.data.sources import read_rows
 from trainer.errors import DataError
 from trainer.data.stream import ExampleSet, GlobalStream, StreamDataset
@@ -247,7 +249,10 @@ class RunData:
 
 
 def _collator(cfg: Config, datasets: list[StreamDataset], tokenizer, attention: str) -> Collator:
-    return Collator(datasets, cfg.model.task, cfg.data.seq_len, cfg.data.packing, attention, tokenizer.pad_token_id,
+    # Sequence-parallel attention reads every backend's document bounds from cu_seq_lens: rows are
+    # collated flattened, as for varlen attention, and no seq_len^2 mask is built to be dropped.
+    layout = attention if cfg.parallel.sequence_parallel == 1 else VARLEN_ATTENTION[-1]
+    return Collator(datasets, cfg.model.task, cfg.data.seq_len, cfg.data.packing, layout, tokenizer.pad_token_id,
                     mask_dtype=getattr(torch, cfg.model.dtype),
                     position_ids=not prepends_virtual_tokens(cfg.peft.method))
 
@@ -264,13 +269,20 @@ class TrainLoader:
     world_size: int
     load_stats: dict
     cache_dir: Path | None = None  # where the rows of an epoch are counted once
+    sequence_parallel: int = 1  # ranks that read the same rows, each keeping 1/N of their tokens
     _epoch_rows: int | None = field(default=None, init=False)
 
     def next_step(self, num_micro_batches: int) -> list[Batch]:
+        # Every rank of a sequence group reads its data-parallel rank's rows, then keeps its shard.
+        readers, reader = self.world_size // self.sequence_parallel, self.rank // self.sequence_parallel  # data-parallel
         per_rank = self.micro_batch_size * num_micro_batches
-        rows = [self.stream.next_row() for _ in range(per_rank * self.world_size)]
-        mine = rows[self.rank * per_rank: (self.rank + 1) * per_rank]
-        return [self.collator(mine[i: i + self.micro_batch_size]) for i in range(0, per_rank, self.micro_batch_size)]
+        rows = [self.stream.next_row() for _ in range(per_rank * readers)]
+        mine = rows[reader * per_rank: (reader + 1) * per_rank]
+        batches = [self.collator(mine[i: i + self.micro_batch_size]) for i in range(0, per_rank, self.micro_batch_size)]
+        if self.sequence_parallel == 1:
+            return batches
+        return [sequence_shard(b, self.rank % self.sequence_parallel, self.sequence_parallel, self.collator.pad_token_id)
+                for b in batches]
 
     def steps_per_epoch(self) -> float:
         """Optimizer steps of one epoch: one pass over the primary data set (the largest
@@ -312,27 +324,32 @@ def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_
                                                                      for ds in stream.datasets),
              time.perf_counter() - start)
     return TrainLoader(stream, _collator(cfg, stream.datasets, tokenizer, attention), cfg.train.micro_batch_size,
-                       cfg.train.global_batch_size, rank, world_size, data.stats, cache_root(cfg))
+                       cfg.train.global_batch_size, rank, world_size, data.stats, cache_root(cfg),
+                       cfg.parallel.sequence_parallel)
 
 
 def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int,
                     data: RunData | None = None) -> dict[str, list[Batch]]:
     """Per eval data set scored by its loss (choice sets are not), this rank's evaluation
-    micro-batches. Examples are dealt to ranks round-robin, then packed (within one data set
-    only) or padded."""
+    micro-batches. Examples are dealt to ranks round-robin (to sequence groups, with sequence
+    parallelism: each rank keeps its shard), then packed (within one data set only) or padded."""
     data = data or RunData.load(cfg, tokenizer, report=False)
+    readers, reader = world_size // cfg.parallel.sequence_parallel, rank // cfg.parallel.sequence_parallel
     result = {}
     for key, _, ds in data.evaluation:
-        if len(ds.examples) < world_size:
+        if len(ds.examples) < readers:
             held_out = not key.startswith("data.eval")
             raise ConfigError(f"{'data.eval' if held_out else key}: data set {ds.name!r} has {len(ds.examples)} "
                               f"{'held-out ' if held_out or key == 'data.eval' else ''}examples, fewer than the "
-                              f"{world_size} ranks" + ("; raise data.eval.fraction" if held_out else ""))
-        pieces = [p for e in ds.examples[rank::world_size] for p in ds.pieces(0, int(e))]
+                              f"{readers} ranks that read them" + ("; raise data.eval.fraction" if held_out else ""))
+        pieces = [p for e in ds.examples[reader::readers] for p in ds.pieces(0, int(e))]
         rows = pack_pieces(pieces, cfg.data.seq_len) if cfg.data.packing else [[p] for p in pieces]
         collate = _collator(cfg, [ds], tokenizer, attention)
         micro = cfg.train.micro_batch_size
-        result[ds.name] = [collate(rows[i: i + micro]) for i in range(0, len(rows), micro)]
+        batches = [collate(rows[i: i + micro]) for i in range(0, len(rows), micro)]
+        size = cfg.parallel.sequence_parallel
+        result[ds.name] = batches if size == 1 else [sequence_shard(b, rank % size, size, tokenizer.pad_token_id)
+                                                     for b in batches]
     return result
 
 

@@ -45,6 +45,7 @@ DEEPSPEED_CONFIG = "parallel.deepspeed_config"
 # What some peft methods need of the strategy (trainer/peft.py says which, and why).
 WHOLE_GRADIENTS = "each adapter weight's whole gradient after the optimizer step"
 WHOLE_BASE_WEIGHTS = "the base weights whole when the adapter is built"
+SEQUENCE_PARALLEL = "parallel.sequence_parallel"  # Ulysses: rows sharded by tokens over sequence groups
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def requested(cfg: Config, world_size: int) -> list[Request]:
         QUANTIZATION: cfg.model.quantization != "none",
         COMPILE: cfg.train.compile,
         DEEPSPEED_CONFIG: bool(par.deepspeed_config),
+        SEQUENCE_PARALLEL: par.sequence_parallel > 1,
     }
     return [Request(capability, capability) for capability, wanted in asked.items() if wanted] + [
         Request(capability, key, need) for capability, key, need in strategy_needs(cfg)]

@@ -22,10 +22,11 @@ from trainer.config import Config
 from trainer.errors import ConfigError
 from trainer.faults import exempt
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.parallel.base import (ASYNC_SAVE, COMPILE, KEEP_GATHERED, MULTI_PROCESS, QUANTIZATION, WHOLE_BASE_WEIGHTS,
-                                   WHOLE_GRADIENTS, Strategy)
+from trainer.parallel.base import (ASYNC_SAVE, COMPILE, KEEP_GATHERED, MULTI_PROCESS, QUANTIZATION, SEQUENCE_PARALLEL,
+                                   WHOLE_BASE_WEIGHTS, WHOLE_GRADIENTS, Strategy)
 from trainer.peft import adapter_training_state, after_optimizer_step, load_adapter_training_state
 from trainer.quantization import quantized_linears, without_quantized_weights
+from trainer.sequence_parallel import enable_sequence_parallel
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -45,8 +46,11 @@ def checkpointed_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
 
 
 def apply_layer_options(model: nn.Module, cfg: Config, device: torch.device) -> None:
-    """The per-decoder-layer options, in the order they compose: activation checkpointing
-    wraps the layer call, compilation its forward. Before any sharding wrapper."""
+    """The per-decoder-layer options, in the order they compose: sequence-parallel attention
+    inside the layer, activation checkpointing around the layer call, compilation of its
+    forward. Before any sharding wrapper."""
+    if cfg.parallel.sequence_parallel > 1:
+        enable_sequence_parallel(model, cfg.parallel.sequence_parallel)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.train.compile:
@@ -134,8 +138,8 @@ class TorchStrategy(Strategy):
     gradients clipped DTensor-aware, state in DCP. Subclasses wrap the model in `setup`."""
 
     checkpoint_format = "dcp"
-    supports = frozenset({MULTI_PROCESS, ASYNC_SAVE, QUANTIZATION, COMPILE, KEEP_GATHERED, WHOLE_GRADIENTS,
-                          WHOLE_BASE_WEIGHTS})
+    supports = frozenset({MULTI_PROCESS, ASYNC_SAVE, QUANTIZATION, COMPILE, KEEP_GATHERED, SEQUENCE_PARALLEL,
+                          WHOLE_GRADIENTS, WHOLE_BASE_WEIGHTS})
 
     @classmethod
     def memory(cls, name: str, shape, acts: int, cfg: Config, world: int) -> dict:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.parallel.base import MULTI_PROCESS, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS
+from trainer.parallel.base import MULTI_PROCESS, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, SEQUENCE_PARALLEL
 from trainer.parallel.common import TorchStrategy, apply_layer_options
 
 
 class SingleDevice(TorchStrategy):
     names = ("single",)
-    supports = TorchStrategy.supports - {MULTI_PROCESS}
+    supports = TorchStrategy.supports - {MULTI_PROCESS, SEQUENCE_PARALLEL}
     why_not = {MULTI_PROCESS: "runs on one process", OFFLOAD_OPTIMIZER: "keeps the whole optimizer on the device",
-               OFFLOAD_PARAMS: "does not shard parameters"}
+               OFFLOAD_PARAMS: "does not shard parameters", SEQUENCE_PARALLEL: "runs on one process"}
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         model.to(self.dist.device)

@@ -33,8 +33,8 @@ from trainer.distributed import DistInfo, barrier
 from trainer.errors import ConfigError, UserError
 from trainer.optim import build_optimizer, build_scheduler, trainable_groups
 from trainer.parallel.base import (ASYNC_SAVE, COMPILE, DEEPSPEED_CONFIG, KEEP_GATHERED, MULTI_PROCESS,
-                                   OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, QUANTIZATION, WHOLE_BASE_WEIGHTS,
-                                   WHOLE_GRADIENTS, Strategy)
+                                   OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, QUANTIZATION, SEQUENCE_PARALLEL,
+                                   WHOLE_BASE_WEIGHTS, WHOLE_GRADIENTS, Strategy)
 from trainer.parallel.common import apply_layer_options
 
 log = logging.getLogger("finetrain")
@@ -66,9 +66,11 @@ def persistence_threshold(hidden_size: int) -> int:
 
 
 def generated_config(cfg: Config, stage: int, world_size: int, hidden_size: int | None) -> dict:
-    """The DeepSpeed config that finetrain's keys (and the model's width) imply."""
+    """The DeepSpeed config that finetrain's keys (and the model's width) imply. DeepSpeed counts
+    every rank as data-parallel (ZeRO partitions over all of them); with sequence parallelism
+    the ranks of a sequence group share their rows, so the accumulation is over fewer."""
     micro = cfg.train.micro_batch_size
-    accumulation = max(1, cfg.train.global_batch_size // (micro * world_size))
+    accumulation = max(1, cfg.train.global_batch_size // (micro * (world_size // cfg.parallel.sequence_parallel)))
     pin = torch.cuda.is_available()
     zero: dict = {"stage": stage}
     if hidden_size:
@@ -137,7 +139,7 @@ class ZeroStrategy(Strategy):
 
     stage = 0
     checkpoint_format = "deepspeed"
-    supports = frozenset({MULTI_PROCESS, OFFLOAD_OPTIMIZER, DEEPSPEED_CONFIG})
+    supports = frozenset({MULTI_PROCESS, OFFLOAD_OPTIMIZER, DEEPSPEED_CONFIG, SEQUENCE_PARALLEL})
     why_not = {
         WHOLE_GRADIENTS: "reduces the gradients into its own partitions inside its step",
         ASYNC_SAVE: "writes DeepSpeed's own checkpoint files, which it does synchronously",
