@@ -359,7 +359,6 @@ def longest_seq_len(cfg: Config, nodes: int, gpus_per_node: int, device_bytes: f
     size) whose per-device total fits USABLE_FRACTION of `device_bytes` (and, when given, whose
     host memory fits the node's): activations are linear in seq_len, so they are measured at two
     lengths and the line is solved, then the answer is measured once more to confirm it."""
-    world = nodes * gpus_per_node
     n = cfg.parallel.sequence_parallel
     step = 1024 * n // math.gcd(1024, n)
     shape = model_shape(meta_model(cfg, master_dtype(cfg)))

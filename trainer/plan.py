@@ -25,13 +25,12 @@ import torch
 from trainer.attention import MASKED_ATTENTION, SEQUENCE_PARALLEL_ATTENTION, VARLEN_ATTENTION
 from trainer.config import Config, dataset_name, to_dict
 from trainer.data.mixing import primary_index
-from trainer.errors import ConfigError
 from trainer.data.formats import train_on_problems
+from trainer.errors import ConfigError
 from trainer.eval_sets import eval_config_problems, format_problems
 from trainer.models import dropout_problems
-from trainer.peft import is_prompt_learning, peft_config_problems
 from trainer.parallel import resolve_strategy, strategy_class, strategy_problems
-
+from trainer.peft import is_prompt_learning, peft_config_problems
 
 
 @dataclass(frozen=True)
