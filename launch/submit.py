@@ -30,10 +30,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer.config import Config, load_config
 
 from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    import submitit
 
 log = logging.getLogger("finetrain")
 
