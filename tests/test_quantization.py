@@ -129,4 +129,4 @@ def test_refusal_is_one_line_with_exit_code_2(tmp_path, base_folder):
     proc = run_cli(config, check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith(f"finetrain: {config}:") and "model.quantization nf4: parallel.strategy zero2" in lines[0]
+    assert lines[0].startswith(f"finetrain: {config}:") and "model.quantization: parallel.strategy zero2 saves" in lines[0]
