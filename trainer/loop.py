@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from trainer.attention import TORCH_VARLEN, activate_flash_attention_3
 from trainer.checkpoint import Checkpointer, seed_step
 from trainer.config import Config, cache_root, dataset_name, dump_yaml, load_config
 from trainer.data.collate import describe_batch
@@ -132,7 +133,10 @@ class Trainer:
         # Rank 0 first: it may train or convert the tokenizer and fill the data cache.
         self.tokenizer = main_first(lambda: load_tokenizer(cfg, lambda: training_texts(cfg)))
         self.data = agree(lambda: RunData.load(cfg, self.tokenizer))
-        self.loader = build_train_loader(cfg, self.tokenizer, plan.attention, dist_info.rank, world, self.data)
+        self.loader = build_train_loader(cfg, self.tokenizer, plan.attention, dist_info.rank, world, self.data,
+                                         dist_info.device)
+        if plan.attention == TORCH_VARLEN:
+            activate_flash_attention_3(dist_info.device)
         self.evaluator = agree(lambda: Evaluator.from_config(cfg, plan, self.tokenizer, self.data, dist_info))
         self.total_steps = agree(lambda: total_steps(cfg, self.loader))
 
@@ -203,8 +207,9 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 seed_step(cfg.run.seed, self.step, self.dist.rank)
-                with StepTimer(self.dist.device) as data_timer:
-                    batches = self.loader.next_step(self.plan.accumulation)
+                with StepTimer(self.dist.device) as data_timer:  # ~0 once the step was prepared ahead
+                    batches = self.loader.next_step(self.plan.accumulation,
+                                                    prepare_next=self.step + 1 < self.total_steps)
                 if self.debug and self.step == self.start_step and self.dist.is_main:
                     print(describe_batch(batches[0], self.tokenizer), flush=True)
                 with StepTimer(self.dist.device) as compute_timer:
@@ -230,14 +235,17 @@ class Trainer:
                     self.save(wait=stopping or last)
                 if stopping:
                     if self.dist.is_main:
-                        log.warning("stopped at step %d by a signal; checkpoint saved (checkpoint.resume=auto "
-                                    "continues from it)", self.step)
+                        ahead = (" (the next step's data, prepared ahead, is discarded: the checkpoint holds the "
+                                 "data position of the steps trained)") if self.loader.prepared_ahead else ""
+                        log.warning("stopped at step %d by a signal; checkpoint saved%s (checkpoint.resume=auto "
+                                    "continues from it)", self.step, ahead)
                     ended = "stopped"
                     return record
             record = {**record, **self.evaluate()}
             ended = "finished"
             return record
         finally:
+            self.loader.close()
             self.checkpointer.close()
             if ended:
                 self.metrics.log_answers(self.step, self.summary.answers)
@@ -267,6 +275,7 @@ class Trainer:
             "grad_norm": result["grad_norm"],
             "tokens": result["targets"],
             "tokens_per_s": real_tokens / seconds,
+            # real tokens over the positions computed (pad-free packed rows: ~1), and the padding computed
             "packing_efficiency": real_tokens / max(row_tokens, 1.0),
             "padding_tokens": int(row_tokens - real_tokens),
             "step_time_s": seconds,
@@ -277,6 +286,8 @@ class Trainer:
             "checkpoint_wait_s": self.checkpointer.waited_s,
             "time": time.time(),
         }
+        if self.cfg.data.packing:  # the packer's fill rate: real tokens over the rows' budget of data.seq_len each
+            record["row_fill"] = real_tokens / (self.cfg.train.global_batch_size * self.cfg.data.seq_len)
         if device_peak:
             record["mfu"] = flops_token * real_tokens / self.dist.world_size / seconds / device_peak
         for i, name in enumerate(self.dataset_names):
