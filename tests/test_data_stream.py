@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 import pickle
 import random
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -168,6 +169,50 @@ def test_resume_two_ranks_on_one_rank(tmp_path, tiny_tokenizer):
     resumed.load_state_dict(pickle.loads(states[0]))
     for _ in range(10):
         assert flatten(resumed.next_step(4)) == flatten(reference.next_step(4))
+
+
+class SlowCollator:
+    """The loader's collator, slowed down, so that its background thread is still preparing while
+    the test reads the loader's state (the test's assertions hold whatever the timing)."""
+
+    def __init__(self, collator, seconds: float = 0.02):
+        self.collator, self.seconds = collator, seconds
+
+    def __call__(self, rows):
+        time.sleep(self.seconds)
+        return self.collator(rows)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_steps_prepared_ahead_leave_the_data_position_at_the_step_consumed(tmp_path, tiny_tokenizer, world_size):
+    """Item 3 of the data path: with the next step prepared in the background, the batches are
+    those of the plain loader, and the state a checkpoint would take at any moment (also while
+    the thread is drawing rows) is the position after the steps handed out: resumed from it, on
+    any world size, the stream continues with the step that was prepared but never trained."""
+    cfg = make_config(tmp_path, WEIGHTS, packing=True)
+    plain = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    ranks = [build_train_loader(cfg, tiny_tokenizer, "sdpa", r, world_size) for r in range(world_size)]
+    for loader in ranks:
+        loader.collator = SlowCollator(loader.collator)
+    micro = 4 // world_size
+    for step in range(12):
+        shards = [loader.next_step(micro, prepare_next=True) for loader in ranks]
+        assert flatten([b for shard in shards for b in shard]) == flatten(plain.next_step(4)), step
+        expected = pickle.dumps(plain.state_dict())
+        for _ in range(5):  # while the next step is being prepared
+            assert all(pickle.dumps(loader.state_dict()) == expected for loader in ranks), step
+        assert all(loader.prepared_ahead for loader in ranks)
+        assert all(loader.stats == plain.stats for loader in ranks)
+    state = ranks[0].state_dict()
+    resumed = build_train_loader(cfg, tiny_tokenizer, "sdpa", 0, 1)
+    resumed.load_state_dict(pickle.loads(pickle.dumps(state)))
+    for _ in range(3):
+        assert flatten(resumed.next_step(4, prepare_next=True)) == flatten(plain.next_step(4))
+    resumed.close()  # the prepared step is dropped and the stream put back: nothing skipped
+    assert not resumed.prepared_ahead
+    assert flatten(resumed.next_step(4)) == flatten(plain.next_step(4))
+    for loader in ranks:
+        loader.close()
 
 
 def test_resume_refuses_a_changed_stream(tmp_path, tiny_tokenizer):
