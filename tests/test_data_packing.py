@@ -282,6 +282,30 @@ def test_fused_loss_on_packed_rows_equals_the_plain_head_on_padded_rows(tiny_tok
     assert_same(fused_packed, run_loss(plain, packed, packed_rows, 2))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference"])
+def test_compiled_pad_free_packed_rows_equal_eager_padded_documents(tiny_tokenizer, tiny_llama_config, attention):
+    """Invariant 1 with train.compile: decoder layers compiled (inductor), pad-free packed
+    micro-batches of changing widths give every document the logits, and the step the loss
+    and gradients (plain head and fused head), of the same documents padded one per row in an
+    eager model with the same weights."""
+    from trainer.compile import compile_decoder_layers
+
+    torch.manual_seed(0)
+    ds = random_documents(24, seed=6)
+    pieces = pieces_of(ds)
+    packed_rows = pack_pieces(pieces, SEQ_LEN)
+    packed = Collator([ds], "causal_lm", SEQ_LEN, True, attention, PAD)
+    widths = {tuple(packed(packed_rows[i: i + 2]).inputs["input_ids"].shape) for i in range(0, len(packed_rows), 2)}
+    assert len(widths) > 1  # pad-free: the shapes change from micro-batch to micro-batch
+    eager = tiny_llama(tiny_tokenizer, tiny_llama_config, attention)
+    compiled = tiny_llama(tiny_tokenizer, tiny_llama_config, attention)
+    assert compile_decoder_layers(compiled, torch.device("cpu"))
+    padded = Collator([ds], "causal_lm", SEQ_LEN, False, attention, PAD)
+    assert_same(run_batches(compiled, packed, packed_rows, 2), run_batches(eager, padded, [[p] for p in pieces], 3))
+    assert_same(run_loss(compiled, packed, packed_rows, 2), run_loss(eager, padded, [[p] for p in pieces], 3))
+
+
 def test_packed_text_chunks_equal_padded_chunks(tiny_tokenizer, tiny_llama_config):
     rng = np.random.default_rng(5)
     docs = [rng.integers(1, 300, n).tolist() for n in (150, 20, 70, 9)]

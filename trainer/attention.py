@@ -219,6 +219,7 @@ class _Attend:
         return torch.einsum("hqk,khd->qhd", probs.to(v.dtype), v)
 
 
+@torch.compiler.disable  # a loop over sequences read from cu_seq_lens: compiled layers call it eagerly
 def varlen_reference_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """query (batch, heads, q_len, dim), key/value (batch, kv_heads, kv_len, dim) ->
