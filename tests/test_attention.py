@@ -284,3 +284,75 @@ def test_torch_varlen_is_refused_on_cpu_in_one_line(tmp_path):
     from trainer.attention import activate_flash_attention_3
 
     assert not activate_flash_attention_3(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- sdpa_varlen (sdpa per document)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4])
+def test_sdpa_varlen_computes_what_the_reference_does(tiny_llama_config, sliding_window):
+    """sdpa one sequence at a time: the reference's logits and gradients (float32, 1e-5) on every
+    input (packed with cu_seq_lens, packing inferred from position_ids, padded rows, plain rows),
+    with a sliding window too (Mistral), and the same greedy answers with a left-padded KV cache."""
+    config = dict(tiny_llama_config, model_type="mistral", sliding_window=sliding_window) if sliding_window \
+        else tiny_llama_config
+    model = tiny(config)
+    docs = documents(9, 5, 14)
+    lengths = [len(d) for d in docs]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    width = max(lengths)
+    padded = torch.stack([torch.cat([d, torch.zeros(width - len(d), dtype=torch.long)]) for d in docs])
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    cases = {
+        "packed": dict(input_ids=torch.cat(docs)[None], position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                       max_length_q=width, max_length_k=width),
+        "inferred": dict(input_ids=torch.cat(docs)[None], position_ids=positions),
+        "padded": dict(input_ids=padded, attention_mask=mask),
+        "rows": dict(input_ids=torch.stack([docs[0][:5], docs[1]])),
+    }
+    for name, inputs in cases.items():
+        results = {}
+        for backend in ("varlen_reference", "sdpa_varlen"):
+            model.set_attn_implementation(backend)
+            model.zero_grad()
+            logits = model(**inputs).logits
+            logits.square().mean().backward()
+            results[backend] = (logits.detach(), [p.grad.clone() for p in model.parameters()])
+        (ref_logits, ref_grads), (logits, grads) = results["varlen_reference"], results["sdpa_varlen"]
+        if name == "padded":  # outputs at padding positions are not compared
+            ref_logits, logits = ref_logits[mask.bool()], logits[mask.bool()]
+        torch.testing.assert_close(logits, ref_logits, rtol=TOL, atol=TOL, msg=lambda m: f"{name}: {m}")
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=TOL, atol=TOL, msg=lambda m: f"{name}: {m}")
+    prompt = torch.stack([docs[0][:5], torch.cat([torch.zeros(2, dtype=torch.long), docs[1][:3]])])
+    prompt_mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    model.config.use_cache = True
+    answers = {}
+    for backend in ("varlen_reference", "sdpa_varlen"):
+        model.set_attn_implementation(backend)
+        answers[backend] = model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=6, do_sample=False,
+                                          use_cache=True)
+    assert torch.equal(answers["sdpa_varlen"], answers["varlen_reference"])
+
+
+def test_sdpa_varlen_computes_in_float32_on_cpu_under_bf16_autocast(tiny_llama_config, monkeypatch):
+    """Under bf16 autocast on a CPU the per-document attention runs in fp32 (torch's CPU flash
+    backward is several times slower in bf16) and hands bf16 back."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = tiny(tiny_llama_config, attention="sdpa_varlen")
+    docs = documents(9, 5)
+    cu = torch.tensor([0, 9, 14], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.cat(docs)[None], position_ids=torch.cat([torch.arange(9), torch.arange(5)])[None],
+                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9).logits
+    assert seen and set(seen) == {torch.float32} and logits.dtype == torch.bfloat16

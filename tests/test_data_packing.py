@@ -167,7 +167,7 @@ def test_packed_row_boundaries():
     assert varlen.row_starts == [0, 9] and varlen.num_slots == 24 and varlen.capacity == 24
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference", "sdpa_varlen"])
 def test_packed_micro_batches_compute_only_their_real_tokens(attention):
     """Rows filled unevenly (a long one, a short one): the masked layout is as wide as the longest
     row rounded up to 64 (not data.seq_len), the varlen one a single stream of the real tokens
@@ -181,7 +181,7 @@ def test_packed_micro_batches_compute_only_their_real_tokens(attention):
     assert max(lengths) < 1024 - ROW_MULTIPLE and min(lengths) < 64
     batch = Collator([ds], "causal_lm", 1024, True, attention, PAD)(rows)
     assert batch.num_tokens == sum(lengths) and batch.capacity == len(rows) * 1024
-    if attention == "varlen_reference":
+    if attention in ("varlen_reference", "sdpa_varlen"):
         assert batch.inputs["input_ids"].shape == (1, batch.num_slots)
         assert batch.num_slots % FLAT_MULTIPLE == 0 and batch.num_slots - batch.num_tokens < FLAT_MULTIPLE
         cu = batch.inputs["cu_seq_lens_q"].tolist()
@@ -243,7 +243,7 @@ def test_pack_pieces_keeps_every_piece_once():
 # ----------------------------------------------------------------------------- packed == padded
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference", "sdpa_varlen"])
 @pytest.mark.parametrize("rows_per_batch", [1, 3])
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_packed_equals_padded(tiny_tokenizer, tiny_llama_config, attention, rows_per_batch, peft):
@@ -261,7 +261,7 @@ def test_packed_equals_padded(tiny_tokenizer, tiny_llama_config, attention, rows
         assert any("lora_A" in n for n in packed[3]) and not any("embed_tokens" in n for n in packed[3])
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "varlen_reference"])
+@pytest.mark.parametrize("attention", ["sdpa", "varlen_reference", "sdpa_varlen"])
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_fused_loss_on_packed_rows_equals_the_plain_head_on_padded_rows(tiny_tokenizer, tiny_llama_config,
                                                                          attention, peft):
@@ -283,7 +283,7 @@ def test_fused_loss_on_packed_rows_equals_the_plain_head_on_padded_rows(tiny_tok
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference", "sdpa_varlen"])
 def test_compiled_pad_free_packed_rows_equal_eager_padded_documents(tiny_tokenizer, tiny_llama_config, attention):
     """Invariant 1 with train.compile: decoder layers compiled (inductor), pad-free packed
     micro-batches of changing widths give every document the logits, and the step the loss

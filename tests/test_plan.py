@@ -62,7 +62,7 @@ def test_the_plan_resolves_what_the_run_decides_once(tmp_path):
     assert (plan.mesh.replicate, plan.mesh.shard, plan.mesh.data_parallel) == (2, 2, 4)
     assert plan.accumulation == 2  # 16 rows = micro 2 x 4 ranks x 2
     assert (plan.master_dtype, plan.compute_dtype) == (torch.float32, torch.bfloat16)
-    assert plan.attention == "sdpa"  # auto on a CPU
+    assert plan.attention == "sdpa_varlen"  # auto on a CPU: packed rows through sdpa one document at a time
     assert (plan.primary_dataset, plan.rehearsal_datasets) == ("task", ("general",))
     assert plan.checkpoint_format == "dcp"
     assert plan_run(with_keys(cfg, parallel__strategy="zero3", parallel__replicate=1), 4, "cpu").checkpoint_format \
@@ -157,7 +157,8 @@ def test_each_strategy_honours_or_refuses_what_it_declares(tmp_path, name):
 
 def test_attention_auto_takes_flash_attention_where_it_runs(tmp_path, monkeypatch):
     """auto: on CUDA with 16-bit compute flash_attn's kernels when installed, else torch's own
-    (torch_varlen), sdpa for fp32 compute, on CPU, and where torch has no varlen API."""
+    (torch_varlen); elsewhere (fp32 compute, a CPU, a torch without the varlen API) packed rows
+    through sdpa one document at a time, unpacked ones through sdpa with a padding mask."""
     import importlib.util
 
     from transformers import AttentionInterface
@@ -165,10 +166,11 @@ def test_attention_auto_takes_flash_attention_where_it_runs(tmp_path, monkeypatc
     from trainer.plan import resolve_attention
 
     cfg = config(tmp_path)
-    assert resolve_attention(cfg, "cpu") == "sdpa"
-    for name in ("sdpa", "eager", "varlen_reference"):
+    assert resolve_attention(cfg, "cpu") == "sdpa_varlen"
+    assert resolve_attention(with_keys(cfg, data__packing=False), "cpu") == "sdpa"
+    for name in ("sdpa", "eager", "varlen_reference", "sdpa_varlen"):
         assert resolve_attention(with_keys(cfg, model__attention=name), "cpu") == name
-    assert {"varlen_reference", "torch_varlen"} <= set(AttentionInterface._global_mapping)
+    assert {"varlen_reference", "torch_varlen", "sdpa_varlen"} <= set(AttentionInterface._global_mapping)
     flash = with_keys(config(tmp_path), model__attention="flash_attention_2")
     with pytest.raises(ConfigError, match="model.attention: flash_attention_2 needs a CUDA device"):
         resolve_attention(flash, "cpu")
@@ -186,14 +188,14 @@ def test_attention_auto_takes_flash_attention_where_it_runs(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="model.attention: flash_attention_2 needs the flash_attn package"):
         resolve_attention(flash, "cuda")
     assert resolve_attention(auto, "cuda") == "torch_varlen"
-    assert resolve_attention(fp32, "cuda") == "sdpa"  # FlashAttention kernels have no fp32
+    assert resolve_attention(fp32, "cuda") == "sdpa_varlen"  # FlashAttention kernels have no fp32
     assert resolve_attention(with_keys(config(tmp_path), model__attention="torch_varlen"), "cuda") == "torch_varlen"
     installed["flash_attn"] = True
     assert resolve_attention(auto, "cuda") == "flash_attention_2"
     assert resolve_attention(flash, "cuda") == "flash_attention_2"
-    assert resolve_attention(auto, "cpu") == "sdpa"
+    assert resolve_attention(auto, "cpu") == "sdpa_varlen"
     installed.update({"flash_attn": False, "torch.nn.attention.varlen": False})  # torch older than 2.10
-    assert resolve_attention(auto, "cuda") == "sdpa"
+    assert resolve_attention(auto, "cuda") == "sdpa_varlen"
     with pytest.raises(ConfigError, match="torch_varlen cannot run here: torch .* has no torch.nn.attention.varlen"):
         resolve_attention(with_keys(config(tmp_path), model__attention="torch_varlen"), "cuda")
 

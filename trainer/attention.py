@@ -1,6 +1,6 @@
 """finetrain's varlen attention backends, registered with transformers' `AttentionInterface`.
 
-Both receive exactly what transformers hands its `flash_attention_2` backend (the same mask
+All receive exactly what transformers hands its `flash_attention_2` backend (the same mask
 function decides the `attention_mask`; the same `cu_seq_lens_*`, `max_length_*` and
 `position_ids` kwargs arrive), turn it into one FlashAttention varlen call in `varlen_inputs`
 (tokens flattened to `(total, heads, dim)`, sequence i spanning `cu_seq_lens[i]:cu_seq_lens[i+1]`),
@@ -9,12 +9,18 @@ and differ only in the kernel that computes it:
 - `torch_varlen`: `torch.nn.attention.varlen.varlen_attn`, the FlashAttention kernels that ship
   inside torch (2.10+), so packed rows run pad-free on a CUDA GPU without building flash-attn;
   on Hopper, FlashAttention 3 where torch can activate it (`activate_flash_attention_3`).
+- `sdpa_varlen`: each sequence through torch's `scaled_dot_product_attention` (causal, no
+  mask), on any device; what `auto` takes for packed rows where no FlashAttention kernel runs
+  (a CPU): no position outside a document is computed, where a block mask over whole rows
+  computes them all and discards them. On a CPU it computes in fp32 even under bf16 autocast:
+  torch's CPU flash-attention backward is 2-8x slower in bf16 than in fp32 (measured at
+  SmolLM2's head shapes, documents of 30 to 700 tokens).
 - `varlen_reference`: the same computation in plain torch, one sequence at a time, on any
   device. CPU tests run models on it to prove that what the FlashAttention path receives
   keeps packed documents isolated; it is the oracle of `torch_varlen` (same inputs).
 
 Where FlashAttention would silently attend across documents (packed rows in a batch of more
-than one without `cu_seq_lens_*`, or a padding mask that overrides them) both raise instead,
+than one without `cu_seq_lens_*`, or a padding mask that overrides them) they raise instead,
 so a collator that falls into one of those traps fails tests.
 """
 
@@ -35,10 +41,11 @@ log = logging.getLogger("finetrain")
 
 NAME = "varlen_reference"
 TORCH_VARLEN = "torch_varlen"
+SDPA_VARLEN = "sdpa_varlen"
 # The backends that keep packed documents apart: those that take packed rows flattened with
-# cu_seq_lens (flash_attention_2, torch's varlen kernels and their reference), and those given a
-# block-diagonal mask.
-VARLEN_ATTENTION = ("flash_attention_2", TORCH_VARLEN, NAME)
+# cu_seq_lens (flash_attention_2, torch's varlen kernels, sdpa per sequence, and their reference),
+# and those given a block-diagonal mask.
+VARLEN_ATTENTION = ("flash_attention_2", TORCH_VARLEN, SDPA_VARLEN, NAME)
 MASKED_ATTENTION = ("sdpa", "eager")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -228,6 +235,51 @@ def varlen_reference_attention(module: torch.nn.Module, query: torch.Tensor, key
     return restore(reference_varlen(call)), None
 
 
+# ----------------------------------------------------------------------------- sdpa, one sequence at a time
+
+
+def sdpa_varlen(call: VarlenCall) -> torch.Tensor:
+    """The varlen call as one `scaled_dot_product_attention` per sequence: split (views; its
+    backward is one concatenation), causal without a mask where queries and keys are the same
+    positions, a bottom-right aligned mask otherwise (a KV cache), a band for sliding windows."""
+    if call.softcap is not None:
+        raise ValueError(f"{SDPA_VARLEN}: scaled_dot_product_attention does not soft-cap attention scores; use "
+                         "eager, sdpa or flash_attention_2 for this model")
+    dtype = call.q.dtype
+    compute = torch.float32 if call.q.device.type == "cpu" else dtype
+    q, k, v = (x.to(compute) for x in (call.q, call.k, call.v))
+    lengths_q, lengths_k = call.cu_q.diff().tolist(), call.cu_k.diff().tolist()
+    gqa = q.shape[1] != k.shape[1]
+    outputs = []
+    for q_i, k_i, v_i in zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k)):
+        lq, lk = q_i.shape[0], k_i.shape[0]
+        if lq == 0:
+            outputs.append(q_i)
+            continue
+        mask, causal = None, call.causal
+        if call.sliding_window is not None or (call.causal and lq != lk):
+            qi = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+            ki = torch.arange(lk, device=q.device)[None, :]
+            mask = ki <= qi if call.causal else torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+            if call.sliding_window is not None:
+                mask = mask & ((qi - ki).abs() < call.sliding_window)
+            causal = False
+        out = F.scaled_dot_product_attention(q_i.transpose(0, 1)[None], k_i.transpose(0, 1)[None],
+                                             v_i.transpose(0, 1)[None], attn_mask=mask, dropout_p=call.dropout,
+                                             is_causal=causal, scale=call.scale, enable_gqa=gqa)
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs).to(dtype)
+
+
+@torch.compiler.disable  # sequence lengths read from cu_seq_lens: compiled layers call it eagerly
+def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """The `sdpa_varlen` backend: what `varlen_reference_attention` computes (same inputs), with
+    torch's sdpa kernels, one sequence at a time."""
+    call, restore = varlen_inputs(SDPA_VARLEN, module, query, key, value, attention_mask, **kwargs)
+    return restore(sdpa_varlen(call)), None
+
+
 # ----------------------------------------------------------------------------- torch's FlashAttention kernels
 
 
@@ -327,7 +379,8 @@ def activate_flash_attention_3(device: torch.device) -> bool:
     return True
 
 
-for _name, _function in ((NAME, varlen_reference_attention), (TORCH_VARLEN, torch_varlen_attention)):
+for _name, _function in ((NAME, varlen_reference_attention), (TORCH_VARLEN, torch_varlen_attention),
+                         (SDPA_VARLEN, sdpa_varlen_attention)):
     AttentionInterface.register(_name, _function)
     # The same mask as flash_attention_2: None without padding, else the 2D padding mask.
     ALL_MASK_ATTENTION_FUNCTIONS.register(_name, flash_attention_mask)

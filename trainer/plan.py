@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.attention import MASKED_ATTENTION, TORCH_VARLEN, VARLEN_ATTENTION, torch_varlen_problem
+from trainer.attention import MASKED_ATTENTION, SDPA_VARLEN, TORCH_VARLEN, VARLEN_ATTENTION, torch_varlen_problem
 from trainer.config import Config, dataset_name, to_dict
 from trainer.data.mixing import primary_index
 from trainer.errors import ConfigError
@@ -90,8 +90,10 @@ def resolve_attention(cfg: Config, device_type: str) -> str:
     """The attention backend to build the model with. `auto` takes a FlashAttention varlen
     kernel where one can run: on CUDA with 16-bit compute (the kernels have no fp32), the
     flash_attn package's (flash_attention_2) when installed, else the kernels inside torch
-    (torch_varlen; FA3 on Hopper where torch offers it), since they compute packed rows as one
-    pad-free stream; sdpa elsewhere (it isolates packed documents through a block mask)."""
+    (torch_varlen; FA3 on Hopper where torch offers it). Elsewhere (a CPU, fp32 compute) packed
+    rows go through sdpa one document at a time (sdpa_varlen): like the FlashAttention kernels it
+    computes no position outside a document, where sdpa with a block mask over whole rows computes
+    them all. Unpacked rows (and classification) take sdpa with its padding mask there."""
     flash_attn = importlib.util.find_spec("flash_attn") is not None
     half = cfg.parallel.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16"
     wanted = cfg.model.attention
@@ -101,7 +103,7 @@ def resolve_attention(cfg: Config, device_type: str) -> str:
                 return "flash_attention_2"
             if torch_varlen_problem(device_type) is None:
                 return TORCH_VARLEN
-        return "sdpa"
+        return SDPA_VARLEN if cfg.data.packing and cfg.model.task == "causal_lm" else "sdpa"
     if wanted == "flash_attention_2" and not (device_type == "cuda" and flash_attn):
         missing = [what for what, ok in (("a CUDA device", device_type == "cuda"), ("the flash_attn package", flash_attn))
                    if not ok]
