@@ -31,7 +31,7 @@ def config(folder: Path, args, overrides: list[str]) -> Path:
     cfg = {
         "run": {"name": "profile", "output_dir": str(folder / "run"), "seed": 0},
         "model": model,
-        "data": {"seq_len": args.seq_len, "cache_dir": str(folder / "cache"), "datasets": [
+        "data": {"seq_len": args.seq_len, "datasets": [
             {"name": "chat", "path": "builtin:chatterbot", "format": "chat", "weight": 0.8},
             {"name": "lee", "path": "builtin:gensim-lee", "format": "text", "weight": 0.2}]},
         "parallel": {"mixed_precision": args.dtype},
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--shapes", action="store_true", help="group the operators by input shapes too")
     args, overrides = parser.parse_known_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -75,9 +76,9 @@ def main() -> None:
             if seen["n"] <= args.warmup:
                 return step(strategy, batches, task)
             wall, cpu = time.perf_counter(), time.process_time()
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
                 result = step(strategy, batches, task)
-            records.setdefault("profiles", []).append(prof.key_averages())
+            records.setdefault("profiles", []).append(prof.key_averages(group_by_input_shape=args.shapes))
             records.setdefault("wall_s", []).append(time.perf_counter() - wall)
             records.setdefault("cpu_s", []).append(time.process_time() - cpu)
             records.setdefault("tokens", []).append(sum(b.num_tokens for b in batches))
@@ -89,7 +90,8 @@ def main() -> None:
     totals: dict[str, float] = {}
     for averages in records["profiles"]:
         for event in averages:
-            totals[event.key] = totals.get(event.key, 0.0) + event.self_cpu_time_total / 1e6
+            key = f"{event.key} {event.input_shapes}" if args.shapes else event.key
+            totals[key] = totals.get(key, 0.0) + event.self_cpu_time_total / 1e6
     profiled = sum(totals.values())
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:40]
     report = {
@@ -100,7 +102,7 @@ def main() -> None:
     }
     name = Path(args.model).name.removeprefix("builtin:") if not args.model.startswith("builtin:") \
         else args.model.removeprefix("builtin:")
-    out = REPO / "bench" / "results" / f"profile-{name}-{args.dtype}.json"
+    out = REPO / "bench" / "results" / f"profile-{name}-{args.dtype}{'-shapes' if args.shapes else ''}.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"{report['steps']} steps, wall {sum(report['wall_s']):.1f} s, CPU {sum(report['cpu_s']):.1f} s, "
           f"{sum(report['tokens'])} tokens")

@@ -336,23 +336,20 @@ def test_sdpa_varlen_computes_what_the_reference_does(tiny_llama_config, sliding
     assert torch.equal(answers["sdpa_varlen"], answers["varlen_reference"])
 
 
-def test_sdpa_varlen_computes_in_float32_on_cpu_under_bf16_autocast(tiny_llama_config, monkeypatch):
+def test_sdpa_varlen_computes_in_float32_on_cpu_under_bf16_autocast():
     """Under bf16 autocast on a CPU the per-document attention runs in fp32 (torch's CPU flash
-    backward is several times slower in bf16) and hands bf16 back."""
-    import torch.nn.functional as F
+    backward is several times slower in bf16), autocast not casting it back, and hands bf16 back:
+    the result is the fp32 computation's, rounded once."""
+    from trainer.attention import VarlenCall, sdpa_varlen
 
-    seen = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recording(q, *args, **kwargs):
-        seen.append(q.dtype)
-        return sdpa(q, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
-    model = tiny(tiny_llama_config, attention="sdpa_varlen")
-    docs = documents(9, 5)
-    cu = torch.tensor([0, 9, 14], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(20, h, 8, generator=gen).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2))
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    call = VarlenCall(q, k, v, cu, cu, 13, 13, causal=True, scale=8 ** -0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(torch.cat(docs)[None], position_ids=torch.cat([torch.arange(9), torch.arange(5)])[None],
-                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9).logits
-    assert seen and set(seen) == {torch.float32} and logits.dtype == torch.bfloat16
+        out = sdpa_varlen(call)
+    fp32 = VarlenCall(q.float(), k.float(), v.float(), cu, cu, 13, 13, causal=True, scale=8 ** -0.5)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, sdpa_varlen(fp32).to(torch.bfloat16))
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16

@@ -26,6 +26,7 @@ so a collator that falls into one of those traps fails tests.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -245,30 +246,38 @@ def sdpa_varlen(call: VarlenCall) -> torch.Tensor:
     if call.softcap is not None:
         raise ValueError(f"{SDPA_VARLEN}: scaled_dot_product_attention does not soft-cap attention scores; use "
                          "eager, sdpa or flash_attention_2 for this model")
-    dtype = call.q.dtype
-    compute = torch.float32 if call.q.device.type == "cpu" else dtype
+    dtype, device_type = call.q.dtype, call.q.device.type
+    compute = torch.float32 if device_type == "cpu" else dtype
     q, k, v = (x.to(compute) for x in (call.q, call.k, call.v))
     lengths_q, lengths_k = call.cu_q.diff().tolist(), call.cu_k.diff().tolist()
     gqa = q.shape[1] != k.shape[1]
     outputs = []
-    for q_i, k_i, v_i in zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k)):
-        lq, lk = q_i.shape[0], k_i.shape[0]
-        if lq == 0:
-            outputs.append(q_i)
-            continue
-        mask, causal = None, call.causal
-        if call.sliding_window is not None or (call.causal and lq != lk):
-            qi = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-            ki = torch.arange(lk, device=q.device)[None, :]
-            mask = ki <= qi if call.causal else torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-            if call.sliding_window is not None:
-                mask = mask & ((qi - ki).abs() < call.sliding_window)
-            causal = False
-        out = F.scaled_dot_product_attention(q_i.transpose(0, 1)[None], k_i.transpose(0, 1)[None],
-                                             v_i.transpose(0, 1)[None], attn_mask=mask, dropout_p=call.dropout,
-                                             is_causal=causal, scale=call.scale, enable_gqa=gqa)
-        outputs.append(out[0].transpose(0, 1))
+    # autocast would cast the inputs of every sdpa call back to bf16
+    no_autocast = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+        else contextlib.nullcontext()
+    with no_autocast:
+        for q_i, k_i, v_i in zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k)):
+            outputs.append(_sdpa_sequence(call, q_i, k_i, v_i, gqa))
     return torch.cat(outputs).to(dtype)
+
+
+def _sdpa_sequence(call: VarlenCall, q_i: torch.Tensor, k_i: torch.Tensor, v_i: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """One sequence: q (lq, heads, dim), k/v (lk, kv_heads, dim) -> (lq, heads, dim)."""
+    lq, lk = q_i.shape[0], k_i.shape[0]
+    if lq == 0:
+        return q_i
+    mask, causal = None, call.causal
+    if call.sliding_window is not None or (call.causal and lq != lk):
+        qi = torch.arange(lq, device=q_i.device)[:, None] + (lk - lq)
+        ki = torch.arange(lk, device=q_i.device)[None, :]
+        mask = ki <= qi if call.causal else torch.ones(lq, lk, dtype=torch.bool, device=q_i.device)
+        if call.sliding_window is not None:
+            mask = mask & ((qi - ki).abs() < call.sliding_window)
+        causal = False
+    out = F.scaled_dot_product_attention(q_i.transpose(0, 1)[None], k_i.transpose(0, 1)[None],
+                                         v_i.transpose(0, 1)[None], attn_mask=mask, dropout_p=call.dropout,
+                                         is_causal=causal, scale=call.scale, enable_gqa=gqa)
+    return out[0].transpose(0, 1)
 
 
 @torch.compiler.disable  # sequence lengths read from cu_seq_lens: compiled layers call it eagerly
