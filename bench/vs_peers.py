@@ -208,8 +208,12 @@ def finetrain_worker(tool: str, spec: dict, result_path: str) -> None:
     started = time.perf_counter()
     run, measured = train_finetrain(spec["config"])
     model = run.strategy.unwrapped_model()
+    records = [json.loads(line) for line in (run.cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait_s"] for r in records if "data_wait_s" in r]
     Path(result_path).write_text(json.dumps({
-        **measured, "started_s": started, "held_out_loss": held_out_loss(model, spec["held_out"])}))
+        **measured, "started_s": started, "held_out_loss": held_out_loss(model, spec["held_out"]),
+        "data_wait_s": {"first_step": waits[0], "later_steps_max": max(waits[1:], default=None),
+                        "later_steps_median": sorted(waits[1:])[len(waits[1:]) // 2] if waits[1:] else None}}))
 
 
 def peer_worker(tool: str, spec: dict, result_path: str) -> None:
@@ -312,7 +316,7 @@ def summarize(measured: dict, warmup: int, flops_per_token: float, peak: dict) -
         "real_tokens_per_step": sum(s["real_tokens"] for s in steps) / len(steps),
         "start_to_timed_s": start["end_s"] - measured["started_s"],
         "parameters": measured["parameters"],
-        **{key: measured[key] for key in ("compile", "optim", "attention") if key in measured},
+        **{key: measured[key] for key in ("compile", "optim", "attention", "data_wait_s") if key in measured},
         "losses": [s["loss"] for s in steps],
     }
 
