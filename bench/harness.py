@@ -1,8 +1,10 @@
 """What the training benchmarks share: the random 16M Llama, a measurement run in a fresh
 process, finetrain's own loop with every optimizer step timed, and the machine's description.
 
-Each measurement runs in a process of its own because peak resident memory (ru_maxrss) can
-only grow: a second run in the same process would report the first one's peak.
+Each measurement runs in a process of its own because peak resident memory can only grow: a
+second run in the same process would report the first one's peak. Peak RSS is the process's own
+VmHWM (/proc/self/status), not ru_maxrss, which a child started by fork + exec inherits from its
+parent's peak at the fork.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -39,8 +40,31 @@ def run_worker(script: str, worker_args: list[str], result_path: Path, threads: 
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far: VmHWM, where /proc has it."""
+    from trainer.metrics import peak_rss_kib
+
+    return peak_rss_kib() / 1024
+
+
+def matmul_peak(dtype_name: str, threads: int, size: int = 1024, repeats: int = 7) -> dict:
+    """FLOP/s of a square matmul in `dtype_name` ("fp32", "bf16") on `threads` torch threads:
+    the best of `repeats` by wall clock, and by CPU time of this process (which other load on
+    the machine does not slow down): the denominators of MFU and of MFU per CPU-second."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
+    a @ b
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        a @ b
+        wall, cpu = min(wall, time.perf_counter() - w), min(cpu, time.process_time() - c)
+    flops = 2 * size ** 3
+    return {"flops_per_s": flops / wall, "flops_per_cpu_s": flops / max(cpu, 1e-9), "threads": threads,
+            "size": size}
 
 
 def step_end() -> dict:
@@ -76,7 +100,8 @@ def train_finetrain(config: str):
     loop.train_step = timed_step
     run = loop.Trainer(load_config(config))
     run.fit()
-    return run, {"steps": steps, "peak_rss_mib": peak_rss_mib(),
+    return run, {"steps": steps, "peak_rss_mib": peak_rss_mib(), "parameters": run.num_params,
+                 "attention": run.plan.attention,
                  "compile": next((line for line in compile_lines if "decoder layers compiled" in line), "")}
 
 

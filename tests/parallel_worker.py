@@ -182,6 +182,11 @@ def packed_micro_batches(step: int, run: Run, cfg: Config, plan) -> list[Batch]:
     return batches if size == 1 else [sequence_shard(b, dist.get_rank() % size, size) for b in batches]
 
 
+# Every backend sequence parallelism runs on that a CPU has (flash_attention_2 and torch_varlen get
+# the varlen reference's inputs).
+ISOLATION_BACKENDS = ("sdpa", "sdpa_varlen", "varlen_reference")
+
+
 @torch.no_grad()
 def isolation(run: Run, out: Path) -> dict:
     """Per-document logits of one micro-batch under sequence parallelism (2 ranks, documents crossing
@@ -194,15 +199,15 @@ def isolation(run: Run, out: Path) -> dict:
     from test_data_packing import make_dataset
 
     gen = torch.Generator().manual_seed(11)
-    lengths = [13, 19, 7, 15, 9, 30]  # rows of 32: [13, 19] [7, 15, 9 + 1 padding] [30 + 2 padding]
+    lengths = [13, 19, 7, 15, 9, 30]  # rows of 32: [13, 19] [7, 15, 9] [30], flattened pad-free to 93 + 3
     docs = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
     dataset = make_dataset(docs, [[True] * n for n in lengths], seq_len=SEQ_LEN)
     pieces = [Piece(0, i, 0, n, True) for i, n in enumerate(lengths)]
     batch = Collator([dataset], "causal_lm", SEQ_LEN, True, "varlen_reference", 0)(
         [pieces[:2], pieces[2:5], pieces[5:]])
-    starts = [0, 13, 32, 39, 54, 64]  # the document at 39-53 crosses the cut at 48
+    starts = [0, 13, 32, 39, 54, 63]  # the document at 39-53 crosses the cut at 48
     result = {"max_abs_diff": {}, "leak_max_abs_diff": {}}
-    for attention in ("sdpa", "varlen_reference"):
+    for attention in ISOLATION_BACKENDS:
         cfg = make_config(dataclasses.replace(run, fused_loss=False), out, dist.get_world_size())
         model = make_model(cfg, attention).eval()
         enable_sequence_parallel(model, 2)

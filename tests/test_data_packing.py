@@ -69,13 +69,13 @@ def tiny_llama(tiny_tokenizer, config: dict, attention: str, peft: str = "none",
     return model
 
 
-def placements(rows: list[list[Piece]], flattened: bool) -> dict[tuple, tuple[int, int]]:
+def placements(rows: list[list[Piece]], row_starts: list[int], flattened: bool) -> dict[tuple, tuple[int, int]]:
     """(example, start) -> (batch row, first position) of each piece in a collated batch."""
     where = {}
-    for b, row in enumerate(rows):
-        at = 0
+    for b, (row, start) in enumerate(zip(rows, row_starts)):
+        at = start if flattened else 0
         for piece in row:
-            where[(piece.example, piece.start)] = (0, b * SEQ_LEN + at) if flattened else (b, at)
+            where[(piece.example, piece.start)] = (0, at) if flattened else (b, at)
             at += piece.length
     return where
 
@@ -93,7 +93,7 @@ def run_batches(model, collator: Collator, rows: list[list[Piece]], rows_per_bat
         total += float(loss.detach())
         targets += batch.num_targets
         flat = "cu_seq_lens_q" in batch.inputs
-        for (example, start), (b, at) in placements(chunk, flat).items():
+        for (example, start), (b, at) in placements(chunk, batch.row_starts, flat).items():
             length = next(p.length for row in chunk for p in row if (p.example, p.start) == (example, start))
             logits_of[(example, start)] = logits[b, at: at + length].detach()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -152,14 +152,55 @@ def test_packed_row_boundaries():
     assert eager.dtype == torch.float32
     assert torch.equal(eager == 0, expected) and bool((eager[~expected] == torch.finfo(torch.float32).min).all())
 
+    # varlen: the two rows flattened into one stream, its 18 real tokens rounded up to 24 (a multiple of 8)
     varlen = Collator([ds], "causal_lm", 12, True, "varlen_reference", PAD)(rows + rows)
     assert varlen.inputs["input_ids"].shape == (1, 24) and varlen.labels.shape == (1, 24)
+    assert varlen.inputs["input_ids"][0].tolist() == [11, 12, 13, 21, 22, 31, 32, 33, 34] * 2 + [PAD] * 6
+    assert varlen.inputs["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3] * 2 + list(range(6))
+    assert varlen.labels[0].tolist() == [x, 12, 13, x, 22, x, x, 33, 34] * 2 + [x] * 6
     assert varlen.inputs["cu_seq_lens_q"].dtype == torch.int32
-    assert varlen.inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 12, 15, 17, 21, 24]
+    assert varlen.inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 12, 14, 18, 24]  # the padding tail is its own
     assert torch.equal(varlen.inputs["cu_seq_lens_k"], varlen.inputs["cu_seq_lens_q"])
-    assert varlen.inputs["max_length_q"] == varlen.inputs["max_length_k"] == 4
+    assert varlen.inputs["max_length_q"] == varlen.inputs["max_length_k"] == 6
     assert "attention_mask" not in varlen.inputs
     assert varlen.examples == {"docs": 6} and varlen.tokens == {"docs": 18}
+    assert varlen.row_starts == [0, 9] and varlen.num_slots == 24 and varlen.capacity == 24
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference", "sdpa_varlen"])
+def test_packed_micro_batches_compute_only_their_real_tokens(attention):
+    """Rows filled unevenly (a long one, a short one): the masked layout is as wide as the longest
+    row rounded up to 64 (not data.seq_len), the varlen one a single stream of the real tokens
+    rounded up to 8; what is computed beyond the real tokens is that rounding only."""
+    from trainer.data.collate import FLAT_MULTIPLE, ROW_MULTIPLE
+
+    ds = random_documents(60, seed=9)
+    rows = pack_pieces(pieces_of(ds), 256)
+    rows = [rows[0], rows[-1][:1]] + [row[:2] for row in rows[1:5]]
+    lengths = [sum(p.length for p in row) for row in rows]
+    assert max(lengths) < 1024 - ROW_MULTIPLE and min(lengths) < 64
+    batch = Collator([ds], "causal_lm", 1024, True, attention, PAD)(rows)
+    assert batch.num_tokens == sum(lengths) and batch.capacity == len(rows) * 1024
+    if attention in ("varlen_reference", "sdpa_varlen"):
+        assert batch.inputs["input_ids"].shape == (1, batch.num_slots)
+        assert batch.num_slots % FLAT_MULTIPLE == 0 and batch.num_slots - batch.num_tokens < FLAT_MULTIPLE
+        cu = batch.inputs["cu_seq_lens_q"].tolist()
+        assert cu[-1] == batch.num_slots and len(cu) == sum(len(row) for row in rows) + 1 + (batch.num_slots > sum(lengths))
+    else:
+        width = batch.inputs["input_ids"].shape[1]
+        assert width % ROW_MULTIPLE == 0 and width - max(lengths) < ROW_MULTIPLE
+        assert batch.inputs["attention_mask"].shape == (len(rows), 1, width, width)
+        assert batch.num_slots == len(rows) * width
+    # every document where row_starts and row_lengths say, with its own positions
+    ids = batch.inputs["input_ids"].reshape(-1)
+    positions = batch.inputs["position_ids"].reshape(-1)
+    for row, start in zip(rows, batch.row_starts):
+        at = start
+        for piece in row:
+            begin = int(ds.data.offsets[piece.example])
+            assert ids[at: at + piece.length].tolist() == ds.data.tokens[begin: begin + piece.length].tolist()
+            assert positions[at: at + piece.length].tolist() == list(range(piece.length))
+            at += piece.length
 
 
 def test_long_text_document_is_split_with_isolated_chunks():
@@ -202,7 +243,7 @@ def test_pack_pieces_keeps_every_piece_once():
 # ----------------------------------------------------------------------------- packed == padded
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference", "sdpa_varlen"])
 @pytest.mark.parametrize("rows_per_batch", [1, 3])
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_packed_equals_padded(tiny_tokenizer, tiny_llama_config, attention, rows_per_batch, peft):
@@ -220,7 +261,7 @@ def test_packed_equals_padded(tiny_tokenizer, tiny_llama_config, attention, rows
         assert any("lora_A" in n for n in packed[3]) and not any("embed_tokens" in n for n in packed[3])
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "varlen_reference"])
+@pytest.mark.parametrize("attention", ["sdpa", "varlen_reference", "sdpa_varlen"])
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_fused_loss_on_packed_rows_equals_the_plain_head_on_padded_rows(tiny_tokenizer, tiny_llama_config,
                                                                          attention, peft):
@@ -239,6 +280,30 @@ def test_fused_loss_on_packed_rows_equals_the_plain_head_on_padded_rows(tiny_tok
     fused_packed = run_loss(fused, packed, packed_rows, 2)
     assert_same(fused_packed, run_loss(plain, padded, [[p] for p in pieces], 3))
     assert_same(fused_packed, run_loss(plain, packed, packed_rows, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen_reference", "sdpa_varlen"])
+def test_compiled_pad_free_packed_rows_equal_eager_padded_documents(tiny_tokenizer, tiny_llama_config, attention):
+    """Invariant 1 with train.compile: decoder layers compiled (inductor), pad-free packed
+    micro-batches of changing widths give every document the logits, and the step the loss
+    and gradients (plain head and fused head), of the same documents padded one per row in an
+    eager model with the same weights."""
+    from trainer.compile import compile_decoder_layers
+
+    torch.manual_seed(0)
+    ds = random_documents(24, seed=6)
+    pieces = pieces_of(ds)
+    packed_rows = pack_pieces(pieces, SEQ_LEN)
+    packed = Collator([ds], "causal_lm", SEQ_LEN, True, attention, PAD)
+    widths = {tuple(packed(packed_rows[i: i + 2]).inputs["input_ids"].shape) for i in range(0, len(packed_rows), 2)}
+    assert len(widths) > 1  # pad-free: the shapes change from micro-batch to micro-batch
+    eager = tiny_llama(tiny_tokenizer, tiny_llama_config, attention)
+    compiled = tiny_llama(tiny_tokenizer, tiny_llama_config, attention)
+    assert compile_decoder_layers(compiled, torch.device("cpu"))
+    padded = Collator([ds], "causal_lm", SEQ_LEN, False, attention, PAD)
+    assert_same(run_batches(compiled, packed, packed_rows, 2), run_batches(eager, padded, [[p] for p in pieces], 3))
+    assert_same(run_loss(compiled, packed, packed_rows, 2), run_loss(eager, padded, [[p] for p in pieces], 3))
 
 
 def test_packed_text_chunks_equal_padded_chunks(tiny_tokenizer, tiny_llama_config):
@@ -312,7 +377,11 @@ def test_describe_batch_shows_documents_and_targets(tiny_tokenizer, attention):
     ds = make_dataset(docs, [[i >= 2 for i in range(len(d))] for d in docs])
     rows = [[Piece(0, 0, 0, len(docs[0]), True), Piece(0, 1, 0, len(docs[1]), True)]]
     text = describe_batch(Collator([ds], "causal_lm", 32, True, attention, PAD)(rows), tiny_tokenizer)
-    assert f"row 0: 2 document(s) [{len(docs[0])}, {len(docs[1])}], padding {32 - len(docs[0]) - len(docs[1])}" in text
+    real = len(docs[0]) + len(docs[1])
+    assert f"row 0: 2 document(s) [{len(docs[0])}, {len(docs[1])}], {real} tokens" in text
+    width = 24 if attention == "varlen_reference" else 32  # a multiple of 8 flattened; a row at most seq_len
+    assert f"{real} real tokens, {width - real} padding" in text
+    assert f"rows filled to {100 * real / 32:.1f}% of data.seq_len" in text
     for doc in docs:
         prompt, target = tiny_tokenizer.decode(doc[:2]), tiny_tokenizer.decode(doc[2:])
         assert f"{prompt}⟦{target}⟧" in text

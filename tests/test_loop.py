@@ -28,9 +28,13 @@ def test_tiny_run_learns_and_logs_every_step(tmp_path):
     assert [r["step"] for r in train_records] == list(range(3, 25, 3))
     assert train_records[-1]["loss"] < 0.85 * train_records[0]["loss"]
     first = train_records[0]
-    for key in ("lr", "grad_norm", "tokens", "tokens_per_s", "packing_efficiency", "data/sft/examples", "data/sft/tokens"):
+    for key in ("lr", "grad_norm", "tokens", "tokens_per_s", "packing_efficiency", "padding_tokens", "row_fill",
+                "data_wait_s", "data/sft/examples", "data/sft/tokens"):
         assert key in first, key
-    assert first["tokens"] > 0 and 0 < first["packing_efficiency"] <= 1
+    assert first["tokens"] > 0 and 0 < first["packing_efficiency"] <= 1 and 0 < first["row_fill"] <= 1
+    # pad-free rows (sdpa: as wide as the longest, rounded up to 64): the padding is what remains
+    for r in train_records:
+        assert r["padding_tokens"] == round(r["tokens_per_s"] * r["step_time_s"] * (1 / r["packing_efficiency"] - 1))
     # cumulative per-dataset counters grow
     assert train_records[-1]["data/sft/examples"] > first["data/sft/examples"]
     eval_records = [r for r in records if "eval/sft/loss" in r]
@@ -86,6 +90,8 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
     code = proc.wait(timeout=300)
     stderr = proc.stderr.read()
     assert code == 0, stderr[-4000:]  # also through the launcher of --nproc
+    # the step after the stop was already prepared (data prepared while a step runs); it is dropped
+    assert "the next step's data, prepared ahead, is discarded" in stderr, stderr[-4000:]
     saved = complete_checkpoints(out / "checkpoints")
     stopped_at = int(saved[-1].name.split("-")[1])
     assert signalled_after <= stopped_at < steps, stopped_at

@@ -176,6 +176,7 @@ def runs(tmp_path_factory, pretrained, nf4_pretrained) -> dict:
            **SEQUENCE} for s in ("fsdp", "zero3")],
         {"name": "fsdp-sp2-varlen", "strategy": "fsdp", "micro": 2, "accum": 2, "attention": "varlen_reference",
          **SEQUENCE},
+        {"name": "fsdp-sp2-sdpa", "strategy": "fsdp", "micro": 2, "accum": 2, "attention": "sdpa", **SEQUENCE},
         {"name": "fsdp-sp2-offload", "strategy": "fsdp", "micro": 2, "accum": 2, "activation_offload": True,
          "activation_checkpointing": True, **SEQUENCE},
         {"name": "fsdp-sp2-compiled-offload", "strategy": "fsdp", "micro": 2, "accum": 2, "compile": True,
@@ -580,7 +581,7 @@ def test_qlora_in_bf16_stays_close_to_float32(runs, offload_and_bf16_runs, strat
 
 SEQUENCE_RUNS = [*[(f"{s}-sp2", "single") for s in SHARDED],
                  *[(f"{s}-sp2-lora", "single-lora") for s in ("fsdp", "zero3")],
-                 ("fsdp-sp2-varlen", "single"),
+                 ("fsdp-sp2-varlen", "single"), ("fsdp-sp2-sdpa", "single"),
                  *[(f"{s}-sp2-dp2", "single") for s in ("fsdp", "zero3")],
                  *[(f"{s}-sp2-dp2-lora", "single-lora") for s in ("fsdp", "zero3")],
                  ("hsdp-sp2", "single")]
@@ -591,19 +592,22 @@ SEQUENCE_RUNS = [*[(f"{s}-sp2", "single") for s in SHARDED],
 def test_sequence_parallelism_follows_the_single_device_curve(runs, run_name, reference):
     """parallel.sequence_parallel 2: each step's documents packed two to a row, every row cut in
     half over a sequence group (documents cross the cut), on 2 ranks (one group) and on 4 (2 data x
-    2 sequence ranks), full and LoRA, sdpa and the varlen reference: the single-device curve of
-    the same documents padded one per row, at the strategies' tolerance (invariants 1 to 3)."""
+    2 sequence ranks), full and LoRA, sdpa_varlen (auto on a CPU), sdpa and the varlen reference:
+    the single-device curve of the same documents padded one per row, at the strategies' tolerance
+    (invariants 1 to 3)."""
     assert_same_curve(runs[run_name], runs[reference], run_name)
 
 
 @pytest.mark.slow
 def test_sequence_parallel_documents_attend_only_to_themselves(runs):
     """Invariant 1 under sequence parallelism: on 2 ranks, the logits of every document of a packed
-    micro-batch (3 rows of 32 tokens cut at token 48, inside a document) equal those of the document
-    run alone, on sdpa and the varlen reference (FlashAttention varlen receives the same bounds);
-    with the bounds planted away (the micro-batch one document) they do not."""
+    micro-batch (3 rows of 32 tokens flattened pad-free to 96, cut at token 48, inside a document)
+    equal those of the document run alone, on sdpa, sdpa_varlen and the varlen reference
+    (FlashAttention varlen receives the same bounds); with the bounds planted away (the micro-batch
+    one document) they do not."""
     check = runs["sp-isolation"]
-    for attention in ("sdpa", "varlen_reference"):
+    assert set(check["max_abs_diff"]) == {"sdpa", "sdpa_varlen", "varlen_reference"}
+    for attention in check["max_abs_diff"]:
         assert check["max_abs_diff"][attention] < 1e-5, check
         assert check["leak_max_abs_diff"][attention] > 1e-2, check
 

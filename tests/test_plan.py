@@ -62,7 +62,7 @@ def test_the_plan_resolves_what_the_run_decides_once(tmp_path):
     assert (plan.mesh.replicate, plan.mesh.shard, plan.mesh.data_parallel) == (2, 2, 4)
     assert plan.accumulation == 2  # 16 rows = micro 2 x 4 ranks x 2
     assert (plan.master_dtype, plan.compute_dtype) == (torch.float32, torch.bfloat16)
-    assert plan.attention == "sdpa"  # auto on a CPU
+    assert plan.attention == "sdpa_varlen"  # auto on a CPU: packed rows through sdpa one document at a time
     assert plan.primary_dataset == "task"
     assert plan.checkpoint_format == "dcp"
     assert plan_run(with_keys(cfg, parallel__strategy="zero3", parallel__replicate=1), 4, "cpu").checkpoint_format \
@@ -221,6 +221,9 @@ def test_sequence_parallelism_refuses_a_classification_encoder_in_one_line(tmp_p
 
 
 def test_attention_auto_takes_flash_attention_where_it_runs(tmp_path, monkeypatch):
+    """auto: on CUDA with 16-bit compute flash_attn's kernels when installed, else torch's own
+    (torch_varlen); elsewhere (fp32 compute, a CPU, a torch without the varlen API) packed rows
+    through sdpa one document at a time, unpacked ones through sdpa with a padding mask."""
     import importlib.util
 
     from transformers import AttentionInterface
@@ -228,23 +231,38 @@ def test_attention_auto_takes_flash_attention_where_it_runs(tmp_path, monkeypatc
     from trainer.plan import resolve_attention
 
     cfg = config(tmp_path)
-    assert resolve_attention(cfg, "cpu") == "sdpa"
-    for name in ("sdpa", "eager", "varlen_reference"):
+    assert resolve_attention(cfg, "cpu") == "sdpa_varlen"
+    assert resolve_attention(with_keys(cfg, data__packing=False), "cpu") == "sdpa"
+    for name in ("sdpa", "eager", "varlen_reference", "sdpa_varlen"):
         assert resolve_attention(with_keys(cfg, model__attention=name), "cpu") == name
-    assert "varlen_reference" in AttentionInterface._global_mapping
+    assert {"varlen_reference", "torch_varlen", "sdpa_varlen"} <= set(AttentionInterface._global_mapping)
     flash = with_keys(config(tmp_path), model__attention="flash_attention_2")
     with pytest.raises(ConfigError, match="model.attention: flash_attention_2 needs a CUDA device"):
         resolve_attention(flash, "cpu")
-    if importlib.util.find_spec("flash_attn") is None:
-        with pytest.raises(ConfigError, match="model.attention: flash_attention_2 needs the flash_attn package"):
-            resolve_attention(flash, "cuda")
-        assert resolve_attention(with_keys(config(tmp_path), model__attention="auto"), "cuda") == "sdpa"
+    with pytest.raises(ConfigError, match="model.attention: torch_varlen cannot run here: torch's FlashAttention "
+                                          "kernels run on a CUDA GPU, and this process runs on cpu"):
+        resolve_attention(with_keys(config(tmp_path), model__attention="torch_varlen"), "cpu")
     real_find_spec = importlib.util.find_spec
+    installed = {"flash_attn": importlib.util.find_spec("flash_attn") is not None, "torch.nn.attention.varlen": True}
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
-    assert resolve_attention(with_keys(config(tmp_path), model__attention="auto"), "cuda") == "flash_attention_2"
+                        lambda name, *a: (object() if installed[name] else None) if name in installed
+                        else real_find_spec(name, *a))
+    auto = with_keys(config(tmp_path), model__attention="auto")
+    fp32 = with_keys(config(tmp_path), model__attention="auto", parallel__mixed_precision="fp32")
+    installed["flash_attn"] = False
+    with pytest.raises(ConfigError, match="model.attention: flash_attention_2 needs the flash_attn package"):
+        resolve_attention(flash, "cuda")
+    assert resolve_attention(auto, "cuda") == "torch_varlen"
+    assert resolve_attention(fp32, "cuda") == "sdpa_varlen"  # FlashAttention kernels have no fp32
+    assert resolve_attention(with_keys(config(tmp_path), model__attention="torch_varlen"), "cuda") == "torch_varlen"
+    installed["flash_attn"] = True
+    assert resolve_attention(auto, "cuda") == "flash_attention_2"
     assert resolve_attention(flash, "cuda") == "flash_attention_2"
-    assert resolve_attention(with_keys(config(tmp_path), model__attention="auto"), "cpu") == "sdpa"
+    assert resolve_attention(auto, "cpu") == "sdpa_varlen"
+    installed.update({"flash_attn": False, "torch.nn.attention.varlen": False})  # torch older than 2.10
+    assert resolve_attention(auto, "cuda") == "sdpa_varlen"
+    with pytest.raises(ConfigError, match="torch_varlen cannot run here: torch .* has no torch.nn.attention.varlen"):
+        resolve_attention(with_keys(config(tmp_path), model__attention="torch_varlen"), "cuda")
 
 
 # ----------------------------------------------------------------------------- resume

@@ -37,7 +37,10 @@ def compile_decoder_layers(model: nn.Module, device: torch.device) -> bool:
         return False
     layers = decoder_layers(model)
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, backend=BACKEND)
+        # dynamic: pad-free packed micro-batches change their length from step to step; compiled
+        # for symbolic sizes at once, the layers never recompile for a new length (compiled for
+        # the first length, they would recompile for the second and for each int specialised).
+        layer.forward = torch.compile(layer.forward, backend=BACKEND, dynamic=True)
     report = CompileReport(len(layers))
 
     def log_once(optimizer, args, kwargs):

@@ -68,7 +68,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     # nf4 (QLoRA): the base's linear layers quantized to 4-bit NormalFloat as they load, frozen.
     quantization: Literal["none", "nf4"] = "none"
-    attention: Literal["auto", "flash_attention_2", "sdpa", "eager", "varlen_reference"] = "auto"
+    attention: Literal["auto", "flash_attention_2", "torch_varlen", "sdpa_varlen", "sdpa", "eager", "varlen_reference"] = "auto"
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     num_labels: int = at_least(2, 2)
     # The base model's attention and hidden dropout while fine-tuning (null: as its config has it).

@@ -33,9 +33,21 @@ from trainer.errors import ConfigError
 
 log = logging.getLogger("finetrain")
 
-# Target positions per chunk: on CPU, 256 to 2048 run equally fast (at a 49k vocabulary;
+# Target positions per chunk: in fp32 on CPU, 256 to 2048 run equally fast (at a 49k vocabulary;
 # 128 is 15% slower, 32 60%), and a [256, vocab] fp32 chunk is 50 MiB at 49k, 125 MiB at 128k.
+# With 16-bit compute each chunk's weight gradient (a 16-bit matmul) is added to an fp32 sum,
+# which at 256 targets costs more than the matmul itself (CPU, 49k x 576 head): there chunks grow
+# to up to 4x as many targets, as long as their fp32 logits stay within CHUNK_BYTES_16BIT.
 CHUNK_TOKENS = 256
+CHUNK_BYTES_16BIT = 256 * 2**20
+
+
+def chunk_tokens(vocab: int, compute_dtype: torch.dtype) -> int:
+    """Target positions per chunk of the fused head."""
+    if torch.empty((), dtype=compute_dtype).element_size() >= 4:
+        return CHUNK_TOKENS
+    fits = CHUNK_BYTES_16BIT // (4 * vocab) // CHUNK_TOKENS * CHUNK_TOKENS
+    return max(CHUNK_TOKENS, min(4 * CHUNK_TOKENS, fits))
 
 # Config attributes of models that transform the logits after the head (Gemma's soft-capping,
 # Cohere's and Granite's scaling): their loss needs the transformed logits.
@@ -48,9 +60,21 @@ def transient_bytes(head: nn.Linear, targets: int, compute_dtype: torch.dtype) -
     the gradient's 16-bit copy under 16-bit compute; and the fp32 sum of the weight's
     gradient when the weight itself is 16-bit (it is kept in the weight's dtype)."""
     element = torch.empty((), dtype=compute_dtype).element_size()
-    chunk = min(targets, CHUNK_TOKENS) * head.out_features * (4 + (element if element < 4 else 0))
+    chunk = min(targets, chunk_tokens(head.out_features, compute_dtype)) * head.out_features * \
+        (4 + (element if element < 4 else 0))
     weight = head.weight
     return chunk + (4 * weight.numel() if weight.requires_grad and weight.element_size() < 4 else 0)
+
+
+def chunk_loss_and_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: its summed cross-entropy and d CE / d logits (softmax minus one-hot) in the
+    logits' dtype, from fp32 softmax statistics: one log-softmax kernel and the gradient written
+    over its output (each pass over a [chunk, vocab] tensor is a trip to memory)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    loss = -log_probs.gather(1, targets[:, None]).sum()
+    grad = log_probs.exp_()
+    grad.scatter_add_(1, targets[:, None], torch.full_like(targets[:, None], -1.0, dtype=torch.float32))
+    return loss, grad.to(logits.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -67,27 +91,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # fp32 accumulation over chunks; in place (addmm_) when the compute dtype is fp32 too
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
+        chunk = chunk or chunk_tokens(weight.shape[0], compute_dtype)
         for start in range(0, hidden.size(0), chunk):
             h = hidden[start:start + chunk].to(compute_dtype)
             t = targets[start:start + chunk]
-            logits = F.linear(h, w, b).float()  # softmax statistics in fp32
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logits = F.linear(h, w, b)
             if not (want_hidden or want_weight or want_bias):
+                loss -= torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, t[:, None]).sum()
                 continue
-            # d CE / d logits = softmax - one-hot, written over the logits
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
-            g = grad_logits.to(compute_dtype)
+            chunk_loss, g = chunk_loss_and_gradient(logits, t)
+            loss += chunk_loss
             if want_hidden:
                 grad_hidden[start:start + chunk] = g @ w
             if want_weight:
                 if compute_dtype == torch.float32:
                     grad_weight.addmm_(g.t(), h)
                 else:
-                    grad_weight += (g.t() @ h).float()
+                    grad_weight += g.t() @ h  # the 16-bit product added in fp32, no fp32 copy of it
             if want_bias:
-                grad_bias += grad_logits.sum(0)
+                grad_bias += g.float().sum(0)
         ctx.save_for_backward(
             grad_hidden,
             grad_weight.to(weight.dtype) if want_weight else None,
@@ -108,7 +130,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+                         targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Summed CE of the projection of `hidden` [N, H] against `targets` [N], in fp32, with
     no [N, vocab] tensor alive beyond one chunk. Under autocast the matmuls run in the
     autocast dtype, as the plain head's would."""

@@ -19,6 +19,7 @@ import time
 import torch
 
 from trainer.activation_offload import activation_offload
+from trainer.attention import TORCH_VARLEN, activate_flash_attention_3
 from trainer.checkpoint import Checkpointer, seed_step
 from trainer import faults
 from trainer.config import Config, cache_root, dataset_name, dump_yaml, load_config
@@ -142,7 +143,10 @@ class Trainer:
         # Rank 0 first: it may train or convert the tokenizer and fill the data cache.
         self.tokenizer = main_first(lambda: load_tokenizer(cfg, lambda: training_texts(cfg)))
         self.data = agree(lambda: RunData.load(cfg, self.tokenizer))
-        self.loader = build_train_loader(cfg, self.tokenizer, plan.attention, dist_info.rank, world, self.data)
+        self.loader = build_train_loader(cfg, self.tokenizer, plan.attention, dist_info.rank, world, self.data,
+                                         dist_info.device)
+        if plan.attention == TORCH_VARLEN:
+            activate_flash_attention_3(dist_info.device)
         # A trained assistant turn must end with the template's end-of-turn token among its targets.
         turn_report = agree(lambda: check_end_of_turn(cfg, self.tokenizer, describe_template(cfg, self.tokenizer)))
         if debug and dist_info.is_main:
@@ -226,8 +230,9 @@ class Trainer:
             while self.step < self.total_steps:
                 seed_step(cfg.run.seed, self.step, self.dist.rank)
                 faults.enter("data", self.step + 1)
-                with StepTimer(self.dist.device) as data_timer:
-                    batches = self.loader.next_step(self.plan.accumulation)
+                with StepTimer(self.dist.device) as data_timer:  # ~0 once the step was prepared ahead
+                    batches = self.loader.next_step(self.plan.accumulation,
+                                                    prepare_next=self.step + 1 < self.total_steps)
                 if self.debug and self.step == self.start_step and self.dist.is_main:
                     print(describe_batch(batches[0], self.tokenizer), flush=True)
                 faults.enter("compute", self.step + 1)
@@ -262,8 +267,10 @@ class Trainer:
                     self.save(wait=stopping or last)
                 if stopping:
                     if self.dist.is_main:
-                        log.warning("stopped at step %d by a signal; checkpoint saved (checkpoint.resume=auto "
-                                    "continues from it)", self.step)
+                        ahead = (" (the next step's data, prepared ahead, is discarded: the checkpoint holds the "
+                                 "data position of the steps trained)") if self.loader.prepared_ahead else ""
+                        log.warning("stopped at step %d by a signal; checkpoint saved%s (checkpoint.resume=auto "
+                                    "continues from it)", self.step, ahead)
                     ended = "stopped"
                     return record
             record = {**record, **self.evaluate()}
@@ -271,6 +278,7 @@ class Trainer:
             return record
         finally:
             faults.enter("finishing")
+            self.loader.close()  # waits for a step being prepared ahead: under the long bound of finishing
             self.checkpointer.close()
             if ended:
                 self.metrics.log_answers(self.step, self.summary.answers)
@@ -302,6 +310,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,  # steps whose update was dropped (non-finite loss or gradients)
             "tokens": result["targets"],
             "tokens_per_s": real_tokens / seconds,
+            # real tokens over the positions computed (pad-free packed rows: ~1), and the padding computed
             "packing_efficiency": real_tokens / max(row_tokens, 1.0),
             "padding_tokens": int(row_tokens - real_tokens),
             "step_time_s": seconds,
@@ -312,6 +321,8 @@ class Trainer:
             "checkpoint_wait_s": self.checkpointer.waited_s,
             "time": time.time(),
         }
+        if self.cfg.data.packing:  # the packer's fill rate: real tokens over the rows' budget of data.seq_len each
+            record["row_fill"] = real_tokens / (self.cfg.train.global_batch_size * self.cfg.data.seq_len)
         if device_peak:
             record["mfu"] = flops_token * real_tokens / self.dist.world_size / seconds / device_peak
         for i, name in enumerate(self.dataset_names):

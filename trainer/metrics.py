@@ -106,8 +106,20 @@ def memory_stats(device: torch.device) -> dict:
             "memory/max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "memory/max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
         }
-    # ru_maxrss is KiB on Linux: the process's peak resident memory.
-    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"memory/peak_rss_gib": peak_rss_kib() / 2**20}
+
+
+def peak_rss_kib() -> int:
+    """The process's peak resident memory: its own VmHWM where /proc has it (ru_maxrss would
+    include the peak of the launcher that forked this rank), else ru_maxrss (KiB on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def git_commit() -> str | None:

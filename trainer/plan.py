@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.attention import MASKED_ATTENTION, SEQUENCE_PARALLEL_ATTENTION, VARLEN_ATTENTION
+from trainer.attention import (MASKED_ATTENTION, SDPA_VARLEN, SEQUENCE_PARALLEL_ATTENTION, TORCH_VARLEN,
+                               VARLEN_ATTENTION, torch_varlen_problem)
 from trainer.config import Config, dataset_name, to_dict
 from trainer.data.mixing import primary_index
 from trainer.data.formats import train_on_problems
@@ -95,20 +96,34 @@ def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
 
 
 def resolve_attention(cfg: Config, device_type: str) -> str:
-    """The attention backend to build the model with. `auto` takes FlashAttention-2 where it
-    can run (CUDA + flash_attn), since only it and the reference varlen kernel skip the
-    padding of packed rows; sdpa elsewhere (it isolates packed documents through a mask)."""
+    """The attention backend to build the model with. `auto` takes a FlashAttention varlen
+    kernel where one can run: on CUDA with 16-bit compute (the kernels have no fp32), the
+    flash_attn package's (flash_attention_2) when installed, else the kernels inside torch
+    (torch_varlen; FA3 on Hopper where torch offers it). Elsewhere (a CPU, fp32 compute) packed
+    rows go through sdpa one document at a time (sdpa_varlen): like the FlashAttention kernels it
+    computes no position outside a document, where sdpa with a block mask over whole rows computes
+    them all. Unpacked rows (and classification) take sdpa with its padding mask there."""
     flash_attn = importlib.util.find_spec("flash_attn") is not None
-    fa2_ready = device_type == "cuda" and flash_attn
+    half = cfg.parallel.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16"
     wanted = cfg.model.attention
     if wanted == "auto":
-        return "flash_attention_2" if fa2_ready else "sdpa"
-    if wanted == "flash_attention_2" and not fa2_ready:
+        if device_type == "cuda" and half:
+            if flash_attn:
+                return "flash_attention_2"
+            if torch_varlen_problem(device_type) is None:
+                return TORCH_VARLEN
+        return SDPA_VARLEN if cfg.data.packing and cfg.model.task == "causal_lm" else "sdpa"
+    if wanted == "flash_attention_2" and not (device_type == "cuda" and flash_attn):
         missing = [what for what, ok in (("a CUDA device", device_type == "cuda"), ("the flash_attn package", flash_attn))
                    if not ok]
         raise ConfigError(f"model.attention: flash_attention_2 needs {' and '.join(missing)} (this process runs on "
-                          f"{device_type}); use model.attention=auto or sdpa, or install finetrain[flash-attn] on a "
-                          "CUDA machine")
+                          f"{device_type}); use model.attention=auto or sdpa (or torch_varlen on a CUDA GPU: "
+                          "FlashAttention inside torch, nothing to build)")
+    if wanted == TORCH_VARLEN:
+        problem = torch_varlen_problem(device_type)
+        if problem:
+            raise ConfigError(f"model.attention: torch_varlen cannot run here: {problem}; use model.attention=auto, "
+                              "sdpa or varlen_reference (its reference computation, on any device)")
     if cfg.data.packing and cfg.model.task == "causal_lm" and wanted not in VARLEN_ATTENTION + MASKED_ATTENTION:
         raise ConfigError(f"data.packing: attention {wanted!r} has no document-isolated packed path; use one of "
                           f"{', '.join(VARLEN_ATTENTION + MASKED_ATTENTION)}, or data.packing=false")

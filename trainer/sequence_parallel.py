@@ -11,9 +11,11 @@ are `all_to_all_single` on the sequence group (gloo and NCCL alike) inside an au
 function whose backward is the opposite exchange.
 
 Packed documents stay isolated: the shard carries `cu_seq_lens` of the whole micro-batch, and
-after the exchange each document attends only to itself, through the backend the plan picked:
-FlashAttention's varlen kernel, the varlen reference (its CPU oracle, trainer/attention.py), or
-sdpa called once per document with its causal kernel (no seq_len^2 mask on any rank). The model
+after the exchange each document attends only to itself, through the kernel of the backend the
+plan picked, as one FlashAttention varlen call (trainer/attention.py's `varlen_inputs`):
+flash_attn's varlen kernel, torch's (torch_varlen), the varlen reference (their CPU oracle), or
+sdpa called once per document with its causal kernel (sdpa and sdpa_varlen; no seq_len^2 mask on
+any rank). The model
 runs the registered `sequence_parallel` attention, which wraps that backend; greedy generation
 (a KV cache, one token at a time) is not sharded and runs the backend itself
 (`whole_sequence_attention`).
@@ -38,7 +40,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers import AttentionInterface
 
-from trainer.attention import NAME as VARLEN_REFERENCE, SEQUENCE_PARALLEL_ATTENTION, varlen_reference_attention
+from trainer.attention import (NAME as VARLEN_REFERENCE, SDPA_VARLEN, SEQUENCE_PARALLEL_ATTENTION, TORCH_VARLEN,
+                               VarlenCall, half_inputs, reference_varlen, sdpa_varlen, torch_varlen, varlen_inputs)
 from trainer.errors import ConfigError
 
 NAME = "sequence_parallel"
@@ -92,9 +95,6 @@ def enable_sequence_parallel(model: nn.Module, size: int) -> SequenceGroup:
     if backend not in SEQUENCE_PARALLEL_ATTENTION:
         raise ConfigError(f"parallel.sequence_parallel: attention {backend!r} is not one it can run on whole "
                           f"sequences ({', '.join(SEQUENCE_PARALLEL_ATTENTION)})")
-    if backend == "sdpa" and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise ConfigError("parallel.sequence_parallel: the model attends within a sliding window, which sdpa called "
-                          "once per document does not apply; use model.attention=flash_attention_2")
     sequence = SequenceGroup(new_sequence_group(size), size, dist.get_rank() % size, backend)
     _SHARDED[id(config)] = (config, sequence)
     config._attn_implementation = NAME
@@ -196,49 +196,33 @@ def sequence_parallel_attention(module: nn.Module, query: torch.Tensor, key: tor
                          "each")
     q, k, v = (sequence_to_heads(x, sequence) for x in (query, key, value))
     longest = max_length_q if max_length_q is not None else max(b - a for a, b in zip(bounds, bounds[1:]))
-    options = {"dropout": dropout, "scaling": scaling, "sliding_window": sliding_window, "softcap": softcap}
-    if sequence.backend == "sdpa":
-        out = _sdpa_per_document(module, q, k, v, bounds, dropout, scaling, softcap)
-    elif sequence.backend == VARLEN_REFERENCE:
-        out = varlen_reference_attention(module, q, k, v, None, cu_seq_lens_q=cu_seq_lens_q,
-                                         cu_seq_lens_k=cu_seq_lens_q, max_length_q=longest, max_length_k=longest,
-                                         **options)[0]
-    else:
-        out = _flash_attention_varlen(module, q, k, v, cu_seq_lens_q, longest, **options)
-    return heads_to_sequence(out, sequence), None
+    call, restore = varlen_inputs(sequence.backend, module, q, k, v, None, dropout=dropout, scaling=scaling,
+                                  sliding_window=sliding_window, softcap=softcap, cu_seq_lens_q=cu_seq_lens_q,
+                                  cu_seq_lens_k=cu_seq_lens_q, max_length_q=longest, max_length_k=longest,
+                                  check_values=False)
+    return heads_to_sequence(restore(WHOLE_SEQUENCE_KERNELS[sequence.backend](call)), sequence), None
 
 
-def _sdpa_per_document(module, q, k, v, bounds: list[int], dropout: float, scaling: float | None,
-                       softcap: float | None) -> torch.Tensor:
-    """Causal sdpa on each document alone: the flash kernels take no mask (on CPU as on CUDA),
-    so nothing of size tokens^2 exists."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if softcap is not None:
-        raise ValueError(f"{NAME}: sdpa has no logit soft-capping; use model.attention=flash_attention_2")
-    parts = [sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, dropout=dropout,
-                                    scaling=scaling, is_causal=True)[0]
-             for a, b in zip(bounds, bounds[1:]) if b > a]
-    return torch.cat(parts, dim=1)
-
-
-def _flash_attention_varlen(module, q, k, v, cu: torch.Tensor, longest: int, dropout: float, scaling: float | None,
-                            sliding_window: int | None, softcap: float | None) -> torch.Tensor:
-    """flash_attn_varlen_func on the flattened documents: (1, heads, tokens, dim) in, (1, tokens,
-    heads, dim) out, as transformers' flash_attention_2 receives and returns them."""
+def _flash_attn_varlen(call: VarlenCall) -> torch.Tensor:
+    """The call through flash_attn's `flash_attn_varlen_func`, as transformers' flash_attention_2
+    makes it (fp32 inputs cast to the autocast dtype, bf16 outside autocast, and the output back)."""
     from flash_attn import flash_attn_varlen_func
 
-    q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # (tokens, heads, dim)
-    dtype = q.dtype
-    if dtype == torch.float32:  # FlashAttention computes in 16 bits (transformers casts the same way)
-        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
-        q, k, v = (x.to(half) for x in (q, k, v))
-    window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)
-    cu = cu.to(device=q.device, dtype=torch.int32)
-    out = flash_attn_varlen_func(q, k, v, cu, cu, int(longest), int(longest), dropout_p=dropout, softmax_scale=scaling,
-                                 causal=getattr(module, "is_causal", True), window_size=window,
-                                 softcap=softcap or 0.0)
-    return out.to(dtype).unsqueeze(0)
+    dtype = call.q.dtype
+    q, k, v = half_inputs(call)
+    window = (call.sliding_window - 1, call.sliding_window - 1) if call.sliding_window else (-1, -1)
+    cu_q, cu_k = (cu.to(device=q.device, dtype=torch.int32) for cu in (call.cu_q, call.cu_k))
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, call.max_q, call.max_k, dropout_p=call.dropout,
+                                 softmax_scale=call.scale, causal=call.causal, window_size=window,
+                                 softcap=call.softcap or 0.0)
+    return out.to(dtype)
+
+
+# The kernel that runs each backend's whole sequences after the exchange; sdpa's is one causal
+# sdpa call per document (sdpa_varlen), where sdpa itself would need a block mask over the rows.
+WHOLE_SEQUENCE_KERNELS = {"flash_attention_2": _flash_attn_varlen, TORCH_VARLEN: torch_varlen,
+                          SDPA_VARLEN: sdpa_varlen, "sdpa": sdpa_varlen, VARLEN_REFERENCE: reference_varlen}
+assert set(WHOLE_SEQUENCE_KERNELS) == set(SEQUENCE_PARALLEL_ATTENTION)
 
 
 AttentionInterface.register(NAME, sequence_parallel_attention)

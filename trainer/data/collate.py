@@ -4,17 +4,32 @@ Labels are unshifted (Hugging Face convention; `trainer.loss` shifts): -100 mark
 is not a target, i.e. padding, prompt tokens (unless `data.train_on_prompt`) and the
 first token of every piece, which no earlier token of its row may predict.
 
-Packed rows isolate their documents on every backend:
-- sdpa: a 4D boolean block-diagonal causal mask [B, 1, T, T] (True = attend);
-- eager: the same mask as an additive float mask (0 or the dtype's minimum);
-- flash_attention_2 and varlen_reference: the rows flattened to [1, B*T] with
-  `cu_seq_lens_q/k` (int32) and `max_length_q/k`, since flash attention reads document
-  boundaries from `position_ids` only for a batch of one row.
-The padding at the end of a packed row is a document of its own (positions from 0,
-no targets), so it needs no special case in any mask and `cu_seq_lens` cover all B*T
-tokens. Transformers would also infer the block mask from restarting `position_ids`
-on sdpa and eager, but only when no KV cache is built; the explicit mask does not
-depend on that, and `use_cache=False` is passed as well.
+Packed micro-batches are pad-free: they compute their real tokens, plus at most a small
+rounding. How, depends on what the backend takes:
+
+- varlen backends (flash_attention_2, torch_varlen, sdpa_varlen, varlen_reference), and every
+  backend under sequence parallelism: the micro-batch's rows are flattened (`_flat`) into ONE
+  token stream [1, N], every piece one after the other, with N the real tokens rounded up to a
+  multiple of `flat_multiple` (FLAT_MULTIPLE; with sequence parallelism also of the group's
+  size N, so that `sequence_shard` cuts it into equal spans). Each piece is a sequence of
+  `cu_seq_lens_q/k` (int32, from 0 to N) with `max_length_q/k`, since flash attention reads
+  document boundaries from `position_ids` only for a batch of one row;
+- sdpa and eager (`_masked`): rows [B, T] with T the longest row rounded up to a multiple of
+  ROW_MULTIPLE (at most `data.seq_len`), so torch.compile sees few shapes, and a block-diagonal
+  causal mask [B, 1, T, T]: boolean (True = attend) on sdpa, additive (0 or the dtype's minimum)
+  on eager.
+
+Both are built by `_fill(rows, width)`, which lays pieces out left to right in rows of `width`
+tokens: position ids restart at 0 with every piece, and the padding at the end of a row (if
+any) is a document of its own (positions from 0, no targets), so it needs no special case in
+any mask and `cu_seq_lens` cover every position. `_documents` gives each row's sequence lengths,
+from which the mask or `cu_seq_lens` are built. Transformers would also infer the block mask
+from restarting `position_ids` on sdpa and eager, but only when no KV cache is built; the
+explicit mask does not depend on that, and `use_cache=False` is passed as well.
+
+`Batch.num_slots` counts the positions computed (what `padding_tokens` in the metrics is
+taken from), `Batch.capacity` the rows' budget (rows x `data.seq_len`), so that real tokens
+over capacity is the packer's fill rate.
 """
 
 from __future__ import annotations
@@ -29,6 +44,15 @@ from trainer.data.packing import Piece
 from trainer.data.stream import StreamDataset
 from trainer.loss import IGNORE_INDEX, count_targets
 
+# Rounding of a packed micro-batch's length: rows of the masked layout to a multiple of 64 (at
+# most seq_len/64 shapes for torch.compile), a flattened stream to a multiple of 8 (aligned for
+# the kernels; its length varies per micro-batch anyway, which compiles to one dynamic shape).
+ROW_MULTIPLE = 64
+FLAT_MULTIPLE = 8
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @dataclass
@@ -37,11 +61,28 @@ class Batch:
     labels: torch.Tensor  # causal: like input_ids, unshifted, -100 = no target; classification: [B] class ids
     num_targets: int  # trainer.loss.count_targets(labels, task)
     num_tokens: int  # real (non-padding) tokens
-    num_slots: int  # rows x row length: the tokens computed on
+    num_slots: int  # positions computed on: real tokens + padding
     examples: dict[str, int]  # per data set: examples starting in this micro-batch
     tokens: dict[str, int]  # per data set: real tokens in this micro-batch
     row_lengths: list[list[int]] = field(default_factory=list)  # per row, its documents' lengths in order
     labels_shifted: bool = False  # labels[t] is the target of position t (a sequence shard), not of t - 1
+    row_starts: list[int] = field(default_factory=list)  # per row, its first position in the flattened inputs
+    capacity: int = 0  # rows x data.seq_len: what the rows could hold
+
+    def pin_memory(self) -> "Batch":
+        """The tensors in page-locked host memory, for asynchronous copies to a GPU."""
+        self.inputs = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        self.labels = self.labels.pin_memory()
+        return self
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        self.inputs = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+                       for k, v in self.inputs.items()}
+        self.labels = self.labels.to(device, non_blocking=non_blocking)
+        return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.labels, *(v for v in self.inputs.values() if torch.is_tensor(v))]
 
 
 @dataclass
@@ -56,11 +97,14 @@ class Collator:
     pad_token_id: int
     mask_dtype: torch.dtype = torch.float32  # of the eager backend's additive mask
     position_ids: bool = True  # false for prompt tuning, which prepends tokens without positions
+    flat_multiple: int = FLAT_MULTIPLE  # a flattened stream's length rounds up to this (sequence parallelism: N divides it)
 
     def __call__(self, rows: list[list[Piece]]) -> Batch:
         if self.task == "sequence_classification":
             return self._classification(rows)
-        return self._packed(rows) if self.packing else self._padded(rows)
+        if not self.packing:
+            return self._padded(rows)
+        return self._flat(rows) if self.attention in VARLEN_ATTENTION else self._masked(rows)
 
     def _piece(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (int64: stored ids may be uint16, where -100 would wrap) and target flags."""
@@ -79,13 +123,12 @@ class Collator:
                 tokens[name] += piece.length
         return examples, tokens
 
-    def _fill(self, rows: list[list[Piece]], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-        """input_ids, labels, position_ids [B, length] and each row's document lengths (the
-        padding tail, where there is one, is its own document with positions from 0)."""
-        input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
-        labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
-        positions = np.zeros((len(rows), length), dtype=np.int64)
-        segments = []
+    def _fill(self, rows: list[list[Piece]], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, labels and position_ids [len(rows), width]: each row's pieces left to right,
+        positions from 0 in each piece and in the padding tail."""
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+        positions = np.zeros((len(rows), width), dtype=np.int64)
         for b, row in enumerate(rows):
             at = 0
             for piece in row:
@@ -97,27 +140,39 @@ class Collator:
                     labels[b, at] = IGNORE_INDEX  # a document's first token is nobody's target
                 positions[b, at:end] = np.arange(piece.length)
                 at = end
-            positions[b, at:] = np.arange(length - at)
-            segments.append([p.length for p in row] + ([length - at] if at < length else []))
-        return torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(positions), segments
+            positions[b, at:] = np.arange(width - at)
+        return torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(positions)
 
-    def _packed(self, rows: list[list[Piece]]) -> Batch:
-        input_ids, labels, positions, segments = self._fill(rows, self.seq_len)
-        if self.attention in VARLEN_ATTENTION:
-            lengths = [n for row in segments for n in row]
-            cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
-            inputs = {"input_ids": input_ids.reshape(1, -1), "position_ids": positions.reshape(1, -1),
-                      "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                      "max_length_q": max(lengths), "max_length_k": max(lengths)}
-            labels = labels.reshape(1, -1)
-        else:
-            inputs = {"input_ids": input_ids, "position_ids": positions,
-                      "attention_mask": self._block_causal_mask(segments)}
-        inputs["use_cache"] = False
-        return self._batch(rows, inputs, labels)
+    @staticmethod
+    def _documents(row: list[Piece], width: int) -> list[int]:
+        """The sequence lengths of a row of `width` positions: its pieces, then the padding tail."""
+        used = sum(p.length for p in row)
+        return [p.length for p in row] + ([width - used] if used < width else [])
 
-    def _block_causal_mask(self, segments: list[list[int]]) -> torch.Tensor:
-        ids = torch.from_numpy(np.stack([np.repeat(np.arange(len(row)), row) for row in segments]))
+    def _flat(self, rows: list[list[Piece]]) -> Batch:
+        """Varlen backends: all rows as one stream [1, N] with cu_seq_lens over its pieces."""
+        stream = [piece for row in rows for piece in row]
+        width = round_up(sum(p.length for p in stream), self.flat_multiple)
+        input_ids, labels, positions = self._fill([stream], width)
+        lengths = self._documents(stream, width)
+        cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        inputs = {"input_ids": input_ids, "position_ids": positions, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                  "max_length_q": max(lengths), "max_length_k": max(lengths), "use_cache": False}
+        starts = np.concatenate([[0], np.cumsum([sum(p.length for p in row) for row in rows])[:-1]])
+        return self._batch(rows, inputs, labels, [int(s) for s in starts])
+
+    def _masked(self, rows: list[list[Piece]]) -> Batch:
+        """sdpa and eager: rows [B, T] as long as the longest (rounded), a block-diagonal mask."""
+        longest = max(sum(p.length for p in row) for row in rows)
+        width = min(round_up(longest, ROW_MULTIPLE), max(self.seq_len, longest))
+        input_ids, labels, positions = self._fill(rows, width)
+        inputs = {"input_ids": input_ids, "position_ids": positions,
+                  "attention_mask": self._block_causal_mask([self._documents(row, width) for row in rows]),
+                  "use_cache": False}
+        return self._batch(rows, inputs, labels, [b * width for b in range(len(rows))])
+
+    def _block_causal_mask(self, documents: list[list[int]]) -> torch.Tensor:
+        ids = torch.from_numpy(np.stack([np.repeat(np.arange(len(row)), row) for row in documents]))
         length = ids.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         allowed = (ids[:, :, None] == ids[:, None, :]) & causal
@@ -129,59 +184,66 @@ class Collator:
 
     def _padded(self, rows: list[list[Piece]]) -> Batch:
         longest = max(sum(p.length for p in row) for row in rows)
-        input_ids, labels, positions, segments = self._fill(rows, longest)
+        input_ids, labels, _ = self._fill(rows, longest)
         real = torch.tensor([[1] * sum(p.length for p in row) + [0] * (longest - sum(p.length for p in row))
                              for row in rows], dtype=torch.int64)
         inputs = {"input_ids": input_ids, "attention_mask": real, "use_cache": False}
         if self.position_ids:
             inputs["position_ids"] = torch.arange(longest).expand(len(rows), -1).clone()
-        return self._batch(rows, inputs, labels)
+        return self._batch(rows, inputs, labels, [b * longest for b in range(len(rows))])
 
     def _classification(self, rows: list[list[Piece]]) -> Batch:
         longest = max(sum(p.length for p in row) for row in rows)
-        input_ids, _, _, _ = self._fill(rows, longest)
+        input_ids, _, _ = self._fill(rows, longest)
         real = torch.tensor([[1] * row[0].length + [0] * (longest - row[0].length) for row in rows], dtype=torch.int64)
         labels = torch.tensor([self.datasets[row[0].dataset].class_id(row[0].example) for row in rows],
                               dtype=torch.int64)
-        return self._batch(rows, {"input_ids": input_ids, "attention_mask": real}, labels)
+        return self._batch(rows, {"input_ids": input_ids, "attention_mask": real}, labels,
+                           [b * longest for b in range(len(rows))])
 
-    def _batch(self, rows: list[list[Piece]], inputs: dict, labels: torch.Tensor) -> Batch:
+    def _batch(self, rows: list[list[Piece]], inputs: dict, labels: torch.Tensor, row_starts: list[int]) -> Batch:
         examples, tokens = self._counts(rows)
-        row_length = self.seq_len if self.packing else int(inputs["input_ids"].numel() // len(rows))
         return Batch(
             inputs=inputs,
             labels=labels,
             num_targets=count_targets(labels, self.task),
             num_tokens=sum(tokens.values()),
-            num_slots=len(rows) * row_length,
+            num_slots=int(inputs["input_ids"].numel()),
             examples=examples,
             tokens=tokens,
             row_lengths=[[p.length for p in row] for row in rows],
+            row_starts=row_starts,
+            capacity=len(rows) * self.seq_len,
         )
 
 
 def describe_batch(batch: Batch, tokenizer) -> str:
-    """The layout of a micro-batch: rows, their documents, lengths and target spans.
+    """The layout of a micro-batch: rows, their documents, lengths and target spans, how full
+    the packer filled the rows, and what share of the computed positions is real.
     Target text is shown between ⟦ and ⟧; everything else is masked from the loss."""
     rows = len(batch.row_lengths)
-    input_ids = batch.inputs["input_ids"].reshape(rows, -1)
-    width = input_ids.shape[1]
-    flat = " (flattened to 1 row for varlen attention)" if "cu_seq_lens_q" in batch.inputs else ""
-    lines = [f"micro-batch: {rows} rows x {width} tokens{flat}; {batch.num_tokens} real tokens "
-             f"({100 * batch.num_tokens / max(batch.num_slots, 1):.1f}% of slots), {batch.num_targets} targets"]
+    input_ids = batch.inputs["input_ids"]
+    ids, labels = input_ids.reshape(-1).tolist(), None
     classification = batch.labels.dim() == 1
-    labels = None if classification else batch.labels.reshape(rows, -1)
-    for r, lengths in enumerate(batch.row_lengths):
-        padding = width - sum(lengths)
-        lines.append(f"row {r}: {len(lengths)} document(s) {lengths}, padding {padding}")
-        at = 0
+    if not classification:
+        labels = batch.labels.reshape(-1).tolist()
+    shape = "x".join(str(n) for n in input_ids.shape)
+    layout = " (the rows flattened into one stream for varlen attention)" if "cu_seq_lens_q" in batch.inputs else ""
+    lines = [f"micro-batch: {rows} rows as input_ids {shape}{layout}; {batch.num_tokens} real tokens, "
+             f"{batch.num_slots - batch.num_tokens} padding ({100 * batch.num_tokens / max(batch.num_slots, 1):.1f}% "
+             f"of computed positions real), rows filled to {100 * batch.num_tokens / max(batch.capacity, 1):.1f}% "
+             f"of data.seq_len, {batch.num_targets} targets"]
+    for r, (lengths, start) in enumerate(zip(batch.row_lengths, batch.row_starts)):
+        lines.append(f"row {r}: {len(lengths)} document(s) {lengths}, {sum(lengths)} tokens")
+        at = start
         for k, n in enumerate(lengths):
-            ids = input_ids[r, at: at + n].tolist()
+            doc = ids[at: at + n]
+            span = f"[{at - start}:{at - start + n}]"
             if classification:
-                lines.append(f"  doc {k} [{at}:{at + n}] label {int(batch.labels[r])}: {_clip(tokenizer.decode(ids))!r}")
+                lines.append(f"  doc {k} {span} label {int(batch.labels[r])}: {_clip(tokenizer.decode(doc))!r}")
             else:
-                mask = (labels[r, at: at + n] != IGNORE_INDEX).tolist()
-                lines.append(f"  doc {k} [{at}:{at + n}] {sum(mask)} targets: {_clip(_mark_targets(tokenizer, ids, mask))}")
+                mask = [label != IGNORE_INDEX for label in labels[at: at + n]]
+                lines.append(f"  doc {k} {span} {sum(mask)} targets: {_clip(_mark_targets(tokenizer, doc, mask))}")
             at += n
     return "\n".join(lines)
 

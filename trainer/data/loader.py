@@ -11,8 +11,10 @@ r-th contiguous block of `micro_batch_size x num_micro_batches` rows.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -20,13 +22,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from trainer.attention import VARLEN_ATTENTION
+from trainer.attention import NAME as VARLEN_REFERENCE
 from trainer.config import Config, DatasetConfig, cache_root, dataset_name
 from trainer.eval_sets import declared_sets
 
 from trainer.errors import ConfigError, UserError
 from trainer.data.builtin import builtin_format, is_builtin, materialize
-from trainer.data.collate import Batch, Collator
+from trainer.data.collate import FLAT_MULTIPLE, Batch, Collator
 from trainer.data.formats import build_encoder, field_names, record_texts
 from trainer.data.mixing import RandomPermutation
 from trainer.data.packing import pack_pieces
@@ -250,16 +252,47 @@ class RunData:
 
 def _collator(cfg: Config, datasets: list[StreamDataset], tokenizer, attention: str) -> Collator:
     # Sequence-parallel attention reads every backend's document bounds from cu_seq_lens: rows are
-    # collated flattened, as for varlen attention, and no seq_len^2 mask is built to be dropped.
-    layout = attention if cfg.parallel.sequence_parallel == 1 else VARLEN_ATTENTION[-1]
+    # collated flattened, as for varlen attention, to a length that splits evenly over the group's
+    # ranks (no filler document for the shard to add), and no seq_len^2 mask is built to be dropped.
+    size = cfg.parallel.sequence_parallel
+    layout = attention if size == 1 else VARLEN_REFERENCE
     return Collator(datasets, cfg.model.task, cfg.data.seq_len, cfg.data.packing, layout, tokenizer.pad_token_id,
-                    mask_dtype=getattr(torch, cfg.model.dtype),
+                    mask_dtype=getattr(torch, cfg.model.dtype), flat_multiple=math.lcm(FLAT_MULTIPLE, size),
                     position_ids=not prepends_virtual_tokens(cfg.peft.method))
 
 
 @dataclass
+class _Step:
+    """One optimizer step's micro-batches for this rank, and the stream's position after them."""
+
+    batches: list[Batch]
+    num_micro_batches: int
+    stream_state: dict  # GlobalStream.state_dict() right after this step's rows were drawn
+    epochs: dict[str, float]
+    copied: object = None  # CUDA: the event recorded after the copy to the device
+
+    def ready(self, device: torch.device | None) -> list[Batch]:
+        """The batches, once usable on the current CUDA stream (their copy ran on a side stream)."""
+        if self.copied is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(self.copied)
+            for batch in self.batches:
+                for tensor in batch.tensors():
+                    tensor.record_stream(current)  # the allocator must not reuse them before the step ran
+        return self.batches
+
+
+@dataclass
 class TrainLoader:
-    """This rank's micro-batches of each optimizer step, from the global row stream."""
+    """This rank's micro-batches of each optimizer step, from the global row stream.
+
+    `next_step(n, prepare_next=True)` builds the following step's micro-batches in a background
+    thread while the caller computes (on CUDA also pinning them and copying them to the device
+    on a side stream), so the loop finds them ready. Only that thread touches the stream while it
+    runs; each prepared step carries the stream's state right after its rows, and `state_dict()`
+    returns the state after the last step handed out (consumed), never that of a step merely
+    prepared: a checkpoint taken with a step prepared ahead resumes at the step that was never
+    trained, and the prepared one is discarded."""
 
     stream: GlobalStream
     collator: Collator
@@ -270,19 +303,69 @@ class TrainLoader:
     load_stats: dict
     cache_dir: Path | None = None  # where the rows of an epoch are counted once
     sequence_parallel: int = 1  # ranks that read the same rows, each keeping 1/N of their tokens
+    device: torch.device | None = None  # CUDA: batches are copied there as they are prepared
     _epoch_rows: int | None = field(default=None, init=False)
+    _ahead: Future | None = field(default=None, init=False)  # the next step, being prepared
+    _consumed: _Step | None = field(default=None, init=False)  # the last step handed out
+    _worker: ThreadPoolExecutor | None = field(default=None, init=False)
+    _copy_stream: object = field(default=None, init=False)
 
-    def next_step(self, num_micro_batches: int) -> list[Batch]:
+    def next_step(self, num_micro_batches: int, prepare_next: bool = False) -> list[Batch]:
+        """This rank's micro-batches of the next optimizer step (the one prepared ahead when
+        there is one); with `prepare_next`, the step after it is prepared in the background."""
+        ahead, self._ahead = self._ahead, None
+        step = ahead.result() if ahead is not None else None
+        if step is None or step.num_micro_batches != num_micro_batches:
+            if step is not None:
+                self.stream.load_state_dict(self._consumed.stream_state)  # prepared for another layout
+            step = self._prepare(num_micro_batches)
+        self._consumed = step
+        if prepare_next:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetrain-data")
+            self._ahead = self._worker.submit(self._prepare, num_micro_batches)
+        return step.ready(self.device)
+
+    @property
+    def prepared_ahead(self) -> bool:
+        """A step is being (or has been) prepared ahead and not handed out."""
+        return self._ahead is not None
+
+    def _prepare(self, num_micro_batches: int) -> _Step:
         # Every rank of a sequence group reads its data-parallel rank's rows, then keeps its shard.
-        readers, reader = self.world_size // self.sequence_parallel, self.rank // self.sequence_parallel  # data-parallel
+        size = self.sequence_parallel
+        readers, reader = self.world_size // size, self.rank // size  # data-parallel
         per_rank = self.micro_batch_size * num_micro_batches
         rows = [self.stream.next_row() for _ in range(per_rank * readers)]
+        state, epochs = self.stream.state_dict(), self.stream.epochs
         mine = rows[reader * per_rank: (reader + 1) * per_rank]
         batches = [self.collator(mine[i: i + self.micro_batch_size]) for i in range(0, per_rank, self.micro_batch_size)]
-        if self.sequence_parallel == 1:
-            return batches
-        return [sequence_shard(b, self.rank % self.sequence_parallel, self.sequence_parallel, self.collator.pad_token_id)
-                for b in batches]
+        if size > 1:
+            batches = [sequence_shard(b, self.rank % size, size, self.collator.pad_token_id) for b in batches]
+        copied = None
+        if self.device is not None and self.device.type == "cuda":
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._copy_stream):
+                for batch in batches:
+                    batch.pin_memory().to(self.device, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self._copy_stream)
+        return _Step(batches, num_micro_batches, state, epochs, copied)
+
+    def _discard_ahead(self) -> None:
+        """Wait for a step being prepared, drop it, and put the stream back where the consumed steps left it."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.result()
+            self.stream.load_state_dict(self._consumed.stream_state)
+
+    def close(self) -> None:
+        """Stop preparing ahead (waits for a step in preparation); the loader stays usable."""
+        self._discard_ahead()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     def steps_per_epoch(self) -> float:
         """Optimizer steps of one epoch: one pass over the primary data set (the largest
@@ -299,24 +382,30 @@ class TrainLoader:
     @property
     def stats(self) -> dict:
         """Counters for the metrics: over-long and bad rows per data set (at load) and the
-        epochs drawn of each data set so far."""
-        epochs = {f"{name}/epoch": round(value, 4) for name, value in self.stream.epochs.items()}
+        epochs drawn of each data set so far (by the steps handed out)."""
+        drawn = self._consumed.epochs if self._consumed is not None else self.stream.epochs
+        epochs = {f"{name}/epoch": round(value, 4) for name, value in drawn.items()}
         return {**self.load_stats, **epochs}
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "stream": self.stream.state_dict()}
+        """The data position after the last step handed out (not after one prepared ahead)."""
+        stream = self._consumed.stream_state if self._consumed is not None else self.stream.state_dict()
+        return {"version": STATE_VERSION, "stream": stream}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise UserError(f"{state.get('version')}: this checkpoint's data position is of another version "
                             f"({STATE_VERSION} here); resume it with the finetrain that wrote it, or start over "
                             "with checkpoint.resume=never")
+        self._discard_ahead()
         self.stream.load_state_dict(state["stream"])
+        self._consumed = None
 
 
 def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_size: int,
-                       data: RunData | None = None) -> TrainLoader:
-    """This rank's loader of the run's training stream (`data`: the run's data, loaded here when not given)."""
+                       data: RunData | None = None, device: torch.device | None = None) -> TrainLoader:
+    """This rank's loader of the run's training stream (`data`: the run's data, loaded here when
+    not given; `device`: where the batches go, copied as they are prepared when it is a GPU)."""
     start = time.perf_counter()
     data = data or RunData.load(cfg, tokenizer)
     stream = data.stream(cfg)
@@ -325,7 +414,7 @@ def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_
              time.perf_counter() - start)
     return TrainLoader(stream, _collator(cfg, stream.datasets, tokenizer, attention), cfg.train.micro_batch_size,
                        cfg.train.global_batch_size, rank, world_size, data.stats, cache_root(cfg),
-                       cfg.parallel.sequence_parallel)
+                       cfg.parallel.sequence_parallel, device)
 
 
 def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int,
