@@ -238,9 +238,9 @@ def record_gradients(strategy) -> list[str]:
     seen: list[str] = []
     step = strategy.step
 
-    def step_and_record():
+    def step_and_record(**kwargs):  # skip=: train_step drops a non-finite step's update
         seen[:] = [name for name, p in strategy.unwrapped_model().named_parameters() if p.grad is not None]
-        return step()
+        return step(**kwargs)
 
     strategy.step = step_and_record
     return seen
