@@ -18,7 +18,8 @@ import sys
 from dataclasses import dataclass
 
 from trainer import faults
-from trainer.config import load_config, parse_override
+from trainer.config import load_config
+from trainer.dataclass_tree import parse_override
 from trainer.errors import UserError, report_user_error
 
 
