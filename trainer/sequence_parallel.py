@@ -15,9 +15,8 @@ after the exchange each document attends only to itself, through the kernel of t
 plan picked, as one FlashAttention varlen call (trainer/attention.py's `varlen_inputs`):
 flash_attn's varlen kernel, torch's (torch_varlen), the varlen reference (their CPU oracle), or
 sdpa called once per document with its causal kernel (sdpa and sdpa_varlen; no seq_len^2 mask on
-any rank). The model
-runs the registered `sequence_parallel` attention, which wraps that backend; greedy generation
-(a KV cache, one token at a time) is not sharded and runs the backend itself
+any rank). The model runs the registered `sequence_parallel` attention, which wraps that backend;
+greedy generation (a KV cache, one token at a time) is not sharded and runs the backend itself
 (`whole_sequence_attention`).
 
 DeepSpeed ships the same exchange (`UlyssesSPAttentionHF`), but it drops the attention mask and
