@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import planned  # noqa: E402
-from test_multiple_choice import run_config, tokenizer_of  # noqa: E402
+from test_multiple_choice import method_keys, run_config, tokenizer_of  # noqa: E402
 from trainer.distributed import agree, end_process, init_distributed  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.multiple_choice import accuracy, build_choice_sets, choice_log_likelihoods  # noqa: E402
@@ -30,9 +30,8 @@ def main(spec_path: str) -> None:
     dist_info = init_distributed()
     results = {}
     for strategy_name, method in spec["runs"]:
-        cfg = run_config(out / f"{strategy_name}-{method}", model_dir, bench, peft__method=method, peft__r=4,
-                         peft__num_virtual_tokens=4, parallel__strategy=strategy_name,
-                         data__packing=method not in ("prompt_tuning", "prefix_tuning"))
+        cfg = run_config(out / f"{strategy_name}-{method}", model_dir, bench, parallel__strategy=strategy_name,
+                         **method_keys(method))
         strategy = agree(lambda: build_strategy(cfg, dist_info, planned(cfg, dist_info.world_size)))
         model = agree(lambda: strategy.build_model(lambda: build_model(cfg, tokenizer, "sdpa")))
         agree(lambda: strategy.setup(model, 1))

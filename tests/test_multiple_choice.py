@@ -214,6 +214,13 @@ def test_prompt_and_prefix_tuning_pad_one_choice_per_row(tmp_path, model_dir, be
 
 
 PEFT = ("none", "lora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
+
+
+def method_keys(method: str) -> dict:
+    """The keys of a run with peft `method`: only the generic keys it has (the plan refuses the others)."""
+    prompt = method in ("prompt_tuning", "prefix_tuning")
+    return {"peft__method": method, **({"peft__r": 4} if method in ("lora", "dora") else {}),
+            **({"peft__num_virtual_tokens": 4} if prompt else {}), "data__packing": not prompt}
 TWO_RANK_RUNS = [("ddp", "none"), ("fsdp", "none"), ("zero1", "none"), ("zero2", "none"), ("zero3", "none"),
                  ("fsdp", "lora"), ("zero3", "lora"), ("ddp", "dora"), ("fsdp", "ia3"), ("fsdp", "prompt_tuning"),
                  ("zero3", "prefix_tuning")]
@@ -228,8 +235,7 @@ def test_two_ranks_score_as_one_under_every_strategy_and_peft_method(tmp_path, m
 
     reference = {}
     for method in PEFT:
-        cfg = run_config(tmp_path / method, model_dir, bench, peft__method=method, peft__r=4,
-                         peft__num_virtual_tokens=4, data__packing=method not in ("prompt_tuning", "prefix_tuning"))
+        cfg = run_config(tmp_path / method, model_dir, bench, **method_keys(method))
         reference[method] = finetrain_scores(cfg, "sdpa")
     spec = tmp_path / "spec.json"
     results = tmp_path / "results.json"
