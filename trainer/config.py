@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from trainer.errors import ConfigError
+from trainer.run_folder import config_problems as run_folder_problems
 
 
 @dataclass
@@ -29,6 +30,9 @@ class RunConfig:
     name: str = "finetrain"
     output_dir: str = "runs/finetrain"
     seed: int = 0
+    # A fresh run (checkpoint.resume: never) into a folder that holds an earlier run replaces
+    # it (trainer/run_folder.py); without this key it is refused.
+    overwrite: bool = False
 
 
 @dataclass
@@ -502,6 +506,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     need(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
     if c.resume not in ("auto", "never") and check_files:
         need(Path(c.resume).is_dir(), f"checkpoint.resume: {c.resume} is not a checkpoint folder (or use auto, never)")
+
+    errors += run_folder_problems(cfg)
 
     par = cfg.parallel
     if par.deepspeed_config:

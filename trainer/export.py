@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints, read_mark
+from trainer.checkpoint import COMPLETE_MARK, checkpoint_problem, complete_checkpoints, read_mark
 from trainer.config import Config, load_config
 from trainer.errors import UserError
 
@@ -45,6 +45,9 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
 
     checkpoint = newest_checkpoint(checkpoint)
     mark = read_mark(checkpoint)
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise UserError(f"{checkpoint} fails its checksums ({problem}); refusing to export it")
     cfg = load_config(checkpoint / "config.yaml", check_files=False)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
     model = build_model(cfg, tokenizer, attention="sdpa")
@@ -89,15 +92,9 @@ def load_model_weights(checkpoint: Path, mark: dict, model: torch.nn.Module) -> 
         if unexpected or len(missing) != len(frozen_ok):
             raise UserError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
         return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from trainer.parallel.common import dcp_load
 
-    from trainer.quantization import quantized_linears, without_quantized_weights
-
-    state = {"model": without_quantized_weights(model, get_model_state_dict(model))}
-    dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
-    # Only the frozen 4-bit weights (rebuilt from model.path) may be absent from the checkpoint.
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not quantized_linears(model)))
+    dcp_load(checkpoint, model)
 
 
 def _is_trainable(model: torch.nn.Module, key: str) -> bool:

@@ -28,6 +28,7 @@ from trainer.loss import forward_summed_loss
 from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops, run_description
 from trainer.models import build_model, load_tokenizer, parameter_counts, resolve_attention
 from trainer.parallel import build_strategy, checked_strategy
+from trainer.run_folder import claim_run_folder
 from trainer.summary import RunSummary
 
 log = logging.getLogger("finetrain")
@@ -133,6 +134,8 @@ class Trainer:
         # What the config decides about the layout, checked before anything heavy starts.
         self.strategy_name, self.accum, self.attention = agree(lambda: (
             checked_strategy(cfg, world), accumulation_steps(cfg, world), resolve_attention(cfg.model, dist_info.device)))
+        # One run per folder: rank 0 holds it from before the run writes anything until its end.
+        self.run_folder = agree(lambda: claim_run_folder(cfg) if dist_info.is_main else None)
         if debug:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.run.seed)
@@ -240,6 +243,8 @@ class Trainer:
             self.metrics.close()
             if ended:
                 self.summary.write(ended, self.step, self.total_steps, int(self.counts[0]), self.checkpoint)
+            if self.run_folder is not None:
+                self.run_folder.release()
 
     def evaluate(self) -> dict:
         """Held-out loss (and task metrics) per dataset, and the loss change since step 0:

@@ -3,6 +3,9 @@ the torch-optimizer strategy that single, ddp and fsdp build on."""
 
 from __future__ import annotations
 
+import io
+import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -12,12 +15,13 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
 from trainer.compile import compile_decoder_layers
 from trainer.config import Config
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import Strategy
 from trainer.quantization import quantized_linears, without_quantized_weights
@@ -52,8 +56,24 @@ def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
     """Model and optimizer as a DCP checkpoint (sharded when the model is), scheduler alongside."""
     model_sd, optim_sd = checkpointed_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+    save_scheduler(path, scheduler)
+
+
+SCHEDULER_STATE = "scheduler.json"
+
+
+def save_scheduler(path: Path, scheduler) -> None:
+    """The scheduler's state as JSON (rank 0): a few numbers, nothing that runs when read."""
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        torch.save(scheduler.state_dict(), path / "scheduler.pt")
+        (path / SCHEDULER_STATE).write_text(json.dumps(scheduler.state_dict()))
+
+
+def load_scheduler(path: Path, scheduler) -> None:
+    legacy = path / "scheduler.pt"  # checkpoints written before scheduler.json
+    if not (path / SCHEDULER_STATE).is_file() and legacy.is_file():
+        scheduler.load_state_dict(torch.load(legacy, weights_only=True))
+        return
+    scheduler.load_state_dict(json.loads((path / SCHEDULER_STATE).read_text()))
 
 
 class BackgroundWriter:
@@ -87,20 +107,125 @@ def dcp_save_async(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
     before this returns (training may then change it), the files are written from that copy."""
     model_sd, optim_sd = checkpointed_state(model, optimizer)
     future = writer.save({"model": model_sd, "optim": optim_sd}, path / "dcp")
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        torch.save(scheduler.state_dict(), path / "scheduler.pt")
+    save_scheduler(path, scheduler)
     return future
 
 
-def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
-    """Inverse of dcp_save; DCP reshards, so the world size may differ from the saver's."""
-    model_sd, optim_sd = checkpointed_state(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+# What DCP's `.metadata` pickle may name: its own metadata classes and the torch values they
+# hold. torch's FileSystemReader unpickles the file with plain `pickle.load`, which would run
+# whatever a planted file names; SafeReader admits these and refuses anything else.
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    *((module, name) for module in ("pathlib", "pathlib._local")
+      for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+
+
+def read_dcp_metadata(folder: Path):
+    """The `.metadata` of the DCP checkpoint in `folder`, read through an unpickler that admits
+    DCP's metadata classes only, every shard it names a plain file name of the folder."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = folder / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, AttributeError, EOFError, ValueError, TypeError, IndexError) as err:
+        raise UserError(f"{path}: not a DCP checkpoint's metadata ({err}); refusing to load it") from None
+    if not isinstance(metadata, Metadata):
+        raise UserError(f"{path}: holds a {type(metadata).__name__}, not a DCP checkpoint's metadata; refusing to load it")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise UserError(f"{path}: names a shard outside its folder ({name!r}); refusing to load it")
+    return metadata
+
+
+class SafeReader(dcp.FileSystemReader):
+    """A FileSystemReader that runs no code from the folder (see read_dcp_metadata); the
+    metadata is read as the reader is made, so a refusal comes before any collective."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.metadata = read_dcp_metadata(Path(folder))
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+class SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """DCP stores non-tensor values (the optimizer's hyperparameters) as pickles, which
+    DefaultLoadPlanner reads with `torch.load(weights_only=False)`; here weights_only=True."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UserError(f"{self.folder}: the value of {fqn} is not plain data ({str(err).splitlines()[0]}); "
+                            "refusing to load it") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def read_dcp(state: dict, folder: Path) -> None:
+    """Fill `state` in place from the DCP checkpoint in `folder`, running no code from it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader = SafeReader(folder)
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(folder))
+    except CheckpointException as err:  # every rank has it: DCP gathers each rank's failure
+        refused = [failure[0] for failure in err.failures.values() if isinstance(failure[0], UserError)]
+        if refused:
+            raise UserError(str(refused[0])) from None
+        raise
+
+
+def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler=None) -> None:
+    """Inverse of dcp_save; DCP reshards, so the world size may differ from the saver's.
+    Without an optimizer, the model's weights only (what `finetrain export` needs)."""
+    if optimizer is None:
+        state = {"model": without_quantized_weights(model, get_model_state_dict(model))}
+    else:
+        model_sd, optim_sd = checkpointed_state(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    read_dcp(state, path / "dcp")
     # Only the frozen 4-bit weights (rebuilt from model.path) may be absent from the checkpoint.
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=not quantized_linears(model)))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    options = StateDictOptions(strict=not quantized_linears(model))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"], options=options)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)
+    if scheduler is not None:
+        load_scheduler(path, scheduler)
 
 
 def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
