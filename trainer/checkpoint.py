@@ -393,7 +393,7 @@ class Checkpointer:
                 writes.append(_completed())
             else:
                 writes.append(strategy.save_async(staging, self.writer))
-        except Exception as err:  # every rank goes on to agree on the outcome (poll/wait)
+        except Exception as err:  # every rank goes on to agree on the outcome below, or in poll/wait
             writes.append(_completed(err))
         except BaseException as err:  # DCP's CheckpointException derives from BaseException
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
@@ -403,8 +403,9 @@ class Checkpointer:
             writes.append(self._background.submit(_write_files, staging, files))
         part = self._background.submit(self._finish_part, writes, staging)
         self.inflight = InFlight(step, staging, final, part)
-        if wait:
-            self.wait()
+        failed_now = torch.tensor([int(writes[0].exception() is not None)], dtype=torch.int32)
+        if wait or (self.writer is None and all_reduce_max(failed_now).item()):
+            self.wait()  # a blocking write that failed ends the run here, not a step later
         self.waited_s += time.perf_counter() - started
         return final
 

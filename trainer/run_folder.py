@@ -1,8 +1,8 @@
 """One run per folder: `run.output_dir` is locked while a run uses it.
 
-Rank 0 takes an exclusive lock on `run.lock` in the run folder (a POSIX record lock, which the
-operating system releases when the process ends, however it ends, and which works across the
-nodes of an NFS mount) and writes its host and pid into the file. A second run into the same
+Rank 0 takes an exclusive lock on `run.lock` in the run folder (`flock`, which the operating
+system releases when the process ends, however it ends; Linux's NFS client takes it on the
+server, so it holds across the nodes of a shared mount) and writes its host and pid into the file. A second run into the same
 folder cannot take the lock and stops with one line naming the holder. A fresh run
 (`checkpoint.resume: never`) into a folder that holds an earlier run would mix its records with
 the earlier one's: it stops too, unless `run.overwrite: true`, which removes what the earlier
@@ -44,14 +44,14 @@ def config_problems(cfg: "Config") -> list[str]:
 class RunFolderLock:
     """The lock on a run folder, held until `release` or the end of the process."""
 
-    def __init__(self, folder: Path, fd: int | None):
+    def __init__(self, folder: Path, file):
         self.folder = folder
-        self.fd = fd
+        self.file = file
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the lock
-            self.fd = None
+        if self.file is not None:
+            self.file.close()  # closing the file releases the lock
+            self.file = None
 
 
 def claim_run_folder(cfg: "Config") -> RunFolderLock:
@@ -60,21 +60,22 @@ def claim_run_folder(cfg: "Config") -> RunFolderLock:
     folder = cfg.output_dir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    file = open(path, "a+")
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
-        os.close(fd)
+        file.close()
         if err.errno in (errno.EAGAIN, errno.EACCES):  # another process holds it
             raise UserError(f"run.output_dir: {folder} is in use by another run ({_holder(path)}); wait for it to "
                             "end, or set another run.output_dir") from None
         log.warning("run.output_dir: %s cannot be locked on this file system (%s); a second run into it would "
                     "not be refused", folder, err.strerror or err)
-        fd = None
-    if fd is not None:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
-    lock = RunFolderLock(folder, fd)
+        file = None
+    if file is not None:
+        file.truncate(0)
+        file.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+        file.flush()
+    lock = RunFolderLock(folder, file)
     earlier = earlier_run(cfg)
     if earlier and cfg.checkpoint.resume == "never":
         if not cfg.run.overwrite:
