@@ -38,7 +38,7 @@ import tempfile
 import time
 import warnings
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -302,7 +302,6 @@ class InFlight:
     part: futures.Future  # this rank's files written and summed: {file: {size, checksum}}
     sealing: futures.Future | None = None  # rank 0: mark, rename, retention
     sealing_started: bool = False
-    sums: dict = field(default_factory=dict)
 
 
 class Checkpointer:
@@ -384,7 +383,7 @@ class Checkpointer:
         final = self.directory / step_dir_name(step)
         staging = self.directory / f".incomplete-{step_dir_name(step)}"
         self._refuse_nonfinite(step, strategy)
-        agree(lambda: self._prepare(staging) if self.dist.is_main else None)
+        agree(lambda: self._prepare(step, staging) if self.dist.is_main else None)
         files = self._main_rank_files(trainer_state, tokenizer) if self.dist.is_main else {}
         writes = []
         try:
@@ -403,8 +402,7 @@ class Checkpointer:
             writes.append(self._background.submit(_write_files, staging, files))
         part = self._background.submit(self._finish_part, writes, staging)
         self.inflight = InFlight(step, staging, final, part)
-        failed_now = torch.tensor([int(writes[0].exception() is not None)], dtype=torch.int32)
-        if wait or (self.writer is None and all_reduce_max(failed_now).item()):
+        if wait or (self.writer is None and self._failed_on_any_rank(writes[0])):
             self.wait()  # a blocking write that failed ends the run here, not a step later
         self.waited_s += time.perf_counter() - started
         return final
@@ -454,6 +452,11 @@ class Checkpointer:
         elif not unsealed:
             self.inflight = None
 
+    @staticmethod
+    def _failed_on_any_rank(write: futures.Future) -> bool:
+        """Collective: whether a write that has finished on every rank failed on any."""
+        return bool(all_reduce_max(torch.tensor([int(write.exception() is not None)], dtype=torch.int32)).item())
+
     def _finish_part(self, writes: list[futures.Future], staging: Path) -> dict:
         """After this rank's writes: the checksums of the files it wrote (rank 0 sums the rest as it seals)."""
         futures.wait(writes)
@@ -464,7 +467,7 @@ class Checkpointer:
             return {}
         return sum_own_files(staging, self.dist.rank, self.dist.world_size)
 
-    def _prepare(self, staging: Path) -> None:
+    def _prepare(self, step: int, staging: Path) -> None:
         """Rank 0: the staging folder, empty; a warning when the last checkpoint would not fit."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -472,7 +475,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir()
         except OSError as err:
-            raise CheckpointWriteError(f"checkpoint: cannot write {err.filename or staging}: "
+            raise CheckpointWriteError(f"checkpoint step {step}: cannot write {err.filename or staging}: "
                                        f"{err.strerror or err}") from err
         if self._space_warned:
             return
