@@ -280,6 +280,15 @@ def _gather(value) -> list:
     return [value]
 
 
+def _settle() -> None:
+    """End a run of the checkpointer's collectives with a barrier. gloo's worker thread frees a
+    finished collective's tensors after the caller has moved on, taking the GIL to do so; if
+    the process group is destroyed before that (the end of a run, a DDP reducer freed with the
+    GIL held), the destructor waits for that thread and the thread for the GIL: the rank hangs
+    at exit. A barrier's tensors are torch's own, and while a rank waits in it the GIL is free."""
+    barrier()
+
+
 def _completed(error: BaseException | None = None) -> futures.Future:
     future: futures.Future = futures.Future()
     if error is None:
@@ -354,6 +363,7 @@ class Checkpointer:
         """Collective: each rank checks its share of the files; the first problem found, or None."""
         started = time.perf_counter()
         problems = _gather(checkpoint_problem(path, self.dist.rank, self.dist.world_size))
+        _settle()
         problem = next((p for p in problems if p is not None), None)
         if problem is None and self.dist.is_main:
             log.info("verified the checksums of %s in %.1f s", path, time.perf_counter() - started)
@@ -420,8 +430,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the checkpoint in flight is written and sealed (collective)."""
+        if self.inflight is None:
+            return
         while self.inflight is not None:
             self._advance(block=True)
+        _settle()
 
     def close(self) -> None:
         """Release the background writer's buffers and threads (after the last `wait`)."""
@@ -496,6 +509,7 @@ class Checkpointer:
             last = f"the last checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint was saved before"
             error = UserError(f"step {step}: the weights hold NaN or inf; not saving them ({last})")
             error.agreed = True
+            _settle()
             raise error
 
     def _fail(self, f: InFlight) -> None:
@@ -509,7 +523,7 @@ class Checkpointer:
         failures = [x for x in _gather(report) if x is not None]
         self.inflight = None
         message = self._failure_message(f, failures) if self.dist.is_main else ""
-        barrier()  # the half-written folder is gone before any rank ends
+        _settle()  # and the half-written folder is gone before any rank ends
         if local is not None and described is None:
             raise local  # not a failure to write: a bug, with its traceback
         if not any("bug" not in x for x in failures):
