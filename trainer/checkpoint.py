@@ -27,6 +27,7 @@ at any world size.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -46,7 +47,7 @@ import torch.distributed as dist
 
 from trainer.checksums import ALGORITHM, checkpoint_files, share_of, sum_files, sum_own_files, verify_files
 from trainer.config import Config, dump_yaml
-from trainer.distributed import DistInfo, agree, all_reduce_max, barrier
+from trainer.distributed import DistInfo, agree, barrier
 from trainer.errors import ConfigError, UserError
 from trainer.parallel.common import BackgroundWriter
 
@@ -271,22 +272,48 @@ def describe_write_failure(err: BaseException, rank: int) -> dict | None:
     return None
 
 
-def _gather(value) -> list:
-    """`value` of every rank, on every rank."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out: list = [None] * dist.get_world_size()
-        dist.all_gather_object(out, value)
-        return out
-    return [value]
+class Collectives:
+    """The checkpointer's small collectives (a max of a few flags, a gather of small objects),
+    whose work handles it keeps for a while.
 
+    A gloo worker thread frees a finished collective's tensors once the caller has moved on,
+    and must take the GIL to do so. Should that be the last reference and the process group be
+    destroyed just then (at the end of a run, by a DDP reducer freed with the GIL held), the
+    destructor waits for the thread and the thread for the GIL: the rank hangs at exit. Kept
+    here, every handle is freed on the calling thread, long after its collective finished."""
 
-def _settle() -> None:
-    """End a run of the checkpointer's collectives with a barrier. gloo's worker thread frees a
-    finished collective's tensors after the caller has moved on, taking the GIL to do so; if
-    the process group is destroyed before that (the end of a run, a DDP reducer freed with the
-    GIL held), the destructor waits for that thread and the thread for the GIL: the rank hangs
-    at exit. A barrier's tensors are torch's own, and while a rank waits in it the GIL is free."""
-    barrier()
+    KEPT = 64
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kept: collections.deque = collections.deque(maxlen=self.KEPT)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def max(self, *flags: int) -> list[int]:
+        values = torch.tensor(flags, dtype=torch.int64, device=self.device)
+        if self.world > 1:
+            self._run(dist.all_reduce(values, op=dist.ReduceOp.MAX, async_op=True))
+        return values.tolist()
+
+    def gather(self, value) -> list:
+        """`value` of every rank, on every rank."""
+        if self.world == 1:
+            return [value]
+        data = pickle.dumps(value)
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world)]
+        self._run(dist.all_gather(sizes, size, async_op=True))
+        longest = max(int(n.item()) for n in sizes)
+        mine = torch.zeros(longest, dtype=torch.uint8)
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        mine = mine.to(self.device)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        self._run(dist.all_gather(parts, mine, async_op=True))
+        return [pickle.loads(part[:int(n.item())].cpu().numpy().tobytes()) for part, n in zip(parts, sizes)]
+
+    def _run(self, work) -> None:
+        work.wait()
+        self.kept.append(work)
 
 
 def _completed(error: BaseException | None = None) -> futures.Future:
@@ -325,6 +352,7 @@ class Checkpointer:
         self._tokenizer_files: dict[str, bytes] | None = None  # the same at every save: rendered once
         self._space_warned = False
         self._background = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-files")
+        self.comm = Collectives(dist_info.device)
         self.writer = BackgroundWriter(dist_info.device) if cfg.checkpoint.async_ else None
 
     # ------------------------------------------------------------------ resume
@@ -362,8 +390,7 @@ class Checkpointer:
     def verify(self, path: Path) -> str | None:
         """Collective: each rank checks its share of the files; the first problem found, or None."""
         started = time.perf_counter()
-        problems = _gather(checkpoint_problem(path, self.dist.rank, self.dist.world_size))
-        _settle()
+        problems = self.comm.gather(checkpoint_problem(path, self.dist.rank, self.dist.world_size))
         problem = next((p for p in problems if p is not None), None)
         if problem is None and self.dist.is_main:
             log.info("verified the checksums of %s in %.1f s", path, time.perf_counter() - started)
@@ -434,7 +461,6 @@ class Checkpointer:
             return
         while self.inflight is not None:
             self._advance(block=True)
-        _settle()
 
     def close(self) -> None:
         """Release the background writer's buffers and threads (after the last `wait`)."""
@@ -449,15 +475,14 @@ class Checkpointer:
         failed = (f.part.done() and f.part.exception() is not None) or \
                  (f.sealing is not None and f.sealing.done() and f.sealing.exception() is not None)
         unsealed = self.dist.is_main and not (f.sealing is not None and f.sealing.done())
-        local = torch.tensor([0 if f.part.done() else 1, int(failed), int(unsealed)], dtype=torch.int32)
-        busy, failed, unsealed = (bool(x) for x in all_reduce_max(local).tolist())
+        busy, failed, unsealed = (bool(x) for x in self.comm.max(0 if f.part.done() else 1, int(failed), int(unsealed)))
         if busy:
             return
         if failed:
             self._fail(f)
         if not f.sealing_started:
             sums = {}
-            for part in _gather(f.part.result()):
+            for part in self.comm.gather(f.part.result()):
                 sums.update(part)
             f.sealing_started = True
             if self.dist.is_main:
@@ -465,10 +490,9 @@ class Checkpointer:
         elif not unsealed:
             self.inflight = None
 
-    @staticmethod
-    def _failed_on_any_rank(write: futures.Future) -> bool:
+    def _failed_on_any_rank(self, write: futures.Future) -> bool:
         """Collective: whether a write that has finished on every rank failed on any."""
-        return bool(all_reduce_max(torch.tensor([int(write.exception() is not None)], dtype=torch.int32)).item())
+        return bool(self.comm.max(int(write.exception() is not None))[0])
 
     def _finish_part(self, writes: list[futures.Future], staging: Path) -> dict:
         """After this rank's writes: the checksums of the files it wrote (rank 0 sums the rest as it seals)."""
@@ -503,13 +527,11 @@ class Checkpointer:
 
     def _refuse_nonfinite(self, step: int, strategy) -> None:
         """Collective: refuse to save weights that hold NaN or inf on any rank."""
-        bad = torch.tensor([0 if weights_finite(strategy) else 1], dtype=torch.int32)
-        if all_reduce_max(bad).item():
+        if self.comm.max(0 if weights_finite(strategy) else 1)[0]:
             kept = complete_checkpoints(self.directory)
             last = f"the last checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint was saved before"
             error = UserError(f"step {step}: the weights hold NaN or inf; not saving them ({last})")
             error.agreed = True
-            _settle()
             raise error
 
     def _fail(self, f: InFlight) -> None:
@@ -520,10 +542,10 @@ class Checkpointer:
             local = f.sealing.exception()
         described = describe_write_failure(local, self.dist.rank) if local is not None else None
         report = None if local is None else described or {"bug": f"{type(local).__name__}: {local}", "rank": self.dist.rank}
-        failures = [x for x in _gather(report) if x is not None]
+        failures = [x for x in self.comm.gather(report) if x is not None]
         self.inflight = None
         message = self._failure_message(f, failures) if self.dist.is_main else ""
-        _settle()  # and the half-written folder is gone before any rank ends
+        barrier()  # the half-written folder is gone before any rank ends
         if local is not None and described is None:
             raise local  # not a failure to write: a bug, with its traceback
         if not any("bug" not in x for x in failures):

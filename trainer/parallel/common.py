@@ -70,10 +70,15 @@ def save_scheduler(path: Path, scheduler) -> None:
 
 def load_scheduler(path: Path, scheduler) -> None:
     legacy = path / "scheduler.pt"  # checkpoints written before scheduler.json
-    if not (path / SCHEDULER_STATE).is_file() and legacy.is_file():
-        scheduler.load_state_dict(torch.load(legacy, weights_only=True))
-        return
-    scheduler.load_state_dict(json.loads((path / SCHEDULER_STATE).read_text()))
+    try:
+        if not (path / SCHEDULER_STATE).is_file() and legacy.is_file():
+            state = torch.load(legacy, weights_only=True)
+        else:
+            state = json.loads((path / SCHEDULER_STATE).read_text())
+    except (pickle.UnpicklingError, ValueError, OSError) as err:
+        raise UserError(f"{path}: the scheduler's state is unreadable or more than plain data "
+                        f"({str(err).splitlines()[0]}); refusing to load it") from None
+    scheduler.load_state_dict(state)
 
 
 class BackgroundWriter:
