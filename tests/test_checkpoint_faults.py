@@ -28,9 +28,8 @@ from trainer.checkpoint import (
     CheckpointWriteError,
     checkpoint_problem,
     complete_checkpoints,
-    encode_trainer_state,
-    read_trainer_state,
 )
+from trainer.checkpoint_state import encode_trainer_state, read_trainer_state
 from trainer.config import Config
 from trainer.distributed import DistInfo
 from trainer.errors import UserError

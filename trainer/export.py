@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import COMPLETE_MARK, checkpoint_problem, complete_checkpoints, read_mark, read_trainer_state
+from trainer.checkpoint import COMPLETE_MARK, checkpoint_problem, complete_checkpoints, read_mark
+from trainer.checkpoint_state import read_trainer_state
 from trainer.config import Config, load_config
 from trainer.errors import UserError
 
