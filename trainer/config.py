@@ -1,54 +1,24 @@
-"""The config schema: dataclasses, YAML loading, dotted overrides, coercion and per-key rules.
+"""The config schema: dataclasses, YAML loading and dotted overrides.
 
-Everything a run can be told lives here, with its default. `load_config` reads the YAML,
-applies `key=value` overrides, coerces every value to its key's type and checks the rule each
-key carries on its own (a range, a file that must exist): one `ConfigError` line per problem,
-naming the key. Rules relating several keys are the run plan's (trainer/plan.py).
+Everything a run can be told lives here, with its default and the rule the key carries on its
+own (a range, a file that must exist). `load_config` reads the YAML, applies `key=value`
+overrides and builds the schema from it, each value coerced to its key's type and checked
+against its rule (trainer/config_fields.py): one `ConfigError` line per problem, naming the
+key. Rules relating several keys are the run plan's (trainer/plan.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import keyword
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from trainer.config_fields import at_least, build, existing, field_key, folder, positive, rule
 from trainer.errors import ConfigError
-
-
-def rule(default: Any, check: Callable[[Any], bool], text: str, files: bool = False,
-         factory: Callable[[], Any] | None = None) -> Any:
-    """A field whose given value must pass `check` (None means "not set"). `files` rules look at
-    the file system and are skipped when a config is read away from its data (export, estimate)."""
-    default_arg = {"default_factory": factory} if factory else {"default": default}
-    return field(metadata={"check": check, "text": text, "files": files}, **default_arg)
-
-
-def positive(default):
-    return rule(default, lambda v: v > 0, "must be > 0")
-
-
-def at_least(default, low):
-    return rule(default, lambda v: v >= low, f"must be >= {low}")
-
-
-def _local(value: str) -> bool:  # names of things finetrain builds itself, not paths
-    return value.startswith("builtin:") or value == "train-bpe"
-
-
-def folder(default=None, what: str = "a folder"):
-    return rule(default, lambda v: _local(v) or Path(v).is_dir(), f"is not {what}", files=True)
-
-
-def existing(default=None):
-    return rule(default, lambda v: _local(v) or Path(v).exists(), "does not exist", files=True)
 
 
 @dataclass
@@ -293,7 +263,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     for item in overrides:
         _apply_override(raw, item)
     errors: list[str] = []
-    cfg = _build(Config, raw, "", errors, check_files)
+    cfg = build(Config, raw, "", errors, check_files)
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg
@@ -336,103 +306,6 @@ def _list_index(node: list, part: str, key: str):
     return node[int(part)] if isinstance(node[int(part)], (dict, list)) else int(part)
 
 
-def _build(cls, raw: Any, prefix: str, errors: list[str], check_files: bool = True):
-    """Turn a nested dict into the dataclass `cls`, collecting errors rather than stopping."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    declared = {f.name: f for f in dataclasses.fields(cls)}
-    fields = {_key(name): name for name in declared}
-    names = list(fields)
-    kwargs = {}
-    for key, value in raw.items():
-        full = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            errors.append(f"unknown key {full}{hint}")
-            continue
-        name, mistyped = fields[key], len(errors)
-        kwargs[name] = _coerce(hints[name], value, full, errors, check_files)
-        meta = declared[name].metadata
-        if "check" in meta and kwargs[name] is not None and len(errors) == mistyped and (check_files or not meta["files"]):
-            if not meta["check"](kwargs[name]):
-                given = kwargs[name]
-                errors.append(f"{full}: {given} {meta['text']}" if meta["files"] else f"{full}: {meta['text']}, got {given}")
-    return cls(**kwargs)
-
-
-def _key(field_name: str) -> str:
-    """The config key of a dataclass field: a key that is a Python keyword (`async`) lives in
-    the field of that name with an underscore (`async_`)."""
-    bare = field_name.rstrip("_")
-    return bare if bare != field_name and keyword.iskeyword(bare) else field_name
-
-
-def _coerce(hint, value, key: str, errors: list[str], check_files: bool = True):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".", errors, check_files)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:
-            trial: list[str] = []
-            result = _coerce(option, value, key, trial)
-            if not trial:
-                return result
-        errors.append(f"{key}: expected {_describe(hint)}, got {value!r}")
-        return None
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint_text = f" (did you mean {close[0]}?)" if close else ""
-            errors.append(f"{key}: {value!r} is not one of {', '.join(map(str, args))}{hint_text}")
-        return value
-    if hint is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if hint in _SCALARS:
-        accepts, convert, what = _SCALARS[hint]
-        if accepts(value):
-            return convert(value)
-        errors.append(f"{key}: expected {what}, got {value!r}")
-        return value
-    for container, what in ((list, "a list"), (dict, "a mapping")):
-        if hint is container or origin is container:
-            if not isinstance(value, container):
-                errors.append(f"{key}: expected {what}, got {value!r}")
-                return container()
-    if origin is list and args and dataclasses.is_dataclass(args[0]):  # e.g. list[DatasetConfig]
-        return [_build(args[0], item, f"{key}.{i}.", errors, check_files) for i, item in enumerate(value)]
-    return value
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# type -> (accepts the YAML value, converts it, what the message says is expected)
-_SCALARS = {
-    bool: (lambda v: isinstance(v, bool), bool, "true or false"),
-    int: (lambda v: _is_number(v) and isinstance(v, int), int, "an integer"),
-    float: (_is_number, float, "a number"),
-    str: (lambda v: isinstance(v, str) or _is_number(v), str, "a string"),
-}
-
-
-def _describe(hint) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return " or ".join(getattr(a, "__name__", str(a)) for a in args)
-
-
 def cache_root(cfg: Config | None = None) -> Path:
     """The one cache of finetrain (tokenized data, converted models, compiled DeepSpeed ops):
     data.cache_dir, else $FINETRAIN_CACHE, else ~/.cache/finetrain."""
@@ -449,7 +322,7 @@ def to_dict(cfg: Config) -> dict:
     """The config as nested dicts under its keys (what config.yaml holds)."""
     def keys(node):
         if isinstance(node, dict):
-            return {_key(k): keys(v) for k, v in node.items()}
+            return {field_key(k): keys(v) for k, v in node.items()}
         if isinstance(node, list):
             return [keys(v) for v in node]
         return node
