@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, planned
 from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
 from trainer.checkpoint import (
     COMPLETE_MARK,
@@ -61,7 +61,8 @@ def checkpointer(tmp_path: Path, keep_last: int = 2) -> Checkpointer:
     cfg = Config()
     cfg.run.output_dir = str(tmp_path / "run")
     cfg.checkpoint.keep_last = keep_last
-    return Checkpointer(cfg, DistInfo(0, 0, 1, torch.device("cpu"), "gloo"), "single")
+    cfg.model.config = {"model_type": "llama", "vocab_size": 320}
+    return Checkpointer(cfg, DistInfo(0, 0, 1, torch.device("cpu"), "gloo"), planned(cfg))
 
 
 def save(ckpt: Checkpointer, step: int, strategy: Strategy, wait: bool = True) -> Path:
