@@ -18,6 +18,7 @@ setup(
         "accelerate>=1.0",
         "tokenizers>=0.21",
         "safetensors>=0.4",
+        "xxhash>=3.0",  # checkpoint checksums (several GB/s)
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "numpy>=1.24",

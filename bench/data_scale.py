@@ -17,8 +17,13 @@ are kept under --work between runs). For each size, in order:
   included); and the wall-clock cost, the interval from the end of the step before the save
   to the end of the step after it less the median interval between steps without a save,
   which also counts the background write competing with training for the host's cores.
+  Then the checksums of the checkpoint's files (what every save computes in the background and
+  every resume verifies), in seconds per GB of checkpoint with its pages in the page cache; and
+  with --baseline REF the same two runs from the tree of git commit REF (say, the commit before
+  checksums), interleaved with this tree's, to compare the stall.
 
     python bench/data_scale.py [--sizes 100000 1000000 3000000] [--parts prepare run checkpoint]
+                               [--baseline REF]
 
 Writes bench/results/data_scale.json and prints a markdown table. A part is a function
 (args, Workload) -> dict registered in PARTS, run per size in the order given: another
@@ -127,9 +132,9 @@ def workload(args, size: int) -> Workload:
     return Workload(size, data, folder, config)
 
 
-def environment() -> dict:
+def environment(source: Path = REPO) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-                PYTHONPATH=str(REPO))
+                PYTHONPATH=str(source))
 
 
 # --------------------------------------------------------------------------- parts
@@ -218,17 +223,17 @@ def bench_run(args, load: Workload) -> dict:
     return result
 
 
-def _save_stalls(load: Workload, save_every: int, steps: int, asynchronous: bool) -> dict:
-    """One 2-rank FSDP run of CHECKPOINT_MODEL saving every `save_every` steps: per save but
-    the last (which waits for its write by design), the time the loop waited and the
-    wall-clock cost (see the module's docstring)."""
+def _save_stalls(load: Workload, save_every: int, steps: int, asynchronous: bool, source: Path = REPO) -> dict:
+    """One 2-rank FSDP run of CHECKPOINT_MODEL saving every `save_every` steps, with the code of
+    the tree `source`: per save but the last (which waits for its write by design), the time
+    the loop waited and the wall-clock cost (see the module's docstring)."""
     run = load.folder / f"checkpoint-{'async' if asynchronous else 'blocking'}"
     shutil.rmtree(run, ignore_errors=True)
     keys = [f"run.output_dir={run}", "parallel.strategy=fsdp", f"train.max_steps={steps}",
             f"train.save_every={save_every}", f"checkpoint.async={str(asynchronous).lower()}",
             f"model.config={json.dumps(CHECKPOINT_MODEL)}", "data.seq_len=256"]
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(load.config), "--nproc", "2", *keys],
-                          capture_output=True, text=True, cwd=REPO, env=environment())
+                          capture_output=True, text=True, cwd=source, env=environment(source))
     if proc.returncode != 0:
         raise RuntimeError(f"checkpoint run: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
@@ -244,26 +249,76 @@ def _save_stalls(load: Workload, save_every: int, steps: int, asynchronous: bool
 
 
 def bench_checkpoint(args, load: Workload) -> dict | None:
-    """Blocking against asynchronous saves (see the module's docstring)."""
+    """Blocking against asynchronous saves, the checksums' cost, and with --baseline the
+    stall of another tree's code (see the module's docstring)."""
     if load.size != args.sizes[0]:
         return None
     steps = 10 * args.save_every + 1
-    result = {mode: _save_stalls(load, args.save_every, steps, mode == "async") for mode in ("blocking", "async")}
+    baseline = _baseline_tree(args.baseline, args.work) if args.baseline else None
+    result: dict = {}
+    for mode in ("blocking", "async"):
+        if baseline is not None:  # interleaved, so that the machine's load falls on both alike
+            result.setdefault("baseline", {"ref": args.baseline})[mode] = _save_stalls(
+                load, args.save_every, steps, mode == "async", baseline)
+        result[mode] = _save_stalls(load, args.save_every, steps, mode == "async")
+        if mode == "blocking":
+            result["checksums"] = _checksum_cost(load.folder / "checkpoint-blocking" / "checkpoints")
     for measure in ("stall_s", "wall_s"):
         blocking, background = (statistics.mean(result[m][measure]) for m in ("blocking", "async"))
         result[f"async_over_blocking_{measure.removesuffix('_s')}"] = background / blocking
+        if baseline is not None:
+            for mode in ("blocking", "async"):
+                result["baseline"][f"{mode}_{measure.removesuffix('_s')}_over_baseline"] = (
+                    statistics.mean(result[mode][measure]) / statistics.mean(result["baseline"][mode][measure]))
     print(f"{load.size:>9,}: " + checkpoint_line(result), file=sys.stderr)
     return result
+
+
+def _baseline_tree(ref: str, work: Path) -> Path:
+    """The files of commit `ref` (git archive), to run its code beside this tree's."""
+    tree = work / f"baseline-{ref}"
+    if not (tree / "trainer").is_dir():
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", ref], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def _checksum_cost(checkpoints: Path, repeats: int = 5) -> dict:
+    """Seconds per GB to sum every file of the newest checkpoint (as its ranks do while it is
+    sealed, and as resume does when it verifies), its pages in the page cache: the median of
+    `repeats` passes."""
+    from trainer.checksums import checkpoint_files, sum_files
+
+    newest = sorted(checkpoints.glob("step-*"))[-1]
+    names = [n for n in checkpoint_files(newest) if n != "COMPLETE"]
+    size = sum((newest / n).stat().st_size for n in names)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sum_files(newest, names)
+        times.append(time.perf_counter() - start)
+    return {"bytes": size, "files": len(names), "seconds": statistics.median(times),
+            "seconds_per_gb": statistics.median(times) / (size / 1e9)}
 
 
 def checkpoint_line(result: dict) -> str:
     mean = {(mode, measure): statistics.mean(result[mode][measure])
             for mode in ("blocking", "async") for measure in ("stall_s", "wall_s")}
-    return (f"save of a {result['blocking']['checkpoint_bytes'] / 1e6:.0f} MB checkpoint, 2 ranks, a step "
+    line = (f"save of a {result['blocking']['checkpoint_bytes'] / 1e6:.0f} MB checkpoint, 2 ranks, a step "
             f"{result['blocking']['step_s']:.2f} s: training waits {mean['blocking', 'stall_s']:.3f} s blocking, "
             f"{mean['async', 'stall_s']:.3f} s async ({result['async_over_blocking_stall']:.2f}x); wall-clock cost "
             f"{mean['blocking', 'wall_s']:.3f} s blocking, {mean['async', 'wall_s']:.3f} s async "
             f"({result['async_over_blocking_wall']:.2f}x)")
+    if "checksums" in result:
+        line += f"; checksums {result['checksums']['seconds_per_gb']:.3f} s/GB"
+    if "baseline" in result:
+        base = result["baseline"]
+        line += (f"; against {base['ref']}: stall {base['blocking_stall_over_baseline']:.2f}x blocking, "
+                 f"{base['async_stall_over_baseline']:.2f}x async, wall-clock {base['blocking_wall_over_baseline']:.2f}x "
+                 f"blocking, {base['async_wall_over_baseline']:.2f}x async")
+    return line
 
 
 PARTS: dict[str, Callable[[argparse.Namespace, Workload], dict | None]] = {
@@ -296,6 +351,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--save-every", type=int, default=4, help="checkpoint part: steps between saves")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
+    parser.add_argument("--baseline", help="checkpoint part: also run the commit REF's code, to compare the stall")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "finetrain-data-scale",
                         help="generated data, caches and runs (kept between runs)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "data_scale.json")

@@ -46,6 +46,9 @@ class RunConfig:
     name: str = "finetrain"
     output_dir: str = "runs/finetrain"
     seed: int = 0
+    # A fresh run (checkpoint.resume: never) into a folder that holds an earlier run replaces
+    # it (trainer/run_folder.py); without this key it is refused.
+    overwrite: bool = False
 
 
 @dataclass

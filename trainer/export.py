@@ -4,7 +4,9 @@ The model is rebuilt from the checkpoint's own config.yaml and tokenizer, in one
 and the trained weights are loaded into it the way the strategy that wrote them saved them
 (DCP shards or DeepSpeed's files). Out comes the full model (safetensors, config,
 tokenizer) that plain transformers loads, the peft adapter folder, or with `merge` the
-merged model.
+merged model. The checkpoint's checksums are verified first, and a DCP checkpoint is read
+without running code from it (trainer/parallel/common.py); DeepSpeed reads its own files
+with pickle, so a zero1-3 checkpoint must come from a source one trusts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints, read_mark
+from trainer.checkpoint import COMPLETE_MARK, checkpoint_problem, complete_checkpoints, read_mark
+from trainer.checkpoint_state import read_trainer_state
 from trainer.config import Config, load_config
 from trainer.errors import UserError
 from trainer.parallel import strategy_for_format
@@ -72,6 +75,10 @@ def trained_model(checkpoint: Path, merge: bool = False) -> tuple[torch.nn.Modul
     from trainer.peft import is_peft_model, merge_adapter
 
     mark = read_mark(checkpoint)
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise UserError(f"{checkpoint} fails its checksums ({problem}); refusing to export it")
+    read_trainer_state(checkpoint)  # not needed here, but a checkpoint whose state is refused is refused whole
     cfg = load_config(checkpoint / "config.yaml", check_files=False)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
     model = build_model(cfg, tokenizer, attention="sdpa")

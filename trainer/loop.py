@@ -35,6 +35,7 @@ from trainer.models import build_model, describe_template, load_tokenizer, param
 from trainer.optim import set_schedule_step
 from trainer.parallel import build_strategy
 from trainer.plan import plan_run, resume_changes
+from trainer.run_folder import claim_run_folder
 from trainer.summary import RunSummary
 
 log = logging.getLogger("finetrain")
@@ -136,6 +137,8 @@ class Trainer:
         # What the run decides once, checked before anything heavy starts (as `finetrain train` did).
         self.plan = plan = agree(lambda: plan_run(cfg, world, dist_info.device.type))
         self.summary = RunSummary(cfg, dist_info.is_main)  # wall time counts from here
+        # One run per folder: rank 0 holds it from before the run writes anything until its end.
+        self.run_folder = agree(lambda: claim_run_folder(cfg) if dist_info.is_main else None)
         if debug:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.run.seed)
@@ -285,6 +288,8 @@ class Trainer:
             self.metrics.close()
             if ended:
                 self.summary.write(ended, self.step, self.total_steps, int(self.counts[0]), self.checkpoint)
+            if self.run_folder is not None:
+                self.run_folder.release()
 
     def evaluate(self) -> dict:
         """Held-out loss (and task metrics) per dataset, and the loss change since step 0:

@@ -32,6 +32,7 @@ from trainer.eval_sets import eval_config_problems, format_problems
 from trainer.models import dropout_problems
 from trainer.parallel import resolve_strategy, strategy_class, strategy_problems
 from trainer.peft import is_prompt_learning, peft_config_problems
+from trainer.run_folder import config_problems as run_folder_problems
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
     ConfigError naming every key that cannot work together."""
     strategy = resolve_strategy(cfg, world_size)
     problems = [*model_problems(cfg), *peft_config_problems(cfg), *data_problems(cfg), *eval_config_problems(cfg),
+                *run_folder_problems(cfg),
                 *strategy_problems(cfg, strategy, world_size)]
     attention = None
     try:

@@ -173,3 +173,9 @@ class Strategy(ABC):
 
     def unwrapped_model(self) -> nn.Module:
         return self.model
+
+    def local_weights(self) -> list[torch.Tensor]:
+        """This rank's part of the trainable weights (its shards, where they are sharded):
+        what a checkpoint is checked for NaN and inf before it is written."""
+        return [p.to_local() if hasattr(p, "to_local") else p
+                for p in self.unwrapped_model().parameters() if p.requires_grad]

@@ -3,7 +3,9 @@ the torch-optimizer strategy that single, ddp and fsdp build on."""
 
 from __future__ import annotations
 
+import io
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from trainer.compile import compile_decoder_layers
 from trainer.config import Config
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
 from trainer.faults import exempt
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import (ASYNC_SAVE, COMPILE, KEEP_GATHERED, MULTI_PROCESS, QUANTIZATION, SEQUENCE_PARALLEL,
@@ -97,6 +99,103 @@ def dcp_save_async(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
     return writer.save({"model": model_sd, "optim": optim_sd}, path / "dcp")
 
 
+# What DCP's `.metadata` pickle may name: its own metadata classes and the torch values they
+# hold. torch's FileSystemReader unpickles the file with plain `pickle.load`, which would run
+# whatever a planted file names; SafeReader admits these and refuses anything else.
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    *((module, name) for module in ("pathlib", "pathlib._local")
+      for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+
+
+def read_dcp_metadata(folder: Path):
+    """The `.metadata` of the DCP checkpoint in `folder`, read through an unpickler that admits
+    DCP's metadata classes only, every shard it names a plain file name of the folder."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = folder / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, AttributeError, EOFError, ValueError, TypeError, IndexError) as err:
+        raise UserError(f"{path}: not a DCP checkpoint's metadata ({err}); refusing to load it") from None
+    if not isinstance(metadata, Metadata):
+        raise UserError(f"{path}: holds a {type(metadata).__name__}, not a DCP checkpoint's metadata; refusing to load it")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise UserError(f"{path}: names a shard outside its folder ({name!r}); refusing to load it")
+    return metadata
+
+
+class SafeReader(dcp.FileSystemReader):
+    """A FileSystemReader that runs no code from the folder (see read_dcp_metadata); the
+    metadata is read as the reader is made, so a refusal comes before any collective."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.metadata = read_dcp_metadata(Path(folder))
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+class SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """DCP stores non-tensor values (the optimizer's hyperparameters) as pickles, which
+    DefaultLoadPlanner reads with `torch.load(weights_only=False)`; here weights_only=True."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UserError(f"{self.folder}: the value of {fqn} is not plain data ({str(err).splitlines()[0]}); "
+                            "refusing to load it") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def read_dcp(state: dict, folder: Path) -> None:
+    """Fill `state` in place from the DCP checkpoint in `folder`, running no code from it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader = SafeReader(folder)
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(folder))
+    except CheckpointException as err:  # every rank has it: DCP gathers each rank's failure
+        refused = [failure[0] for failure in err.failures.values() if isinstance(failure[0], UserError)]
+        if refused:
+            raise UserError(str(refused[0])) from None
+        raise
+
+
 def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Inverse of dcp_save; DCP reshards, so the world size may differ from the saver's. Without
     an optimizer only the model's weights are read (export, in one process)."""
@@ -105,7 +204,7 @@ def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | No
     else:
         model_sd, optim_sd = checkpointed_state(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    read_dcp(state, path / "dcp")
     # Only the frozen 4-bit weights (rebuilt from model.path) may be absent from the checkpoint.
     options = StateDictOptions(strict=not quantized_linears(model))
     if optimizer is None:

@@ -226,7 +226,14 @@ class ZeroStrategy(Strategy):
 
     # ------------------------------------------------------------------ state
     def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG)
+        try:
+            self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG)
+        except Exception:
+            # A rank whose write failed leaves save_checkpoint early, while the others wait in
+            # the barrier that ends it: meet them there, so every rank goes on to agree on
+            # the failure (the checkpointer reports it) instead of waiting for ever.
+            barrier()
+            raise
 
     def load(self, path: Path) -> None:
         saved_world = saved_world_size(path / CHECKPOINT_TAG)
@@ -287,6 +294,10 @@ class ZeroStrategy(Strategy):
 
     def unwrapped_model(self) -> nn.Module:
         return self.engine.module
+
+    def local_weights(self) -> list[torch.Tensor]:
+        # ZeRO-3 leaves each parameter empty outside a forward; the rank's partition is ds_tensor.
+        return [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters() if p.requires_grad]
 
 
     @classmethod
