@@ -38,6 +38,7 @@ from trainer.generate import greedy_generate  # noqa: E402
 from trainer.loop import train_step  # noqa: E402
 from trainer.loss import IGNORE_INDEX, count_targets  # noqa: E402
 from trainer.models import build_model, train_bpe_tokenizer  # noqa: E402
+from trainer.peft import peft_keys  # noqa: E402
 from trainer.optim import set_schedule_step  # noqa: E402
 from trainer.parallel import build_strategy  # noqa: E402
 
@@ -103,7 +104,10 @@ def make_config(run: Run, out: Path, world_size: int) -> Config:
     cfg.data.packing = run.packed  # the rows are made here (step_rows): one document per row, or two packed
     cfg.data.seq_len = 2 * SEQ_LEN if run.packed else cfg.data.seq_len
     cfg.model.attention = run.attention
-    cfg.peft.method, cfg.peft.r, cfg.peft.alpha, cfg.peft.num_virtual_tokens = run.peft, 4, 8.0, 4
+    cfg.peft.method = run.peft
+    for key, value in {"r": 4, "alpha": 8.0, "num_virtual_tokens": 4}.items():
+        if key in peft_keys(run.peft):  # the plan refuses a generic key the method has no field for
+            setattr(cfg.peft, key, value)
     cfg.peft.options = dict(run.peft_options)
     cfg.parallel.strategy = run.strategy
     cfg.parallel.mixed_precision = run.mixed_precision

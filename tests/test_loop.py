@@ -99,7 +99,7 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
     assert (stopped["status"], stopped["steps"], stopped["checkpoint"]) == ("stopped", stopped_at, str(saved[-1]))
     # A folder that was never sealed (as after kill -9 mid-save) must be ignored by resume.
     (out / "checkpoints" / "step-00000099").mkdir()
-    (out / "checkpoints" / "step-00000099" / "trainer_state.pt").write_text("garbage")
+    (out / "checkpoints" / "step-00000099" / "trainer_state.json").write_text("garbage")
 
     for resumed_ranks in resume_ranks:
         copy = tmp_path / f"resumed-on-{resumed_ranks}"

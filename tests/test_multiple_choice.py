@@ -21,6 +21,7 @@ from trainer.models import build_model
 from trainer.multiple_choice import (accuracy, build_choice_sets, choice_log_likelihoods, encode_pair, lay_out,
                                      tokenize_question)
 from trainer.parallel import build_strategy
+from trainer.peft import peft_keys
 
 WORKER = Path(__file__).resolve().parent / "choice_worker.py"
 SEQ_LEN = 64
@@ -218,9 +219,10 @@ PEFT = ("none", "lora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
 
 def method_keys(method: str) -> dict:
     """The keys of a run with peft `method`: only the generic keys it has (the plan refuses the others)."""
-    prompt = method in ("prompt_tuning", "prefix_tuning")
-    return {"peft__method": method, **({"peft__r": 4} if method in ("lora", "dora") else {}),
-            **({"peft__num_virtual_tokens": 4} if prompt else {}), "data__packing": not prompt}
+    takes = peft_keys(method)
+    return {"peft__method": method, **({"peft__r": 4} if "r" in takes else {}),
+            **({"peft__num_virtual_tokens": 4} if "num_virtual_tokens" in takes else {}),
+            "data__packing": "num_virtual_tokens" not in takes}
 TWO_RANK_RUNS = [("ddp", "none"), ("fsdp", "none"), ("zero1", "none"), ("zero2", "none"), ("zero3", "none"),
                  ("fsdp", "lora"), ("zero3", "lora"), ("ddp", "dora"), ("fsdp", "ia3"), ("fsdp", "prompt_tuning"),
                  ("zero3", "prefix_tuning")]

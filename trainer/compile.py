@@ -43,12 +43,17 @@ def compile_decoder_layers(model: nn.Module, device: torch.device) -> bool:
         layer.forward = torch.compile(layer.forward, backend=BACKEND, dynamic=True)
     report = CompileReport(len(layers))
 
+    logged = False
+
     def log_once(optimizer, args, kwargs):
-        handle.remove()
-        _on_main_rank(log.info, "train.compile: %s", report)
+        # The hook stays registered: removing it here would change the hooks torch is iterating.
+        nonlocal logged
+        if not logged:
+            logged = True
+            _on_main_rank(log.info, "train.compile: %s", report)
 
     # After the first optimizer step, forward and backward have both been compiled.
-    handle = register_optimizer_step_post_hook(log_once)
+    register_optimizer_step_post_hook(log_once)
     return True
 
 

@@ -148,9 +148,7 @@ def peft_config_problems(cfg: Config) -> list[str]:
             problems.append("peft.options: set, but peft.method is none (options belong to a method)")
         return problems
     if p.method == "bottleneck":
-        from trainer.adapters import bottleneck_problems
-
-        from trainer.adapters import BottleneckOptions
+        from trainer.adapters import BottleneckOptions, bottleneck_problems
 
         problems += _generic_problems(p, defaults, {"dropout"}, "bottleneck",
                                       [f.name for f in dataclasses.fields(BottleneckOptions)])
