@@ -40,7 +40,7 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(nproc --all)  # the machine's CPUs: plain nproc follows OMP_NUM_THREADS, which test runs set to 1
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
 mkdir -p "$state/ctld" "$state/d" /etc/slurm
 new_conf=$(cat <<CONF
