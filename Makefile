@@ -7,7 +7,7 @@ TORCH  ?= 2.13.0
 TORCH_INDEX_URL ?=
 # Test files run in this many worker processes (pytest-xdist), each file whole in one worker
 # (its module fixtures are built once). Many tests wait on subprocesses, timeouts and rendezvous:
-# 2 workers keep 2 cores busy; each worker takes a few GB at most.
+# 2 workers keep 2 cores busy, one torch thread each; each worker takes a few GB at most.
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo smoke test test-fast bench
@@ -52,10 +52,10 @@ smoke: $(STAMP)
 	$(VENV)/bin/finetrain train configs/debug-tiny.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 -n $(TEST_WORKERS) --dist loadfile tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --timeout 900 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) bench/packing.py
