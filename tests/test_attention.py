@@ -199,6 +199,24 @@ def bf16(model, **inputs):
         return model(**inputs).logits.float()
 
 
+def input_layouts(docs: list[torch.Tensor]) -> dict[str, dict]:
+    """The same documents as every input the trainer and generation give attention: packed with
+    cu_seq_lens, packed with packing inferred from position_ids, padded rows, plain rows."""
+    lengths = [len(d) for d in docs]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    width = max(lengths)
+    padded = torch.stack([torch.cat([d, torch.zeros(width - len(d), dtype=torch.long)]) for d in docs])
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    return {
+        "packed": dict(input_ids=torch.cat(docs)[None], position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                       max_length_q=width, max_length_k=width),
+        "inferred": dict(input_ids=torch.cat(docs)[None], position_ids=positions),
+        "padded": dict(input_ids=padded, attention_mask=mask),
+        "rows": dict(input_ids=torch.stack([docs[0][:5], docs[1]])),
+    }
+
+
 def test_torch_varlen_receives_what_the_reference_receives(tiny_llama_config, recorded):
     """On every input the trainer and generation give it (packed rows flattened with cu_seq_lens,
     padded rows, plain rows, a KV cache), torch_varlen calls torch's kernel with exactly the
@@ -208,17 +226,8 @@ def test_torch_varlen_receives_what_the_reference_receives(tiny_llama_config, re
     model = tiny(tiny_llama_config)
     docs = documents(9, 5, 14)
     lengths = [len(d) for d in docs]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    width = max(lengths)
-    padded = torch.stack([torch.cat([d, torch.zeros(width - len(d), dtype=torch.long)]) for d in docs])
-    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
-    cases = {
-        "packed": dict(input_ids=torch.cat(docs)[None], position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                       max_length_q=width, max_length_k=width),
-        "padded": dict(input_ids=padded, attention_mask=mask),
-        "rows": dict(input_ids=torch.stack([docs[0][:5], docs[1]])),
-    }
+    cases = input_layouts(docs)
+    del cases["inferred"]
     for name, inputs in cases.items():
         logits = {}
         for backend in ("varlen_reference", "torch_varlen"):
@@ -298,19 +307,8 @@ def test_sdpa_varlen_computes_what_the_reference_does(tiny_llama_config, sliding
         else tiny_llama_config
     model = tiny(config)
     docs = documents(9, 5, 14)
-    lengths = [len(d) for d in docs]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    width = max(lengths)
-    padded = torch.stack([torch.cat([d, torch.zeros(width - len(d), dtype=torch.long)]) for d in docs])
-    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
-    cases = {
-        "packed": dict(input_ids=torch.cat(docs)[None], position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                       max_length_q=width, max_length_k=width),
-        "inferred": dict(input_ids=torch.cat(docs)[None], position_ids=positions),
-        "padded": dict(input_ids=padded, attention_mask=mask),
-        "rows": dict(input_ids=torch.stack([docs[0][:5], docs[1]])),
-    }
+    cases = input_layouts(docs)
+    mask = cases["padded"]["attention_mask"]
     for name, inputs in cases.items():
         results = {}
         for backend in ("varlen_reference", "sdpa_varlen"):
