@@ -94,7 +94,7 @@ def tokenizer_folder(work: Path, data: Path) -> Path:
     train one on millions of conversations at every launch."""
     folder = work / "tokenizer"
     if not (folder / "tokenizer.json").is_file():
-        from trainer.models import train_bpe_tokenizer
+        from trainer.model.tokenizer import train_bpe_tokenizer
 
         with open(data) as f:
             texts = [m["content"] for line, _ in zip(f, range(20_000)) for m in json.loads(line)["messages"]]
@@ -289,7 +289,7 @@ def _checksum_cost(checkpoints: Path, repeats: int = 5) -> dict:
     """Seconds per GB to sum every file of the newest checkpoint (as its ranks do while it is
     sealed, and as resume does when it verifies), its pages in the page cache: the median of
     `repeats` passes."""
-    from trainer.checksums import checkpoint_files, sum_files
+    from trainer.checkpoint.checksums import checkpoint_files, sum_files
 
     newest = sorted(checkpoints.glob("step-*"))[-1]
     names = [n for n in checkpoint_files(newest) if n != "COMPLETE"]

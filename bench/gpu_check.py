@@ -69,8 +69,8 @@ def model_source(stand_in: bool, folder: Path) -> tuple[dict, str]:
     """(the model keys of a finetrain config, the tokenizer folder): SmolLM2 from its package, or
     the stand-in (SmolLM2's shape, random weights) with a word-level tokenizer of its vocabulary."""
     if not stand_in:
-        from trainer.errors import ConfigError
-        from trainer.models import resolve_model_path
+        from trainer.runtime.errors import ConfigError
+        from trainer.model.loading import resolve_model_path
 
         try:
             path = resolve_model_path(MODEL)
@@ -142,7 +142,7 @@ def backends() -> list[tuple[str, str]]:
     """(name in the report, model.attention) of every backend this machine has."""
     import importlib.util
 
-    from trainer.attention import torch_varlen_problem
+    from trainer.model.attention import torch_varlen_problem
 
     found = [("sdpa", "sdpa"), ("eager", "eager"), ("varlen_reference", "varlen_reference")]
     if torch_varlen_problem("cuda") is None:
@@ -170,10 +170,10 @@ def attention_check(stand_in: bool, folder: Path) -> dict:
     of a leaking layout, as a control), and the forward + backward time of a full micro-batch."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.attention import activate_flash_attention_3
+    from trainer.model.attention import activate_flash_attention_3
     from trainer.data.collate import Collator
     from trainer.data.packing import pack_pieces
-    from trainer.models import resolve_model_path
+    from trainer.model.loading import resolve_model_path
 
     model_keys, _ = model_source(stand_in, folder)
     torch.manual_seed(0)
@@ -247,7 +247,7 @@ def attention_check(stand_in: bool, folder: Path) -> dict:
 
 def time_step(model, batch) -> dict:
     """Forward + backward of one micro-batch (plain head, summed loss), after a warm-up run."""
-    from trainer.loss import summed_loss
+    from trainer.model.loss import summed_loss
 
     inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
     labels = batch.labels.cuda()

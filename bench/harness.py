@@ -41,7 +41,7 @@ def run_worker(script: str, worker_args: list[str], result_path: Path, threads: 
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far: VmHWM, where /proc has it."""
-    from trainer.metrics import peak_rss_kib
+    from trainer.reporting.metrics_log import peak_rss_kib
 
     return peak_rss_kib() / 1024
 
@@ -80,7 +80,7 @@ def train_finetrain(config: str):
     machine does not inflate), `step_end()`, the real input tokens, targets and loss.
     Returns the Trainer (its model, trained) and the measurements."""
     import trainer.loop as loop
-    from trainer.config import load_config
+    from trainer.config.schema import load_config
 
     logging.basicConfig(level=logging.INFO)
     compile_lines: list[str] = []

@@ -52,7 +52,7 @@ def write_inputs(folder: Path, seq_len: int) -> dict:
     """A tokenizer folder and a `tokenized` data set of ROWS random documents of seq_len tokens."""
     import random
 
-    from trainer.models import train_bpe_tokenizer
+    from trainer.model.tokenizer import train_bpe_tokenizer
 
     texts = ["the quick brown fox jumps over the lazy dog", "long documents make long rows"] * 8
     tokenizer = train_bpe_tokenizer(texts, vocab_size=256)
@@ -84,8 +84,8 @@ def worker(spec_path: str) -> None:
 
     import torch.distributed as dist
 
-    from trainer.config import load_config
-    from trainer.estimate import estimate_memory
+    from trainer.config.schema import load_config
+    from trainer.estimate.memory import estimate_memory
     from trainer.loop import Trainer, train_step
 
     spec = json.loads(Path(spec_path).read_text())

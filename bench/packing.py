@@ -28,10 +28,12 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trainer.config import load_config  # noqa: E402
-from trainer.data.loader import build_train_loader, training_texts  # noqa: E402
-from trainer.loss import forward_summed_loss  # noqa: E402
-from trainer.models import build_model, train_bpe_tokenizer  # noqa: E402
+from trainer.config.schema import load_config  # noqa: E402
+from trainer.data.loader import build_train_loader
+from trainer.data.run_data import training_texts  # noqa: E402
+from trainer.model.loss import forward_summed_loss  # noqa: E402
+from trainer.build import build_model
+from trainer.model.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 MODEL = {"model_type": "llama", "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384,
          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}

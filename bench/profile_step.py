@@ -62,7 +62,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import trainer.loop as loop
-    from trainer.config import load_config
+    from trainer.config.schema import load_config
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,8 +65,8 @@ def measure(config_path: Path, steps: int) -> dict:
     """In the child: set up as the trainer does, then run `steps` optimizer steps."""
     import torch
 
-    from trainer.config import load_config
-    from trainer.estimate import resident_state_bytes
+    from trainer.config.schema import load_config
+    from trainer.estimate.memory import resident_state_bytes
     from trainer.loop import Trainer, train_step
 
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def main() -> None:
     import torch
     import yaml
 
-    from trainer.models import resolve_model_path
+    from trainer.model.loading import resolve_model_path
 
     resolve_model_path(MODEL)  # converts the GGUF once, outside the measured processes
     results = {}

@@ -56,7 +56,7 @@ class Batch:
 
 
 def bench_config(parallel: dict, args, world: int, folder: Path):
-    from trainer.config import Config, DatasetConfig
+    from trainer.config.schema import Config, DatasetConfig
 
     cfg = Config()
     cfg.run.output_dir = str(folder)
@@ -77,12 +77,13 @@ def worker(spec: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.distributed import init_distributed
-    from trainer.estimate import estimate_memory, peak_resident_bytes, resident_state_bytes
+    from trainer.runtime.distributed import init_distributed
+    from trainer.estimate.memory import estimate_memory, peak_resident_bytes, resident_state_bytes
     from trainer.loop import train_step
-    from trainer.loss import count_targets
-    from trainer.models import build_model, train_bpe_tokenizer
-    from trainer.parallel import build_strategy
+    from trainer.model.loss import count_targets
+    from trainer.build import build_model
+    from trainer.model.tokenizer import train_bpe_tokenizer
+    from trainer.parallel.registry import build_strategy
     from trainer.plan import plan_run
 
     args = argparse.Namespace(**spec["args"])

@@ -82,7 +82,7 @@ IGNORE = -100
 def model_folder(model: str, work: Path) -> Path:
     """The Hugging Face folder every tool loads: the random 16M Llama (seeded, with SmolLM2's
     tokenizer) written once, or a model.path (`builtin:` ones are converted once by finetrain)."""
-    from trainer.models import resolve_model_path
+    from trainer.model.loading import resolve_model_path
 
     if model != "random-16m":
         return Path(resolve_model_path(model))
@@ -100,7 +100,8 @@ def model_folder(model: str, work: Path) -> Path:
 def tokenized_examples(tokenizer, cache: Path) -> dict[str, list[dict]]:
     """Chatterbot conversations ("chat") and Lee stories ("text") as input_ids + labels, whole."""
     from trainer.data.builtin import materialize
-    from trainer.data.formats import build_encoder, field_names
+    from trainer.data.formats import build_encoder
+    from trainer.data.records import field_names
 
     sources = {}
     for source, fmt in (("builtin:chatterbot", "chat"), ("builtin:gensim-lee", "text")):
@@ -166,7 +167,7 @@ def finetrain_config(work: Path, args, model: Path, dtype: str, length: dict) ->
 def finetrain_order(config: Path, tokenizer) -> tuple[list[int], int]:
     """The examples (line numbers of train.jsonl) that finetrain's steps consume, in order, and
     the number of its steps: its own loader, run without a model."""
-    from trainer.config import load_config
+    from trainer.config.schema import load_config
     from trainer.data.loader import build_train_loader
     from trainer.loop import total_steps
 
@@ -349,7 +350,7 @@ def run_set(set_name: str, dtype: str, examples: list[dict], held_out: dict, arg
     """Every tool on one set in one dtype."""
     from transformers import AutoConfig
 
-    from trainer.metrics import flops_per_token
+    from trainer.reporting.metrics_log import flops_per_token
 
     folder = work / f"{set_name}-{dtype}"
     folder.mkdir()

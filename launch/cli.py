@@ -16,17 +16,17 @@ from pathlib import Path
 
 from launch.evaluate import add_eval_parser
 from launch.submit import add_submit_parser
-from trainer.config import load_config
-from trainer.errors import UserError, report_user_error
+from trainer.config.schema import load_config
+from trainer.runtime.errors import UserError, report_user_error
 
 
 def cmd_train(args) -> int:
     import torch
 
     from launch.elastic import default_rdzv_id, run_ranks
-    from trainer.distributed import end_process
     from trainer.plan import plan_run
     from trainer.rank import debug_overrides, run_rank
+    from trainer.runtime.distributed import end_process
 
     if args.debug and (args.nproc > 1 or args.nnodes > 1):
         return report_user_error(UserError("--debug runs a world of one; drop --nproc and --nnodes"), None)
@@ -52,8 +52,8 @@ def cmd_train(args) -> int:
 def cmd_prepare(args) -> int:
     """Tokenize the run's data into the cache ahead of `train`, with the tokenizer the run
     will use (trained and saved into the run folder for train-bpe, as `train` would)."""
-    from trainer.data.loader import prepare_data, training_texts
-    from trainer.models import load_tokenizer
+    from trainer.data.run_data import prepare_data, training_texts
+    from trainer.model.tokenizer import load_tokenizer
 
     try:
         if args.workers < 1:
@@ -70,7 +70,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from trainer.export import export_checkpoint, newest_checkpoint
+    from trainer.checkpoint.export import export_checkpoint, newest_checkpoint
 
     try:
         checkpoint = newest_checkpoint(Path(args.checkpoint))
@@ -82,7 +82,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from trainer.estimate import estimate_memory, format_longest, format_table, longest_seq_len
+    from trainer.estimate.memory import estimate_memory, format_longest, format_table, longest_seq_len
 
     try:
         # only the model's config.json is read: data and checkpoints may live on the cluster
@@ -100,7 +100,7 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from trainer.report import write_report
+    from trainer.reporting.html_report import write_report
 
     try:
         path = write_report(Path(args.run_dir))

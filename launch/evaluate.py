@@ -31,7 +31,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from trainer.errors import DataError, UserError, report_user_error
+from trainer.runtime.errors import DataError, UserError, report_user_error
 
 log = logging.getLogger("finetrain")
 
@@ -102,8 +102,8 @@ def _missing_packages() -> list[str]:
 def resolve_model_path(path: Path) -> tuple[str, Path]:
     """(kind, path): `checkpoint` (a complete checkpoint, or a run folder's newest), `adapter`
     (a peft adapter folder) or `hf` (a Hugging Face model folder)."""
-    from trainer.checkpoint import COMPLETE_MARK
-    from trainer.export import newest_checkpoint
+    from trainer.checkpoint.export import newest_checkpoint
+    from trainer.checkpoint.layout import COMPLETE_MARK
 
     if not path.is_dir():
         raise UserError(f"{path}: not a folder (a checkpoint, a run folder or a Hugging Face folder)")
@@ -124,7 +124,7 @@ def load_model(path: Path, merge: bool, device):
 
     kind, path = resolve_model_path(path)
     if kind == "checkpoint":
-        from trainer.export import trained_model
+        from trainer.checkpoint.export import trained_model
 
         model, tokenizer, cfg = trained_model(path, merge=merge)
         if cfg.model.task != "causal_lm":
@@ -171,8 +171,9 @@ def choice_task(source: str, fields: dict, folder: Path, cache_dir: Path) -> str
     YAML) into `folder`; returns the task's name."""
     import yaml
 
-    from trainer.data.formats import RowError, choice_question, field_names
-    from trainer.data.loader import resolve_source
+    from trainer.data.formats import choice_question
+    from trainer.data.records import RowError, field_names
+    from trainer.data.run_data import resolve_source
     from trainer.data.sources import location, read_rows
 
     path = resolve_source(source, "choice", "--tasks", cache_dir)
@@ -266,10 +267,10 @@ def run_eval(args) -> int:
     """Evaluate on this rank (of WORLD_SIZE); rank 0 prints and writes the results."""
     os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"  # tasks from local disk only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from trainer.config import cache_root
-    from trainer.distributed import init_distributed, shutdown
-
     import torch.distributed as dist
+
+    from trainer.config.schema import cache_root
+    from trainer.runtime.distributed import init_distributed, shutdown
 
     dist_info, started_here = None, not dist.is_initialized()
     try:
@@ -302,10 +303,9 @@ def run_eval(args) -> int:
 
 
 def _evaluate(model, tokenizer, dist_info, names, paths, registry, args):
+    import datasets
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-
-    import datasets
 
     datasets.disable_progress_bars()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -338,6 +338,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from trainer.distributed import end_process
+    from trainer.runtime.distributed import end_process
 
     end_process(main())

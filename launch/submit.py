@@ -1,7 +1,7 @@
 """`finetrain submit`: the training job on Slurm, through submitit.
 
 One Slurm task per rank: `--gpus-per-node G` starts G tasks per node, one per GPU, each
-running the trainer directly (trainer/distributed.py reads SLURM_PROCID/SLURM_NTASKS and
+running the trainer directly (trainer/runtime/distributed.py reads SLURM_PROCID/SLURM_NTASKS and
 finds the master node). Without GPUs (`--gpus-per-node 0`) the job asks for no GPU and
 starts `--tasks-per-node` CPU ranks (default 1).
 
@@ -18,7 +18,7 @@ under 50 minutes: every stop) as a time-out.
 
 No finetrain launcher watches these ranks: a hung rank ends the run through the collective
 timeout (`parallel.step_timeout_s` after the first step), one line from each rank that waited
-(trainer/faults.py); `slurm/train.sbatch` runs `finetrain train --nproc`, whose launcher also
+(trainer/runtime/faults.py); `slurm/train.sbatch` runs `finetrain train --nproc`, whose launcher also
 names the hung rank and writes every rank's stack.
 """
 
@@ -32,9 +32,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.config import Config, load_config
-
-from trainer.errors import UserError
+from trainer.config.schema import Config, load_config
+from trainer.runtime.errors import UserError
 
 if TYPE_CHECKING:
     import submitit
@@ -163,7 +162,7 @@ def submit(args) -> "submitit.Job":
 
 
 def cmd_submit(args) -> int:
-    from trainer.errors import report_user_error
+    from trainer.runtime.errors import report_user_error
 
     try:
         job = submit(args)

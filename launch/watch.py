@@ -1,7 +1,7 @@
 """The launcher's watch over the ranks of its node: a rank that stops making progress ends the run
 within its bound, named, with every rank's Python stack in a file.
 
-Each rank writes a heartbeat into a node-local folder (trainer/faults.py): its step, its phase,
+Each rank writes a heartbeat into a node-local folder (trainer/runtime/faults.py): its step, its phase,
 when it last made progress and the bound that applies (`parallel.step_timeout_s` for steps after
 its first, `parallel.init_timeout_s` for start-up, the first step, evaluations and checkpoints),
 from a thread of its own every second. Once the rank that has gone longest without progress has
@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.faults import LOG_DIR_ENV, STACK_SIGNAL, WATCH_DIR_ENV
+from trainer.runtime.faults import LOG_DIR_ENV, STACK_SIGNAL, WATCH_DIR_ENV
 
 POLL_S = 1.0
 FROZEN_AFTER_S = 10.0  # a heartbeat thread this late is not running (the process is stuck)

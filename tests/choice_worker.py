@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import planned  # noqa: E402
 from test_multiple_choice import method_keys, run_config, tokenizer_of  # noqa: E402
-from trainer.distributed import agree, end_process, init_distributed  # noqa: E402
-from trainer.models import build_model  # noqa: E402
-from trainer.multiple_choice import accuracy, build_choice_sets, choice_log_likelihoods  # noqa: E402
-from trainer.parallel import build_strategy  # noqa: E402
+from trainer.runtime.distributed import agree, end_process, init_distributed  # noqa: E402
+from trainer.build import build_model  # noqa: E402
+from trainer.eval.multiple_choice import accuracy, build_choice_sets, choice_log_likelihoods  # noqa: E402
+from trainer.parallel.registry import build_strategy  # noqa: E402
 
 
 def main(spec_path: str) -> None:

@@ -50,7 +50,7 @@ TINY_BERT = {
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from trainer.models import train_bpe_tokenizer
+    from trainer.model.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(TOY_TEXTS, vocab_size=TINY_LLAMA["vocab_size"])
 
@@ -68,7 +68,7 @@ def tiny_bert_config() -> dict:
 def planned(cfg, world_size: int = 1):
     """The run plan (trainer/plan.py) of a config built in code for a test that makes its own token
     rows: the data keys only describe them, and the tokenizer is trained in-process."""
-    from trainer.config import DatasetConfig
+    from trainer.config.schema import DatasetConfig
     from trainer.plan import plan_run
 
     if not cfg.data.datasets:

@@ -26,12 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from conftest import TOY_TEXTS, planned  # noqa: E402
-from trainer.config import Config  # noqa: E402
-from trainer.distributed import init_distributed  # noqa: E402
-from trainer.estimate import saved_tensor_bytes  # noqa: E402
-from trainer.loss import forward_summed_loss  # noqa: E402
-from trainer.models import build_model, decoder_layers, train_bpe_tokenizer  # noqa: E402
-from trainer.parallel import build_strategy  # noqa: E402
+from trainer.config.schema import Config  # noqa: E402
+from trainer.runtime.distributed import init_distributed  # noqa: E402
+from trainer.estimate.shapes import saved_tensor_bytes  # noqa: E402
+from trainer.model.loss import forward_summed_loss  # noqa: E402
+from trainer.build import build_model
+from trainer.model.structure import decoder_layers
+from trainer.model.tokenizer import train_bpe_tokenizer  # noqa: E402
+from trainer.parallel.registry import build_strategy  # noqa: E402
 
 
 def current_resident_bytes() -> int:

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import planned  # noqa: E402
 from parallel_worker import Run, as_batches, make_config, make_model, rank_micro_batches  # noqa: E402
-from trainer.distributed import end_process, init_distributed  # noqa: E402
+from trainer.runtime.distributed import end_process, init_distributed  # noqa: E402
 from trainer.loop import train_step  # noqa: E402
-from trainer.models import decoder_layers  # noqa: E402
-from trainer.parallel import build_strategy  # noqa: E402
+from trainer.model.structure import decoder_layers  # noqa: E402
+from trainer.parallel.registry import build_strategy  # noqa: E402
 
 
 def poison(output):

@@ -28,19 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import TINY_LLAMA, TOY_TEXTS, planned  # noqa: E402
-from trainer.compile import BACKEND, CompileReport, backend_problem  # noqa: E402
-from trainer.config import Config  # noqa: E402
+from trainer.model.compile import BACKEND, CompileReport, backend_problem  # noqa: E402
+from trainer.config.schema import Config  # noqa: E402
 from trainer.data.collate import Batch  # noqa: E402
-from trainer.distributed import agree, barrier, end_process, init_distributed  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
-from trainer.estimate import resident_state_bytes  # noqa: E402
-from trainer.generate import greedy_generate  # noqa: E402
+from trainer.runtime.distributed import agree, barrier, end_process, init_distributed  # noqa: E402
+from trainer.runtime.errors import UserError  # noqa: E402
+from trainer.estimate.memory import resident_state_bytes  # noqa: E402
+from trainer.eval.generation import greedy_generate  # noqa: E402
 from trainer.loop import train_step  # noqa: E402
-from trainer.loss import IGNORE_INDEX, count_targets  # noqa: E402
-from trainer.models import build_model, train_bpe_tokenizer  # noqa: E402
-from trainer.peft import peft_keys  # noqa: E402
+from trainer.model.loss import IGNORE_INDEX, count_targets  # noqa: E402
+from trainer.build import build_model
+from trainer.model.tokenizer import train_bpe_tokenizer  # noqa: E402
+from trainer.peft.methods import peft_keys  # noqa: E402
 from trainer.optim import set_schedule_step  # noqa: E402
-from trainer.parallel import build_strategy  # noqa: E402
+from trainer.parallel.registry import build_strategy  # noqa: E402
 
 SEQ_LEN = 32
 VOCAB = TINY_LLAMA["vocab_size"]
@@ -170,7 +171,7 @@ def packed_micro_batches(step: int, run: Run, cfg: Config, plan) -> list[Batch]:
     """The reference's documents of `step` (micro 8 x 1 rank: 8 documents), two to a packed row, as
     the loader hands them to this rank: its data-parallel block of rows, collated, and with
     sequence parallelism cut for its sequence rank (documents cross the cut)."""
-    from trainer.data.loader import _collator
+    from trainer.data.collate import build_collator
     from trainer.data.packing import Piece
     from trainer.data.sequence_shard import sequence_shard
 
@@ -181,7 +182,7 @@ def packed_micro_batches(step: int, run: Run, cfg: Config, plan) -> list[Batch]:
     reader = dist.get_rank() // size
     per_rank = run.micro * run.accum
     mine = rows[reader * per_rank: (reader + 1) * per_rank]
-    collate = _collator(cfg, [dataset], tokenizer(), plan.attention)
+    collate = build_collator(cfg, [dataset], tokenizer(), plan.attention)
     batches = [collate(mine[i:i + run.micro]) for i in range(0, per_rank, run.micro)]
     return batches if size == 1 else [sequence_shard(b, dist.get_rank() % size, size) for b in batches]
 
@@ -199,7 +200,7 @@ def isolation(run: Run, out: Path) -> dict:
     from trainer.data.collate import Collator
     from trainer.data.packing import Piece
     from trainer.data.sequence_shard import sequence_shard
-    from trainer.sequence_parallel import enable_sequence_parallel, whole_sequence_attention
+    from trainer.model.sequence_parallel import enable_sequence_parallel, whole_sequence_attention
     from test_data_packing import make_dataset
 
     gen = torch.Generator().manual_seed(11)

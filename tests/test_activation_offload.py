@@ -1,4 +1,4 @@
-"""train.activation_offload (trainer/activation_offload.py): what forward saves for backward waits
+"""train.activation_offload (trainer/model/activation_offload.py): what forward saves for backward waits
 in host memory and comes back unchanged, so loss and gradients are those of a plain step, alone
 and under activation checkpointing and compilation. (On a CPU the copies only exercise the path;
 the training curves with it are compared in tests/test_parallel.py.)"""
@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from conftest import TINY_LLAMA
-from trainer.activation_offload import ActivationOffload, _Offloaded
-from trainer.config import Config, ModelConfig, ParallelConfig, TrainConfig
-from trainer.loss import forward_summed_loss
-from trainer.models import build_model
+from trainer.model.activation_offload import ActivationOffload, _Offloaded
+from trainer.config.schema import Config, ModelConfig, ParallelConfig, TrainConfig
+from trainer.model.loss import forward_summed_loss
+from trainer.build import build_model
 
 
 def tiny_model(tokenizer, checkpointing: bool = False, compiled: bool = False):
-    from trainer.parallel.common import apply_layer_options
+    from trainer.parallel.layer_options import apply_layer_options
 
     cfg = Config(model=ModelConfig(config=dict(TINY_LLAMA), tokenizer="train-bpe"),
                  parallel=ParallelConfig(activation_checkpointing=checkpointing), train=TrainConfig(compile=compiled))
@@ -69,7 +69,7 @@ def test_parameters_and_small_tensors_stay_where_they_are():
 
 
 def test_offloading_composes_with_compiled_layers(tiny_tokenizer):
-    from trainer.compile import BACKEND, backend_problem
+    from trainer.model.compile import BACKEND, backend_problem
 
     if backend_problem(BACKEND, "cpu"):
         pytest.skip(f"inductor cannot compile here: {backend_problem(BACKEND, 'cpu')}")

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from runs import causal_config, step_losses, write_config
-from trainer.adapters import (ADAPTER, CONFIG_FILE, WEIGHTS_FILE, BottleneckAdapter, adapter_sites,
-                              is_bottleneck_model, load_bottleneck_adapters)
-from trainer.checkpoint import complete_checkpoints
-from trainer.config import Config, ModelConfig, PeftConfig, load_config
-from trainer.errors import ConfigError, UserError
-from trainer.export import export_checkpoint
+from trainer.peft.bottleneck import (ADAPTER, CONFIG_FILE, WEIGHTS_FILE, BottleneckAdapter, adapter_sites,
+                                     is_bottleneck_model, load_bottleneck_adapters)
+from trainer.checkpoint.layout import complete_checkpoints
+from trainer.config.schema import Config, ModelConfig, PeftConfig, load_config
+from trainer.runtime.errors import ConfigError, UserError
+from trainer.checkpoint.export import export_checkpoint
 from trainer.loop import Trainer
-from trainer.models import build_model
-from trainer.peft import merge_adapter, peft_config_problems
+from trainer.build import build_model
+from trainer.peft.methods import merge_adapter, peft_config_problems
 
 
 def bottleneck_model(model_config: dict, tokenizer, task: str = "causal_lm", **options):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import trainer.attention  # noqa: F401  registers varlen_reference
+import trainer.model.attention  # noqa: F401  registers varlen_reference
 
 TOL = 1e-5
 
@@ -153,7 +153,7 @@ class FakeVarlen:
 
     def __call__(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                  window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-        from trainer.attention import VarlenCall, reference_varlen
+        from trainer.model.attention import VarlenCall, reference_varlen
 
         assert query.dtype in (torch.float16, torch.bfloat16) and query.dim() == 3
         assert isinstance(max_q, int) and isinstance(max_k, int)
@@ -180,7 +180,7 @@ def recorded(monkeypatch):
     """Every call of the reference kernel, and a fake torch varlen_attn (see FakeVarlen)."""
     import torch.nn.attention.varlen as varlen
 
-    import trainer.attention as attention
+    import trainer.model.attention as attention
 
     calls, kernel = [], attention.reference_varlen
 
@@ -277,8 +277,8 @@ def test_torch_varlen_on_the_torch_210_signature(tiny_llama_config, monkeypatch)
 
 
 def test_torch_varlen_is_refused_on_cpu_in_one_line(tmp_path):
-    from trainer.config import Config, DatasetConfig, ModelConfig
-    from trainer.errors import ConfigError
+    from trainer.config.schema import Config, DatasetConfig, ModelConfig
+    from trainer.runtime.errors import ConfigError
     from trainer.plan import resolve_attention
 
     cfg = Config(model=ModelConfig(config={"model_type": "llama"}, attention="torch_varlen"),
@@ -290,7 +290,7 @@ def test_torch_varlen_is_refused_on_cpu_in_one_line(tmp_path):
     assert len(message.splitlines()) == 1
     assert message.startswith("model.attention: torch_varlen cannot run here: torch's FlashAttention kernels run on "
                               "a CUDA GPU, and this process runs on cpu"), message
-    from trainer.attention import activate_flash_attention_3
+    from trainer.model.attention import activate_flash_attention_3
 
     assert not activate_flash_attention_3(torch.device("cpu"))
 
@@ -338,7 +338,7 @@ def test_sdpa_varlen_computes_in_float32_on_cpu_under_bf16_autocast():
     """Under bf16 autocast on a CPU the per-document attention runs in fp32 (torch's CPU flash
     backward is several times slower in bf16), autocast not casting it back, and hands bf16 back:
     the result is the fp32 computation's, rounded once."""
-    from trainer.attention import VarlenCall, sdpa_varlen
+    from trainer.model.attention import VarlenCall, sdpa_varlen
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(20, h, 8, generator=gen).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2))

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO
 from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
-from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints
+from trainer.checkpoint.layout import COMPLETE_MARK, complete_checkpoints
 
 SEALING = '''
 import sys
@@ -26,9 +26,10 @@ sys.path.insert(0, {repo!r})
 sys.path.insert(0, {repo!r} + "/tests")
 import torch.distributed as dist
 from conftest import planned
-from trainer.checkpoint import COMPLETE_MARK, Checkpointer
-from trainer.config import Config
-from trainer.distributed import barrier, init_distributed
+from trainer.checkpoint.layout import COMPLETE_MARK
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.config.schema import Config
+from trainer.runtime.distributed import barrier, init_distributed
 
 class ControlledWrite:
     """A strategy whose background write finishes when the test says so."""

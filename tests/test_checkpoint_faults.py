@@ -22,17 +22,12 @@ import torch
 
 from conftest import REPO, planned
 from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
-from trainer.checkpoint import (
-    COMPLETE_MARK,
-    Checkpointer,
-    CheckpointWriteError,
-    checkpoint_problem,
-    complete_checkpoints,
-)
-from trainer.checkpoint_state import encode_trainer_state, read_trainer_state
-from trainer.config import Config
-from trainer.distributed import DistInfo
-from trainer.errors import UserError
+from trainer.checkpoint.layout import COMPLETE_MARK, checkpoint_problem, complete_checkpoints
+from trainer.checkpoint.checkpointer import Checkpointer, CheckpointWriteError
+from trainer.checkpoint.trainer_state import encode_trainer_state, read_trainer_state
+from trainer.config.schema import Config
+from trainer.runtime.distributed import DistInfo
+from trainer.runtime.errors import UserError
 
 
 class Strategy:
@@ -118,7 +113,7 @@ def test_a_write_that_fails_without_an_errno_on_a_full_disk_says_so(tmp_path, mo
     with (almost) nothing free is taken for the cause."""
     ckpt = checkpointer(tmp_path)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("trainer.checkpoint.shutil.disk_usage", lambda path: usage._replace(free=4096))
+    monkeypatch.setattr("trainer.checkpoint.checkpointer.shutil.disk_usage", lambda path: usage._replace(free=4096))
     with pytest.raises(CheckpointWriteError, match=r"no space left on device \(more than the [\d.]+ KB written needed, "
                                                    r"4\.1 KB free\)"):
         save(ckpt, 1, Strategy(fail=RuntimeError("basic_ios::clear: iostream error")))
@@ -135,7 +130,7 @@ def test_low_space_is_warned_about_once_before_a_save(tmp_path, monkeypatch, cap
     ckpt = checkpointer(tmp_path, keep_last=5)
     save(ckpt, 1, Strategy())
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("trainer.checkpoint.shutil.disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr("trainer.checkpoint.checkpointer.shutil.disk_usage", lambda path: usage._replace(free=1000))
     with caplog.at_level(logging.WARNING, logger="finetrain"):
         save(ckpt, 2, Strategy())
         save(ckpt, 3, Strategy())
@@ -229,7 +224,7 @@ def test_a_trainer_state_of_the_earlier_format_loads_unless_it_holds_more_than_d
 def test_dcp_loading_admits_its_metadata_and_plain_values_only(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from trainer.parallel.common import read_dcp, read_dcp_metadata
+    from trainer.parallel.dcp import read_dcp, read_dcp_metadata
 
     folder = tmp_path / "dcp"
     with pytest.warns(UserWarning):  # DCP without a process group says it saves in one process
@@ -330,7 +325,7 @@ def test_a_flipped_shard_is_refused_by_name_and_auto_resume_falls_back(reference
 def plant(checkpoint: Path, name: str, data: bytes, remove: tuple[str, ...] = ()) -> None:
     """Put `data` into the checkpoint as `name` and list it in the mark with its true checksum,
     as whoever hands over a folder can: the checksums then pass, and loading must not run it."""
-    from trainer.checksums import sum_files
+    from trainer.checkpoint.checksums import sum_files
 
     for old in remove:
         (checkpoint / old).unlink()
@@ -394,7 +389,7 @@ second checkpoint cannot fit; a run that hits it, then the same run once space i
 import json, os, subprocess, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from trainer.checkpoint import checkpoint_problem
+from trainer.checkpoint.layout import checkpoint_problem
 folder, size, filler = {folder!r}, {size}, {filler}
 os.makedirs(folder)
 subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={{size}}", "tmpfs", folder], check=True)

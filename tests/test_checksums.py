@@ -6,7 +6,7 @@ from pathlib import Path
 
 import xxhash
 
-from trainer.checksums import checkpoint_files, file_checksum, share_of, sum_files, verify_files, written_by
+from trainer.checkpoint.checksums import checkpoint_files, file_checksum, share_of, sum_files, verify_files, written_by
 
 
 def test_each_shard_is_summed_by_the_rank_that_wrote_it():

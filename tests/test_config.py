@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_LLAMA, write_jsonl
-from trainer.config import load_config
-from trainer.errors import ConfigError
+from trainer.config.schema import load_config
+from trainer.runtime.errors import ConfigError
 
 
 def base_config(tmp_path: Path) -> dict:

@@ -11,10 +11,11 @@ import pytest
 
 from conftest import TINY_LLAMA, write_jsonl
 from runs import causal_config, run_cli, write_config
-from trainer.config import Config, DatasetConfig, ModelConfig
+from trainer.config.schema import Config, DatasetConfig, ModelConfig
 from trainer.data.end_of_turn import check_end_of_turn, end_of_turn_token
-from trainer.data.formats import ChatEncoder, field_names
-from trainer.errors import ConfigError
+from trainer.data.chat import ChatEncoder
+from trainer.data.records import field_names
+from trainer.runtime.errors import ConfigError
 
 CHAT = {"messages": [{"role": "user", "content": "What is two plus three?"}, {"role": "assistant", "content": "Five."},
                      {"role": "user", "content": "And times?"}, {"role": "assistant", "content": "Six."}]}

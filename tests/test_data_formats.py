@@ -13,12 +13,14 @@ import pytest
 import yaml
 
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
-from trainer.config import DatasetConfig, load_config
-from trainer.errors import ConfigError
-from trainer.data.loader import build_train_loader, training_texts
-from trainer.errors import DataError
+from trainer.config.schema import DatasetConfig, load_config
+from trainer.runtime.errors import ConfigError
+from trainer.data.loader import build_train_loader
+from trainer.data.run_data import training_texts
+from trainer.runtime.errors import DataError
 from trainer.plan import plan_run
-from trainer.data.formats import ChatEncoder, field_names
+from trainer.data.chat import ChatEncoder
+from trainer.data.records import field_names
 from trainer.data.prepare import EncodingSpec, load_tokenized
 
 CHAT = {"messages": [{"role": "user", "content": "What is two plus three?"},
@@ -337,7 +339,8 @@ ARC_NUMERIC = {"question": "Which is a gas?", "choices": {"text": ["ice", "steam
     ({**MMLU, "answer": "five"}, {"context": "question"}, None),
 ], ids=["mmlu", "hellaswag", "arc", "arc-numeric-labels", "letter", "text", "unknown"])
 def test_choice_records_of_mmlu_hellaswag_and_arc_shape(record, fields, expected):
-    from trainer.data.formats import RowError, choice_question
+    from trainer.data.records import RowError
+    from trainer.data.formats import choice_question
 
     names = field_names("choice", fields, "k")
     if expected is None:
@@ -361,7 +364,7 @@ CHOICE_BAD_ROWS = [
 @pytest.mark.parametrize("bad,message", CHOICE_BAD_ROWS, ids=[m[:40] for _, m in CHOICE_BAD_ROWS])
 def test_bad_choice_row_is_named_by_file_and_line(tmp_path, tiny_tokenizer, bad, message):
     """Read as an eval set of a run: the file and line of the bad row, and what is wrong."""
-    from trainer.multiple_choice import build_choice_sets
+    from trainer.eval.multiple_choice import build_choice_sets
 
     good = {"context": "Two plus two is", "choices": ["four", "five"], "answer": 0}
     bench = write_jsonl(tmp_path / "bench.jsonl", [good, good, bad])

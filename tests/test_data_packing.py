@@ -16,14 +16,14 @@ import torch
 
 from conftest import TINY_LLAMA, write_jsonl
 from runs import WORDS, causal_config, read_metrics, run_cli, step_losses, word_tokenizer, write_config
-from trainer.config import Config, ModelConfig, PeftConfig, TrainConfig
+from trainer.config.schema import Config, ModelConfig, PeftConfig, TrainConfig
 from trainer.data.collate import Collator
 from trainer.data.packing import Piece, RowPacker, pack_pieces
 from trainer.data.stream import StreamDataset
 from trainer.data.tokenized import TokenizedDataset
-from trainer.fused_loss import fused_head
-from trainer.loss import IGNORE_INDEX, forward_summed_loss, summed_loss
-from trainer.models import build_model
+from trainer.model.loss_head import fused_head
+from trainer.model.loss import IGNORE_INDEX, forward_summed_loss, summed_loss
+from trainer.build import build_model
 
 SEQ_LEN = 64
 PAD = 0
@@ -289,7 +289,7 @@ def test_compiled_pad_free_packed_rows_equal_eager_padded_documents(tiny_tokeniz
     micro-batches of changing widths give every document the logits, and the step the loss
     and gradients (plain head and fused head), of the same documents padded one per row in an
     eager model with the same weights."""
-    from trainer.compile import compile_decoder_layers
+    from trainer.model.compile import compile_decoder_layers
 
     torch.manual_seed(0)
     ds = random_documents(24, seed=6)

@@ -15,7 +15,7 @@ from test_data_packing import PAD, make_dataset
 from trainer.data.collate import Collator
 from trainer.data.packing import Piece
 from trainer.data.sequence_shard import document_starts, sequence_shard
-from trainer.loss import IGNORE_INDEX
+from trainer.model.loss import IGNORE_INDEX
 
 X = IGNORE_INDEX
 DOCS = [[11, 12, 13, 14, 15], [21, 22, 23], [31, 32, 33, 34, 35, 36, 37]]
@@ -106,12 +106,12 @@ def test_under_sequence_parallelism_every_backend_gets_a_pad_free_stream_that_sp
     """The loader's collator under `parallel.sequence_parallel` N flattens the rows on every backend
     (no seq_len^2 mask built to be dropped), pad-free up to a multiple of 8 and of N, so that the
     shards are equal without a filler document and carry the collator's own bounds."""
-    from trainer.config import Config
-    from trainer.data.loader import _collator
+    from trainer.config.schema import Config
+    from trainer.data.collate import build_collator
 
     cfg = Config()
     cfg.data.seq_len, cfg.parallel.sequence_parallel = 12, size
-    batch = _collator(cfg, [make_dataset(DOCS, TARGETS, seq_len=12)], type("T", (), {"pad_token_id": PAD}),
+    batch = build_collator(cfg, [make_dataset(DOCS, TARGETS, seq_len=12)], type("T", (), {"pad_token_id": PAD}),
                       attention)(ROWS)
     length = -(-15 // math.lcm(8, size)) * math.lcm(8, size)
     assert "attention_mask" not in batch.inputs and batch.inputs["input_ids"].shape == (1, length)

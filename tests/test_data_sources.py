@@ -13,12 +13,13 @@ import pytest
 import yaml
 
 from conftest import TINY_BERT, TINY_LLAMA, write_jsonl
-from trainer.config import load_config
-from trainer.data.loader import build_eval_sets, build_train_loader, held_out_conversations
-from trainer.errors import DataError
+from trainer.config.schema import load_config
+from trainer.data.eval_batches import build_eval_sets, held_out_conversations
+from trainer.data.loader import build_train_loader
+from trainer.runtime.errors import DataError
 from trainer.data import prepare as prepare_module
 from trainer.data.builtin import BUILTINS, materialize
-from trainer.data.formats import field_names
+from trainer.data.records import field_names
 from trainer.data.prepare import EncodingSpec, cache_folder, load_tokenized, tokenize_source
 from trainer.data.tokenized import open_tokenized
 
@@ -104,7 +105,8 @@ def test_builtin_data_sets_build_and_tokenize(tmp_path, tmp_path_factory, tiny_t
     path = materialize(f"builtin:{name}", cache)
     assert materialize(f"builtin:{name}", cache) == path  # built once
     if fmt == "choice":  # an eval set: read as questions, not tokenized into the training cache
-        from trainer.data.formats import choice_question, field_names
+        from trainer.data.formats import choice_question
+        from trainer.data.records import field_names
 
         questions = [choice_question(json.loads(line), field_names("choice", {}, "k"))
                      for line in path.read_text().splitlines()]

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from conftest import TINY_LLAMA, write_jsonl
 from runs import word_tokenizer
-from trainer.config import load_config
+from trainer.config.schema import load_config
 from trainer.data.loader import build_train_loader
 from trainer.data.mixing import RandomPermutation
 from trainer.data.stream import GlobalStream
@@ -365,7 +365,7 @@ def _rank_worker(rank: int, config_path: str, store: str, out: str) -> None:
     import torch.distributed as dist
 
     from conftest import TOY_TEXTS
-    from trainer.models import train_bpe_tokenizer
+    from trainer.model.tokenizer import train_bpe_tokenizer
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
@@ -395,8 +395,8 @@ def _bad_data_rank(rank: int, config_path: str, store: str, out: str) -> None:
     import torch.distributed as dist
 
     from conftest import TOY_TEXTS
-    from trainer.errors import DataError
-    from trainer.models import train_bpe_tokenizer
+    from trainer.runtime.errors import DataError
+    from trainer.model.tokenizer import train_bpe_tokenizer
 
     os.environ["LOCAL_RANK"] = str(rank)  # one node: rank 0 tokenizes, rank 1 waits for it
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

@@ -14,10 +14,12 @@ import torch
 
 from conftest import REPO
 from runs import read_metrics, run_cli
-from trainer.config import cache_root, load_config
-from trainer.data.loader import build_train_loader, held_out_conversations
+from trainer.config.schema import cache_root, load_config
+from trainer.data.loader import build_train_loader
+from trainer.data.eval_batches import held_out_conversations
 from trainer.data.builtin import _gensim_lee
-from trainer.models import build_model, load_tokenizer
+from trainer.build import build_model
+from trainer.model.tokenizer import load_tokenizer
 
 DEMO = REPO / "configs" / "smollm2-demo.yaml"
 
@@ -68,7 +70,7 @@ def test_the_general_benchmark_shares_no_example_with_training_data(demo):
     choices is in any document of the demo's training sources (gensim-lee, chatterbot), of
     which the run trains on a part; it is a forgetting check scored by accuracy."""
     from trainer.data.builtin import materialize
-    from trainer.eval_sets import declared_sets, forgetting_checks
+    from trainer.data.eval_sets import declared_sets, forgetting_checks
 
     cfg, _ = demo
     (bench,) = [s for s in declared_sets(cfg) if s.format == "choice"]

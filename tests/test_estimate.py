@@ -15,8 +15,8 @@ import torch
 
 from conftest import REPO, TINY_LLAMA
 from runs import causal_config, write_config
-from trainer.config import Config
-from trainer.estimate import estimate_memory, format_table
+from trainer.config.schema import Config
+from trainer.estimate.memory import estimate_memory, format_table
 
 LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -66,7 +66,8 @@ def test_8b_model_is_estimated_on_the_meta_device_with_zero_accounting():
 
 
 def test_peft_counts_gradients_and_optimizer_state_of_the_adapter_only(tiny_tokenizer):
-    from trainer.models import build_model, parameter_counts
+    from trainer.build import build_model
+    from trainer.model.structure import parameter_counts
 
     cfg = make_cfg(TINY_LLAMA, mixed_precision="fp32")
     cfg.peft.method, cfg.peft.r = "lora", 4
@@ -92,9 +93,9 @@ def test_offload_moves_sharded_state_to_the_host():
 def test_async_checkpoints_add_the_saved_state_to_host_memory(tiny_tokenizer):
     """checkpoint.async keeps a host copy of what a rank saves for the whole run: the
     estimate adds exactly the bytes of the state a real model and optimizer checkpoint."""
-    from trainer.models import build_model
+    from trainer.build import build_model
     from trainer.optim import build_optimizer
-    from trainer.parallel.common import checkpointed_state
+    from trainer.parallel.dcp import checkpointed_state
 
     cfg = make_cfg(TINY_LLAMA, mixed_precision="fp32")
     model = build_model(cfg, tiny_tokenizer, "sdpa")
@@ -230,7 +231,7 @@ def test_sequence_parallelism_and_activation_offloading_in_the_estimate():
 
 
 def test_the_longest_seq_len_fits_and_the_next_one_does_not():
-    from trainer.estimate import USABLE_FRACTION, longest_seq_len
+    from trainer.estimate.memory import USABLE_FRACTION, longest_seq_len
 
     cfg = make_cfg(PROBE_MODEL, mixed_precision="bf16", activation_checkpointing=True, sequence_parallel=2)
     cfg.train.micro_batch_size = 1

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from trainer.config import load_config
-from trainer.errors import ConfigError
-from trainer.eval_sets import declared_sets, forgetting_checks
+from trainer.config.schema import load_config
+from trainer.runtime.errors import ConfigError
+from trainer.data.eval_sets import declared_sets, forgetting_checks
 from trainer.plan import plan_run
 
 

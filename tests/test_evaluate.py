@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import TINY_LLAMA, planned
-from trainer.config import Config, DatasetConfig, EvalSetConfig
-from trainer.distributed import init_distributed
-from trainer.evaluate import ForgettingMonitor
-from trainer.generate import greedy_generate, split_last_answer, stop_token_ids
-from trainer.models import build_model
-from trainer.parallel import build_strategy
-from trainer.summary import RunSummary
+from trainer.config.schema import Config, DatasetConfig, EvalSetConfig
+from trainer.runtime.distributed import init_distributed
+from trainer.eval.evaluator import ForgettingMonitor
+from trainer.eval.generation import greedy_generate, split_last_answer, stop_token_ids
+from trainer.build import build_model
+from trainer.parallel.registry import build_strategy
+from trainer.reporting.summary import RunSummary
 
 
 def test_prompt_is_the_conversation_before_the_last_answer():

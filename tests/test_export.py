@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from conftest import REPO
 from runs import causal_config, classification_config, write_config
-from trainer.checkpoint import complete_checkpoints
-from trainer.config import load_config
+from trainer.checkpoint.layout import complete_checkpoints
+from trainer.config.schema import load_config
 from trainer.loop import Trainer
-from trainer.models import build_model
+from trainer.build import build_model
 
 
 def train_in_process(cfg_dict: dict, tmp_path: Path) -> tuple[Trainer, dict]:

@@ -1,4 +1,4 @@
-"""A rank's side of faults (trainer/faults.py): non-finite steps dropped on every rank alike and the
+"""A rank's side of faults (trainer/runtime/faults.py): non-finite steps dropped on every rank alike and the
 run stopped on them, collective timeouts lowered after the first step, one line when one fires."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 
 from conftest import REPO
 from runs import causal_config, read_metrics, run_cli, trainer_env, write_config
-from trainer.checkpoint import complete_checkpoints
-from trainer.checkpoint_state import read_trainer_state
-from trainer.config import load_config
-from trainer.errors import ConfigError
+from trainer.checkpoint.layout import complete_checkpoints
+from trainer.checkpoint.trainer_state import read_trainer_state
+from trainer.config.schema import load_config
+from trainer.runtime.errors import ConfigError
 
 
 def test_fault_keys_have_torchtitan_like_defaults_and_are_checked(tmp_path):
@@ -131,8 +131,8 @@ TIMEOUT_PROBE = textwrap.dedent("""
     import os, sys, time, types
     sys.path.insert(0, {repo!r})
     import torch
-    from trainer import faults
-    from trainer.distributed import init_distributed
+    from trainer.runtime import faults
+    from trainer.runtime.distributed import init_distributed
     from trainer.rank import RankOutcome
     faults.start(types.SimpleNamespace(init_timeout_s=60, step_timeout_s=2))
     dist_info = init_distributed(faults.collective_timeout_s(60))

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import Config, ModelConfig, PeftConfig, TrainConfig
+from trainer.config.schema import Config, ModelConfig, PeftConfig, TrainConfig
 
-from trainer.errors import ConfigError
-from trainer.fused_loss import TargetOnlyHead, fused_head, linear_cross_entropy
-from trainer.loss import IGNORE_INDEX, forward_summed_loss
-from trainer.models import build_model
+from trainer.runtime.errors import ConfigError
+from trainer.model.loss_head import TargetOnlyHead, fused_head, linear_cross_entropy
+from trainer.model.loss import IGNORE_INDEX, forward_summed_loss
+from trainer.build import build_model
 
 RTOL = 1e-5
 

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REPO
 from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
-from trainer.checkpoint import complete_checkpoints
-from trainer.faults import WATCH_DIR_ENV
+from trainer.checkpoint.layout import complete_checkpoints
+from trainer.runtime.faults import WATCH_DIR_ENV
 
 
 def children(pid: int) -> list[int]:

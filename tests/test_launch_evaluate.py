@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, TINY_LLAMA, write_jsonl
 from runs import causal_config, chat_rows, read_metrics, run_cli, trainer_env, write_config
 from test_report import choice_rows
-from trainer.models import train_bpe_tokenizer
+from trainer.model.tokenizer import train_bpe_tokenizer
 
 
 def finetrain(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -60,7 +60,7 @@ def lora_run(tmp_path_factory, base_model) -> tuple[Path, Path, dict]:
     cfg["model"] = {"path": str(base_model)}
     run_cli(write_config(cfg, tmp / "config.yaml"))
     run_dir = Path(cfg["run"]["output_dir"])
-    from trainer.export import export_checkpoint
+    from trainer.checkpoint.export import export_checkpoint
 
     export_checkpoint(run_dir, run_dir / "merged", merge=True)
     export_checkpoint(run_dir, run_dir / "adapter")

@@ -1,4 +1,4 @@
-"""The launcher's watch (launch/watch.py) over stand-in ranks that beat as trainer/faults.py does:
+"""The launcher's watch (launch/watch.py) over stand-in ranks that beat as trainer/runtime/faults.py does:
 a hung run is ended, the stopped rank named, the other ranks' stacks written; a rank still within
 its bound holds the watch off."""
 
@@ -14,14 +14,14 @@ import pytest
 
 from conftest import REPO
 from launch.watch import RankWatch
-from trainer.faults import WATCH_DIR_ENV
+from trainer.runtime.faults import WATCH_DIR_ENV
 
 # A rank after its first step (parallel.step_timeout_s=1), in `phase` of step 2, then waiting for good
 # (as in a collective that never returns), its heartbeat thread still running.
 STAND_IN = """
 import sys, time, types
 sys.path.insert(0, {repo!r})
-from trainer import faults
+from trainer.runtime import faults
 faults.start(types.SimpleNamespace(init_timeout_s=60, step_timeout_s=1))
 faults.step_done(1)
 faults.enter(sys.argv[1], 2)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
-from trainer.checkpoint import COMPLETE_MARK, complete_checkpoints
+from trainer.checkpoint.layout import COMPLETE_MARK, complete_checkpoints
 from wandb_log import run_history
 
 
@@ -181,7 +181,7 @@ def test_resume_with_a_changed_config_follows_the_new_schedule(tmp_path):
     """A finished 4-step run extended to 8 steps with another optim.lr: every resumed step runs at
     the new schedule's rate (cosine over 8 steps from the new lr), the changes are listed once; a
     key the checkpoint cannot continue with (data.seq_len) is refused in one line, exit 2."""
-    from trainer.config import OptimConfig
+    from trainer.config.schema import OptimConfig
     from trainer.optim import lr_multiplier
 
     cfg = causal_config(tmp_path, optim={"lr": 3e-3, "warmup_steps": 0}, train={"max_steps": 4})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.loss import IGNORE_INDEX, count_targets, summed_loss
+from trainer.model.loss import IGNORE_INDEX, count_targets, summed_loss
 
 
 def test_summed_loss_matches_token_mean_over_all_micro_batches():

@@ -40,7 +40,7 @@ def general_model(tmp_path_factory) -> Path:
     the pretrained model that the forgetting runs fine-tune on the disjoint task."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.models import train_bpe_tokenizer
+    from trainer.model.tokenizer import train_bpe_tokenizer
 
     assert not set(WORDS) & {w for words in GENERAL_WORDS.values() for w in words}
     folder = tmp_path_factory.mktemp("general-model")
@@ -171,8 +171,8 @@ def test_classification_recipe_beats_the_majority_class(tmp_path):
     learned; the held-out 40 sentences are 29 to 11, a majority of 0.725 to beat."""
     from transformers import AutoTokenizer
 
-    from trainer.config import load_config
-    from trainer.data.loader import build_eval_sets
+    from trainer.config.schema import load_config
+    from trainer.data.eval_batches import build_eval_sets
 
     overrides = [f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "train.eval_every=0",
                  "logging.progress_bar=false"]

@@ -9,18 +9,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import trainer.models as models
+import trainer.model.loading as models
 
-from trainer.config import Config, ModelConfig, PeftConfig
-from trainer.models import (
-    CHATML_TEMPLATE,
-    build_model,
-    decoder_layers,
-    load_tokenizer,
-    parameter_counts,
-    resolve_model_path,
-    train_bpe_tokenizer,
-)
+from trainer.config.schema import Config, ModelConfig, PeftConfig
+from trainer.model.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_bpe_tokenizer
+from trainer.build import build_model
+from trainer.model.structure import decoder_layers, parameter_counts
+from trainer.model.loading import resolve_model_path
 from trainer.plan import plan_run
 
 from conftest import TOY_TEXTS
@@ -214,8 +209,8 @@ def test_model_dropout_sets_the_architectures_own_dropouts(tmp_path, tiny_llama_
 def test_model_dropout_is_refused_by_name_where_the_model_has_none(tmp_path):
     import yaml
 
-    from trainer.config import load_config
-    from trainer.errors import ConfigError
+    from trainer.config.schema import load_config
+    from trainer.runtime.errors import ConfigError
 
     mamba = {"model_type": "mamba", "vocab_size": 320, "hidden_size": 32, "num_hidden_layers": 2}
     config = {"model": {"config": mamba, "tokenizer": "train-bpe", "dropout": 0.1},

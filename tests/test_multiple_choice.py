@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_LLAMA, TOY_TEXTS, planned, write_jsonl
-from trainer.config import Config, EvalSetConfig
-from trainer.distributed import init_distributed
-from trainer.models import build_model
-from trainer.multiple_choice import (accuracy, build_choice_sets, choice_log_likelihoods, encode_pair, lay_out,
-                                     tokenize_question)
-from trainer.parallel import build_strategy
-from trainer.peft import peft_keys
+from trainer.config.schema import Config, EvalSetConfig
+from trainer.runtime.distributed import init_distributed
+from trainer.build import build_model
+from trainer.eval.multiple_choice import (accuracy, build_choice_sets, choice_log_likelihoods, encode_pair, lay_out,
+                                          tokenize_question)
+from trainer.parallel.registry import build_strategy
+from trainer.peft.methods import peft_keys
 
 WORKER = Path(__file__).resolve().parent / "choice_worker.py"
 SEQ_LEN = 64
@@ -48,7 +48,7 @@ def model_dir(tmp_path_factory) -> Path:
     from tokenizers import processors
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.models import train_bpe_tokenizer
+    from trainer.model.tokenizer import train_bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("choice-model")
     tokenizer = train_bpe_tokenizer(TOY_TEXTS, vocab_size=TINY_LLAMA["vocab_size"])
@@ -195,7 +195,7 @@ def test_every_layout_scores_each_choice_as_if_alone(model_dir, bench, attention
         assert sum(b.inputs["input_ids"].numel() for b in batches) < 0.8 * sum(
             len(q.context) * len(q.continuations) + sum(map(len, q.continuations)) for q in questions)
     totals = torch.zeros(sum(len(q.continuations) for q in questions), dtype=torch.float64)
-    from trainer.loss import target_log_probs
+    from trainer.model.loss import target_log_probs
 
     with torch.no_grad():
         for batch in batches:
@@ -208,7 +208,7 @@ def test_every_layout_scores_each_choice_as_if_alone(model_dir, bench, attention
 
 def test_prompt_and_prefix_tuning_pad_one_choice_per_row(tmp_path, model_dir, bench):
     """Prompt and prefix tuning cannot isolate packed documents: each choice is a padded row."""
-    from trainer.multiple_choice import choice_layout
+    from trainer.eval.multiple_choice import choice_layout
 
     assert choice_layout("sdpa", "prefix_tuning") == choice_layout("sdpa", "prompt_tuning") == "padded"
     assert choice_layout("sdpa", "lora") == "shared" and choice_layout("flash_attention_2", "none") == "varlen"

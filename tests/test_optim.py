@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from trainer.config import OptimConfig
+from trainer.config.schema import OptimConfig
 from trainer.optim import build_optimizer, lr_multiplier, parameter_groups
 
 

@@ -357,8 +357,9 @@ def test_zero_checkpoint_consolidates_in_one_process(runs, name):
 def test_memory_estimate_matches_what_each_rank_holds(runs, strategy):
     """The estimator's per-rank parameter and optimizer bytes equal the tensors a live
     strategy holds (2 ranks, float32) within 2%."""
-    from trainer.config import Config
-    from trainer.estimate import meta_model, model_shape, strategy_memory
+    from trainer.config.schema import Config
+    from trainer.estimate.shapes import meta_model, model_shape
+    from trainer.estimate.memory import strategy_memory
 
     cfg = Config()
     cfg.model.config = dict(TINY_LLAMA)
@@ -483,8 +484,9 @@ def test_hsdp_checkpoints_resume_as_plain_fsdp_and_back(runs, resumed):
 @pytest.mark.slow
 def test_memory_estimate_knows_hsdp(runs):
     """`finetrain estimate` with parallel.replicate 2 on 4 devices gives what an HSDP rank holds."""
-    from trainer.config import Config
-    from trainer.estimate import meta_model, model_shape, strategy_memory
+    from trainer.config.schema import Config
+    from trainer.estimate.shapes import meta_model, model_shape
+    from trainer.estimate.memory import strategy_memory
 
     cfg = Config()
     cfg.model.config = dict(TINY_LLAMA)
@@ -525,8 +527,9 @@ def test_qlora_gradients_reach_the_adapter_only(runs, run_name):
 def test_fsdp_shards_the_packed_4bit_base(runs):
     """Each of 2 fsdp ranks holds half of the packed 4-bit weights (plus the quantization
     constants, whole on every rank): what `finetrain estimate` says, to 2%, for fsdp and single."""
-    from trainer.config import Config
-    from trainer.estimate import meta_model, model_shape, strategy_memory
+    from trainer.config.schema import Config
+    from trainer.estimate.shapes import meta_model, model_shape
+    from trainer.estimate.memory import strategy_memory
 
     single, sharded = runs["single-nf4-lora"]["state_bytes"][0], runs["fsdp-nf4-lora"]["state_bytes"]
     for rank_bytes in sharded:

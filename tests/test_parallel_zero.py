@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import TINY_LLAMA
-from trainer.config import Config
+from trainer.config.schema import Config
 from trainer.parallel.zero import deepspeed_config
 
 

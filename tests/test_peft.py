@@ -10,11 +10,11 @@ import torch
 
 from conftest import planned
 from runs import causal_config, write_config
-from trainer.config import Config, ModelConfig, PeftConfig, load_config
-from trainer.errors import ConfigError
-from trainer.models import build_model
-from trainer.peft import (UNTRAINABLE, can_merge, is_peft_model, known_methods, merge_adapter, peft_config_problems,
-                          peft_keys)
+from trainer.config.schema import Config, ModelConfig, PeftConfig, load_config
+from trainer.runtime.errors import ConfigError
+from trainer.build import build_model
+from trainer.peft.methods import (UNTRAINABLE, can_merge, is_peft_model, known_methods, merge_adapter,
+                                  peft_config_problems, peft_keys)
 from trainer.plan import plan_run
 
 # The methods users reach for (the strategy x method matrix of tests/test_parallel.py).
@@ -229,7 +229,7 @@ def test_wrong_peft_keys_are_one_line_naming_the_key(method, options, keys, expe
 
 def test_a_wrong_option_stops_the_run_with_one_line_and_exit_2(tmp_path, capsys):
     """As every entry point reports it: one line at the key's line of the config, exit code 2."""
-    from trainer.errors import report_user_error
+    from trainer.runtime.errors import report_user_error
 
     cfg = causal_config(tmp_path, peft={"method": "loha", "options": {"rank_dropuot": 0.1}})
     path = write_config(cfg, tmp_path / "config.yaml")
@@ -254,10 +254,10 @@ def test_adalora_penalty_and_rank_allocation_run_in_the_step(tiny_llama_config, 
     """AdaLoRA: the orthogonality penalty is part of the training loss (once per step, however
     the rows are split), and the rank budget is re-allocated after every optimizer step:
     singular values over the budget are masked to zero."""
-    from trainer.distributed import DistInfo
-    from trainer.loss import forward_summed_loss
+    from trainer.runtime.distributed import DistInfo
+    from trainer.model.loss import forward_summed_loss
     from trainer.parallel.single import SingleDevice
-    from trainer.peft import adapter_regularizer
+    from trainer.peft.methods import adapter_regularizer, with_adapter_penalty
 
     cfg = Config()
     cfg.model = ModelConfig(config=dict(tiny_llama_config, initializer_range=0.3))
@@ -271,9 +271,12 @@ def test_adalora_penalty_and_rank_allocation_run_in_the_step(tiny_llama_config, 
     assert penalty > 0
     with torch.no_grad():
         assert adapter_regularizer(model) is None  # evaluation losses are plain cross-entropy
-    plain = float(forward_summed_loss(model, batch, labels, "causal_lm"))
-    halves = sum(float(forward_summed_loss(model, {k: v[i:i + 1] for k, v in batch.items()}, labels[i:i + 1],
-                                           "causal_lm")) for i in range(2))
+    def training_loss(inputs, rows):  # as the loop's train_step sums a micro-batch's loss
+        return float(with_adapter_penalty(model, forward_summed_loss(model, inputs, rows, "causal_lm"),
+                                          int((rows[:, 1:] != -100).sum())))
+
+    plain = training_loss(batch, labels)
+    halves = sum(training_loss({k: v[i:i + 1] for k, v in batch.items()}, labels[i:i + 1]) for i in range(2))
     targets = int((labels[:, 1:] != -100).sum())
     with torch.no_grad():
         no_penalty = float(forward_summed_loss(model, batch, labels, "causal_lm"))
@@ -299,7 +302,7 @@ def test_adalora_resumes_exactly_with_its_importance_scores(tmp_path):
     import shutil
 
     from runs import step_losses
-    from trainer.checkpoint import complete_checkpoints
+    from trainer.checkpoint.layout import complete_checkpoints
     from trainer.loop import Trainer
 
     cfg = causal_config(tmp_path, peft={"method": "adalora", "r": 2, "options": {"init_r": 4, "tinit": 1, "tfinal": 1}},

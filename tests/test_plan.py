@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from conftest import REPO, TINY_LLAMA, write_jsonl
-from trainer.config import Config, DatasetConfig, load_config
-from trainer.errors import ConfigError
-from trainer.parallel import REGISTRY, strategy_names
-from trainer.parallel.base import MULTI_PROCESS
+from trainer.config.schema import Config, DatasetConfig, load_config
+from trainer.runtime.errors import ConfigError
+from trainer.parallel.registry import REGISTRY, strategy_names
+from trainer.config.capabilities import MULTI_PROCESS
 from trainer.plan import plan_run, resume_changes
 
 
@@ -135,7 +135,7 @@ def test_missing_model_and_data():
 def test_each_strategy_honours_or_refuses_what_it_declares(tmp_path, name):
     """A strategy's declaration is the whole truth: every capability it lists passes the plan,
     every other one is refused with a line that starts with the key it concerns."""
-    from trainer.parallel.base import requested
+    from trainer.parallel.registry import requested
 
     cls = REGISTRY[name]
     base = config(tmp_path)

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 from conftest import NF4_LLAMA, TOY_TEXTS
 from runs import causal_config, read_metrics, run_cli, write_config
 from test_export import export, latest_checkpoint, logits_of, sample_ids, train_in_process
-from trainer.config import Config, load_config
-from trainer.errors import ConfigError
-from trainer.models import build_model, train_bpe_tokenizer
+from trainer.config.schema import Config, load_config
+from trainer.runtime.errors import ConfigError
+from trainer.build import build_model
+from trainer.model.tokenizer import train_bpe_tokenizer
 from trainer.plan import plan_run
 
 

@@ -15,10 +15,10 @@ import pytest
 
 from conftest import REPO
 from runs import causal_config, read_metrics, run_cli, trainer_env, write_config
-from trainer.checkpoint import complete_checkpoints
-from trainer.config import Config
-from trainer.errors import UserError
-from trainer.run_folder import LOCK_FILE, claim_run_folder
+from trainer.checkpoint.layout import complete_checkpoints
+from trainer.config.schema import Config
+from trainer.runtime.errors import UserError
+from trainer.checkpoint.run_folder import LOCK_FILE, claim_run_folder
 
 
 def one_line(proc: subprocess.CompletedProcess) -> str:

@@ -10,16 +10,8 @@ import pytest
 import sacrebleu
 import torch
 
-from trainer.task_metrics import (
-    answer_scores,
-    classification_scores,
-    corpus_scores,
-    exact_match,
-    normalize_answer,
-    rouge_l,
-    set_scores,
-    token_f1,
-)
+from trainer.eval.scores import (answer_scores, classification_scores, corpus_scores, exact_match, normalize_answer,
+                                 rouge_l, set_scores, token_f1)
 
 
 def test_answers_are_normalised_as_squad_does():

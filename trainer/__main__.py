@@ -7,8 +7,8 @@ import argparse
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer.distributed import end_process
 from trainer.rank import run_rank
+from trainer.runtime.distributed import end_process
 
 
 @record  # a rank that crashes (a bug) gets its traceback into torchrun's summary

@@ -18,25 +18,34 @@ import time
 
 import torch
 
-from trainer.activation_offload import activation_offload
-from trainer.attention import TORCH_VARLEN, activate_flash_attention_3
-from trainer.checkpoint import Checkpointer, seed_step
-from trainer import faults
-from trainer.config import Config, cache_root, dataset_name, dump_yaml, load_config
+from trainer.build import build_training
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.run_folder import claim_run_folder
+from trainer.config.schema import Config, cache_root, dataset_name, dump_yaml, load_config
 from trainer.data.collate import describe_batch
 from trainer.data.end_of_turn import check_end_of_turn
-from trainer.data.loader import RunData, build_train_loader, training_texts
-from trainer.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
-from trainer.errors import ConfigError, UserError
-from trainer.evaluate import Evaluator, to_device
-from trainer.loss import forward_summed_loss
-from trainer.metrics import MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops, run_description
-from trainer.models import build_model, describe_template, load_tokenizer, parameter_counts
+from trainer.data.loader import build_train_loader
+from trainer.data.run_data import RunData, training_texts
+from trainer.eval.evaluator import Evaluator, to_device
+from trainer.model.activation_offload import activation_offload
+from trainer.model.attention import TORCH_VARLEN, activate_flash_attention_3
+from trainer.model.loss import forward_summed_loss
+from trainer.model.tokenizer import describe_template, load_tokenizer
 from trainer.optim import set_schedule_step
-from trainer.parallel import build_strategy
+from trainer.peft.methods import with_adapter_penalty
 from trainer.plan import plan_run, resume_changes
-from trainer.run_folder import claim_run_folder
-from trainer.summary import RunSummary
+from trainer.reporting.metrics_log import (
+    MetricsLogger,
+    StepTimer,
+    flops_per_token,
+    memory_stats,
+    peak_flops,
+    run_description,
+)
+from trainer.reporting.summary import RunSummary
+from trainer.runtime import faults
+from trainer.runtime.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
+from trainer.runtime.errors import ConfigError, UserError
 
 log = logging.getLogger("finetrain")
 
@@ -79,6 +88,11 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch for one optimizer step; a function of (seed, step, rank) only."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
 def total_steps(cfg: Config, loader) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
@@ -100,8 +114,8 @@ def train_step(strategy, batches: list, task: str) -> dict:
         with contextlib.nullcontext() if last else strategy.no_sync():
             labels = batch.labels.to(device)
             with strategy.autocast(), activation_offload(offload):
-                summed = forward_summed_loss(strategy.model, to_device(batch.inputs, device), labels, task,
-                                             batch.labels_shifted)
+                summed = with_adapter_penalty(strategy.model, forward_summed_loss(
+                    strategy.model, to_device(batch.inputs, device), labels, task, batch.labels_shifted), batch.num_targets)
             strategy.backward(summed / denominator)
         loss_sum += summed.detach().double().cpu()
     loss = float(all_reduce_sum(loss_sum.reshape(1)).item()) / denominator
@@ -157,11 +171,9 @@ class Trainer:
         self.evaluator = agree(lambda: Evaluator.from_config(cfg, plan, self.tokenizer, self.data, dist_info))
         self.total_steps = agree(lambda: total_steps(cfg, self.loader))
 
-        self.strategy = agree(lambda: build_strategy(cfg, dist_info, plan))
-        model = agree(lambda: self.strategy.build_model(
-            lambda: build_model(cfg, self.tokenizer, plan.attention, self.total_steps)))
-        trainable, self.num_params = parameter_counts(model)
-        agree(lambda: self.strategy.setup(model, self.total_steps))
+        training = build_training(cfg, plan, dist_info, self.tokenizer, self.total_steps)
+        self.strategy = training.strategy
+        trainable, self.num_params = training.trainable_params, training.total_params
         log.info("strategy %s on %d rank(s)%s, attention %s, %d micro-batch(es) of %d per step, %d steps; "
                  "%s of %s parameters trainable", plan.strategy, world,
                  f" in sequence groups of {plan.mesh.sequence}" if plan.mesh.sequence > 1 else "", plan.attention,

@@ -13,9 +13,11 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import OptimConfig
+from trainer.config.schema import OptimConfig
+from trainer.runtime.errors import ConfigError
 
-from trainer.errors import ConfigError
+# AdamW keeps two moments (running mean and variance) per trainable weight.
+ADAM_MOMENTS = 2
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -18,54 +18,27 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
 
 import torch
 
-from trainer.attention import (MASKED_ATTENTION, SDPA_VARLEN, SEQUENCE_PARALLEL_ATTENTION, TORCH_VARLEN,
-                               VARLEN_ATTENTION, torch_varlen_problem)
-from trainer.config import Config, dataset_name, to_dict
-from trainer.data.mixing import primary_index
+from trainer.checkpoint.run_folder import config_problems as run_folder_problems
+from trainer.config.plan_types import Mesh, RunPlan
+from trainer.config.schema import Config, dataset_name, to_dict
+from trainer.data.eval_sets import eval_config_problems, format_problems
 from trainer.data.formats import train_on_problems
-from trainer.errors import ConfigError
-from trainer.eval_sets import eval_config_problems, format_problems
-from trainer.models import dropout_problems
-from trainer.parallel import resolve_strategy, strategy_class, strategy_problems
-from trainer.peft import is_prompt_learning, peft_config_problems
-from trainer.run_folder import config_problems as run_folder_problems
-
-
-@dataclass(frozen=True)
-class Mesh:
-    """How the ranks divide the work: `replicate` groups of `shard` ranks that shard one copy
-    of the model (HSDP when replicate > 1); within them, groups of `sequence` consecutive ranks
-    read the same rows, each computing `1/sequence` of every row's tokens (sequence
-    parallelism). Sequence ranks hold the same weights and their gradients add up like those
-    of ranks that read different rows, so the model is sharded over all ranks of a shard group,
-    as DeepSpeed's ALST (ZeRO over data x sequence ranks) and torchtitan's context parallelism
-    (FSDP over dp_shard x cp) shard it."""
-
-    replicate: int
-    shard: int
-    sequence: int = 1
-
-    @property
-    def data_parallel(self) -> int:
-        """Ranks that read different rows."""
-        return self.replicate * self.shard // self.sequence
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    strategy: str
-    world_size: int
-    mesh: Mesh
-    accumulation: int  # micro-batches per optimizer step on each rank
-    master_dtype: torch.dtype
-    compute_dtype: torch.dtype
-    attention: str
-    primary_dataset: str  # the task: the largest weight (the first of equals); the others are rehearsal
-    checkpoint_format: str
+from trainer.data.mixing import primary_index
+from trainer.model.attention import (
+    MASKED_ATTENTION,
+    SDPA_VARLEN,
+    SEQUENCE_PARALLEL_ATTENTION,
+    TORCH_VARLEN,
+    VARLEN_ATTENTION,
+    torch_varlen_problem,
+)
+from trainer.model.loading import dropout_problems, model_config
+from trainer.parallel.registry import resolve_strategy, strategy_class, strategy_problems
+from trainer.peft.methods import is_prompt_learning, peft_config_problems
+from trainer.runtime.errors import ConfigError
 
 
 def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
@@ -160,7 +133,6 @@ def sequence_problems(cfg: Config, world_size: int, attention: str | None) -> li
         problems.append(f"{key}: attention {attention!r} needs a seq_len^2 mask on every rank; use "
                         f"model.attention={' or '.join(SEQUENCE_PARALLEL_ATTENTION)}")
     try:
-        from trainer.models import model_config
 
         config = model_config(cfg).get_text_config()
     except ConfigError as err:

@@ -17,10 +17,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-from trainer import faults
-from trainer.config import load_config
-from trainer.dataclass_tree import parse_override
-from trainer.errors import UserError, report_user_error
+from trainer.config.schema import load_config
+from trainer.config.tree import parse_override
+from trainer.runtime import faults
+from trainer.runtime.errors import UserError, report_user_error
 
 
 def setup_logging() -> None:
@@ -57,8 +57,8 @@ def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> Ran
     """Train on this rank; a user's mistake is reported here and becomes exit code 2."""
     faults.redirect_output()  # under finetrain's launcher: into <run>/logs/rank-N.log
     setup_logging()
-    from trainer.distributed import shutdown
     from trainer.loop import StopSignal, Trainer
+    from trainer.runtime.distributed import shutdown
 
     # From the start: a stop requested while the run sets up is honoured at its first step.
     stop = StopSignal()

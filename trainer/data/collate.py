@@ -34,15 +34,18 @@ over capacity is the packer's fill rate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from trainer.attention import VARLEN_ATTENTION
+from trainer.config.schema import Config
 from trainer.data.packing import Piece
 from trainer.data.stream import StreamDataset
-from trainer.loss import IGNORE_INDEX, count_targets
+from trainer.model.attention import NAME as VARLEN_REFERENCE, VARLEN_ATTENTION
+from trainer.model.loss import IGNORE_INDEX, count_targets
+from trainer.peft.methods import prepends_virtual_tokens
 
 # Rounding of a packed micro-batch's length: rows of the masked layout to a multiple of 64 (at
 # most seq_len/64 shapes for torch.compile), a flattened stream to a multiple of 8 (aligned for
@@ -59,7 +62,7 @@ def round_up(n: int, multiple: int) -> int:
 class Batch:
     inputs: dict  # keyword arguments of model(**inputs)
     labels: torch.Tensor  # causal: like input_ids, unshifted, -100 = no target; classification: [B] class ids
-    num_targets: int  # trainer.loss.count_targets(labels, task)
+    num_targets: int  # trainer.model.loss.count_targets(labels, task)
     num_tokens: int  # real (non-padding) tokens
     num_slots: int  # positions computed on: real tokens + padding
     examples: dict[str, int]  # per data set: examples starting in this micro-batch
@@ -260,3 +263,14 @@ def _mark_targets(tokenizer, ids: list[int], mask: list[bool]) -> str:
 
 def _clip(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 20] + " ... " + text[-15:]
+
+
+def build_collator(cfg: Config, datasets: list[StreamDataset], tokenizer, attention: str) -> Collator:
+    # Sequence-parallel attention reads every backend's document bounds from cu_seq_lens: rows are
+    # collated flattened, as for varlen attention, to a length that splits evenly over the group's
+    # ranks (no filler document for the shard to add), and no seq_len^2 mask is built to be dropped.
+    size = cfg.parallel.sequence_parallel
+    layout = attention if size == 1 else VARLEN_REFERENCE
+    return Collator(datasets, cfg.model.task, cfg.data.seq_len, cfg.data.packing, layout, tokenizer.pad_token_id,
+                    mask_dtype=getattr(torch, cfg.model.dtype), flat_multiple=math.lcm(FLAT_MULTIPLE, size),
+                    position_ids=not prepends_virtual_tokens(cfg.peft.method))

@@ -19,11 +19,13 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-from trainer.config import Config
-from trainer.data.formats import ChatEncoder, Conversation, RowError, build_encoder, field_names
-from trainer.data.loader import resolve_source
+from trainer.config.schema import Config, cache_root, dataset_name
+from trainer.data.chat import ChatEncoder, Conversation
+from trainer.data.formats import build_encoder
+from trainer.data.records import RowError, field_names
+from trainer.data.run_data import resolve_source
 from trainer.data.sources import location, read_rows
-from trainer.errors import ConfigError, DataError
+from trainer.runtime.errors import ConfigError, DataError
 
 log = logging.getLogger("finetrain")
 
@@ -61,8 +63,6 @@ def end_of_turn_token(encoder: ChatEncoder) -> tuple[int | None, str]:
 def check_end_of_turn(cfg: Config, tokenizer, template: str, rows: int = ROWS) -> list[str]:
     """Check the first `rows` rows of each chat/instruction data set; returns one summary
     line per data set; raises ConfigError (one line naming the template) on a failure."""
-    from trainer.config import dataset_name
-    from trainer.config import cache_root
 
     cache_dir = cache_root(cfg)
     entries = [(dataset_name(ds), f"data.datasets.{i}", ds) for i, ds in enumerate(cfg.data.datasets)

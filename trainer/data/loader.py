@@ -1,264 +1,31 @@
-"""The training loader and the evaluation sets, built from the config.
-
-`build_train_loader` maps every data set from the tokenization cache (tokenizing it
-first on a miss, once per node), applies `data.overlong` (text documents are split
-across rows instead: continued pretraining loses nothing), sets the held-out examples
-aside, and wraps the global row stream in a `TrainLoader` that hands each rank its rows
-of every optimizer step: of the `global_batch_size` rows of a step, rank r takes the
-r-th contiguous block of `micro_batch_size x num_micro_batches` rows.
-"""
+"""The training loader: this rank's micro-batches of each optimizer step, cut from the global
+row stream, the next step prepared in a background thread while the current one computes.
+Of the `global_batch_size` rows of a step, rank r takes the r-th contiguous block of
+`micro_batch_size x num_micro_batches` rows."""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 import torch
 
-from trainer.attention import NAME as VARLEN_REFERENCE
-from trainer.config import Config, DatasetConfig, cache_root, dataset_name
-from trainer.eval_sets import declared_sets
-
-from trainer.errors import ConfigError, UserError
-from trainer.data.builtin import builtin_format, is_builtin, materialize
-from trainer.data.collate import FLAT_MULTIPLE, Batch, Collator
-from trainer.data.formats import build_encoder, field_names, record_texts
-from trainer.data.mixing import RandomPermutation
-from trainer.data.packing import pack_pieces
-from trainer.data.prepare import EncodingSpec, load_tokenized
+from trainer.config.schema import Config, cache_root
+from trainer.data.collate import Batch, Collator, build_collator
+from trainer.data.run_data import RunData
 from trainer.data.sequence_shard import sequence_shard
-from trainer.data.sources import read_rows
-from trainer.errors import DataError
-from trainer.data.stream import ExampleSet, GlobalStream, StreamDataset
-from trainer.data.tokenized import TokenizedDataset
-from trainer.distributed import local_world_size, on_node_leaders
-from trainer.peft import prepends_virtual_tokens
+from trainer.data.stream import GlobalStream
+from trainer.runtime.errors import UserError
 
 log = logging.getLogger("finetrain")
+
 
 # 2: shuffles by RandomPermutation, examples as ids into memory-mapped arrays
 STATE_VERSION = 2
 
-
-def resolve_source(path: str, fmt: str, key: str, cache_dir: Path) -> Path:
-    """A data file or folder; a builtin data set is built into the cache first."""
-    if not is_builtin(path):
-        return Path(path)
-    try:
-        native = builtin_format(path)
-    except ValueError as err:
-        raise ConfigError(f"{key}.path: {err}") from None
-    if fmt != native:
-        raise ConfigError(f"{key}.format: {path} is {native} data; set format: {native}")
-    return materialize(path, cache_dir)
-
-
-@dataclass
-class _Source:
-    """One configured data set, tokenized."""
-
-    name: str
-    data: TokenizedDataset
-    weight: float
-
-
-def _load_sources(cfg: Config, tokenizer, entries: list[tuple[str, str, DatasetConfig]], report: bool = True,
-                  workers: int | None = None, progress: bool | None = None) -> list[_Source]:
-    """The tokenized data sets, memory-mapped. On a cache miss the first rank of each node
-    tokenizes them (with `workers` processes; by default one per local rank, since those
-    ranks wait meanwhile) and every rank then maps the arrays; a bad row or a config
-    mistake found while tokenizing is raised on every rank."""
-    cache_dir = cache_root(cfg)
-    workers = local_world_size() if workers is None else workers
-    progress = cfg.logging.progress_bar if progress is None else progress
-
-    def load(name: str, key: str, ds: DatasetConfig, **tokenizing) -> TokenizedDataset:
-        path = resolve_source(ds.path, ds.format, key, cache_dir)
-        spec = EncodingSpec(ds.format, field_names(ds.format, ds.fields, f"{key}.fields"), cfg.data.train_on_prompt,
-                            tokenizer, tuple(ds.train_on))
-        return load_tokenized(path, ds.path, spec, cfg.data.on_bad_row, cache_dir, **tokenizing)
-
-    def fill_cache() -> None:
-        for entry in entries:
-            load(*entry, workers=workers, progress=progress)
-
-    on_node_leaders(fill_cache, shared_errors=(DataError, ConfigError))
-    sources = []
-    for entry in entries:
-        data = load(*entry)
-        name, _, ds = entry
-        if data.skipped and report:
-            log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", ds.path, data.skipped,
-                        "; ".join(data.skipped_where[:3]))
-        sources.append(_Source(name, data, ds.weight))
-    return sources
-
-
-def _class_of_label(sources: list[_Source], num_labels: int) -> dict[str, np.ndarray]:
-    """Per data set, the class id of each of its distinct labels. Integer labels are ids;
-    class names (strings) get ids in the sorted order of all names in the run's data, e.g.
-    neg -> 0, pos -> 1."""
-    names = sorted({label for s in sources for label in s.data.label_values if isinstance(label, str)})
-    if names and len(names) > num_labels:
-        raise ConfigError(f"model.num_labels: {num_labels}, but the data has {len(names)} classes: {', '.join(names)}")
-    mapping = {label: i for i, label in enumerate(names)}
-    if names:
-        log.info("class names -> label ids: %s", ", ".join(f"{k}={v}" for k, v in mapping.items()))
-    ids = {}
-    for s in sources:
-        out = np.empty(len(s.data.label_values), dtype=np.int64)
-        problems = []  # (first example with the label, what is wrong)
-        for j, label in enumerate(s.data.label_values):
-            if isinstance(label, str) != bool(names):
-                kind = ("a class name", "integers") if isinstance(label, str) else ("an integer", "class names")
-                problem = f"label {label!r} is {kind[0]}, but other labels are {kind[1]}"
-            elif isinstance(label, str):
-                out[j], problem = mapping[label], None
-            elif 0 <= label < num_labels:
-                out[j], problem = label, None
-            else:
-                problem = f"label {label} is not in [0, {num_labels}) (model.num_labels)"
-            if problem:
-                problems.append((int(s.data.examples_with_label(j)[0]), problem))
-        if problems:
-            example, problem = min(problems)
-            raise DataError(f"{s.data.where(example)}: {problem}")
-        ids[s.name] = out
-    return ids
-
-
-def _usable(source: _Source, cfg: Config, stats: dict, report: bool = True) -> ExampleSet:
-    """Examples that go into the stream, after `data.overlong`: over-long examples are
-    truncated (`StreamDataset.length`) or dropped, and one truncated to no target at all is
-    dropped. Text is split across rows instead."""
-    data, seq_len, policy = source.data, cfg.data.seq_len, cfg.data.overlong
-    stats[f"{source.name}/bad_rows_skipped"] = data.skipped
-    if data.format == "text":
-        over = np.empty(0, dtype=np.int64)
-    else:
-        over = np.concatenate([start + np.flatnonzero(lengths > seq_len) for start, lengths in data.length_blocks()])
-    if len(over) and policy == "error":
-        i = int(over[0])
-        raise DataError(f"{data.where(i)}: example of {data.length(i)} tokens is longer than data.seq_len {seq_len} "
-                        f"({len(over)} such examples; set data.overlong=truncate or drop)")
-    dropped = [int(i) for i in over if policy == "drop" or
-               (data.format != "classification" and not data.example_targets(int(i))[1:seq_len].any())]
-    truncated = len(over) - len(dropped)
-    if len(over) and report:
-        log.warning("%s: %d examples longer than data.seq_len %d: %d truncated, %d dropped (data.overlong=%s)",
-                    data.source, len(over), seq_len, truncated, len(dropped), policy)
-    stats[f"{source.name}/overlong_truncated"] = truncated
-    stats[f"{source.name}/overlong_dropped"] = len(dropped)
-    return ExampleSet(len(data), dropped)
-
-
-def _held_out(examples: ExampleSet, name: str, cfg: Config) -> np.ndarray:
-    """The held-out example ids: a seeded random `data.eval.fraction` of each data set (at
-    most `data.eval.max_examples`)."""
-    fraction = 0.0 if cfg.data.eval.path else cfg.data.eval.fraction
-    count = min(int(round(fraction * len(examples))), cfg.data.eval.max_examples) if fraction else 0
-    if fraction and count == 0:
-        count = 1
-    if count >= len(examples):
-        raise ConfigError(f"data.eval.fraction: {fraction} of data set {name!r} ({len(examples)} examples) "
-                          "leaves nothing to train on")
-    order = RandomPermutation(len(examples), [cfg.run.seed, zlib.crc32(name.encode()), 0xE7A1])
-    return np.sort(np.asarray([examples[order[k]] for k in range(count)], dtype=np.int64))
-
-
-def _prompt_twins(data: TokenizedDataset, held_out: np.ndarray) -> np.ndarray:
-    """Examples other than the held-out ones that share a held-out example's prompt (a
-    question asked again, a duplicated row): trained on, they would leak the evaluation's
-    questions, and often its answers, into training."""
-    if not len(held_out):
-        return held_out
-    keys = np.unique(np.asarray(data.prompt_keys[held_out]))
-    return np.setdiff1d(data.examples_with_prompt_keys(keys), held_out)
-
-
-def _entries(cfg: Config) -> list[tuple[str, str, DatasetConfig]]:
-    return [(dataset_name(ds), f"data.datasets.{i}", ds) for i, ds in enumerate(cfg.data.datasets)]
-
-
-def _eval_file_entries(cfg: Config) -> list[tuple[str, str, DatasetConfig]]:
-    """The eval sets read from files of their own (`data.eval.path`, `data.eval.sets`), but
-    choice sets (trainer/multiple_choice.py reads those)."""
-    return [(s.name, s.key, DatasetConfig(name=s.name, path=s.path, format=s.format, fields=s.fields))
-            for s in declared_sets(cfg) if not s.held_out and s.format != "choice"]
-
-
-@dataclass
-class RunData:
-    """The run's data, tokenized, checked and split once, then shared by training, evaluation
-    and generation: the training data sets (over-long, held-out and prompt-twin examples
-    excluded), their weights, the load-time counters, and the evaluation sets scored by their
-    loss (the held-out fraction of each training data set, or `data.eval.path` as the set "eval",
-    then the `data.eval.sets` but choice sets), each with its config key and data set config."""
-
-    train: list[StreamDataset]
-    weights: list[float]
-    stats: dict
-    evaluation: list[tuple[str, DatasetConfig, StreamDataset]]
-
-    @classmethod
-    def load(cls, cfg: Config, tokenizer, report: bool = True, workers: int | None = None,
-             progress: bool | None = None) -> "RunData":
-        """Warnings about the data are logged when `report` (once per run)."""
-        entries = _entries(cfg) + _eval_file_entries(cfg)
-        sources = _load_sources(cfg, tokenizer, entries, report, workers, progress)
-        # Class names get their ids over every data set of the run, evaluation included.
-        classes = _class_of_label(sources, cfg.model.num_labels) if cfg.model.task == "sequence_classification" else {}
-        train_sources, eval_sources = sources[:len(cfg.data.datasets)], sources[len(cfg.data.datasets):]
-        stats: dict = {}
-        train, evaluation = [], []
-        for (_, key, ds_cfg), s in zip(entries, train_sources):
-            usable = _usable(s, cfg, stats, report)
-            if len(usable) == 0:
-                raise DataError(f"{s.data.source}: no example fits data.seq_len {cfg.data.seq_len} "
-                                f"(data.overlong={cfg.data.overlong})")
-            held_out = _held_out(usable, s.name, cfg)
-            twins = _prompt_twins(s.data, held_out)
-            kept = ExampleSet(len(s.data), np.concatenate([usable.excluded, held_out, twins]))
-            if len(kept) == 0:
-                raise DataError(f"{s.data.source}: every example shares its prompt with a held-out one; "
-                                "nothing is left to train on (lower data.eval.fraction)")
-            stats[f"{s.name}/held_out_prompt_twins"] = len(np.setdiff1d(twins, usable.excluded))
-            if report and stats[f"{s.name}/held_out_prompt_twins"]:
-                log.info("%s: %d training examples share a prompt with a held-out example and are left out of "
-                         "training", s.name, stats[f"{s.name}/held_out_prompt_twins"])
-            splittable = s.data.format == "text"
-            train.append(StreamDataset(s.name, s.data, kept, cfg.data.seq_len, splittable, classes.get(s.name)))
-            if len(held_out):
-                evaluation.append((key, ds_cfg, StreamDataset(s.name, s.data, held_out, cfg.data.seq_len, splittable,
-                                                              classes.get(s.name))))
-        limits = {s.name: s.max_examples for s in declared_sets(cfg)}
-        for (_, key, ds_cfg), s in zip(entries[len(train_sources):], eval_sources):
-            usable = _usable(s, cfg, {}, report)
-            examples = np.asarray([usable[k] for k in range(min(len(usable), limits[s.name]))], dtype=np.int64)
-            evaluation.append((key, ds_cfg, StreamDataset(s.name, s.data, examples, cfg.data.seq_len,
-                                                          s.data.format == "text", classes.get(s.name))))
-        return cls(train, [s.weight for s in train_sources], stats, evaluation)
-
-    def stream(self, cfg: Config) -> GlobalStream:
-        return GlobalStream(self.train, self.weights, cfg.data.mix_by, cfg.data.seq_len, cfg.data.packing, cfg.run.seed)
-
-
-def _collator(cfg: Config, datasets: list[StreamDataset], tokenizer, attention: str) -> Collator:
-    # Sequence-parallel attention reads every backend's document bounds from cu_seq_lens: rows are
-    # collated flattened, as for varlen attention, to a length that splits evenly over the group's
-    # ranks (no filler document for the shard to add), and no seq_len^2 mask is built to be dropped.
-    size = cfg.parallel.sequence_parallel
-    layout = attention if size == 1 else VARLEN_REFERENCE
-    return Collator(datasets, cfg.model.task, cfg.data.seq_len, cfg.data.packing, layout, tokenizer.pad_token_id,
-                    mask_dtype=getattr(torch, cfg.model.dtype), flat_multiple=math.lcm(FLAT_MULTIPLE, size),
-                    position_ids=not prepends_virtual_tokens(cfg.peft.method))
 
 
 @dataclass
@@ -280,6 +47,7 @@ class _Step:
                 for tensor in batch.tensors():
                     tensor.record_stream(current)  # the allocator must not reuse them before the step ran
         return self.batches
+
 
 
 @dataclass
@@ -402,6 +170,7 @@ class TrainLoader:
         self._consumed = None
 
 
+
 def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_size: int,
                        data: RunData | None = None, device: torch.device | None = None) -> TrainLoader:
     """This rank's loader of the run's training stream (`data`: the run's data, loaded here when
@@ -412,86 +181,6 @@ def build_train_loader(cfg: Config, tokenizer, attention: str, rank: int, world_
     log.info("training data: %s examples ready in %.1f s", " + ".join(f"{len(ds.examples):,} {ds.name}"
                                                                      for ds in stream.datasets),
              time.perf_counter() - start)
-    return TrainLoader(stream, _collator(cfg, stream.datasets, tokenizer, attention), cfg.train.micro_batch_size,
+    return TrainLoader(stream, build_collator(cfg, stream.datasets, tokenizer, attention), cfg.train.micro_batch_size,
                        cfg.train.global_batch_size, rank, world_size, data.stats, cache_root(cfg),
                        cfg.parallel.sequence_parallel, device)
-
-
-def build_eval_sets(cfg: Config, tokenizer, attention: str, rank: int, world_size: int,
-                    data: RunData | None = None) -> dict[str, list[Batch]]:
-    """Per eval data set scored by its loss (choice sets are not), this rank's evaluation
-    micro-batches. Examples are dealt to ranks round-robin (to sequence groups, with sequence
-    parallelism: each rank keeps its shard), then packed (within one data set only) or padded."""
-    data = data or RunData.load(cfg, tokenizer, report=False)
-    readers, reader = world_size // cfg.parallel.sequence_parallel, rank // cfg.parallel.sequence_parallel
-    result = {}
-    for key, _, ds in data.evaluation:
-        if len(ds.examples) < readers:
-            held_out = not key.startswith("data.eval")
-            raise ConfigError(f"{'data.eval' if held_out else key}: data set {ds.name!r} has {len(ds.examples)} "
-                              f"{'held-out ' if held_out or key == 'data.eval' else ''}examples, fewer than the "
-                              f"{readers} ranks that read them" + ("; raise data.eval.fraction" if held_out else ""))
-        pieces = [p for e in ds.examples[reader::readers] for p in ds.pieces(0, int(e))]
-        rows = pack_pieces(pieces, cfg.data.seq_len) if cfg.data.packing else [[p] for p in pieces]
-        collate = _collator(cfg, [ds], tokenizer, attention)
-        micro = cfg.train.micro_batch_size
-        batches = [collate(rows[i: i + micro]) for i in range(0, len(rows), micro)]
-        size = cfg.parallel.sequence_parallel
-        result[ds.name] = batches if size == 1 else [sequence_shard(b, rank % size, size, tokenizer.pad_token_id)
-                                                     for b in batches]
-    return result
-
-
-def held_out_conversations(cfg: Config, tokenizer, count: int,
-                           data: RunData | None = None) -> dict[str, list[list[dict]]]:
-    """Per chat or instruction eval data set, the conversations of its first `count`
-    held-out examples that fit `data.seq_len` whole, one per prompt (a question asked twice
-    is answered once), read back from the source file (the tokenized cache keeps token
-    ids, not the text of each turn)."""
-    cache_dir = cache_root(cfg)
-    data = data or RunData.load(cfg, tokenizer, report=False)
-    result = {}
-    for key, ds_cfg, ds in data.evaluation:
-        if ds_cfg.format not in ("chat", "instruction"):
-            continue
-        first_of_prompt = {}
-        for e in ds.examples:
-            if ds.data.length(int(e)) <= cfg.data.seq_len:
-                first_of_prompt.setdefault(int(ds.data.prompt_keys[e]), int(e))
-        rows = [int(ds.data.rows[e]) for e in sorted(first_of_prompt.values())[:count]]
-        wanted = set(rows)
-        encoder = build_encoder(ds_cfg.format, tokenizer, field_names(ds_cfg.format, ds_cfg.fields, f"{key}.fields"),
-                                train_on_prompt=False)
-        found: dict[int, list[dict]] = {}
-        for row in read_rows(resolve_source(ds_cfg.path, ds_cfg.format, key, cache_dir), cache_dir / "hf"):
-            if row.number in wanted:
-                found[row.number] = encoder.messages(row.record)
-                if len(found) == len(wanted):
-                    break
-        result[ds.name] = [found[number] for number in rows]
-    return result
-
-
-def prepare_data(cfg: Config, tokenizer, workers: int, progress: bool = True) -> dict[str, TokenizedDataset]:
-    """Tokenize every training data set and `data.eval.path` into the cache (what a run
-    would, ahead of it), with `workers` processes, and count the rows of an epoch when
-    the run is set in epochs; returns the data sets by name."""
-    data = RunData.load(cfg, tokenizer, report=False, workers=workers, progress=progress)
-    if cfg.train.epochs is not None:
-        log.info("one epoch: %d rows", data.stream(cfg).epoch_rows(cache_root(cfg)))
-    return {ds.name: ds.data for ds in data.train} | {ds.name: ds.data for _, _, ds in data.evaluation}
-
-
-def training_texts(cfg: Config) -> Iterator[str]:
-    """The free text of every training record (bad rows skipped here; they are reported
-    when the data is tokenized), to train a tokenizer on."""
-    cache_dir = cache_root(cfg)
-    for name, key, ds in _entries(cfg):
-        path = resolve_source(ds.path, ds.format, key, cache_dir)
-        names = field_names(ds.format, ds.fields, f"{key}.fields")
-        try:
-            for row in read_rows(path, cache_dir / "hf"):
-                if row.record is not None:
-                    yield from record_texts(ds.format, row.record, names)
-        except DataError:
-            continue

@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from trainer.errors import ConfigError
+from trainer.runtime.errors import ConfigError
 
 
 def primary_index(weights: list[float]) -> int:

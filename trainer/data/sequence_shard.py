@@ -6,7 +6,7 @@ takes) and cut into N equal, contiguous spans, so a document may begin on one ra
 on the next. What a rank needs of the rest travels with its span:
 
 - `cu_seq_lens_q/k` and `max_length_q/k` of the whole stream: after the all-to-all in
-  attention (trainer/sequence_parallel.py) every document attends to itself and nothing else;
+  attention (trainer/model/sequence_parallel.py) every document attends to itself and nothing else;
 - its tokens' own `position_ids`, so rotary embeddings are applied where the tokens are;
 - labels shifted BEFORE the cut (`labels[t]` is the target of position t): the last token of
   a span predicts the first token of the next span, which no single rank could do after the
@@ -26,7 +26,7 @@ import dataclasses
 import torch
 
 from trainer.data.collate import Batch
-from trainer.loss import IGNORE_INDEX
+from trainer.model.loss import IGNORE_INDEX
 
 
 def document_starts(inputs: dict) -> list[int]:

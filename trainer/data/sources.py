@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from trainer.errors import DataError
+from trainer.runtime.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import ConfigError
 from trainer.data.mixing import DatasetOrder, MixingSchedule, primary_index
 from trainer.data.packing import Piece, RowPacker, split_example
 from trainer.data.tokenized import TokenizedDataset
+from trainer.runtime.errors import ConfigError
 
 # Pieces the packer looks ahead over, and the rows a piece may wait before it opens a
 # row. A larger buffer packs a little tighter but lets the packed stream drift further

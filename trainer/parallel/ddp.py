@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.parallel.base import OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS
-from trainer.parallel.common import TorchStrategy, apply_layer_options
+from trainer.config.capabilities import OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS
+from trainer.parallel.layer_options import apply_layer_options
+from trainer.parallel.torch_strategy import TorchStrategy
 
 
 class DDPStrategy(TorchStrategy):

@@ -27,10 +27,12 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from trainer.config import Config
-from trainer.models import decoder_layers
-from trainer.parallel.base import KEEP_GATHERED, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, REPLICATE, WHOLE_GRADIENTS
-from trainer.parallel.common import TorchStrategy, apply_layer_options
+from trainer.config.capabilities import KEEP_GATHERED, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, REPLICATE, WHOLE_GRADIENTS
+from trainer.config.schema import Config
+from trainer.model.structure import decoder_layers
+from trainer.optim import ADAM_MOMENTS
+from trainer.parallel.layer_options import apply_layer_options
+from trainer.parallel.torch_strategy import TorchStrategy
 
 log = logging.getLogger("finetrain")
 
@@ -49,15 +51,12 @@ class FSDPStrategy(TorchStrategy):
         return []
 
     @classmethod
-    def memory(cls, name: str, shape, acts: int, cfg: Config, world: int) -> dict:
+    def memory(cls, name: str, shape, size, acts: int, cfg: Config, world: int) -> dict:
         """Weights, gradients and moments sharded over the shard group (world/R with HSDP), plus
         the units gathered at a time in the compute dtype: the root and the head from the end of
         forward into backward, decoder layers two at a time (the one running, the one prefetched)
         or all of them when not resharded after forward; gradients unsharded one unit at a time
         (plus the root's, reduced last). `offload` puts the shards in host memory."""
-        from trainer.estimate import ADAM_MOMENTS, element_sizes
-
-        size = element_sizes(shape, cfg)
         group = max(1, world // cfg.parallel.replicate)
         shard_params = math.ceil((shape.total - size.quantized) / group) * size.master \
             + math.ceil(size.packed / group) + size.constants

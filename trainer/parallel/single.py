@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.parallel.base import MULTI_PROCESS, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, SEQUENCE_PARALLEL
-from trainer.parallel.common import TorchStrategy, apply_layer_options
+from trainer.config.capabilities import MULTI_PROCESS, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, SEQUENCE_PARALLEL
+from trainer.parallel.layer_options import apply_layer_options
+from trainer.parallel.torch_strategy import TorchStrategy
 
 
 class SingleDevice(TorchStrategy):

@@ -27,15 +27,26 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.config import Config, cache_root
-
-from trainer.distributed import DistInfo, barrier
-from trainer.errors import ConfigError, UserError
-from trainer.optim import build_optimizer, build_scheduler, trainable_groups
-from trainer.parallel.base import (ASYNC_SAVE, COMPILE, DEEPSPEED_CONFIG, KEEP_GATHERED, MULTI_PROCESS,
-                                   OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, QUANTIZATION, SEQUENCE_PARALLEL,
-                                   WHOLE_BASE_WEIGHTS, WHOLE_GRADIENTS, Strategy)
-from trainer.parallel.common import apply_layer_options
+from trainer.config.capabilities import (
+    ASYNC_SAVE,
+    COMPILE,
+    DEEPSPEED_CONFIG,
+    KEEP_GATHERED,
+    MULTI_PROCESS,
+    OFFLOAD_OPTIMIZER,
+    OFFLOAD_PARAMS,
+    QUANTIZATION,
+    SEQUENCE_PARALLEL,
+    WHOLE_BASE_WEIGHTS,
+    WHOLE_GRADIENTS,
+)
+from trainer.config.schema import Config, cache_root
+from trainer.model.loading import model_config
+from trainer.optim import ADAM_MOMENTS, build_optimizer, build_scheduler, trainable_groups
+from trainer.parallel.layer_options import apply_layer_options
+from trainer.parallel.strategy import Strategy
+from trainer.runtime.distributed import DistInfo, barrier
+from trainer.runtime.errors import ConfigError, UserError
 
 log = logging.getLogger("finetrain")
 
@@ -150,7 +161,6 @@ class ZeroStrategy(Strategy):
 
     def __init__(self, cfg: Config, dist_info: DistInfo, plan):
         super().__init__(cfg, dist_info, plan)
-        from trainer.models import model_config
 
         hidden_size = getattr(model_config(cfg), "hidden_size", None)
         self.ds_config = deepspeed_config(cfg, self.stage, dist_info.world_size, hidden_size)
@@ -301,14 +311,11 @@ class ZeroStrategy(Strategy):
 
 
     @classmethod
-    def memory(cls, name: str, shape, acts: int, cfg: Config, world: int) -> dict:
+    def memory(cls, name: str, shape, size, acts: int, cfg: Config, world: int) -> dict:
         """Weights and gradients in the compute dtype (stage 3 partitions the weights, keeping
         small ones whole on every rank, and gathers two layers at a time; stages 2-3 partition
         the gradients) plus the reduction buckets, and the fp32 master copy and AdamW moments
         partitioned over the ranks. `offload` moves those (and zero3 weights) to the host."""
-        from trainer.estimate import ADAM_MOMENTS, element_sizes
-
-        size = element_sizes(shape, cfg)
         c = size.compute
         offload = cfg.parallel.offload != "none"
         bucket = bucket_elements(shape.hidden_size)

@@ -1,0 +1,264 @@
+"""Throughput, MFU, memory; sinks: console progress, metrics.jsonl, generations.jsonl,
+Weights & Biases.
+
+Only rank 0 writes. `metrics.jsonl` is opened for append, so a resumed run adds
+to the records of the run it continues; the W&B run id is kept in the checkpoint,
+so the resumed run logs into the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from trainer.config.schema import Config, dataset_name, to_dict
+from trainer.runtime.memory import peak_rss_bytes
+
+log = logging.getLogger("finetrain")
+
+# Dense bf16 peak FLOP/s per device, for MFU. Other GPUs get MFU only from logging.peak_flops.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "B200": 2250e12,
+}
+CPU_MATMUL_SIZE = 1024  # large enough for BLAS to reach its peak, small enough to time in a second
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None, cache_dir: Path) -> float | None:
+    """Peak FLOP/s of one device, the denominator of MFU: `logging.peak_flops` when set,
+    else a known GPU's dense bf16 peak, else (CPU) a matmul measured once and cached."""
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
+    if device.type == "cpu":
+        return measured_cpu_flops(dtype, cache_dir / "peak_flops.json")
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measured_cpu_flops(dtype: torch.dtype, cache_file: Path) -> float:
+    """FLOP/s of a square matmul in `dtype` on this process's threads (best of 5), cached
+    per CPU model, thread count, dtype and torch version: a CPU has no datasheet peak that
+    torch reaches, so MFU on a CPU is relative to what its BLAS does at best."""
+    key = f"{cpu_model()} | {torch.get_num_threads()} threads | {dtype} | torch {torch.__version__}"
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if key in cached:
+        return cached[key]
+    generator = torch.Generator().manual_seed(0)  # leaves the run's random streams alone
+    a, b = (torch.randn(CPU_MATMUL_SIZE, CPU_MATMUL_SIZE, generator=generator).to(dtype) for _ in range(2))
+    a @ b  # warm-up: thread pool, packing buffers
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    flops = 2 * CPU_MATMUL_SIZE**3 / best
+    cached[key] = flops
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    aside = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+    aside.write_text(json.dumps(cached, indent=1))
+    os.replace(aside, cache_file)
+    log.info("CPU peak for MFU: %.1f GFLOP/s measured (%s); cached in %s, logging.peak_flops overrides it",
+             flops / 1e9, key, cache_file)
+    return flops
+
+
+def flops_per_token(model_config, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus causal attention scores
+    (12 · layers · hidden · seq_len / 2), the estimate of the PaLM paper's appendix."""
+    layers = getattr(model_config, "num_hidden_layers", 0)
+    hidden = getattr(model_config, "hidden_size", 0)
+    return 6 * num_params + 6 * layers * hidden * seq_len
+
+
+def memory_stats(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {
+            "memory/max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "memory/max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
+    return {"memory/peak_rss_gib": peak_rss_bytes() / 2**30}
+
+
+def git_commit() -> str | None:
+    """The commit of the finetrain source that runs ("-dirty" with local changes), if a git checkout."""
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def run_description(cfg: Config, strategy: str, world_size: int, trainable: int, total: int,
+                    dataset_examples: dict[str, int]) -> dict:
+    """What the resolved config does not say: the strategy picked, parameter counts, the data
+    mix (each dataset's share of what data.mix_by counts), and the code's commit (for the W&B
+    run config)."""
+    weights = {dataset_name(ds): ds.weight for ds in cfg.data.datasets}
+    formats = {dataset_name(ds): ds.format for ds in cfg.data.datasets}
+    return {
+        "strategy": strategy,
+        "world_size": world_size,
+        "parameters": {"total": total, "trainable": trainable},
+        "data_mix": {name: {"share": weight / sum(weights.values()), "format": formats[name],
+                            "train_examples": dataset_examples.get(name)} for name, weight in weights.items()},
+        "git_commit": git_commit(),
+    }
+
+
+def wandb_credentials() -> bool:
+    """An API key in the environment, or a netrc entry for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class MetricsLogger:
+    """Rank 0's sinks: metrics.jsonl, generations.jsonl, W&B, the progress bar."""
+
+    def __init__(self, cfg: Config, is_main: bool, total_steps: int, start_step: int, wandb_run_id: str | None,
+                 run_description: dict | None = None):
+        self.cfg = cfg
+        self.is_main = is_main
+        self.jsonl = None
+        self.wandb = None
+        self.progress = None
+        self.wandb_run_id = wandb_run_id or uuid.uuid4().hex[:12]
+        if not is_main:
+            return
+        out = Path(cfg.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.generations_path = out / "generations.jsonl"
+        if cfg.logging.jsonl:
+            self.jsonl = open(out / "metrics.jsonl", "a")
+        if cfg.logging.wandb.mode != "disabled":
+            self.wandb = self._start_wandb(out, run_description or {})
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=total_steps, initial=start_step, desc=cfg.run.name, unit="step",
+                                 dynamic_ncols=True, file=sys.stderr)
+
+    def _start_wandb(self, out: Path, run_description: dict):
+        import wandb
+
+        w = self.cfg.logging.wandb
+        mode = w.mode
+        if mode == "online" and not wandb_credentials():
+            log.warning("logging.wandb.mode online: no W&B API key (WANDB_API_KEY, or `wandb login`); logging "
+                        "offline to %s instead, upload it later with `wandb sync`", out / "wandb")
+            mode = "offline"
+        return wandb.init(
+            project=w.project, entity=w.entity, tags=list(w.tags), name=self.cfg.run.name,
+            id=self.wandb_run_id, resume="allow", mode=mode, dir=str(out),
+            config={**to_dict(self.cfg), "finetrain": run_description},
+        )
+
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        if self.progress is not None:
+            if "loss" in record:
+                self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                          tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            evals = {k: v for k, v in record.items() if k.startswith("eval/") and k.endswith(("/loss", "/rougeL", "/acc"))}
+            if evals:
+                self.progress.write(f"step {record['step']}: " + "  ".join(f"{k}={v:.4f}" for k, v in evals.items()))
+
+    def log_generations(self, step: int, rows: list[dict]) -> None:
+        """Greedy answers of one evaluation: appended to generations.jsonl, and a W&B table."""
+        if not self.is_main or not rows:
+            return
+        with open(self.generations_path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            columns = list(rows[0])
+            table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+            self.wandb.log({"eval/generations": table}, step=step)
+
+    def log_answers(self, step: int, answers: list[dict]) -> None:
+        """Each held-out question's first answer (the model before training, for a run from
+        step 0) beside its latest: a W&B table, logged once at the end of the run."""
+        if self.wandb is None or not answers:
+            return
+        import wandb
+
+        columns = ["dataset", "question", "reference", "first_step", "first_answer", "last_step", "last_answer"]
+        data = [[a["dataset"], a["question"], a["reference"], a["first"]["step"], a["first"]["answer"],
+                 a["last"]["step"], a["last"]["answer"]] for a in answers]
+        self.wandb.log({"eval/answers_first_and_last": wandb.Table(columns=columns, data=data)}, step=step)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.update(steps)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class StepTimer:
+    """Wall time of a block (synchronising CUDA so the time is real)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = 0.0
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start
