@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from harness import REPO, machine
 
 sys.path.insert(0, str(REPO))
@@ -69,8 +68,8 @@ def model_source(stand_in: bool, folder: Path) -> tuple[dict, str]:
     """(the model keys of a finetrain config, the tokenizer folder): SmolLM2 from its package, or
     the stand-in (SmolLM2's shape, random weights) with a word-level tokenizer of its vocabulary."""
     if not stand_in:
-        from trainer.runtime.errors import ConfigError
         from trainer.model.loading import resolve_model_path
+        from trainer.runtime.errors import ConfigError
 
         try:
             path = resolve_model_path(MODEL)
@@ -170,9 +169,9 @@ def attention_check(stand_in: bool, folder: Path) -> dict:
     of a leaking layout, as a control), and the forward + backward time of a full micro-batch."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.model.attention import activate_flash_attention_3
     from trainer.data.collate import Collator
     from trainer.data.packing import pack_pieces
+    from trainer.model.attention import activate_flash_attention_3
     from trainer.model.loading import resolve_model_path
 
     model_keys, _ = model_source(stand_in, folder)

@@ -41,9 +41,9 @@ def run_worker(script: str, worker_args: list[str], result_path: Path, threads: 
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far: VmHWM, where /proc has it."""
-    from trainer.reporting.metrics_log import peak_rss_kib
+    from trainer.runtime.memory import peak_rss_bytes
 
-    return peak_rss_kib() / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def matmul_peak(dtype_name: str, threads: int, size: int = 1024, repeats: int = 7) -> dict:

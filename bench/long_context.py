@@ -85,7 +85,7 @@ def worker(spec_path: str) -> None:
     import torch.distributed as dist
 
     from trainer.config.schema import load_config
-    from trainer.estimate.memory import estimate_memory
+    from trainer.estimate.per_device import estimate_memory
     from trainer.loop import Trainer, train_step
 
     spec = json.loads(Path(spec_path).read_text())

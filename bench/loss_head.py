@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
 from harness import RANDOM_16M, REPO, machine, run_worker, train_finetrain
 
 VARIANTS = {  # label: train.* overrides

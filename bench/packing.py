@@ -28,11 +28,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from trainer.build import build_model
 from trainer.config.schema import load_config  # noqa: E402
 from trainer.data.loader import build_train_loader
 from trainer.data.run_data import training_texts  # noqa: E402
 from trainer.model.loss import forward_summed_loss  # noqa: E402
-from trainer.build import build_model
 from trainer.model.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 MODEL = {"model_type": "llama", "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384,

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import yaml
-
-from harness import REPO, RANDOM_16M, machine
+from harness import RANDOM_16M, REPO, machine
 
 sys.path.insert(0, str(REPO))
 

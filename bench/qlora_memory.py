@@ -66,7 +66,7 @@ def measure(config_path: Path, steps: int) -> dict:
     import torch
 
     from trainer.config.schema import load_config
-    from trainer.estimate.memory import resident_state_bytes
+    from trainer.estimate.per_device import resident_state_bytes
     from trainer.loop import Trainer, train_step
 
     torch.manual_seed(0)

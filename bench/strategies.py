@@ -77,24 +77,24 @@ def worker(spec: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.runtime.distributed import init_distributed
-    from trainer.estimate.memory import estimate_memory, peak_resident_bytes, resident_state_bytes
+    from trainer.build import build_model, build_training
+    from trainer.estimate.per_device import estimate_memory, resident_state_bytes
     from trainer.loop import train_step
     from trainer.model.loss import count_targets
-    from trainer.build import build_model
     from trainer.model.tokenizer import train_bpe_tokenizer
-    from trainer.parallel.registry import build_strategy
     from trainer.plan import plan_run
+    from trainer.runtime.distributed import init_distributed
+    from trainer.runtime.memory import peak_rss_bytes
 
     args = argparse.Namespace(**spec["args"])
     dist_info = init_distributed()
     cfg = bench_config(spec["parallel"], args, dist_info.world_size, Path(spec["folder"]))
     tokenizer = train_bpe_tokenizer(["random tokens stand in for text here"], vocab_size=300)
-    strategy = build_strategy(cfg, dist_info, plan_run(cfg, dist_info.world_size, dist_info.device.type))
+    plan = plan_run(cfg, dist_info.world_size, dist_info.device.type)
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    model = strategy.build_model(lambda: build_model(cfg, tokenizer, "sdpa"))
-    strategy.setup(model, cfg.train.max_steps)
+    strategy = build_training(cfg, plan, dist_info, tokenizer, cfg.train.max_steps,
+                              lambda: build_model(cfg, tokenizer, "sdpa")).strategy
     strategy.model.train()
 
     gen = torch.Generator().manual_seed(dist_info.rank)
@@ -109,7 +109,7 @@ def worker(spec: dict) -> None:
         seconds.append(time.perf_counter() - start)
     timed = seconds[args.warmup:]
     held = resident_state_bytes(strategy)
-    record = {"peak_rss": peak_resident_bytes(), "growth": peak_resident_bytes() - before, **held}
+    record = {"peak_rss": peak_rss_bytes(), "growth": peak_rss_bytes() - before, **held}
     everyone = [None] * dist_info.world_size
     dist.all_gather_object(everyone, record)
     if dist_info.is_main:

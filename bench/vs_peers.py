@@ -58,7 +58,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from harness import RANDOM_16M, REPO, machine, matmul_peak, run_worker, step_end, train_finetrain
 
 TOOLS = {
@@ -221,8 +220,8 @@ def peer_worker(tool: str, spec: dict, result_path: str) -> None:
     started = time.perf_counter()
     import torch
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
-                              DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening,
+                              Trainer, TrainerCallback, TrainingArguments)
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     tokenizer.padding_side = "right"  # positions count from the first token, as in training without padding

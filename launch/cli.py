@@ -14,18 +14,19 @@ import os
 import sys
 from pathlib import Path
 
+from launch.elastic import default_rdzv_id, run_ranks
 from launch.evaluate import add_eval_parser
 from launch.submit import add_submit_parser
 from trainer.config.schema import load_config
+from trainer.rank import debug_overrides, run_rank
 from trainer.runtime.errors import UserError, report_user_error
 
 
 def cmd_train(args) -> int:
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     import torch
 
-    from launch.elastic import default_rdzv_id, run_ranks
     from trainer.plan import plan_run
-    from trainer.rank import debug_overrides, run_rank
     from trainer.runtime.distributed import end_process
 
     if args.debug and (args.nproc > 1 or args.nnodes > 1):
@@ -52,6 +53,7 @@ def cmd_train(args) -> int:
 def cmd_prepare(args) -> int:
     """Tokenize the run's data into the cache ahead of `train`, with the tokenizer the run
     will use (trained and saved into the run folder for train-bpe, as `train` would)."""
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.data.run_data import prepare_data, training_texts
     from trainer.model.tokenizer import load_tokenizer
 
@@ -70,6 +72,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_export(args) -> int:
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.checkpoint.export import export_checkpoint, newest_checkpoint
 
     try:
@@ -82,7 +85,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from trainer.estimate.memory import estimate_memory, format_longest, format_table, longest_seq_len
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
+    from trainer.estimate.per_device import estimate_memory, format_longest, format_table, longest_seq_len
 
     try:
         # only the model's config.json is read: data and checkpoints may live on the cluster
@@ -100,6 +104,7 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_report(args) -> int:
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.reporting.html_report import write_report
 
     try:

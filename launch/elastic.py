@@ -19,7 +19,7 @@ reported ends in the agent's failure summary. Here the same agent runs in this p
 - Every rank's stdout and stderr go to `<run>/logs/rank-N.log`; the terminal gets rank 0's
   output and finetrain's one-line reports from any rank (trainer/runtime/faults.py).
 - A rank that stops making progress ends the run within its bound, named, with every rank's
-  stack in `<run>/logs/` (launch/watch.py); exit code 4.
+  stack in `<run>/logs/` (launch/rank_watch.py); exit code 4.
 - SIGINT, SIGHUP and SIGQUIT stay with the agent: it passes them on and ends the ranks.
 """
 
@@ -34,6 +34,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from launch.rank_watch import RankWatch
 from trainer.runtime.faults import EXIT_HUNG, EXIT_NONFINITE
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -73,13 +74,12 @@ def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoin
               init_timeout_s: float = 300, module: str = "trainer") -> int:
     """Run `python -m trainer *trainer_args` (or another `module`) as `nproc` ranks on this node
     of `nnodes`; returns the exit code for the command line. With `run_dir`, the ranks log into
-    `run_dir/logs` and are watched for hangs (launch/watch.py)."""
+    `run_dir/logs` and are watched for hangs (launch/rank_watch.py)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
 
-    from launch.watch import RankWatch
 
     if scratch is not None:  # the agent's and the ranks' temporary files stay in the run folder
         scratch.mkdir(parents=True, exist_ok=True)

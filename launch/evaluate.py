@@ -31,6 +31,10 @@ import re
 import tempfile
 from pathlib import Path
 
+from launch.elastic import run_ranks
+from trainer.checkpoint.layout import COMPLETE_MARK
+from trainer.config.schema import cache_root
+from trainer.rank import setup_logging
 from trainer.runtime.errors import DataError, UserError, report_user_error
 
 log = logging.getLogger("finetrain")
@@ -73,7 +77,6 @@ def cmd_eval(args) -> int:
         return report_user_error(err)
     if args.nproc == 1:
         return run_eval(args)
-    from launch.elastic import run_ranks
 
     return run_ranks(rank_arguments(args), args.nproc, module="launch.evaluate")
 
@@ -102,8 +105,8 @@ def _missing_packages() -> list[str]:
 def resolve_model_path(path: Path) -> tuple[str, Path]:
     """(kind, path): `checkpoint` (a complete checkpoint, or a run folder's newest), `adapter`
     (a peft adapter folder) or `hf` (a Hugging Face model folder)."""
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.checkpoint.export import newest_checkpoint
-    from trainer.checkpoint.layout import COMPLETE_MARK
 
     if not path.is_dir():
         raise UserError(f"{path}: not a folder (a checkpoint, a run folder or a Hugging Face folder)")
@@ -124,6 +127,7 @@ def load_model(path: Path, merge: bool, device):
 
     kind, path = resolve_model_path(path)
     if kind == "checkpoint":
+        # here, not at the top: torch loads when the command runs, and the command line starts without it
         from trainer.checkpoint.export import trained_model
 
         model, tokenizer, cfg = trained_model(path, merge=merge)
@@ -171,6 +175,7 @@ def choice_task(source: str, fields: dict, folder: Path, cache_dir: Path) -> str
     YAML) into `folder`; returns the task's name."""
     import yaml
 
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.data.formats import choice_question
     from trainer.data.records import RowError, field_names
     from trainer.data.run_data import resolve_source
@@ -269,7 +274,7 @@ def run_eval(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch.distributed as dist
 
-    from trainer.config.schema import cache_root
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.runtime.distributed import init_distributed, shutdown
 
     dist_info, started_here = None, not dist.is_initialized()
@@ -329,7 +334,6 @@ def _evaluate(model, tokenizer, dist_info, names, paths, registry, args):
 
 def main(argv: list[str] | None = None) -> int:
     """What each rank of `finetrain eval --nproc N` runs: `python -m launch.evaluate ...`."""
-    from trainer.rank import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m launch.evaluate")
     add_eval_arguments(parser)
@@ -338,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.runtime.distributed import end_process
 
     end_process(main())

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.config.schema import Config, load_config
-from trainer.runtime.errors import UserError
+from trainer.rank import run_rank
+from trainer.runtime.errors import UserError, report_user_error
 
 if TYPE_CHECKING:
     import submitit
@@ -55,8 +56,6 @@ class SlurmTraining:
     def __call__(self) -> int:
         """Train; returns the last step reached. Requeues when stopped before the end."""
         from submitit import JobEnvironment
-
-        from trainer.rank import run_rank
 
         preempt_signal = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
         requeue = signal.getsignal(preempt_signal)  # submitit's checkpoint-and-requeue handler
@@ -80,6 +79,7 @@ def _stop_or_requeue(requeue, signum, frame) -> None:
     """While the loop runs, the preemption signal becomes its stop request (finish the step,
     save on every rank); before that, or on a second signal, there is nothing to save and
     submitit requeues at once."""
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.loop import StopSignal
 
     stop_handler = signal.getsignal(signal.SIGUSR1)
@@ -152,6 +152,7 @@ def submit(args) -> "submitit.Job":
     overrides = [*args.overrides, *slurm_overrides(args)]
     cfg = load_config(config, overrides)
     params = executor_parameters(cfg, args)  # UserError on a bad task layout
+    # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.plan import plan_run
 
     plan_run(cfg, args.nodes * params["tasks_per_node"], "cuda" if args.gpus_per_node > 0 else "cpu")
@@ -162,7 +163,6 @@ def submit(args) -> "submitit.Job":
 
 
 def cmd_submit(args) -> int:
-    from trainer.runtime.errors import report_user_error
 
     try:
         job = submit(args)

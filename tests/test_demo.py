@@ -12,13 +12,12 @@ import re
 import pytest
 import torch
 
-from conftest import REPO
-from runs import read_metrics, run_cli
-from trainer.config.schema import cache_root, load_config
-from trainer.data.loader import build_train_loader
-from trainer.data.eval_batches import held_out_conversations
-from trainer.data.builtin import _gensim_lee
+from helpers import REPO, read_metrics, run_cli
 from trainer.build import build_model
+from trainer.config.schema import cache_root, load_config
+from trainer.data.builtin import _gensim_lee
+from trainer.data.eval_batches import held_out_conversations
+from trainer.data.loader import build_train_loader
 from trainer.model.tokenizer import load_tokenizer
 
 DEMO = REPO / "configs" / "smollm2-demo.yaml"

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from runs import causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
+from helpers import REPO, causal_config, read_metrics, run_cli, run_history, step_losses, trainer_env, write_config
 from trainer.checkpoint.layout import COMPLETE_MARK, complete_checkpoints
-from wandb_log import run_history
 
 
 def test_tiny_run_learns_and_logs_every_step(tmp_path):

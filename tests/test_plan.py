@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_LLAMA, write_jsonl
-from trainer.config.schema import Config, DatasetConfig, load_config
-from trainer.runtime.errors import ConfigError
-from trainer.parallel.registry import REGISTRY, strategy_names
+from helpers import REPO, TINY_LLAMA, write_jsonl
 from trainer.config.capabilities import MULTI_PROCESS
+from trainer.config.schema import Config, DatasetConfig, load_config
+from trainer.parallel.registry import REGISTRY, strategy_names
 from trainer.plan import plan_run, resume_changes
+from trainer.runtime.errors import ConfigError
 
 
 def config(tmp_path: Path, **sections) -> Config:
@@ -207,7 +207,7 @@ def test_what_sequence_parallelism_cannot_shard_is_refused_in_one_line(tmp_path,
 
 
 def test_sequence_parallelism_refuses_a_classification_encoder_in_one_line(tmp_path):
-    from conftest import TINY_BERT
+    from helpers import TINY_BERT
 
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": "a red cat", "label": 1}])
     cfg = config(tmp_path, model={"config": dict(TINY_BERT), "task": "sequence_classification"},

@@ -34,14 +34,8 @@ from trainer.model.tokenizer import describe_template, load_tokenizer
 from trainer.optim import set_schedule_step
 from trainer.peft.methods import with_adapter_penalty
 from trainer.plan import plan_run, resume_changes
-from trainer.reporting.metrics_log import (
-    MetricsLogger,
-    StepTimer,
-    flops_per_token,
-    memory_stats,
-    peak_flops,
-    run_description,
-)
+from trainer.reporting.metrics_log import (MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops,
+                                           run_description)
 from trainer.reporting.summary import RunSummary
 from trainer.runtime import faults
 from trainer.runtime.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first

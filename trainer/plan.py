@@ -27,14 +27,8 @@ from trainer.config.schema import Config, dataset_name, to_dict
 from trainer.data.eval_sets import eval_config_problems, format_problems
 from trainer.data.formats import train_on_problems
 from trainer.data.mixing import primary_index
-from trainer.model.attention import (
-    MASKED_ATTENTION,
-    SDPA_VARLEN,
-    SEQUENCE_PARALLEL_ATTENTION,
-    TORCH_VARLEN,
-    VARLEN_ATTENTION,
-    torch_varlen_problem,
-)
+from trainer.model.attention import (MASKED_ATTENTION, SDPA_VARLEN, SEQUENCE_PARALLEL_ATTENTION, TORCH_VARLEN,
+                                     VARLEN_ATTENTION, torch_varlen_problem)
 from trainer.model.loading import dropout_problems, model_config
 from trainer.parallel.registry import resolve_strategy, strategy_class, strategy_problems
 from trainer.peft.methods import is_prompt_learning, peft_config_problems

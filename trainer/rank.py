@@ -57,6 +57,8 @@ def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> Ran
     """Train on this rank; a user's mistake is reported here and becomes exit code 2."""
     faults.redirect_output()  # under finetrain's launcher: into <run>/logs/rank-N.log
     setup_logging()
+    # here, not at the top: the output goes to the rank's log before torch and the model code load
+    # (and the command line, which imports this module, starts without them)
     from trainer.loop import StopSignal, Trainer
     from trainer.runtime.distributed import shutdown
 

@@ -44,15 +44,8 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint.checksums import ALGORITHM, checkpoint_files, sum_files, sum_own_files
-from trainer.checkpoint.layout import (
-    COMPLETE_MARK,
-    checkpoint_bytes,
-    checkpoint_problem,
-    complete_checkpoints,
-    folder_bytes,
-    read_mark,
-    step_dir_name,
-)
+from trainer.checkpoint.layout import (COMPLETE_MARK, checkpoint_bytes, checkpoint_problem, complete_checkpoints,
+                                       folder_bytes, read_mark, step_dir_name)
 from trainer.checkpoint.trainer_state import encode_trainer_state, read_trainer_state
 from trainer.config.schema import Config, dump_yaml
 from trainer.parallel.dcp import BackgroundWriter

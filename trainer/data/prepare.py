@@ -42,14 +42,8 @@ from transformers import PreTrainedTokenizerBase
 from trainer.data.formats import build_encoder
 from trainer.data.records import TRAIN_ON_DEFAULT, RowError
 from trainer.data.sources import Row, location, read_rows, source_fingerprint
-from trainer.data.tokenized import (
-    EncodedChunk,
-    TokenizedDataset,
-    TokenizedWriter,
-    is_complete,
-    open_tokenized,
-    prompt_key,
-)
+from trainer.data.tokenized import (EncodedChunk, TokenizedDataset, TokenizedWriter, is_complete, open_tokenized,
+                                    prompt_key)
 from trainer.runtime.errors import DataError
 
 log = logging.getLogger("finetrain")

@@ -13,13 +13,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedTokenizerBase)
 
 import trainer.model.attention  # noqa: F401  registers finetrain's attention backends with transformers
 from trainer.config.schema import Config, cache_root

@@ -39,18 +39,9 @@ import torch.distributed as dist
 from torch import nn
 from transformers import AttentionInterface
 
-from trainer.model.attention import (
-    NAME as VARLEN_REFERENCE,
-    SDPA_VARLEN,
-    SEQUENCE_PARALLEL_ATTENTION,
-    TORCH_VARLEN,
-    VarlenCall,
-    half_inputs,
-    reference_varlen,
-    sdpa_varlen,
-    torch_varlen,
-    varlen_inputs,
-)
+from trainer.model.attention import (NAME as VARLEN_REFERENCE, SDPA_VARLEN, SEQUENCE_PARALLEL_ATTENTION, TORCH_VARLEN,
+                                     VarlenCall, half_inputs, reference_varlen, sdpa_varlen, torch_varlen,
+                                     varlen_inputs)
 from trainer.runtime.errors import ConfigError
 
 NAME = "sequence_parallel"

@@ -7,11 +7,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import trainer.model.attention  # noqa: F401  registers the "varlen_reference" attention
 from trainer.config.schema import Config, cache_root

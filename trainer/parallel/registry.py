@@ -9,18 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.config.capabilities import (
-    ASYNC_SAVE,
-    COMPILE,
-    DEEPSPEED_CONFIG,
-    KEEP_GATHERED,
-    MULTI_PROCESS,
-    OFFLOAD_OPTIMIZER,
-    OFFLOAD_PARAMS,
-    QUANTIZATION,
-    REPLICATE,
-    SEQUENCE_PARALLEL,
-)
+from trainer.config.capabilities import (ASYNC_SAVE, COMPILE, DEEPSPEED_CONFIG, KEEP_GATHERED, MULTI_PROCESS,
+                                         OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, QUANTIZATION, REPLICATE, SEQUENCE_PARALLEL)
 from trainer.config.schema import Config
 from trainer.parallel.ddp import DDPStrategy
 from trainer.parallel.fsdp import FSDPStrategy

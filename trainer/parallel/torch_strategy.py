@@ -8,21 +8,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from trainer.config.capabilities import (
-    ASYNC_SAVE,
-    COMPILE,
-    KEEP_GATHERED,
-    MULTI_PROCESS,
-    QUANTIZATION,
-    SEQUENCE_PARALLEL,
-    WHOLE_BASE_WEIGHTS,
-    WHOLE_GRADIENTS,
-)
+from trainer.config.capabilities import (ASYNC_SAVE, COMPILE, KEEP_GATHERED, MULTI_PROCESS, QUANTIZATION,
+                                         SEQUENCE_PARALLEL, WHOLE_BASE_WEIGHTS, WHOLE_GRADIENTS)
 from trainer.config.schema import Config
 from trainer.model.quantization import without_quantized_weights
 from trainer.optim import ADAM_MOMENTS, build_optimizer, build_scheduler

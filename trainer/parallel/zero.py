@@ -27,19 +27,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.config.capabilities import (
-    ASYNC_SAVE,
-    COMPILE,
-    DEEPSPEED_CONFIG,
-    KEEP_GATHERED,
-    MULTI_PROCESS,
-    OFFLOAD_OPTIMIZER,
-    OFFLOAD_PARAMS,
-    QUANTIZATION,
-    SEQUENCE_PARALLEL,
-    WHOLE_BASE_WEIGHTS,
-    WHOLE_GRADIENTS,
-)
+from trainer.config.capabilities import (ASYNC_SAVE, COMPILE, DEEPSPEED_CONFIG, KEEP_GATHERED, MULTI_PROCESS,
+                                         OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, QUANTIZATION, SEQUENCE_PARALLEL,
+                                         WHOLE_BASE_WEIGHTS, WHOLE_GRADIENTS)
 from trainer.config.schema import Config, cache_root
 from trainer.model.loading import model_config
 from trainer.optim import ADAM_MOMENTS, build_optimizer, build_scheduler, trainable_groups

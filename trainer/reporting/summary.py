@@ -22,6 +22,7 @@ from pathlib import Path
 from trainer.config.schema import Config
 from trainer.data.eval_sets import forgetting_checks
 from trainer.peft.methods import can_merge
+from trainer.reporting.html_report import write_report
 
 log = logging.getLogger("finetrain")
 
@@ -127,8 +128,6 @@ class RunSummary:
             aside = path.with_name(".summary.json.tmp")
             aside.write_text(json.dumps(summary, indent=2) + "\n")
             os.replace(aside, path)
-            from trainer.reporting.html_report import write_report
-
             try:
                 write_report(self.cfg.output_dir)
             except Exception as err:  # the run's results are saved; a report that fails must not hide them

@@ -9,7 +9,7 @@ bound. The bound applies to every process group of the run on gloo and NCCL, exc
 background checkpoint writes use (`exempt`), whose collectives wait for the slowest disk.
 Under `finetrain train` each rank also writes a heartbeat (its step, its phase, when it last
 made progress, the bound that applies) into a folder the launcher watches
-(launch/watch.py); the launcher notices a rank that stopped making progress, has every rank
+(launch/rank_watch.py); the launcher notices a rank that stopped making progress, has every rank
 write its Python stack (signal `STACK_SIGNAL`, faulthandler), names the rank and ends the
 run. There the collectives' own timeout is `LAUNCHER_MARGIN_S` longer, so that the launcher,
 which can name the rank and collect the stacks, acts first; under plain torchrun or srun the
@@ -68,7 +68,7 @@ def rank_from_env() -> int:
 # --------------------------------------------------------------------------- heartbeat and timeouts
 
 
-class Watch:
+class Heartbeat:
     """This rank's progress: the phase it is in, since when, and the bound that applies; written
     to `directory/rank-N.json` by a thread every BEAT_INTERVAL_S when the launcher watches."""
 
@@ -169,16 +169,16 @@ class Watch:
             self._stacks.close()
 
 
-_watch: Watch | None = None
+_watch: Heartbeat | None = None
 
 
-def start(parallel_cfg) -> Watch:
+def start(parallel_cfg) -> Heartbeat:
     """Start this rank's watch from the config's timeouts (replacing any earlier one)."""
     global _watch
     if _watch is not None:
         _watch.close(0)
     directory = os.environ.get(WATCH_DIR_ENV)
-    _watch = Watch(parallel_cfg.init_timeout_s, parallel_cfg.step_timeout_s,
+    _watch = Heartbeat(parallel_cfg.init_timeout_s, parallel_cfg.step_timeout_s,
                    Path(directory) if directory else None, rank_from_env())
     return _watch
 

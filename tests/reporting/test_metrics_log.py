@@ -1,0 +1,239 @@
+"""What a user watches, end to end through the CLI: the forgetting monitor, generated answers
+and their scores, W&B (offline and the online fallback), the run summary, and the
+classification recipe's held-out accuracy."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import (REPO, TINY_LLAMA, WORDS, causal_config, chat_rows, read_metrics, run_cli, run_history, trainer_env,
+                     write_config, write_jsonl)
+
+# Words of the general (rehearsal) text: none of them is in the task's WORDS.
+GENERAL_WORDS = {
+    "subject": "farmer baker sailor miner painter doctor teacher pilot".split(),
+    "verb": "plants bakes sails digs paints heals teaches flies".split(),
+    "object": "wheat bread boats coal walls patients pupils planes".split(),
+}
+
+
+def general_rows(n: int, seed: int = 1) -> list[dict]:
+    """Text with learnable structure: 'the <subject> <verb> <object> on <day>.'"""
+    rng = random.Random(seed)
+    days = "monday tuesday wednesday thursday friday".split()
+    return [{"text": f"the {rng.choice(GENERAL_WORDS['subject'])} {rng.choice(GENERAL_WORDS['verb'])} "
+                     f"{rng.choice(GENERAL_WORDS['object'])} on {rng.choice(days)}."} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def general_model(tmp_path_factory) -> Path:
+    """A tiny Llama that has learnt the general text (a plain LM loop in this process):
+    the pretrained model that the forgetting runs fine-tune on the disjoint task."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.model.tokenizer import train_bpe_tokenizer
+
+    assert not set(WORDS) & {w for words in GENERAL_WORDS.values() for w in words}
+    folder = tmp_path_factory.mktemp("general-model")
+    texts = [r["text"] for r in general_rows(400)]
+    task_texts = [m["content"] for r in chat_rows(200) for m in r["messages"]]
+    tokenizer = train_bpe_tokenizer(texts + task_texts, vocab_size=TINY_LLAMA["vocab_size"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
+    stream = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    rows = torch.tensor(stream[: len(stream) // 64 * 64]).view(-1, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(120):
+        batch = rows[torch.randint(len(rows), (8,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 2.5, loss.item()  # it knows the general text
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def forgetting_config(tmp_path: Path, model: Path, general_weight: float) -> dict:
+    cfg = causal_config(tmp_path, rows=200, train={"max_steps": 30, "log_every": 10, "eval_every": 10},
+                        optim={"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant"})
+    general = write_jsonl(tmp_path / "data" / "general.jsonl", general_rows(200, seed=2))
+    cfg["model"] = {"path": str(model)}
+    cfg["data"]["datasets"] = [{"name": "task", "path": cfg["data"]["datasets"][0]["path"], "format": "chat", "weight": 1.0},
+                               {"name": "general", "path": str(general), "format": "text", "weight": general_weight}]
+    cfg["data"]["eval"] = {"fraction": 0.1}
+    return cfg
+
+
+FORGETTING_WARNING = re.compile(r"forgetting: eval loss of (\S+) at step (\d+) is ([\d.]+) nats above step 0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("general_weight, forgets", [(0.02, True), (1.0, False)])
+def test_forgetting_monitor(tmp_path, general_model, general_weight, forgets):
+    """Fine-tuning hard on data disjoint from what the model knows raises the rehearsal set's
+    loss_change past logging.forgetting_warn and warns once, naming the dataset, the step and
+    the value; rehearsing the general data at half the mix keeps it below the threshold."""
+    cfg = forgetting_config(tmp_path, general_model, general_weight)
+    proc = run_cli(write_config(cfg, tmp_path / "config.yaml"))
+    evals = [r for r in read_metrics(Path(cfg["run"]["output_dir"])) if "eval/general/loss" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    assert evals[0]["eval/general/loss_change"] == 0.0
+    for r in evals:
+        assert r["eval/general/loss_change"] == pytest.approx(r["eval/general/loss"] - evals[0]["eval/general/loss"])
+        assert "eval/task/loss_change" in r
+    assert evals[-1]["eval/task/loss"] < evals[0]["eval/task/loss"] - 0.5  # the task is learnt either way
+    warnings = FORGETTING_WARNING.findall(proc.stderr)
+    changes = {r["step"]: r["eval/general/loss_change"] for r in evals}
+    if forgets:
+        first = next(step for step, change in changes.items() if change > 0.1)
+        assert warnings == [("general", str(first), f"{changes[first]:.4f}")], proc.stderr[-3000:]
+    else:
+        assert max(changes.values()) < 0.1, changes
+        assert warnings == []
+
+
+@pytest.mark.slow
+def test_generations_wandb_and_summary(tmp_path):
+    """One run with data.eval.generate and W&B `online` but no API key: one line says it logs
+    offline; the offline history equals metrics.jsonl step by step; answers and their scores
+    land in generations.jsonl and a W&B table; steps carry data wait, compute, MFU and peak
+    memory; summary.json and the console summary tell what the run did."""
+    cfg = causal_config(tmp_path, rows=96, train={"max_steps": 6, "log_every": 2, "eval_every": 3},
+                        data={"eval": {"fraction": 0.1, "generate": 3, "max_new_tokens": 8}},
+                        logging={"progress_bar": False, "wandb": {"mode": "online"}})
+    home = tmp_path / "home"  # no ~/.netrc: no W&B credentials
+    home.mkdir()
+    env = {k: v for k, v in trainer_env().items() if k not in ("WANDB_API_KEY", "NETRC", "WANDB_MODE")}
+    env["HOME"] = str(home)
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(write_config(cfg, tmp_path / "c.yaml"))],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    about_wandb = [line for line in proc.stderr.splitlines() if "W&B" in line or line.startswith("wandb")]
+    assert len(about_wandb) == 1 and "logging offline" in about_wandb[0], about_wandb
+
+    out = Path(cfg["run"]["output_dir"])
+    records = read_metrics(out)
+    by_step: dict[int, dict] = {}
+    for record in records:
+        by_step.setdefault(record["step"], {}).update({k: v for k, v in record.items() if k != "step"})
+    _, history = run_history(out)
+    assert [row["_step"] for row in history] == sorted(by_step)
+    for row in history:
+        logged = {k: v for k, v in row.items() if not k.startswith(("_", "eval/generations", "eval/answers"))}
+        assert logged == pytest.approx(by_step[row["_step"]]), row["_step"]
+    assert any(k.startswith("eval/generations") for k in history[0])  # the answers' table
+    # at the end, each question's answer before training beside its last one
+    assert [row["_step"] for row in history if any(k.startswith("eval/answers_first_and_last") for k in row)] == [6]
+
+    steps = [r for r in records if "loss" in r]
+    for key in ("data_wait_s", "compute_s", "mfu", "memory/peak_rss_gib"):
+        assert all(r[key] > 0 for r in steps), key
+    assert all(r["step_time_s"] == pytest.approx(r["data_wait_s"] + r["compute_s"]) for r in steps)
+    evals = [r for r in records if "eval/sft/rougeL" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in generations] == [0] * 3 + [3] * 3 + [6] * 3
+    for record in evals:
+        answers = [g for g in generations if g["step"] == record["step"]]
+        assert record["eval/sft/rougeL"] == pytest.approx(sum(g["rougeL"] for g in answers) / 3)
+        assert record["eval/sft/f1"] == pytest.approx(sum(g["f1"] for g in answers) / 3)
+    first = generations[0]
+    assert first["prompt"].startswith("<|im_start|>user\nreverse: ") and first["prompt"].endswith("<|im_start|>assistant\n")
+    assert first["reference"] and "<|im_end|>" not in first["generation"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert summary["tokens"] == steps[-1]["data/sft/tokens"]  # one dataset: all tokens are its
+    assert summary["eval"]["sft"]["last"] == {"step": 6, **{k.split("/", 2)[2]: v for k, v in evals[-1].items() if k != "step"}}
+    assert summary["eval"]["sft"]["best"]["loss"] == min(r["eval/sft/loss"] for r in evals)
+    assert summary["checkpoint"].endswith("step-00000006")
+    assert summary["export_command"] == f"finetrain export {summary['checkpoint']} --out {out / 'export'}"
+    assert proc.stdout.count("finetrain finished at step 6/6") == 1
+
+
+@pytest.mark.slow
+def test_classification_recipe_beats_the_majority_class(tmp_path):
+    """configs/minilm-polarity.yaml as users run it (50 steps over 160 sentences, a minute):
+    pretrained MiniLM with a new linear head on gensim's polarity sentences beats always
+    answering the held-out majority class, in accuracy and in macro-F1 (a constant answer's
+    macro-F1 is below 0.5). Cut to fewer steps the schedule decays before the head has
+    learned; the held-out 40 sentences are 29 to 11, a majority of 0.725 to beat."""
+    from transformers import AutoTokenizer
+
+    from trainer.config.schema import load_config
+    from trainer.data.eval_batches import build_eval_sets
+
+    overrides = [f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "train.eval_every=0",
+                 "logging.progress_bar=false"]
+    run_cli(REPO / "configs" / "minilm-polarity.yaml", *overrides, timeout=900)
+    final = [r for r in read_metrics(tmp_path / "run") if "eval/polarity/accuracy" in r][-1]
+
+    cfg = load_config(REPO / "configs" / "minilm-polarity.yaml", overrides)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
+    labels = torch.cat([b.labels for b in build_eval_sets(cfg, tokenizer, "sdpa", 0, 1)["polarity"]])
+    majority = float(torch.bincount(labels).max()) / len(labels)
+    assert final["eval/polarity/accuracy"] > majority, (final, majority)
+    assert final["eval/polarity/macro_f1"] > 0.7, final
+
+
+ACCURACY_WARNING = re.compile(r"forgetting: accuracy of (\S+) at step (\d+) is ([\d.]+) below step 0")
+
+
+def cloze_rows(n: int, seed: int = 3) -> list[dict]:
+    """A benchmark of the general text's grammar: after 'the <subject>', the sentence in its
+    order among the same words in three other orders."""
+    rng = random.Random(seed)
+    days = "monday tuesday wednesday thursday friday".split()
+    rows = []
+    for _ in range(n):
+        verb, obj, day = (rng.choice(GENERAL_WORDS["verb"]), rng.choice(GENERAL_WORDS["object"]), rng.choice(days))
+        choices = [f"{verb} {obj} on {day}.", f"{obj} {verb} on {day}.", f"on {day} {obj} {verb}.",
+                   f"{day} {obj} on {verb}."]
+        answer = rng.randrange(4)
+        choices[0], choices[answer] = choices[answer], choices[0]
+        rows.append({"context": f"the {rng.choice(GENERAL_WORDS['subject'])}", "choices": choices, "answer": answer})
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trains_the_answers_away", [True, False])
+def test_forgetting_warning_by_accuracy(tmp_path, general_model, trains_the_answers_away):
+    """A benchmark marked `forgetting: true` that the pretrained model answers well: training on
+    its wrong answers' word order drops its accuracy past logging.forgetting_warn (ten points),
+    which warns once, naming the set, the step and the drop, and the summary shows it before
+    and after; fine-tuning on the task with the general text rehearsed leaves it where it was."""
+    cfg = forgetting_config(tmp_path, general_model, general_weight=1.0)
+    cfg["train"]["max_steps"] = 20
+    bench = write_jsonl(tmp_path / "data" / "cloze.jsonl", cloze_rows(24))
+    cfg["data"]["eval"]["sets"] = [{"name": "cloze", "path": str(bench), "format": "choice", "forgetting": True}]
+    if trains_the_answers_away:  # the second choice's order: "the <subject> <object> <verb> on <day>."
+        scrambled = [{"text": "the " + " ".join(r["text"][4:].split()[i] for i in (0, 2, 1, 3, 4))}
+                     for r in general_rows(200, seed=2)]
+        path = write_jsonl(tmp_path / "data" / "scrambled.jsonl", scrambled)
+        cfg["data"]["datasets"] = [{"name": "scrambled", "path": str(path), "format": "text"}]
+    proc = run_cli(write_config(cfg, tmp_path / "config.yaml"))
+    evals = [r for r in read_metrics(Path(cfg["run"]["output_dir"])) if "eval/cloze/acc" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert evals[0]["eval/cloze/acc"] >= 0.75, evals[0]  # the pretrained model knows the grammar
+    changes = {r["step"]: r["eval/cloze/acc_change"] for r in evals}
+    warnings = ACCURACY_WARNING.findall(proc.stderr)
+    summary = json.loads((Path(cfg["run"]["output_dir"]) / "summary.json").read_text())["forgetting"]["cloze"]
+    assert (summary["acc_before"], summary["acc"]) == (evals[0]["eval/cloze/acc"], evals[-1]["eval/cloze/acc"])
+    assert f"forgetting cloze: accuracy {summary['acc_before']:.4f} -> {summary['acc']:.4f}" in proc.stdout
+    if trains_the_answers_away:
+        first = next(step for step, change in changes.items() if change < -0.1)
+        assert warnings == [("cloze", str(first), f"{-changes[first]:.4f}")], proc.stderr[-3000:]
+        assert evals[-1]["eval/cloze/acc"] < evals[0]["eval/cloze/acc"] - 0.3
+    else:
+        assert min(changes.values()) >= -0.1, changes
+        assert warnings == []
