@@ -10,7 +10,7 @@ TORCH_INDEX_URL ?=
 # 2 workers keep 2 cores busy, one torch thread each; each worker takes a few GB at most.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo smoke test test-fast bench
+.PHONY: setup demo smoke test test-fast bench docs
 
 setup: $(STAMP)
 
@@ -56,6 +56,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+# docs/config.md, the config reference, rendered from the schema (trainer/config/reference.py);
+# tests/config/test_reference.py fails when it is out of date.
+docs: $(STAMP)
+	$(PY) -m trainer.config.reference > docs/config.md
 
 bench: $(STAMP)
 	$(PY) bench/packing.py
