@@ -38,7 +38,8 @@ setup(
         "wandb": ["wandb>=0.18"],
         # real models and text used by the demo configs, benchmarks and tests
         "data": ["gguf>=0.10", "gensim>=4.3"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
+        # import-linter: `lint-imports` checks the layers of .importlinter (make test)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "import-linter>=2.1"],
         # `finetrain eval`: lm-evaluation-harness on a checkpoint, a run folder or a HF folder
         "eval": ["lm-eval>=0.4.9"],
         # bench/vs_peers.py runs TRL's SFTTrainer as one of finetrain's peers; nothing else imports it

@@ -2,7 +2,7 @@
 the shards put back together are the micro-batch, document bounds travel with every shard, labels
 are shifted before the cut (a shard's last token predicts the next shard's first; no token predicts
 across a document boundary), and targets and data counters add up once per group. The attention
-that uses these shards is checked on 2 ranks in tests/test_parallel.py."""
+that uses these shards is checked on 2 ranks in tests/parallel/test_strategies.py."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def test_a_killed_rank_is_one_line_naming_it_and_the_others_tracebacks_go_to_the
 def test_resume_on_another_world_size_continues_the_curve(tmp_path, strategy="fsdp"):
     """Train 6 steps on 2 ranks, resume to 12 on 1 rank: steps 7-12 match an uninterrupted 2-rank run.
     Through the command line on fsdp; every strategy's checkpoint resumes on another world size in
-    tests/test_parallel.py::test_resume_on_another_world_size_continues_the_curve."""
+    tests/parallel/test_strategies.py::test_resume_on_another_world_size_continues_the_curve."""
     sections = dict(parallel={"strategy": strategy, "mixed_precision": "fp32"},
                     optim={"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant"},
                     train={"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 12, "log_every": 1})

@@ -1,7 +1,7 @@
 """train.activation_offload (trainer/model/activation_offload.py): what forward saves for backward waits
 in host memory and comes back unchanged, so loss and gradients are those of a plain step, alone
 and under activation checkpointing and compilation. (On a CPU the copies only exercise the path;
-the training curves with it are compared in tests/test_parallel.py.)"""
+the training curves with it are compared in tests/parallel/test_strategies.py.)"""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from trainer.peft.methods import (UNTRAINABLE, can_merge, is_peft_model, known_m
 from trainer.plan import plan_run
 from trainer.runtime.errors import ConfigError
 
-# The methods users reach for (the strategy x method matrix of tests/test_parallel.py).
+# The methods users reach for (the strategy x method matrix of tests/parallel/test_strategies.py).
 METHODS = ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "loha", "lokr", "oft", "vera", "adalora",
            "ln_tuning"]
 ADAPTER_NAMES = {"lora": ("lora_",), "dora": ("lora_",), "ia3": ("ia3_",),

@@ -63,7 +63,7 @@ def free_port() -> int:
 
 
 def extensions_dir() -> str:
-    """DeepSpeed compiles a CPU op on first use: the same folder as tests/test_parallel.py's."""
+    """DeepSpeed compiles a CPU op on first use: the same folder as tests/parallel/test_strategies.py's."""
     import tempfile
 
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(tempfile.gettempdir()) / f"finetrain-torch-extensions-{os.getuid()}")

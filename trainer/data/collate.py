@@ -1,6 +1,6 @@
 """Rows of pieces -> the tensors of one micro-batch (`Batch`), for each attention backend.
 
-Labels are unshifted (Hugging Face convention; `trainer.loss` shifts): -100 marks what
+Labels are unshifted (Hugging Face convention; `trainer.model.loss` shifts): -100 marks what
 is not a target, i.e. padding, prompt tokens (unless `data.train_on_prompt`) and the
 first token of every piece, which no earlier token of its row may predict.
 
