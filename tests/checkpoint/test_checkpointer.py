@@ -107,9 +107,13 @@ def test_the_time_waited_for_checkpoints_is_logged_with_the_next_step(reference_
     waits = {r["step"]: r["checkpoint_wait_s"] for r in read_metrics(reference_run) if "loss" in r}
     assert sorted(waits) == list(range(1, 41))
     saves = [6, 11, 16, 21, 26, 31, 36]
-    assert [step for step, wait in waits.items() if wait > 0][:2] == [6, 7]
-    assert all(waits[step] == 0 for step in (1, 2, 3, 4, 5))
-    assert min(waits[step] for step in saves) > 4 * max(waits[step] for step in waits if step not in saves)
+    assert all(waits[step] > 0 for step in saves)  # each copied the state aside (and waited for the one before)
+    assert all(waits[step] == 0 for step in (1, 2, 3, 4, 5))  # nothing in flight before the first save
+    # Any other step that waited looked at a checkpoint still in flight: one started at a save
+    # step, every step since then waiting on it until it was sealed.
+    for step in waits:
+        if waits[step] > 0 and step not in saves:
+            assert waits[step - 1] > 0, (step, waits)
 
 
 def start(config: Path) -> subprocess.Popen:

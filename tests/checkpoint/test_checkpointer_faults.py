@@ -77,7 +77,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_space_and_loses_nothing
     message = str(raised.value)
     assert "\n" not in message
     assert re.fullmatch(rf"checkpoint step 2: cannot write {re.escape(str(ckpt.directory))}/\.incomplete-step-00000002 "
-                        r"\(rank 0\): no space left on device \(about [\d.]+ KB needed, [\d.]+ [KMGT]?B free\); "
+                        r"\(rank 0\): no space left on device \(about [\d.]+ KiB needed, [\d.]+ [KMG]?i?B free\); "
                         r"the half-written checkpoint was removed, step-00000001 is intact", message), message
     assert leftovers(ckpt) == [] and complete_checkpoints(ckpt.directory) == [first]
     assert checkpoint_problem(first) is None
@@ -113,8 +113,8 @@ def test_a_write_that_fails_without_an_errno_on_a_full_disk_says_so(tmp_path, mo
     ckpt = checkpointer(tmp_path)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr("trainer.checkpoint.checkpointer.shutil.disk_usage", lambda path: usage._replace(free=4096))
-    with pytest.raises(CheckpointWriteError, match=r"no space left on device \(more than the [\d.]+ KB written needed, "
-                                                   r"4\.1 KB free\)"):
+    with pytest.raises(CheckpointWriteError, match=r"no space left on device \(more than the [\d.]+ KiB written needed, "
+                                                   r"4\.00 KiB free\)"):
         save(ckpt, 1, Strategy(fail=RuntimeError("basic_ios::clear: iostream error")))
 
 
@@ -134,7 +134,7 @@ def test_low_space_is_warned_about_once_before_a_save(tmp_path, monkeypatch, cap
         save(ckpt, 2, Strategy())
         save(ckpt, 3, Strategy())
     warnings = [r.getMessage() for r in caplog.records if "may not fit" in r.getMessage()]
-    assert len(warnings) == 1 and "has 1.0 KB free and the last checkpoint took" in warnings[0], warnings
+    assert len(warnings) == 1 and "has 1000 B free and the last checkpoint took" in warnings[0], warnings
 
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):
