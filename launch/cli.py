@@ -36,6 +36,9 @@ def cmd_train(args) -> int:
                                            "of the first node (the same on every node)"), None)
     if args.nproc < 1 or args.nnodes < 1:
         return report_user_error(UserError("--nproc and --nnodes must be >= 1"), None)
+    if args.max_restarts is not None and (args.max_restarts < 0 or args.debug):
+        return report_user_error(UserError(f"--max-restarts {args.max_restarts}: must be >= 0" if args.max_restarts < 0
+                                           else "--debug runs once; drop --max-restarts"), None)
     overrides = debug_overrides(args.overrides) if args.debug else args.overrides
     try:
         cfg = load_config(args.config, overrides)
@@ -43,11 +46,14 @@ def cmd_train(args) -> int:
         plan_run(cfg, args.nproc * args.nnodes, "cuda" if torch.cuda.is_available() else "cpu")
     except UserError as err:
         return report_user_error(err, args.config, overrides)
-    if args.nproc == 1 and args.nnodes == 1:  # this process is the rank, and ends as a rank does
+    max_restarts = args.max_restarts
+    if max_restarts is None:  # in a Slurm job (slurm/train.sbatch) the config's slurm.max_restarts
+        max_restarts = cfg.slurm.max_restarts if os.environ.get("SLURM_JOB_ID") and not args.debug else 0
+    if args.nproc == 1 and args.nnodes == 1 and max_restarts == 0:  # this process is the rank, and ends as one
         end_process(run_rank(args.config, args.overrides, args.debug).exit_code)
     return run_ranks([args.config, *args.overrides], args.nproc, args.nnodes, args.rdzv_endpoint,
                      args.rdzv_id or default_rdzv_id(cfg.run.output_dir), scratch=cfg.output_dir / "tmp",
-                     run_dir=cfg.output_dir, init_timeout_s=cfg.parallel.init_timeout_s)
+                     run_dir=cfg.output_dir, init_timeout_s=cfg.parallel.init_timeout_s, max_restarts=max_restarts)
 
 
 def cmd_prepare(args) -> int:
@@ -127,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rdzv-endpoint", help="HOST:PORT of the first node, for --nnodes > 1")
     train.add_argument("--rdzv-id", help="rendezvous id shared by the nodes (default: the Slurm job, or the run folder)")
     train.add_argument("--debug", action="store_true", help="world of one, 5 deterministic steps, print the first batch")
+    train.add_argument("--max-restarts", type=int, default=None,
+                       help="restart a failed attempt (a dead, killed or hung rank, a failed save) up to N times from "
+                            "the newest checkpoint (default 0; in a Slurm job slurm.max_restarts)")
     train.set_defaults(run=cmd_train)
 
     prepare = sub.add_parser("prepare", help="tokenize the data into the memory-mapped cache ahead of a run")

@@ -21,6 +21,11 @@ reported ends in the agent's failure summary. Here the same agent runs in this p
 - A rank that stops making progress ends the run within its bound, named, with every rank's
   stack in `<run>/logs/` (launch/rank_watch.py); exit code 4.
 - SIGINT, SIGHUP and SIGQUIT stay with the agent: it passes them on and ends the ranks.
+- With `--max-restarts N` a failed attempt (a rank that died or was killed, a hang, a checkpoint
+  that could not be written) is restarted up to N times, in one line each, and resumes from the
+  newest checkpoint that passes its checksums; a user's mistake (2) and a diverged run (3) are
+  never restarted. The agent's rendezvous stays open meanwhile: on several nodes, the agents of
+  the other nodes restart their ranks too and every node rejoins (c10d).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ import uuid
 from pathlib import Path
 
 from launch.rank_watch import RankWatch
-from trainer.runtime.faults import EXIT_HUNG, EXIT_NONFINITE
+from trainer.runtime.faults import EXIT_HUNG, EXIT_NONFINITE, EXIT_SAVE_FAILED
+from trainer.runtime.restarts import NEVER_RESTARTED, record_end, since_last_restart
+from trainer.runtime.restarts import read as read_journal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
@@ -71,15 +78,13 @@ def default_rdzv_id(output_dir: str) -> str:
 
 def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
               rdzv_id: str | None = None, scratch: Path | None = None, run_dir: Path | None = None,
-              init_timeout_s: float = 300, module: str = "trainer") -> int:
+              init_timeout_s: float = 300, module: str = "trainer", max_restarts: int = 0) -> int:
     """Run `python -m trainer *trainer_args` (or another `module`) as `nproc` ranks on this node
     of `nnodes`; returns the exit code for the command line. With `run_dir`, the ranks log into
-    `run_dir/logs` and are watched for hangs (launch/rank_watch.py)."""
+    `run_dir/logs` and are watched for hangs (launch/rank_watch.py). A failed attempt is
+    restarted up to `max_restarts` times (never after a user's mistake or a diverged run)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
-
 
     if scratch is not None:  # the agent's and the ranks' temporary files stay in the run folder
         scratch.mkdir(parents=True, exist_ok=True)
@@ -92,23 +97,18 @@ def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoin
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0" if single_node else rdzv_endpoint,
         "--rdzv-id", uuid.uuid4().hex if single_node else rdzv_id,
         "--signals-to-handle", AGENT_SIGNALS, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
-        "-m", module, *trainer_args,
+        "--max-restarts", str(max_restarts), "-m", module, *trainer_args,
     ])
     config, entrypoint, entry_args = config_from_args(args)
     watch = RankWatch(run_dir, init_timeout_s, child_pids) if run_dir is not None else None
+    failures = Failures(run_dir, watch, max_restarts)
     saved_env = dict(os.environ)
     if watch is not None:
         os.environ.update(watch.environment())  # the agent passes its environment on to the ranks
         watch.start()
-    oom_before = oom_kills()
     previous = {sig: signal.signal(sig, forward_to_ranks) for sig in STOP_SIGNALS}
     try:
-        elastic_launch(config, entrypoint)(*entry_args)
-    except ChildFailedError as err:
-        if watch is not None and watch.verdict:
-            return EXIT_HUNG  # the watch ended the ranks and said why
-        oom_killed = None if oom_before is None else oom_kills() != oom_before
-        return _report_failures(err, run_dir / "logs" if run_dir else None, oom_killed)
+        result = run_agent(config, entrypoint, entry_args, failures.restartable)
     except SignalException as err:
         name = signal.Signals(err.sigval).name
         print(f"finetrain: stopped by {name}; the ranks were ended without a checkpoint", file=sys.stderr)
@@ -120,18 +120,118 @@ def run_ranks(trainer_args: list[str], nproc: int, nnodes: int = 1, rdzv_endpoin
             watch.stop()
         os.environ.clear()
         os.environ.update(saved_env)
-    return 0
+    if not result.is_failed():
+        return 0
+    code, lines = failures.describe(result.failures)
+    for line in lines:
+        print(f"finetrain: {line}", file=sys.stderr)
+    return code
 
 
-# Exit codes a rank reports itself, in one line from rank 0: a user's mistake, a non-finite step.
-REPORTED_BY_RANKS = (2, EXIT_NONFINITE)
+def run_agent(config, entrypoint: str, entry_args: list[str], restartable):
+    """torch's elastic agent for this node (what torchrun's launch_agent builds), whose worker group
+    is restarted after a failure only while `restartable(failures)` says so; returns its RunResult."""
+    from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous import registry as rendezvous_registry
+
+    class Agent(LocalElasticAgent):
+        def _monitor_workers(self, worker_group):
+            # The agent restarts a failed group while restarts remain; the one place to say no
+            # (torch's own agent has no policy by exit code).
+            result = super()._monitor_workers(worker_group)
+            if result.state == WorkerState.FAILED and not restartable(result.failures, self._remaining_restarts):
+                self._remaining_restarts = 0
+            return result
+
+    rendezvous = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint,
+                                      run_id=config.run_id, min_nodes=config.min_nodes,
+                                      max_nodes=config.max_nodes, local_addr=config.local_addr,
+                                      **config.rdzv_configs)
+    spec = WorkerSpec(role=config.role, local_world_size=config.nproc_per_node, entrypoint=entrypoint,
+                      args=tuple(entry_args), rdzv_handler=rendezvous_registry.get_rendezvous_handler(rendezvous),
+                      max_restarts=config.max_restarts, monitor_interval=config.monitor_interval,
+                      local_addr=config.local_addr)
+    agent = Agent(spec=spec, logs_specs=config.logs_specs, start_method=config.start_method,
+                  log_line_prefix_template=config.log_line_prefix_template,
+                  shutdown_timeout=config.shutdown_timeout)
+    close_rendezvous = True
+    try:
+        return agent.run()
+    except SignalException:
+        close_rendezvous = False  # as torchrun: a signalled agent leaves the rendezvous open for the others
+        raise
+    finally:
+        if close_rendezvous:
+            spec.rdzv_handler.shutdown()
 
 
-def _report_failures(err, log_dir: Path | None = None, oom_killed: bool | None = None) -> int:
-    """Exit with the ranks' code when they stopped on a user's mistake or a non-finite step (rank 0
-    has said what it was); otherwise name each failed rank that is a cause in one line and exit 1
-    (or 4 when every failure was a lost contact with another rank, say on another node)."""
-    failures = dict(sorted(err.failures.items()))
+class Failures:
+    """What the launcher makes of the failed attempts of its ranks: whether to restart (never after a
+    user's mistake or a diverged run), the one line that says each restart, the run journal's
+    entries for the ranks it saw die or hang (trainer/runtime/restarts.py), and the final report."""
+
+    def __init__(self, run_dir: Path | None, watch: RankWatch | None, max_restarts: int):
+        self.run_dir, self.watch, self.max_restarts = run_dir, watch, max_restarts
+        self.log_dir = run_dir / "logs" if run_dir is not None else None
+        self.oom_before = oom_kills()
+
+    def describe(self, failures: dict) -> tuple[int, list[str]]:
+        """(exit code, lines that say why) of a failed attempt; no line where the ranks have said it."""
+        if self.watch is not None and self.watch.verdict:
+            verdict, self.watch.verdict = self.watch.verdict, None
+            return EXIT_HUNG, [verdict + "; the run was ended, nothing saved since the last checkpoint"]
+        oom_killed = None if self.oom_before is None else oom_kills() != self.oom_before
+        return failure_report(failures, self.log_dir, oom_killed)
+
+    def restartable(self, failures: dict, remaining: int) -> bool:
+        """Called by the agent for each failed attempt: False for a user's mistake or a diverged run.
+        With a restart to come, says it in one line and journals the ranks that died or hung."""
+        code, _ = failure_report(failures)
+        if code in NEVER_RESTARTED:
+            return False
+        if remaining <= 0:  # the agent ends the run: `describe` says why, as without restarts
+            return True
+        if self.watch is not None and self.watch.verdict:
+            cause, self.watch.verdict = self.watch.verdict, None
+            if self.run_dir is not None:
+                record_end(self.run_dir, self.watch.verdict_rank, EXIT_HUNG, cause, by="launcher")
+        else:
+            oom_killed = None if self.oom_before is None else oom_kills() != self.oom_before
+            _, lines = failure_report(failures, self.log_dir, oom_killed)
+            cause = lines[0] if lines else self._reported_by_ranks()
+            for rank, failure in sorted(failures.items()):
+                if self.run_dir is not None and failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:
+                    record_end(self.run_dir, rank, failure.exitcode, cause_line(rank, failure, self.log_dir, oom_killed),
+                               by="launcher")
+        attempt = self.max_restarts - remaining + 1
+        print(f"finetrain: restart {attempt} of {self.max_restarts}: {cause}; resuming from the newest checkpoint "
+              "that passes its checksums", file=sys.stderr, flush=True)
+        self.oom_before = oom_kills()
+        return True
+
+    def _reported_by_ranks(self) -> str:
+        """The line a rank left in the journal when it ended (a failed save, say)."""
+        if self.run_dir is not None:
+            for entry in reversed(since_last_restart(read_journal(self.run_dir))):
+                if entry.get("end") not in (None, EXIT_HUNG, -signal.SIGTERM) and entry.get("line"):
+                    return entry["line"]
+        return "the ranks failed"
+
+
+# Exit codes a rank reports itself, in one line from rank 0: a user's mistake, a non-finite step, a
+# checkpoint that could not be written.
+REPORTED_BY_RANKS = (2, EXIT_NONFINITE, EXIT_SAVE_FAILED)
+
+
+def failure_report(failures: dict, log_dir: Path | None = None, oom_killed: bool | None = None) -> tuple[int, list[str]]:
+    """(exit code, lines): the ranks' code when they stopped on a user's mistake, a non-finite step or a
+    failed save (rank 0 has said what it was: no line); otherwise one line for each failed rank that is
+    a cause and exit code 1 (or 4 when every failure was a lost contact with another rank, say on
+    another node)."""
+    failures = dict(sorted(failures.items()))
     # Every rank raises a user's mistake, but the first to exit makes the agent end the others
     # (SIGTERM, then SIGKILL after the shutdown timeout) while they are still on their way out;
     # a rank still in a collective with one that exited loses contact with it (exit code 4).
@@ -139,26 +239,30 @@ def _report_failures(err, log_dir: Path | None = None, oom_killed: bool | None =
     codes = [failure.exitcode for failure in failures.values()]
     for reported in REPORTED_BY_RANKS:
         if reported in codes and all(code in (reported, EXIT_HUNG, *ended_by_agent) for code in codes):
-            return reported
+            return reported, []
     # After the first failure the agent ends the other ranks (SIGTERM); those, and ranks that lost
     # contact with the failed one, are consequences, whose tracebacks stay in their logs.
     causes = {rank: f for rank, f in failures.items() if f.exitcode not in (EXIT_HUNG, -signal.SIGTERM)} or failures
-    for rank, failure in causes.items():
-        if failure.exitcode < 0:
-            what = f"was killed by {failure.signal_name()}"
-            if failure.exitcode == -signal.SIGKILL and oom_killed is not False:
-                what += (" (out of memory? the kernel's OOM killer ended a process during the run: see dmesg)"
-                         if oom_killed else " (out of memory? the kernel's OOM killer sends SIGKILL: see dmesg)")
-        elif failure.exitcode == EXIT_HUNG:
-            what = "lost contact with the other ranks (exit code 4: a rank elsewhere died or hung)"
-        else:
-            what = f"exited with code {failure.exitcode}"
-            message = _error_message(failure)
-            if message:
-                what += f": {message}"
-        where = f"its output is in {log_dir / f'rank-{rank}.log'}" if log_dir else "see its output above"
-        print(f"finetrain: rank {rank} {what} ({where})", file=sys.stderr)
-    return EXIT_HUNG if all(f.exitcode == EXIT_HUNG for f in causes.values()) else 1
+    lines = [cause_line(rank, failure, log_dir, oom_killed) for rank, failure in causes.items()]
+    return (EXIT_HUNG if all(f.exitcode == EXIT_HUNG for f in causes.values()) else 1), lines
+
+
+def cause_line(rank: int, failure, log_dir: Path | None, oom_killed: bool | None = None) -> str:
+    """`rank 1 was killed by SIGKILL (its output is in runs/x/logs/rank-1.log)`."""
+    if failure.exitcode < 0:
+        what = f"was killed by {failure.signal_name()}"
+        if failure.exitcode == -signal.SIGKILL and oom_killed is not False:
+            what += (" (out of memory? the kernel's OOM killer ended a process during the run: see dmesg)"
+                     if oom_killed else " (out of memory? the kernel's OOM killer sends SIGKILL: see dmesg)")
+    elif failure.exitcode == EXIT_HUNG:
+        what = "lost contact with the other ranks (exit code 4: a rank elsewhere died or hung)"
+    else:
+        what = f"exited with code {failure.exitcode}"
+        message = _error_message(failure)
+        if message:
+            what += f": {message}"
+    where = f"its output is in {log_dir / f'rank-{rank}.log'}" if log_dir else "see its output above"
+    return f"rank {rank} {what} ({where})"
 
 
 def _error_message(failure) -> str:

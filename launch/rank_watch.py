@@ -13,8 +13,10 @@ exceeded its bound, the run is hung. The watch then
   one that has gone longest without progress (the others wait for it in a collective);
 - has every other rank write the stacks of all its threads (faulthandler, on STACK_SIGNAL), and
   gathers them into `<run>/logs/stacks-<host>-<time>.txt`;
-- prints one line, and kills every rank (SIGKILL to its process group: a hung collective does
-  not end otherwise). Nothing is saved: the last complete checkpoint stays as it was.
+- kills every rank (SIGKILL to its process group: a hung collective does not end otherwise) and
+  leaves its verdict to the launcher, which says it in one line, as the end of the run or as the
+  cause of a restart (launch/elastic.py). Nothing is saved: the last complete checkpoint stays as
+  it was, and the watch goes on watching the ranks of a restarted attempt.
 
 A rank not yet heard from (starting Python, importing torch) is held to parallel.init_timeout_s
 from the moment the watch first saw its process. On several nodes each launcher watches its own
@@ -115,7 +117,8 @@ class RankWatch:
         self.log_dir = Path(run_dir) / "logs"
         self.init_timeout_s = init_timeout_s
         self.pids = pids
-        self.verdict: str | None = None  # the line printed when the watch ended a hung run
+        self.verdict: str | None = None  # why the watch ended a hung attempt (until the launcher takes it)
+        self.verdict_rank: int | None = None
         self.first_seen: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="finetrain-watch", daemon=True)
@@ -137,8 +140,7 @@ class RankWatch:
     def _run(self) -> None:
         while not self._stop.wait(POLL_S):
             try:
-                if self.check():
-                    return
+                self.check()  # after a hang the watch goes on: a restarted attempt is watched too
             except Exception as err:  # the watch must never take the run down with it
                 print(f"finetrain: the launcher's watch failed ({err!r}); ranks are no longer watched",
                       file=sys.stderr, flush=True)
@@ -190,11 +192,11 @@ class RankWatch:
         stacks_file = self.gather_stacks(ranks)
         where = f"step {culprit.step}" if culprit.step else "start-up"
         whose = "the other ranks'" if culprit.state in ("T", "t") else "every rank's"
+        # Said by the launcher, as the end of the run or as the cause of its restart.
         self.verdict = (f"rank {culprit.rank} (pid {culprit.pid}) made no progress for {culprit.idle_s:.0f} s in "
                         f"{where} ({culprit.phase}; {longest.bound_key}={longest.bound_s:g}): {why}; "
-                        f"{whose} stacks are in "
-                        f"{stacks_file}; the run was ended, nothing saved since the last checkpoint")
-        print(f"finetrain: {self.verdict}", file=sys.stderr, flush=True)
+                        f"{whose} stacks are in {stacks_file}")
+        self.verdict_rank = culprit.rank
         for info in ranks:
             try:
                 os.killpg(info.pid, signal.SIGKILL)  # each rank leads its own process group

@@ -37,9 +37,9 @@ from trainer.plan import plan_run, resume_changes
 from trainer.reporting.metrics_log import (MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops,
                                            run_description)
 from trainer.reporting.summary import RunSummary
-from trainer.runtime import faults
+from trainer.runtime import faults, restarts
 from trainer.runtime.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
-from trainer.runtime.errors import ConfigError, UserError
+from trainer.runtime.errors import ConfigError, UserError, say
 
 log = logging.getLogger("finetrain")
 
@@ -187,6 +187,28 @@ class Trainer:
                                                    description))
         if dist_info.is_main:  # only now: a run that could not start leaves the last config.yaml as it was
             (cfg.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+            if restarts.restart_number() > 0:
+                self.report_restart()
+
+    def report_restart(self) -> None:
+        """Rank 0 of a restarted attempt, resumed: the restart with its cause (what the failed attempt
+        left in the journal), the rank, the step resumed from and the steps done again, in the journal
+        and metrics.jsonl; on the console in one line under plain torchrun (finetrain's launcher has
+        already said it)."""
+        out = self.cfg.output_dir
+        failed = restarts.failure_cause(restarts.read(out), self.dist.world_size)
+        reached = max(failed["steps_done"], self.metrics.last_dropped_step)
+        record = {"step": self.step, "restart": restarts.restart_number(), "cause": failed["cause"],
+                  "rank": failed["rank"], "resumed_from": self.step, "steps_recomputed": max(0, reached - self.step)}
+        restarts.append(out, record)
+        self.metrics.log_event(record)
+        where = f"step {self.step}" if self.checkpoint is not None else "the start (no checkpoint yet)"
+        line = (f"restart {record['restart']} of {restarts.max_restarts()}: {failed['cause']}; resumed from {where}, "
+                f"{record['steps_recomputed']} step(s) to do again")
+        if os.environ.get(faults.WATCH_DIR_ENV):
+            log.warning("%s", line)
+        else:
+            say(line)
 
     def resume(self) -> str | None:
         """Continue from the checkpoint `checkpoint.resume` names, if any; returns its W&B run id.

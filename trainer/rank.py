@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from trainer.config.schema import load_config
 from trainer.config.tree import parse_override
-from trainer.runtime import faults
-from trainer.runtime.errors import UserError, report_user_error
+from trainer.runtime import faults, restarts
+from trainer.runtime.errors import UserError, first_line, report_user_error, user_error_lines
 
 
 def setup_logging() -> None:
@@ -53,6 +53,17 @@ class RankOutcome:
         return self.exit_code == 0 and self.step < self.total_steps
 
 
+class EndedBefore(UserError):
+    """A restarted attempt of a run whose earlier attempt ended on a user's mistake or a non-finite
+    step: it ends at once, with the same line and exit code (trainer/runtime/restarts.py)."""
+
+    agreed = True  # every rank reads the same journal: rank 0 reports it
+
+    def __init__(self, entry: dict):
+        super().__init__(entry["line"])
+        self.exit_code = entry["end"]
+
+
 def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> RankOutcome:
     """Train on this rank; a user's mistake is reported here and becomes exit code 2."""
     faults.redirect_output()  # under finetrain's launcher: into <run>/logs/rank-N.log
@@ -66,22 +77,37 @@ def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> Ran
     stop = StopSignal()
     overrides = debug_overrides(overrides) if debug else list(overrides)
     outcome = RankOutcome(1)  # a bug raises through
+    run_dir, lines = None, []
     try:
-        trainer = Trainer(load_config(config, overrides), stop, debug=debug)
+        cfg = load_config(config, overrides)
+        run_dir = cfg.output_dir
+        ended = restarts.final_end(run_dir)
+        if ended is not None:
+            run_dir = None  # already in the journal
+            raise EndedBefore(ended)
+        trainer = Trainer(cfg, stop, debug=debug)
         trainer.fit()
         outcome = RankOutcome(0, trainer.step, trainer.total_steps)
     except UserError as err:
-        outcome = RankOutcome(report_user_error(err, config, overrides))
+        lines = user_error_lines(err, config, overrides)
+        if err.exit_code in restarts.NEVER_RESTARTED or not restarts.pending():
+            report_user_error(err, config, overrides)
+        outcome = RankOutcome(err.exit_code)
     except KeyboardInterrupt:
         print("finetrain: interrupted (Ctrl-C); nothing saved since the last checkpoint", file=sys.stderr)
         outcome = RankOutcome(130)
     except Exception as err:
         kind = faults.collective_failure(err)  # the consequence of another rank's failure, not a bug here
         if kind is None:
+            lines = [f"rank {faults.rank_from_env()} crashed: {type(err).__name__}: {first_line(err)}"]
             raise
-        outcome = RankOutcome(faults.report_collective_failure(err, kind))
+        outcome = RankOutcome(faults.report_collective_failure(err, kind, quiet=restarts.pending()))
+        lines = [faults.collective_failure_line(kind)]
     finally:
         stop.restore()
+        if run_dir is not None and outcome.exit_code not in (0, 130) and restarts.enabled():
+            restarts.record_end(run_dir, faults.rank_from_env(), outcome.exit_code, "\n".join(lines),
+                                faults.steps_done())
         faults.finish(outcome.exit_code)
         shutdown()
     return outcome

@@ -114,25 +114,24 @@ def test_traceback_on_request(tmp_path):
     assert re.fullmatch(pattern, error_lines(proc.stderr)[-1])
 
 
-def test_the_launcher_exits_2_when_a_mistake_ends_the_ranks(capsys):
+def test_the_launcher_exits_2_when_a_mistake_ends_the_ranks():
     """The first rank to report a mistake makes the elastic agent end the others while they are
     on their way out with the same mistake: still exit 2 and no more lines. A rank that
     crashed on its own (another code or signal) is named, exit 1."""
     import signal
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from launch.elastic import _report_failures
+    from launch.elastic import failure_report
 
-    def failed(*codes: int) -> ChildFailedError:
-        return ChildFailedError("trainer", {rank: ProcessFailure(rank, 1000 + rank, code, "<N/A>")
-                                            for rank, code in enumerate(codes)})
+    def failed(*codes: int) -> dict:
+        return {rank: ProcessFailure(rank, 1000 + rank, code, "<N/A>") for rank, code in enumerate(codes)}
 
-    assert _report_failures(failed(2, 2)) == 2
-    assert _report_failures(failed(2, -signal.SIGTERM)) == 2
-    assert _report_failures(failed(-signal.SIGKILL, 2)) == 2
-    assert capsys.readouterr().err == ""
-    assert _report_failures(failed(2, -signal.SIGABRT)) == 1
-    assert "rank 1 was killed by SIGABRT" in capsys.readouterr().err
-    assert _report_failures(failed(-signal.SIGTERM, -signal.SIGTERM)) == 1
-    assert _report_failures(failed(1, 2)) == 1
+    assert failure_report(failed(2, 2)) == (2, [])
+    assert failure_report(failed(2, -signal.SIGTERM)) == (2, [])
+    assert failure_report(failed(-signal.SIGKILL, 2)) == (2, [])
+    assert failure_report(failed(5, 4)) == (5, [])  # a failed save, reported by the ranks
+    code, lines = failure_report(failed(2, -signal.SIGABRT))
+    assert code == 1 and lines == ["rank 1 was killed by SIGABRT (see its output above)"]
+    assert failure_report(failed(-signal.SIGTERM, -signal.SIGTERM))[0] == 1
+    assert failure_report(failed(1, 2))[0] == 1

@@ -51,6 +51,7 @@ from trainer.config.schema import Config, dump_yaml
 from trainer.parallel.dcp import BackgroundWriter
 from trainer.runtime.distributed import DistInfo, agree, barrier
 from trainer.runtime.errors import ConfigError, UserError
+from trainer.runtime.faults import EXIT_SAVE_FAILED
 from trainer.runtime.memory import format_bytes
 
 log = logging.getLogger("finetrain")
@@ -62,7 +63,17 @@ _ALMOST_FULL = 1 << 20  # bytes free below which a write that failed without an 
 
 
 class CheckpointWriteError(UserError):
-    """A checkpoint that could not be written: a full disk, a permission, an I/O error."""
+    """A checkpoint that could not be written: a full disk, a permission, an I/O error. A folder the
+    run may not write into is the user's to fix (exit code 2); anything else (no space, a quota, an
+    I/O error) may pass, and a restart resumes from the last checkpoint (EXIT_SAVE_FAILED)."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.exit_code = 2 if errno_ in _NOT_ALLOWED else EXIT_SAVE_FAILED
+
+
+# Failures to write that only the user can fix: the folder may not be written, or is not one.
+_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR)
 
 
 def weights_finite(strategy) -> bool:
@@ -360,7 +371,7 @@ class Checkpointer:
             staging.mkdir()
         except OSError as err:
             raise CheckpointWriteError(f"checkpoint step {step}: cannot write {err.filename or staging}: "
-                                       f"{err.strerror or err}") from err
+                                       f"{err.strerror or err}", err.errno) from err
         if self._space_warned:
             return
         previous = complete_checkpoints(self.directory)
@@ -383,13 +394,15 @@ class Checkpointer:
         failures = [x for x in self.comm.gather(report) if x is not None]
         self.inflight = None
         message = self._failure_message(f, failures) if self.dist.is_main else ""
+        writes = [x for x in failures if "bug" not in x]
+        first_errno = next((x["errno"] for x in writes if x["errno"] is not None), None)
         barrier()  # the half-written folder is gone before any rank ends
         if local is not None and described is None:
             raise local  # not a failure to write: a bug, with its traceback
         if not any("bug" not in x for x in failures):
             raise RuntimeError(f"checkpoint step {f.step}: rank {failures[0]['rank']} failed while writing it "
                                f"({failures[0]['bug']})")
-        error = CheckpointWriteError(message or f"checkpoint step {f.step} could not be written")
+        error = CheckpointWriteError(message or f"checkpoint step {f.step} could not be written", first_errno)
         error.agreed = True
         raise error from local
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.runtime.errors import UserError
+from trainer.runtime.restarts import JOURNAL
 
 if TYPE_CHECKING:
     from trainer.config.schema import Config
@@ -30,7 +31,8 @@ log = logging.getLogger("finetrain")
 LOCK_FILE = "run.lock"
 # What a run leaves in its folder (the checkpoint folder, checkpoint.dir, with them). The
 # tokenizer alone is no earlier run: `finetrain prepare` saves it ahead of the first one.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "generations.jsonl", "summary.json")
+# The W&B run id (reporting/metrics_log.py) and the journal of restarts (runtime/restarts.py) too.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "generations.jsonl", "summary.json", "wandb_run_id", str(JOURNAL))
 
 
 def config_problems(cfg: "Config") -> list[str]:

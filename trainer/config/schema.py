@@ -337,6 +337,10 @@ class SlurmConfig:
     mem_gb: int = at_least(0, 0)  # 0: the partition's default
     # The most time-limit requeues (submitit counts every stop after 80 % of the time limit as one).
     max_requeues: int = at_least(10, 0)
+    # Restarts of a failed attempt (a dead, killed or hung rank, a checkpoint that could not be
+    # written) from the newest checkpoint, within the job: finetrain train's --max-restarts in
+    # slurm/train.sbatch, a requeue of the job under finetrain submit (docs/faults.md).
+    max_restarts: int = at_least(3, 0)
     # Seconds before the time limit at which every rank checkpoints and the job requeues.
     signal_delay_s: int = at_least(120, 0)
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from trainer.data.records import short_repr
 from trainer.runtime.errors import DataError
 
 
@@ -71,10 +73,14 @@ def _read_json_lines(path: Path) -> Iterator[Row]:
             except json.JSONDecodeError as err:
                 yield Row(lineno, True, None, f"not valid JSON ({err.msg} at column {err.colno})")
                 continue
+            except RecursionError:
+                yield Row(lineno, True, None, "not readable JSON (values nested too deeply)")
+                continue
             if not isinstance(record, dict):
                 yield Row(lineno, True, None, f"expected a JSON object, got {type(record).__name__}")
                 continue
-            yield Row(lineno, True, record)
+            problem = text_problem(record) if _SURROGATE_ESCAPE.search(line) else None
+            yield Row(lineno, True, None if problem else record, problem)
 
 
 def _read_json(path: Path) -> Iterator[Row]:
@@ -92,6 +98,9 @@ def _read_json(path: Path) -> Iterator[Row]:
             yield from _read_json_lines(path)
             return
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not readable JSON (values nested too deeply)") from None
+    check_text = bool(_SURROGATE_ESCAPE.search(text))
     if isinstance(document, dict):
         lists = [value for value in document.values() if isinstance(value, list)]
         if len(lists) != 1:
@@ -101,9 +110,35 @@ def _read_json(path: Path) -> Iterator[Row]:
         raise DataError(f"{path}: expected a JSON array of records, got {type(document).__name__}")
     for index, record in enumerate(document, start=1):
         if isinstance(record, dict):
-            yield Row(index, False, record)
+            problem = text_problem(record) if check_text else None
+            yield Row(index, False, None if problem else record, problem)
         else:
             yield Row(index, False, None, f"expected a JSON object, got {type(record).__name__}")
+
+
+# A JSON escape of a UTF-16 surrogate (U+D800-U+DFFF): in a pair it is one character beyond the
+# Basic Multilingual Plane (an emoji), alone it decodes to a string that is no Unicode text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def text_problem(record: dict) -> str | None:
+    """What makes a decoded JSON record no text (a lone surrogate, which no tokenizer can encode
+    and UTF-8 cannot hold), or None. Looked for only in lines that escape a surrogate."""
+    pending = [record]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += value.keys()
+            pending += value.values()
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                # repr escapes the surrogate, so the message itself stays printable text
+                return f"not valid Unicode text (a lone surrogate in the string {short_repr(value)})"
+    return None
 
 
 PARQUET_BATCH_ROWS = 1024

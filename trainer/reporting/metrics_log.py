@@ -3,7 +3,11 @@ Weights & Biases.
 
 Only rank 0 writes. `metrics.jsonl` is opened for append, so a resumed run adds
 to the records of the run it continues; the W&B run id is kept in the checkpoint,
-so the resumed run logs into the same W&B run.
+so the resumed run logs into the same W&B run. Before it appends, a resumed run drops
+the records that the run it continues wrote after the checkpoint it resumes from (work
+lost to a crash or a kill, done again now) and a last line cut short by a kill, from
+metrics.jsonl and generations.jsonl alike: each step appears once, with the value that
+counted, and every line of either file is whole JSON.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ PEAK_BF16_FLOPS = {
     "L4": 121e12,
     "B200": 2250e12,
 }
-CPU_MATMUL_SIZE = 1024  # large enough for BLAS to reach its peak, small enough to time in a second
+CPU_MATMUL_SIZE = 1024
+WANDB_RUN_ID_FILE = "wandb_run_id"  # in run.output_dir: the W&B run every attempt of the run logs into  # large enough for BLAS to reach its peak, small enough to time in a second
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None, cache_dir: Path) -> float | None:
@@ -150,6 +155,48 @@ def wandb_credentials() -> bool:
         return False
 
 
+def past_resume_point(record: dict, step: int, total_steps: int) -> bool:
+    """Whether a record was written after the checkpoint of `step` (the loop logs a step and runs its
+    periodic evaluation before saving it; the evaluations at step 0 and after the last step come
+    after the save)."""
+    logged = record.get("step")
+    if not isinstance(logged, int):
+        return False
+    if logged != step:
+        return logged > step
+    return "restart" not in record and "loss" not in record and step in (0, total_steps)
+
+
+def trim_records(path: Path, step: int, total_steps: int) -> int:
+    """Drop from a JSON Lines file of the run the records written after the checkpoint of `step`,
+    and any line that is not whole JSON (a write cut short by a kill); written aside and renamed,
+    so a kill meanwhile leaves the file as it was. Returns the highest training step dropped (or
+    `step` when none)."""
+    if not path.is_file():
+        return step
+    kept, dropped, highest = [], 0, step
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short (or not UTF-8 any more)
+                dropped += 1
+                continue
+            if isinstance(record, dict) and past_resume_point(record, step, total_steps):
+                dropped += 1
+                if "loss" in record:
+                    highest = max(highest, record["step"])
+                continue
+            kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if dropped:
+        aside = path.with_name(f".{path.name}.tmp")
+        aside.write_bytes(b"".join(kept))
+        os.replace(aside, path)
+        log.info("%s: %d record(s) written after the checkpoint of step %d dropped (done again now)",
+                 path, dropped, step)
+    return highest
+
+
 class MetricsLogger:
     """Rank 0's sinks: metrics.jsonl, generations.jsonl, W&B, the progress bar."""
 
@@ -161,20 +208,37 @@ class MetricsLogger:
         self.wandb = None
         self.progress = None
         self.wandb_run_id = wandb_run_id or uuid.uuid4().hex[:12]
+        self.last_dropped_step = start_step
         if not is_main:
             return
         out = Path(cfg.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.generations_path = out / "generations.jsonl"
+        # The highest step a crashed or killed run logged past the checkpoint resumed from.
+        self.last_dropped_step = trim_records(out / "metrics.jsonl", start_step, total_steps)
+        trim_records(self.generations_path, start_step, total_steps)
         if cfg.logging.jsonl:
             self.jsonl = open(out / "metrics.jsonl", "a")
         if cfg.logging.wandb.mode != "disabled":
+            self.wandb_run_id = self._one_wandb_run(out, wandb_run_id)
             self.wandb = self._start_wandb(out, run_description or {})
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
             self.progress = tqdm(total=total_steps, initial=start_step, desc=cfg.run.name, unit="step",
                                  dynamic_ncols=True, file=sys.stderr)
+
+    def _one_wandb_run(self, out: Path, from_checkpoint: str | None) -> str:
+        """The W&B run id of this run folder: the checkpoint's when resuming, else the one an earlier
+        attempt that saved no checkpoint started (a restart soon after the start), else this id;
+        kept in the folder so that every attempt logs into one W&B run."""
+        path = out / WANDB_RUN_ID_FILE
+        run_id = from_checkpoint
+        if run_id is None and path.is_file():
+            run_id = path.read_text().strip() or None
+        run_id = run_id or self.wandb_run_id
+        path.write_text(run_id + "\n")
+        return run_id
 
     def _start_wandb(self, out: Path, run_description: dict):
         import wandb
@@ -207,6 +271,13 @@ class MetricsLogger:
             evals = {k: v for k, v in record.items() if k.startswith("eval/") and k.endswith(("/loss", "/rougeL", "/acc"))}
             if evals:
                 self.progress.write(f"step {record['step']}: " + "  ".join(f"{k}={v:.4f}" for k, v in evals.items()))
+
+    def log_event(self, record: dict) -> None:
+        """A record of something that happened to the run (a restart), in metrics.jsonl only: W&B
+        takes steps in increasing order, and the run's step went back to the checkpoint."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
 
     def log_generations(self, step: int, rows: list[dict]) -> None:
         """Greedy answers of one evaluation: appended to generations.jsonl, and a W&B table."""

@@ -23,6 +23,7 @@ from trainer.config.schema import Config
 from trainer.data.eval_sets import forgetting_checks
 from trainer.peft.methods import can_merge
 from trainer.reporting.html_report import write_report
+from trainer.runtime import restarts
 
 log = logging.getLogger("finetrain")
 
@@ -103,6 +104,7 @@ class RunSummary:
     def write(self, status: str, step: int, total_steps: int, tokens: int, checkpoint: Path | None) -> dict:
         """Write summary.json and print the summary (rank 0); returns it."""
         seconds = self.wall_time()
+        restart_count, recomputed = restarts.restart_totals(restarts.read(self.cfg.output_dir))
         export = None
         if checkpoint is not None:
             merge = " --merge" if can_merge(self.cfg.peft.method) else ""
@@ -115,6 +117,8 @@ class RunSummary:
             "step_time_s": round(self.step_seconds, 3),
             "tokens": tokens,
             "tokens_per_s": tokens / self.step_seconds if self.step_seconds > 0 else 0.0,
+            "restarts": restart_count,  # of the worker group after a failure, and the steps they made it do again
+            "steps_recomputed": recomputed,
             "eval": {name: {"first": self.first.get(name), "best": self.best.get(name), "last": last}
                      for name, last in self.last.items()},
             "forgetting": self.forgetting,
@@ -142,7 +146,9 @@ def format_summary(summary: dict, path: Path) -> str:
     """The summary as a person reads it at a glance: each eval metric from step 0 to the end,
     forgetting, the held-out answers before and after, and where the results are."""
     lines = [f"finetrain {summary['status']} at step {summary['steps']}/{summary['total_steps']} in "
-             f"{summary['wall_time_s']:.1f}s: {summary['tokens']:,} tokens, {summary['tokens_per_s']:,.0f} tokens/s"]
+             f"{summary['wall_time_s']:.1f}s: {summary['tokens']:,} tokens, {summary['tokens_per_s']:,.0f} tokens/s"
+             + (f"; {summary['restarts']} restart(s), {summary['steps_recomputed']} step(s) done again"
+                if summary.get("restarts") else "")]
     width = max((len(name) for name in summary["eval"]), default=0)
     for name, evals in summary["eval"].items():
         first, last, best = evals["first"] or evals["last"], evals["last"], evals["best"]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from trainer.runtime import faults
 from trainer.runtime.errors import UserError
+from trainer.runtime.restarts import restart_number
 
 T = TypeVar("T")
 
@@ -72,6 +73,17 @@ def slurm_rendezvous() -> None:
     os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+def attempt_store(timeout: datetime.timedelta):
+    """Under torch's elastic agent, the store its ranks meet in, with a prefix of this attempt's own.
+    The agent keeps one store for all the attempts of a run, and the keys the process group sets
+    up with (each rank's address, NCCL's unique id) would be read by a restarted attempt as the
+    failed one left them; None elsewhere (the process group takes its store from the environment)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"finetrain/restart-{restart_number()}", store)
+
+
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Start the process group for this process; idempotent."""
     slurm_rendezvous()
@@ -94,7 +106,7 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
                     "(finetrain train --nproc N does this for you)"
                 )
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
-                                    device_id=device if backend == "nccl" else None)
+                                    device_id=device if backend == "nccl" else None, store=attempt_store(timeout))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
 
 

@@ -43,13 +43,16 @@ def report_user_error(err: UserError, config: str | os.PathLike | None = None, o
         return err.exit_code
     if os.environ.get("FINETRAIN_TRACEBACK") == "1":
         traceback.print_exception(err, file=sys.stderr)
-    if isinstance(err, ConfigError):
-        lines = locate_problems(str(err), config, overrides)
-    else:
-        lines = [line for line in str(err).splitlines() if line.strip()]
-    for line in lines:
+    for line in user_error_lines(err, config, overrides):
         say(line)
     return err.exit_code
+
+
+def user_error_lines(err: UserError, config: str | os.PathLike | None = None, overrides: list[str] = ()) -> list[str]:
+    """The lines that report a user's mistake (a config problem located at its key's line)."""
+    if isinstance(err, ConfigError):
+        return locate_problems(str(err), config, overrides)
+    return [line for line in str(err).splitlines() if line.strip()]
 
 
 _console = None  # the terminal, where a launcher sent this rank's stdout and stderr to a log file

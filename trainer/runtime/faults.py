@@ -49,6 +49,7 @@ log = logging.getLogger("finetrain")
 
 EXIT_NONFINITE = 3  # a non-finite loss or gradient norm ended the run; nothing saved after the last good checkpoint
 EXIT_HUNG = 4  # a rank stopped making progress, or a collective with the other ranks failed
+EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (no space, an I/O error); the earlier ones are intact
 # The signal on which a rank writes every thread's Python stack (faulthandler). SIGTERM and SIGUSR1
 # stop a run, SIGUSR2 is submitit's preemption signal, SIGINT/SIGHUP/SIGQUIT belong to the elastic
 # agent; SIGURG is free everywhere, and ignored by a process that has not registered for it yet.
@@ -201,11 +202,21 @@ def touch() -> None:
         _watch.touch()
 
 
+_steps_done = 0
+
+
 def step_done(step: int) -> None:
     """A step finished: from the first one on, steps run under parallel.step_timeout_s."""
+    global _steps_done
+    _steps_done = step
     if _watch is not None:
         _watch.first_step_done = True
         _watch.enter("end of step", step)
+
+
+def steps_done() -> int:
+    """The optimizer steps this process has finished (the run's step count)."""
+    return _steps_done
 
 
 @contextlib.contextmanager
@@ -288,10 +299,8 @@ def collective_failure(err: BaseException) -> str | None:
     return None
 
 
-def report_collective_failure(err: BaseException, kind: str) -> int:
-    """One line for a collective that timed out or lost another rank; the traceback goes to this
-    rank's log. Under the launcher, which names the rank that caused it, the line stays in the log
-    too. Returns the exit code."""
+def collective_failure_line(kind: str) -> str:
+    """One line for a collective that timed out ('timeout') or lost another rank ('lost')."""
     rank = rank_from_env()
     step, phase, bound = current_work()
     if kind == "timeout":
@@ -299,11 +308,19 @@ def report_collective_failure(err: BaseException, kind: str) -> int:
                 "another rank hung or died (its stack: kill -URG PID)")
     else:
         what = f"lost the connection to another rank in step {step} ({phase}): another rank died or hung"
-    line = f"rank {rank}: {what}; nothing was saved since the last checkpoint"
+    return f"rank {rank}: {what}; nothing was saved since the last checkpoint"
+
+
+def report_collective_failure(err: BaseException, kind: str, quiet: bool = False) -> int:
+    """One line for a collective that timed out or lost another rank; the traceback goes to this
+    rank's log. Under the launcher, which names the rank that caused it, the line stays in the log
+    too; so it does when the run is about to be restarted (`quiet`: the restart is the one line).
+    Returns the exit code."""
+    line = collective_failure_line(kind)
     log_stream = _log if _log is not None else sys.stderr
     if _log is not None or os.environ.get("FINETRAIN_TRACEBACK") == "1":
         traceback.print_exception(err, file=log_stream)
-    if os.environ.get(WATCH_DIR_ENV):
+    if os.environ.get(WATCH_DIR_ENV) or quiet:
         print(f"finetrain: {line}", file=log_stream, flush=True)
     else:
         say(line)
