@@ -13,6 +13,7 @@ import random
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,30 @@ class Run:
     check: str = ""  # "isolation": per-document logits under sequence parallelism, no training
 
 
+WORKER = REPO / "tests" / "workers" / "parallel_worker.py"
+
+
+def extensions_dir() -> str:
+    """DeepSpeed compiles a CPU op on first use (minutes on 2 cores): keep it across sessions."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(tempfile.gettempdir()) / f"finetrain-torch-extensions-{os.getuid()}")
+
+
+def launch_worker(tmp: Path, name: str, nproc: int, runs: list[dict], timeout: int = 600) -> dict:
+    """Run `runs` (fields of Run) in one torchrun launch of tests/workers/parallel_worker.py on `nproc`
+    ranks; return {run name: measurements}."""
+    spec = tmp / f"{name}.json"
+    results = tmp / f"{name}-results.json"
+    spec.write_text(json.dumps({"out": str(tmp / name), "results": str(results), "runs": runs}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
+               TORCH_EXTENSIONS_DIR=extensions_dir(), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(WORKER), str(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{name}: torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(results.read_text())
+
+
 def run_model_config(run: Run) -> dict:
     return {**TINY_LLAMA, "tie_word_embeddings": run.tied}
 
@@ -454,3 +479,23 @@ def as_batches(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[B
     return [Batch(inputs={"input_ids": ids}, labels=labels, num_targets=count_targets(labels, "causal_lm"),
                   num_tokens=int((labels != IGNORE_INDEX).sum()), num_slots=labels.numel(), examples={}, tokens={})
             for ids, labels in micro_batches]
+
+
+# ---------------------------------------------------------------- Fuzzing (Hypothesis)
+
+
+# FINETRAIN_FUZZ=long: FUZZ_LONG_FACTOR times the cases, from fresh random seeds (found failures are
+# printed with the @reproduce_failure line that replays them); by default the cases are derived from
+# the test itself (derandomized), the same on every run.
+FUZZ_LONG = os.environ.get("FINETRAIN_FUZZ") == "long"
+FUZZ_LONG_FACTOR = 50
+
+
+def fuzz_settings(cases: int):
+    """Hypothesis settings of a fuzz test with `cases` cases in `make test`."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=cases * (FUZZ_LONG_FACTOR if FUZZ_LONG else 1), derandomize=not FUZZ_LONG,
+                    deadline=None, database=None, print_blob=FUZZ_LONG,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])

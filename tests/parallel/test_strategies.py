@@ -18,19 +18,13 @@ documents cross the cut; `*-offload` ones keep activations in host memory
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import NF4_LLAMA, REPO, TINY_LLAMA, Run, make_config, make_model
+from helpers import NF4_LLAMA, TINY_LLAMA, Run, launch_worker, make_config, make_model
 
-WORKER = REPO / "tests" / "workers" / "parallel_worker.py"
 SHARDED = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 PEFT_METHODS = ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
 PEFT_STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
@@ -41,26 +35,6 @@ RTOL = 1e-4
 SEQUENCE = {"packed": True, "sequence_parallel": 2}
 # QLoRA (model.quantization nf4) trains on these; zero1-3 refuse it.
 NF4_STRATEGIES = ("ddp", "fsdp")
-
-
-def extensions_dir() -> str:
-    """DeepSpeed compiles a CPU op on first use (minutes on 2 cores): keep it across sessions."""
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(tempfile.gettempdir()) / f"finetrain-torch-extensions-{os.getuid()}")
-
-
-def launch(tmp: Path, name: str, nproc: int, runs: list[dict], timeout: int = 600) -> dict:
-    """Run `runs` in one torchrun launch of `nproc` ranks; return {run name: measurements}."""
-    spec = tmp / f"{name}.json"
-    results = tmp / f"{name}-results.json"
-    spec.write_text(json.dumps({"out": str(tmp / name), "results": str(results), "runs": runs}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
-               TORCH_EXTENSIONS_DIR=extensions_dir(), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(WORKER), str(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"{name}: torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(results.read_text())
 
 
 def assert_same_curve(got: dict, want: dict, what: str, rtol: float = RTOL, steps: int | None = None) -> None:
@@ -115,7 +89,7 @@ def runs(tmp_path_factory, pretrained, nf4_pretrained) -> dict:
             return {"save_at": 4, "save_dir": ck[f"{name}-final"], "full_state_path": ck[f"{name}-final"] + ".pt"}
         return {}
 
-    one_rank = launch(tmp, "one-rank", 1, [
+    one_rank = launch_worker(tmp, "one-rank", 1, [
         {"name": "single", "strategy": "single", "micro": 8, "accum": 1, "generate": True},
         {"name": "single-accum", "strategy": "single", "micro": 2, "accum": 4},
         {"name": "single-tied", "strategy": "single", "micro": 8, "accum": 1, "tied": True},
@@ -137,7 +111,7 @@ def runs(tmp_path_factory, pretrained, nf4_pretrained) -> dict:
         {"name": "single-compiled", "strategy": "single", "micro": 2, "accum": 4, "steps": 10, "compile": True},
         {"name": "single-offload", "strategy": "single", "micro": 8, "accum": 1, "activation_offload": True},
     ])
-    two_ranks = launch(tmp, "two-ranks", 2, [
+    two_ranks = launch_worker(tmp, "two-ranks", 2, [
         # First, so that ZeRO-3's partitioned build meets a DeepSpeed that nothing has set up yet.
         {"name": "zero3-pretrained", "strategy": "zero3", "model_path": pretrained, "export_check": True},
         *[{"name": s, "strategy": s, "export_check": True, "generate": True, **saves(s)} for s in SHARDED],
@@ -181,7 +155,7 @@ def runs(tmp_path_factory, pretrained, nf4_pretrained) -> dict:
          "activation_offload": True, "activation_checkpointing": True, **SEQUENCE},
     ])
     # HSDP: 2 replicas of 2-rank shard groups, micro 1 x accumulation 2 x 4 ranks = the 8 rows of a step.
-    four_ranks = launch(tmp, "four-ranks", 4, [
+    four_ranks = launch_worker(tmp, "four-ranks", 4, [
         {"name": "hsdp", "strategy": "fsdp", "replicate": 2, "micro": 1, "accum": 2,
          "save_at": 2, "save_dir": ck["hsdp-4"], "export_check": True},
         {"name": "hsdp-from-fsdp-2", "strategy": "fsdp", "replicate": 2, "micro": 1, "accum": 2,
@@ -192,10 +166,10 @@ def runs(tmp_path_factory, pretrained, nf4_pretrained) -> dict:
            "model_path": pretrained, **SEQUENCE} for s in ("fsdp", "zero3")],
         {"name": "hsdp-sp2", "strategy": "fsdp", "replicate": 2, "micro": 1, "accum": 2, **SEQUENCE},
     ])
-    two_ranks_again = launch(tmp, "two-ranks-again", 2, [
+    two_ranks_again = launch_worker(tmp, "two-ranks-again", 2, [
         {"name": "fsdp-from-hsdp", "strategy": "fsdp", "load_dir": ck["hsdp-4"], "load_step": 2},
     ])
-    one_rank_again = launch(tmp, "one-rank-again", 1, [
+    one_rank_again = launch_worker(tmp, "one-rank-again", 1, [
         {"name": "fsdp-from-2", "strategy": "fsdp", "micro": 4, "accum": 2, "load_dir": ck["fsdp-2"], "load_step": 2},
         {"name": "zero2-from-2", "strategy": "zero2", "micro": 4, "accum": 2, "load_dir": ck["zero2-2"], "load_step": 2},
         {"name": "zero3-from-2", "strategy": "zero3", "micro": 4, "accum": 2, "load_dir": ck["zero3-2"], "load_step": 2},
@@ -372,7 +346,7 @@ def test_memory_estimate_matches_what_each_rank_holds(runs, strategy):
 @pytest.fixture(scope="module")
 def offload_and_bf16_runs(tmp_path_factory, nf4_pretrained) -> dict:
     tmp = tmp_path_factory.mktemp("offload")
-    return launch(tmp, "offload-bf16", 2, [
+    return launch_worker(tmp, "offload-bf16", 2, [
         {"name": "fsdp-offload", "strategy": "fsdp", "offload": "params"},
         {"name": "zero2-offload", "strategy": "zero2", "offload": "optimizer"},
         {"name": "zero3-offload", "strategy": "zero3", "offload": "params", "export_check": True},
@@ -419,10 +393,10 @@ def adapter_runs(tmp_path_factory, pretrained) -> dict:
     """The methods of MORE_METHODS on single (the references) and on every strategy of the
     matrix, from the 'pretrained' tiny Llama; one launch per world size."""
     tmp = tmp_path_factory.mktemp("adapters")
-    one_rank = launch(tmp, "adapters-one-rank", 1, [
+    one_rank = launch_worker(tmp, "adapters-one-rank", 1, [
         {"name": f"single-{method}", "strategy": "single", "micro": 8, "accum": 1, "peft": method,
          "model_path": pretrained} for method in MORE_METHODS])
-    two_ranks = launch(tmp, "adapters-two-ranks", 2, [
+    two_ranks = launch_worker(tmp, "adapters-two-ranks", 2, [
         {"name": f"{strategy}-{method}", "strategy": strategy, "peft": method, "model_path": pretrained,
          "export_check": method == "bottleneck"} for method in MORE_METHODS for strategy in PEFT_STRATEGIES])
     return {**one_rank, **two_ranks}

@@ -10,12 +10,11 @@ torch's weights-only unpickler and refused when it holds more than plain data.
 from __future__ import annotations
 
 import json
-import pickle
-import warnings
 from pathlib import Path
 
 import torch
 
+from trainer.parallel.safe_load import load_plain
 from trainer.runtime.errors import UserError
 
 TRAINER_STATE = "trainer_state.json"
@@ -75,20 +74,6 @@ def read_trainer_state(path: Path) -> dict:
         return decode(document)
     legacy = path / LEGACY_TRAINER_STATE
     if legacy.is_file():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return torch.load(legacy, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise UserError(f"{legacy}: holds more than plain data ({_unpickler_reason(err)}); refusing to load it "
-                            "(loading a checkpoint runs no code from it)") from None
+        return load_plain(legacy, str(legacy))
     raise UserError(f"{path}: no trainer state ({TRAINER_STATE})")
 
-
-def _unpickler_reason(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for index, line in enumerate(lines):
-        if line.startswith("WeightsUnpickler error:"):
-            rest = line.removeprefix("WeightsUnpickler error:").strip()
-            return rest or (lines[index + 1] if index + 1 < len(lines) else "unsupported content")
-    return lines[0] if lines else "unsupported content"

@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from trainer.model.quantization import quantized_linears, without_quantized_weights
-from trainer.runtime.errors import UserError
+from trainer.parallel.safe_load import load_plain
+from trainer.runtime.errors import UserError, first_line
 from trainer.runtime.faults import exempt
 
 
@@ -105,7 +106,8 @@ def read_dcp_metadata(folder: Path):
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except (pickle.UnpicklingError, AttributeError, EOFError, ValueError, TypeError, IndexError) as err:
-        raise UserError(f"{path}: not a DCP checkpoint's metadata ({err}); refusing to load it") from None
+        reason = " ".join(str(err).split())  # one line, whatever the unpickler said
+        raise UserError(f"{path}: not a DCP checkpoint's metadata ({reason}); refusing to load it") from None
     if not isinstance(metadata, Metadata):
         raise UserError(f"{path}: holds a {type(metadata).__name__}, not a DCP checkpoint's metadata; refusing to load it")
     for info in (metadata.storage_data or {}).values():
@@ -146,11 +148,7 @@ class SafeLoadPlanner(dcp.DefaultLoadPlanner):
         from torch.distributed.checkpoint._traverse import set_element
 
         fqn = read_item.dest_index.fqn
-        try:
-            loaded = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise UserError(f"{self.folder}: the value of {fqn} is not plain data ({str(err).splitlines()[0]}); "
-                            "refusing to load it") from None
+        loaded = load_plain(value, f"{self.folder}: the value of {fqn}")
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], loaded)
         else:
@@ -166,10 +164,13 @@ def read_dcp(state: dict, folder: Path) -> None:
     try:
         dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(folder))
     except CheckpointException as err:  # every rank has it: DCP gathers each rank's failure
-        refused = [failure[0] for failure in err.failures.values() if isinstance(failure[0], UserError)]
+        failures = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
+        refused = [failure for failure in failures if isinstance(failure, UserError)]
         if refused:
             raise UserError(str(refused[0])) from None
-        raise
+        # Shards that do not hold what the metadata says (cut short, replaced): data, not a bug.
+        raise UserError(f"{folder}: its shards cannot be read as its metadata describes them "
+                        f"({type(failures[0]).__name__}: {first_line(failures[0])[:200]}); refusing to load it") from None
 
 
 

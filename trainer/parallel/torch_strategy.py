@@ -16,6 +16,7 @@ from trainer.config.schema import Config
 from trainer.model.quantization import without_quantized_weights
 from trainer.optim import ADAM_MOMENTS, build_optimizer, build_scheduler
 from trainer.parallel.dcp import BackgroundWriter, dcp_load, dcp_save, dcp_save_async
+from trainer.parallel.safe_load import load_plain
 from trainer.parallel.strategy import Strategy
 from trainer.peft.methods import adapter_training_state, after_optimizer_step, load_adapter_training_state
 
@@ -93,7 +94,7 @@ class TorchStrategy(Strategy):
         dcp_load(path, self.unwrapped_model(), self.optimizer)
         state_file = path / ADAPTER_STATE
         if state_file.is_file():
-            load_adapter_training_state(self.unwrapped_model(), torch.load(state_file, weights_only=True))
+            load_adapter_training_state(self.unwrapped_model(), load_plain(state_file, str(state_file)))
 
     def _save_adapter_state(self, path: Path) -> None:
         """The adapter method's own training state (AdaLoRA's importance averages), the same on

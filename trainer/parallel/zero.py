@@ -34,6 +34,7 @@ from trainer.config.schema import Config, cache_root
 from trainer.model.loading import model_config
 from trainer.optim import ADAM_MOMENTS, build_optimizer, build_scheduler, trainable_groups
 from trainer.parallel.layer_options import apply_layer_options
+from trainer.parallel.safe_load import load_plain
 from trainer.parallel.strategy import Strategy
 from trainer.runtime.distributed import DistInfo, barrier
 from trainer.runtime.errors import ConfigError, UserError
@@ -236,6 +237,7 @@ class ZeroStrategy(Strategy):
             raise
 
     def load(self, path: Path) -> None:
+        refuse_code(path)  # before DeepSpeed unpickles any of them
         saved_world = saved_world_size(path / CHECKPOINT_TAG)
         if saved_world == self.dist.world_size:
             loaded, _ = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG)
@@ -396,8 +398,29 @@ def convert_to_universal(path: Path) -> Path:
     return target
 
 
+def deepspeed_classes() -> list[type]:
+    """What DeepSpeed's checkpoint files hold besides tensors and plain data: its loss scaler (in
+    the optimizer state), the ZeRO stage, and where each fragment of a parameter lives."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def refuse_code(path: Path) -> None:
+    """DeepSpeed reads its files (`deepspeed/`, `universal/`) with `torch.load(weights_only=False)`,
+    which runs whatever a planted pickle names: first every one of them is read with torch's
+    weights-only unpickler admitting DeepSpeed's own classes (deepspeed_classes), tensors memory-
+    mapped (only the pickle describing them is read), and a file naming anything else is refused."""
+    allowed = deepspeed_classes()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".pt", ".pth", ".bin")):
+        load_plain(file, str(file), allowed, mmap=True)
+
+
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state of a zero1-3 checkpoint, in one process (for export)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    refuse_code(checkpoint)
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=CHECKPOINT_TAG)
