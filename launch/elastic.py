@@ -146,6 +146,8 @@ def run_agent(config, entrypoint: str, entry_args: list[str], restartable):
                 self._remaining_restarts = 0
             return result
 
+    # The signals the agent takes for itself (the others are finetrain's: forwarded to the ranks)
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
     rendezvous = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint,
                                       run_id=config.run_id, min_nodes=config.min_nodes,
                                       max_nodes=config.max_nodes, local_addr=config.local_addr,

@@ -196,14 +196,16 @@ class Trainer:
         and metrics.jsonl; on the console in one line under plain torchrun (finetrain's launcher has
         already said it)."""
         out = self.cfg.output_dir
-        failed = restarts.failure_cause(restarts.read(out), self.dist.world_size)
+        journal = restarts.read(out)
+        failed = restarts.failure_cause(journal, self.dist.world_size)
         reached = max(failed["steps_done"], self.metrics.last_dropped_step)
-        record = {"step": self.step, "restart": restarts.restart_number(), "cause": failed["cause"],
+        # numbered over the run (a job started again counts on), where the line counts this launch's
+        record = {"step": self.step, "restart": restarts.restart_totals(journal)[0] + 1, "cause": failed["cause"],
                   "rank": failed["rank"], "resumed_from": self.step, "steps_recomputed": max(0, reached - self.step)}
         restarts.append(out, record)
         self.metrics.log_event(record)
         where = f"step {self.step}" if self.checkpoint is not None else "the start (no checkpoint yet)"
-        line = (f"restart {record['restart']} of {restarts.max_restarts()}: {failed['cause']}; resumed from {where}, "
+        line = (f"restart {restarts.restart_number()} of {restarts.max_restarts()}: {failed['cause']}; resumed from {where}, "
                 f"{record['steps_recomputed']} step(s) to do again")
         if os.environ.get(faults.WATCH_DIR_ENV):
             log.warning("%s", line)

@@ -306,3 +306,99 @@ def test_a_repeated_signal_is_one_request_and_a_later_second_kills(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["requested", "True"], proc.stdout + proc.stderr
     assert proc.returncode == -signal.SIGTERM
+
+
+def restart_records(output_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(output_dir) if "restart" in r]
+
+
+def assert_each_step_once(output_dir: Path, steps: int) -> None:
+    logged = [r["step"] for r in read_metrics(output_dir) if "loss" in r]
+    assert sorted(logged) == list(range(1, steps + 1)), logged
+
+
+@pytest.mark.slow
+def test_two_nodes_restart_after_a_killed_rank_rejoin_the_rendezvous_and_resume_exactly(tmp_path, reference_curve):
+    """Two agents of one rank each (two nodes on localhost, c10d) with --max-restarts 1: SIGKILL to
+    the rank of one node after step 10; that node's agent restarts its rank, the other node's agent
+    restarts its own (it lost contact), both rejoin the rendezvous, resume from the checkpoint of
+    step 10 and finish on the uninterrupted curve, every step logged once."""
+    cfg = causal_config(tmp_path, rows=96, **STOP_SECTIONS)
+    cfg["train"]["save_every"] = 5
+    config_path = write_config(cfg, tmp_path / "config.yaml")
+    out = Path(cfg["run"]["output_dir"])
+    port = free_port()
+    nodes = [start_in_session(str(config_path), "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint",
+                              f"localhost:{port}", "--max-restarts", "1") for _ in range(2)]
+    try:
+        wait_for_losses(out, 11, nodes)
+        victim = rank_pids(nodes[1].pid) or rank_pids(nodes[0].pid)
+        os.kill(next(iter(victim.values())), signal.SIGKILL)
+        codes = [node.wait(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            kill_group(node)
+    stderrs = [node.stderr.read() for node in nodes]
+    assert codes == [0, 0], [s[-3000:] for s in stderrs]
+    said = [line for s in stderrs for line in s.splitlines() if line.startswith("finetrain: restart 1 of 1: ")]
+    assert 1 <= len(said) <= 2 and any("was killed by SIGKILL" in line for line in said), said
+    assert_follows(step_losses(out), reference_curve, 40)
+    assert_each_step_once(out, 40)
+    (record,) = restart_records(out)
+    assert record["resumed_from"] == 10 and record["steps_recomputed"] >= 1, record
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["steps_recomputed"] == record["steps_recomputed"]
+
+
+@pytest.mark.slow
+def test_under_plain_torchrun_max_restarts_a_killed_rank_restarts_and_resumes_exactly(tmp_path, reference_curve):
+    """`torchrun --max-restarts 1 -m trainer`: rank 1 killed after step 12; torchrun's agent restarts
+    the worker group, rank 0 of the new attempt says the restart in one line (the rank that left no
+    report), records it, and the run finishes on the uninterrupted curve."""
+    cfg = causal_config(tmp_path, rows=96, **STOP_SECTIONS)
+    cfg["train"]["save_every"] = 6
+    config_path = write_config(cfg, tmp_path / "config.yaml")
+    out = Path(cfg["run"]["output_dir"])
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                 "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+                                 "-m", "trainer", str(config_path)], cwd=REPO, env=trainer_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_losses(out, 13, [torchrun])
+        os.kill(rank_pids(torchrun.pid)[1], signal.SIGKILL)
+        code = torchrun.wait(timeout=600)
+    finally:
+        kill_group(torchrun)
+    stderr = torchrun.stderr.read()
+    assert code == 0, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.startswith("finetrain: ")]
+    assert len(said) == 1 and said[0].startswith("finetrain: restart 1 of 1: rank 1 ended without a report"), said
+    assert "resumed from step 12" in said[0]
+    assert_follows(step_losses(out), reference_curve, 40)
+    assert_each_step_once(out, 40)
+    assert restart_records(out)[0]["rank"] == 1
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_never_restarted(tmp_path):
+    """lr 1e4 without clipping diverges at step 2 (exit 3). `finetrain train --max-restarts 2` ends
+    there in one line, without a restart; under plain `torchrun --max-restarts 1`, whose agent
+    restarts any failure, the restarted attempt ends before it starts training, with the same line
+    and code (the run journal says how the attempt before it ended)."""
+    cfg = causal_config(tmp_path, parallel={"strategy": "ddp", "mixed_precision": "fp32"},
+                        optim={"lr": 1e4, "max_grad_norm": 0, "warmup_steps": 0})
+    config_path = write_config(cfg, tmp_path / "config.yaml")
+    proc = run_cli(config_path, "--nproc", "2", "--max-restarts", "2", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("finetrain: ")]
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("finetrain: step 2: loss ") and "restart" not in lines[0], lines
+    out = Path(cfg["run"]["output_dir"])
+    assert (out / "logs" / "rank-0.log").read_text().count("==== ") == 1  # one attempt
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts",
+                           "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "trainer",
+                           str(config_path), "checkpoint.resume=never", "run.overwrite=true"],
+                          cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("finetrain: ")]
+    assert proc.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], lines
+    assert not [r for r in read_metrics(out) if "loss" in r and r["step"] > 2]

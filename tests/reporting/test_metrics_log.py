@@ -237,3 +237,24 @@ def test_forgetting_warning_by_accuracy(tmp_path, general_model, trains_the_answ
     else:
         assert min(changes.values()) >= -0.1, changes
         assert warnings == []
+
+
+def test_a_resumed_run_drops_the_records_past_its_checkpoint_and_a_line_cut_short(tmp_path):
+    """What a run killed at step 7 left (steps 1-7, evaluations at 0 and 4, a restart record, the
+    last line cut off by the kill), resumed from the checkpoint of step 4: every record up to the
+    checkpoint stays, restart records stay, the rest goes; each line is whole JSON again."""
+    from trainer.reporting.metrics_log import trim_records
+
+    path = tmp_path / "metrics.jsonl"
+    kept = [{"step": 0, "eval/sft/loss": 5.0}, {"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.9},
+            {"step": 2, "restart": 1, "resumed_from": 2}, {"step": 3, "loss": 3.8}, {"step": 4, "loss": 3.7},
+            {"step": 4, "eval/sft/loss": 3.6}]
+    dropped = [{"step": 5, "loss": 3.5}, {"step": 6, "eval/sft/loss": 3.4}, {"step": 7, "loss": 3.3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept + dropped) + '{"step": 8, "lo')
+    assert trim_records(path, 4, 10) == 7
+    assert [json.loads(line) for line in path.read_text().splitlines()] == kept
+    assert trim_records(path, 4, 10) == 4  # nothing more to drop: the file is left alone
+    # resumed from the last step, or from no checkpoint: the evaluations after that save are done again
+    assert trim_records(path, 4, 4) == 4 and {"step": 4, "eval/sft/loss": 3.6} not in map(json.loads, path.open())
+    assert trim_records(path, 0, 4) == 4
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [kept[3]]

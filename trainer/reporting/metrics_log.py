@@ -160,11 +160,11 @@ def past_resume_point(record: dict, step: int, total_steps: int) -> bool:
     periodic evaluation before saving it; the evaluations at step 0 and after the last step come
     after the save)."""
     logged = record.get("step")
-    if not isinstance(logged, int):
+    if not isinstance(logged, int) or "restart" in record:  # a restart happened, whatever the step resumed from
         return False
     if logged != step:
         return logged > step
-    return "restart" not in record and "loss" not in record and step in (0, total_steps)
+    return "loss" not in record and step in (0, total_steps)
 
 
 def trim_records(path: Path, step: int, total_steps: int) -> int:

@@ -135,16 +135,18 @@ def since_last_restart(entries: list[dict]) -> list[dict]:
     return entries
 
 
-def _how_telling(entry: dict) -> int:
+def _how_telling(entry: dict) -> tuple[int, bool]:
     """Which end says most about why an attempt failed: the launcher's view of a rank (a signal, a
     hang) or a rank's crash first, then a failed save, last a rank that only lost contact with
-    another or was ended by the agent."""
+    another or was ended by the agent; among equals rank 0's, which reports what all ranks agreed."""
     code = entry.get("end")
-    if code == 4 or code == -15:
-        return 0
     if entry.get("by") == "launcher" or code == 1:
-        return 2
-    return 1
+        tell = 2
+    elif code in (4, -15):
+        tell = 0
+    else:
+        tell = 1
+    return tell, entry.get("rank") == 0
 
 
 def failure_cause(entries: list[dict], world_size: int, steps_done_here: int = 0) -> dict:
@@ -157,7 +159,7 @@ def failure_cause(entries: list[dict], world_size: int, steps_done_here: int = 0
         return {"cause": "the worker group failed (its ranks left no report: killed by a signal?)", "rank": None,
                 "steps_done": steps}
     best = max(ends, key=_how_telling)
-    if _how_telling(best) == 0:
+    if _how_telling(best)[0] == 0:
         reported = {e.get("rank") for e in ends}
         silent = [rank for rank in range(world_size) if rank not in reported]
         if len(silent) == 1:
