@@ -272,6 +272,9 @@ def faulty_run(config: Path, out: Path, plan: list[tuple[int, str, int]], log) -
             code = launch.proc.returncode
             summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
             if code != 0 or summary.get("status") == "finished":
+                final = newest_checkpoint(out)  # out of the tmpfs, which goes with this namespace
+                if final is not None:
+                    shutil.copytree(final, out / "final-checkpoint")
                 return {"exit_code": code, "launches": launches, "injected": injected, "restarts_said": restarts_said,
                         "summary": summary, "lines": launch.lines[-20:]}
     finally:

@@ -20,6 +20,13 @@ No finetrain launcher watches these ranks: a hung rank ends the run through the 
 timeout (`parallel.step_timeout_s` after the first step), one line from each rank that waited
 (trainer/runtime/faults.py); `slurm/train.sbatch` runs `finetrain train --nproc`, whose launcher also
 names the hung rank and writes every rank's stack.
+
+Restarts: when a rank dies or hangs, or a checkpoint cannot be written, a surviving rank requeues
+the job (`scontrol requeue`), up to `slurm.max_restarts` times per job, and the requeued job resumes
+from the newest checkpoint that passes its checksums; its rank 0 reports the restart (one line, a
+`restart` record in metrics.jsonl; trainer/runtime/restarts.py). A user's mistake (exit code 2) and
+a diverged run (3) are never requeued. `slurm/train.sbatch` restarts within the job instead, through
+`finetrain train`'s elastic agent.
 """
 
 from __future__ import annotations
@@ -34,12 +41,18 @@ from typing import TYPE_CHECKING
 
 from trainer.config.schema import Config, load_config
 from trainer.rank import run_rank
+from trainer.runtime import restarts
 from trainer.runtime.errors import UserError, report_user_error
+from trainer.runtime.faults import EXIT_HUNG, EXIT_SAVE_FAILED
 
 if TYPE_CHECKING:
     import submitit
 
 log = logging.getLogger("finetrain")
+
+# What the surviving ranks of a failed attempt exit with (another rank died or hung; a failed save):
+# restarted by a requeue of the job, up to slurm.max_restarts times.
+RESTARTED = (EXIT_HUNG, EXIT_SAVE_FAILED)
 
 
 class SlurmTraining:
@@ -60,7 +73,17 @@ class SlurmTraining:
         preempt_signal = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
         requeue = signal.getsignal(preempt_signal)  # submitit's checkpoint-and-requeue handler
         signal.signal(preempt_signal, lambda signum, frame: _stop_or_requeue(requeue, signum, frame))
+        try:
+            cfg = load_config(self.config, self.overrides)
+            os.environ[restarts.REQUEUE_ENV] = str(cfg.slurm.max_restarts)
+        except UserError:
+            cfg = None  # the rank reports it
         outcome = run_rank(self.config, self.overrides)
+        if outcome.exit_code in RESTARTED and cfg is not None and restarts.claim_requeue(cfg.output_dir):
+            # A rank died or hung, or a save failed: the job starts again and resumes from the newest
+            # checkpoint (the ranks of the next attempt report the restart).
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
+            return outcome.step
         if outcome.exit_code:
             sys.exit(outcome.exit_code)
         if outcome.unfinished and job_state() == "RUNNING":

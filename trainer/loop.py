@@ -187,7 +187,7 @@ class Trainer:
                                                    description))
         if dist_info.is_main:  # only now: a run that could not start leaves the last config.yaml as it was
             (cfg.output_dir / "config.yaml").write_text(dump_yaml(cfg))
-            if restarts.restart_number() > 0:
+            if restarts.is_restart(cfg.output_dir):
                 self.report_restart()
 
     def report_restart(self) -> None:
@@ -205,7 +205,8 @@ class Trainer:
         restarts.append(out, record)
         self.metrics.log_event(record)
         where = f"step {self.step}" if self.checkpoint is not None else "the start (no checkpoint yet)"
-        line = (f"restart {restarts.restart_number()} of {restarts.max_restarts()}: {failed['cause']}; resumed from {where}, "
+        number, allowed = restarts.this_restart(journal)
+        line = (f"restart {number} of {allowed}: {failed['cause']}; resumed from {where}, "
                 f"{record['steps_recomputed']} step(s) to do again")
         if os.environ.get(faults.WATCH_DIR_ENV):
             log.warning("%s", line)

@@ -90,7 +90,7 @@ def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> Ran
         outcome = RankOutcome(0, trainer.step, trainer.total_steps)
     except UserError as err:
         lines = user_error_lines(err, config, overrides)
-        if err.exit_code in restarts.NEVER_RESTARTED or not restarts.pending():
+        if err.exit_code in restarts.NEVER_RESTARTED or not restarts.pending(run_dir):
             report_user_error(err, config, overrides)
         outcome = RankOutcome(err.exit_code)
     except KeyboardInterrupt:
@@ -101,7 +101,7 @@ def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> Ran
         if kind is None:
             lines = [f"rank {faults.rank_from_env()} crashed: {type(err).__name__}: {first_line(err)}"]
             raise
-        outcome = RankOutcome(faults.report_collective_failure(err, kind, quiet=restarts.pending()))
+        outcome = RankOutcome(faults.report_collective_failure(err, kind, quiet=restarts.pending(run_dir)))
         lines = [faults.collective_failure_line(kind)]
     finally:
         stop.restore()

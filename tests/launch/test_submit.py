@@ -5,9 +5,11 @@ Two CPU ranks per job (`--gpus-per-node 0 --tasks-per-node 2`), one CPU each.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -195,3 +197,74 @@ def test_sbatch_script_trains_stops_requeues_and_resumes_exactly(tmp_path, slurm
     got = step_losses(output_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(got)], rel=1e-4)
+
+
+def job_process(job_id: str, variable: bytes, command_part: str) -> int:
+    """The pid of the process of Slurm job `job_id` whose environment holds `variable` (b"RANK=1")
+    and whose command line holds `command_part`, once it runs."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                environ = (proc / "environ").read_bytes().split(b"\0")
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if f"SLURM_JOB_ID={job_id}".encode() in environ and variable in environ and command_part in command:
+                return int(proc.name)
+        time.sleep(0.2)
+    raise AssertionError(f"no process of job {job_id} with {variable!r}")
+
+
+def test_sbatch_job_restarts_a_killed_rank_within_the_job_and_resumes_exactly(tmp_path, slurm_cluster):
+    """slurm/train.sbatch runs `finetrain train`, which takes slurm.max_restarts (3 by default) inside
+    a Slurm job: rank 1 killed after step 20, the launchers restart their ranks, which resume from
+    the checkpoint of step 20; the job completes without a requeue, each step logged once, on the
+    uninterrupted curve."""
+    sections = dict(train={"max_steps": 60, "log_every": 1, "micro_batch_size": 2, "global_batch_size": 4,
+                           "save_every": 10})
+    reference = causal_config(tmp_path / "reference", **sections)
+    run_cli(write_config(reference, tmp_path / "reference.yaml"))
+    expected = step_losses(Path(reference["run"]["output_dir"]))
+
+    cfg = causal_config(tmp_path / "job", **sections)
+    output_dir = Path(cfg["run"]["output_dir"])
+    job_id = sbatch(write_config(cfg, tmp_path / "job.yaml"), output_dir)
+    wait_for_steps(output_dir, 21)
+    os.kill(job_process(job_id, b"RANK=1", "-m trainer"), signal.SIGKILL)
+    fields = wait_for_job(job_id, output_dir, timeout_s=300)
+
+    log = (output_dir / f"sbatch-{job_id}.out").read_text()
+    assert fields["Restarts"] == "0", log[-3000:]
+    said = [line for line in log.splitlines() if line.startswith("finetrain: restart 1 of 3: ")]
+    assert said and any("was killed by SIGKILL" in line for line in said), log[-3000:]
+    records = read_metrics(output_dir)
+    (restart,) = [r for r in records if "restart" in r]
+    assert restart["resumed_from"] == 20 and restart["rank"] == 1, restart
+    got = step_losses(output_dir)
+    assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, 61))
+    assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(got)], rel=1e-4)
+
+
+def test_submitted_job_is_requeued_after_a_killed_rank_and_resumes(tmp_path, slurm_cluster):
+    """finetrain submit (one task per rank, no launcher): rank 1's task killed after step 20; rank 0
+    loses it, requeues the job (slurm.max_restarts), and the requeued job resumes from the newest
+    checkpoint, reports the restart, and completes with every step logged once."""
+    cfg = causal_config(tmp_path, train={"max_steps": STEPS, "save_every": 10})
+    config = write_config(cfg, tmp_path / "cfg.yaml")
+    output_dir = Path(cfg["run"]["output_dir"])
+    job_id = submitted_job_id(submit(config, *CPU_JOB))
+    wait_for_steps(output_dir, 21)
+    os.kill(job_process(job_id, b"SLURM_PROCID=1", "submitit"), signal.SIGKILL)
+    fields = wait_for_job(job_id, output_dir, timeout_s=300)
+
+    assert fields["Restarts"] == "1", job_logs(output_dir)
+    records = read_metrics(output_dir)
+    (restart,) = [r for r in records if "restart" in r]
+    assert restart["resumed_from"] >= 20 and restart["rank"] == 1, restart
+    assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, STEPS + 1))
+    log = (output_dir / "slurm" / job_id / f"{job_id}_0_log.err").read_text()
+    assert "finetrain: restart 1 of 3: rank 1 ended without a report" in log, log[-3000:]
+    assert json.loads((output_dir / "summary.json").read_text())["restarts"] == 1

@@ -18,7 +18,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 from trainer.config.tree import apply_override, build, field_key, rule
-from trainer.runtime.errors import ConfigError
+from trainer.runtime.errors import ConfigError, one_line
 
 
 def positive(default):
@@ -377,12 +377,24 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
+        data = path.read_bytes()
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data[:err.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+            if mark is not None:
+                where = f":{mark.line + 1}"
+            elif isinstance(getattr(err, "position", None), int):  # a character YAML does not take
+                where = f":{text[:err.position].count(chr(10)) + 1}"
+            else:
+                where = ""
+            problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+            raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
     for item in overrides:
@@ -390,7 +402,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     errors: list[str] = []
     cfg = build(Config, raw, "", errors, check_files)
     if errors:
-        raise ConfigError("\n".join(errors))
+        raise ConfigError("\n".join(one_line(error) for error in errors))
     return cfg
 
 

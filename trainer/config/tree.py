@@ -34,7 +34,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r} has no key")
-    return key, yaml.safe_load(value) if value.strip() else None
+    try:
+        return key, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -78,7 +78,7 @@ def key_lines(path: str | os.PathLike) -> dict[str, int]:
     """The line of every dotted key written in a YAML config (`data.datasets.0.path` -> 14)."""
     try:
         root = yaml.compose(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return {}
     lines: dict[str, int] = {}
 
@@ -114,12 +114,21 @@ def locate_problems(message: str, config: str | os.PathLike | None, overrides: l
         if config is None or str(problem).startswith(str(config)):
             located.append(problem)
         elif key is not None and key in given:
-            located.append(f"{problem} (override {given[key]})")
+            located.append(f"{problem} (override {one_line(given[key])})")
         else:
             parts = key.split(".") if key else []
             line = next((lines[".".join(parts[:n])] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in lines), None)
             located.append(f"{config}:{line}: {problem}" if line else f"{config}: {problem}")
     return located
+
+
+def one_line(text: str) -> str:
+    """`text` as one line: a value the user gave may hold line breaks (any that str.splitlines
+    knows), and a problem is one line."""
+    return _LINE_BREAKS.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 
 
 def first_line(err: BaseException) -> str:

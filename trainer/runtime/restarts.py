@@ -33,6 +33,8 @@ NEVER_RESTARTED = (2, 3)
 # Set by torch's elastic agent on every rank: which restart this is, and how many are allowed.
 _RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
 _MAX_RESTARTS_ENV = "TORCHELASTIC_MAX_RESTARTS"
+# Set by finetrain submit's task on every rank: restarts by requeueing the Slurm job, at most this many.
+REQUEUE_ENV = "FINETRAIN_REQUEUE_RESTARTS"
 
 
 def restart_number() -> int:
@@ -52,13 +54,51 @@ def _env_int(name: str) -> int:
 
 def enabled() -> bool:
     """Whether a failure of this run may be restarted (then its ranks keep the journal)."""
-    return _env_int(_MAX_RESTARTS_ENV) > 0
+    return _env_int(_MAX_RESTARTS_ENV) > 0 or _env_int(REQUEUE_ENV) > 0
 
 
-def pending() -> bool:
+def this_restart(entries: list[dict]) -> tuple[int, int]:
+    """(which restart this attempt is, how many are allowed): under torch's elastic agent its own
+    counts; under finetrain submit the requeues of this Slurm job for a restart."""
+    if _env_int(REQUEUE_ENV) > 0 and restart_number() == 0:
+        return _requeues(entries), _env_int(REQUEUE_ENV)
+    return restart_number(), max_restarts()
+
+
+def pending(run_dir: Path | None = None) -> bool:
     """Whether a failure of this attempt (other than a user's mistake or divergence) is followed by a
     restart: then the restart is what gets reported, in one line."""
-    return _env_int(_MAX_RESTARTS_ENV) > restart_number()
+    done, allowed = this_restart(read(run_dir) if run_dir is not None and _env_int(REQUEUE_ENV) else [])
+    return allowed > done
+
+
+def is_restart(run_dir: Path) -> bool:
+    """Whether this attempt follows a failed one of the same launch: a restart of the elastic agent's,
+    or a Slurm job requeued for a restart (finetrain submit) that has not yet been reported."""
+    if restart_number() > 0:
+        return True
+    return any("requeue" in entry for entry in since_last_restart(read(run_dir)))
+
+
+def _requeues(entries: list[dict]) -> int:
+    job = os.environ.get("SLURM_JOB_ID")
+    return sum(1 for entry in entries if "requeue" in entry and entry.get("job") == job)
+
+
+def claim_requeue(run_dir: Path) -> bool:
+    """finetrain submit, a rank whose attempt failed: whether it is the one to requeue the Slurm job for
+    a restart (restarts left, and no other rank of the attempt has claimed it); journals it then."""
+    entries = read(run_dir)
+    count = _requeues(entries)
+    if count >= _env_int(REQUEUE_ENV):
+        return False
+    claim = Path(run_dir) / JOURNAL.parent / f"requeue-{os.environ.get('SLURM_JOB_ID')}-{count + 1}"
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    append(run_dir, {"requeue": count + 1, "job": os.environ.get("SLURM_JOB_ID")})
+    return True
 
 
 def append(run_dir: Path, entry: dict) -> None:
