@@ -19,7 +19,7 @@ from launch.evaluate import add_eval_parser
 from launch.submit import add_submit_parser
 from trainer.config.schema import load_config
 from trainer.rank import debug_overrides, run_rank
-from trainer.runtime.errors import UserError, report_user_error
+from trainer.runtime.errors import UserError, report_user_error, say
 
 
 def cmd_train(args) -> int:
@@ -39,8 +39,9 @@ def cmd_train(args) -> int:
     if args.max_restarts is not None and (args.max_restarts < 0 or args.debug):
         return report_user_error(UserError(f"--max-restarts {args.max_restarts}: must be >= 0" if args.max_restarts < 0
                                            else "--debug runs once; drop --max-restarts"), None)
-    overrides = debug_overrides(args.overrides) if args.debug else args.overrides
+    overrides = args.overrides
     try:
+        overrides = debug_overrides(args.overrides) if args.debug else args.overrides
         cfg = load_config(args.config, overrides)
         # The ranks plan the run again; a config they would refuse stops here, before any starts.
         plan_run(cfg, args.nproc * args.nnodes, "cuda" if torch.cuda.is_available() else "cpu")
@@ -121,8 +122,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """A mistake on the command line is one line and exit code 2, as every mistake of the user's is
+    (argparse prints the usage too; `--help` shows it). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        say(f"{self.prog}: {message} (see {self.prog} --help)")
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetrain", description="Distributed fine-tuning.")
+    parser = CommandLineParser(prog="finetrain", description="Distributed fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train on this machine (one process, or N through torchrun)")

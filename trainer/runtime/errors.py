@@ -66,6 +66,9 @@ def set_console(stream) -> None:
 def say(line: str) -> None:
     """A one-line report `finetrain: line` on stderr, and on the terminal too where a launcher sent
     this rank's stderr to its log file (trainer/runtime/faults.py)."""
+    # One line, printable whatever it quotes: a line break, or a lone surrogate (a file name or
+    # argument that is no UTF-8 reaches Python so) that the UTF-8 stream would refuse to write.
+    line = one_line(line).encode("utf-8", "backslashreplace").decode("utf-8")
     print(f"finetrain: {line}", file=sys.stderr, flush=True)
     if _console is not None:
         print(f"finetrain: {line}", file=_console, flush=True)
