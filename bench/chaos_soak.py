@@ -43,6 +43,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the repository (launch/rank_watch.py starts without torch)
+
+from launch.rank_watch import agent_ranks  # noqa: E402
 FAULTS = ("kill", "stop", "term", "fill", "flip")
 RESTARTING = ("kill", "stop", "fill", "flip")  # faults the launcher heals by itself (term: the job is started again)
 STEP_TIMEOUT_S = 10  # parallel.step_timeout_s: how long a stopped rank goes unnoticed
@@ -110,21 +113,6 @@ def records(out: Path) -> list[dict]:
 def last_step(out: Path) -> int:
     steps = [r["step"] for r in records(out) if "loss" in r]
     return steps[-1] if steps else 0
-
-
-def rank_pids(launcher: int) -> dict[int, int]:
-    """{RANK: pid} of the ranks the launcher's elastic agent started."""
-    found = {}
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher)], capture_output=True, text=True).stdout
-    for pid in map(int, children.split()):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in environ:
-            if item.startswith(b"RANK="):
-                found[int(item[5:])] = pid
-    return found
 
 
 def stop_during_a_step(pid: int) -> bool:
@@ -204,7 +192,7 @@ def folder_bytes(folder: Path) -> int:
 
 def inject(kind: str, rank: int, launch: Launch, out: Path) -> str:
     """Inject one fault; returns what was done."""
-    pids = rank_pids(launch.proc.pid)
+    pids = agent_ranks(launch.proc.pid)
     if kind == "term":
         os.killpg(launch.proc.pid, signal.SIGTERM)
         return "SIGTERM to the job"
@@ -256,7 +244,7 @@ def faulty_run(config: Path, out: Path, plan: list[tuple[int, str, int]], log) -
             launches += 1
             while launch.proc.poll() is None:
                 if pending and attempt_step(out, restarts_caused) >= pending[0][0] and \
-                        len(rank_pids(launch.proc.pid)) == 2:
+                        len(agent_ranks(launch.proc.pid)) == 2:
                     step, kind, rank = pending.pop(0)
                     said = launch.restarts_said()
                     injected.append({"after_step": step, "fault": kind, "what": inject(kind, rank, launch, out)})
@@ -279,7 +267,7 @@ def faulty_run(config: Path, out: Path, plan: list[tuple[int, str, int]], log) -
                         "summary": summary, "lines": launch.lines[-20:]}
     finally:
         if launch is not None and launch.proc.poll() is None:
-            for pid in rank_pids(launch.proc.pid).values():
+            for pid in agent_ranks(launch.proc.pid).values():
                 os.kill(pid, signal.SIGKILL)
             os.killpg(launch.proc.pid, signal.SIGKILL)
 

@@ -85,6 +85,21 @@ def rank_of(pid: int) -> int | None:
     return None
 
 
+def agent_ranks(agent_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the ranks that the elastic agent in process `agent_pid` started (its children)."""
+    found = {}
+    for task in Path(f"/proc/{agent_pid}/task").glob("*"):
+        try:
+            children = [int(pid) for pid in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for pid in children:
+            rank = rank_of(pid)
+            if rank is not None:
+                found[rank] = pid
+    return found
+
+
 def _node_local_dir() -> str:
     """Heartbeats change every second: keep them off the (possibly shared) run folder."""
     shm = "/dev/shm"

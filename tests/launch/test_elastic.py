@@ -15,13 +15,9 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
+from launch.rank_watch import agent_ranks
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.runtime.faults import WATCH_DIR_ENV
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
 
 
 @pytest.mark.slow
@@ -39,20 +35,6 @@ def test_two_ranks_match_one_rank_and_write_no_temp_files_outside_the_run(tmp_pa
     one_tokens = [r["tokens"] for r in read_metrics(Path(one["run"]["output_dir"])) if "tokens" in r]
     two_tokens = [r["tokens"] for r in read_metrics(Path(two["run"]["output_dir"])) if "tokens" in r]
     assert one_tokens == two_tokens
-
-
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """{RANK: pid} of the ranks the launcher's elastic agent started."""
-    found = {}
-    for pid in children(launcher_pid):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in environ:
-            if item.startswith(b"RANK="):
-                found[int(item[5:])] = pid
-    return found
 
 
 class StderrLines:
@@ -82,7 +64,7 @@ def test_a_killed_rank_is_one_line_naming_it_and_the_others_tracebacks_go_to_the
     stderr = StderrLines(launcher)
     try:
         wait_for_losses(out, 3, [launcher])
-        ranks = rank_pids(launcher.pid)
+        ranks = agent_ranks(launcher.pid)
         assert sorted(ranks) == [0, 1], ranks
         killed_at = time.time()
         os.kill(ranks[1], signal.SIGKILL)  # as the kernel's OOM killer does
@@ -214,7 +196,7 @@ def test_a_stopped_rank_ends_the_run_named_with_the_stacks_and_the_run_resumes_e
     ranks: dict[int, int] = {}
     try:
         wait_for_losses(out, 3, [launcher])
-        ranks = rank_pids(launcher.pid)
+        ranks = agent_ranks(launcher.pid)
         stopped_at = time.time()
         beat = stop_during_a_step(ranks[1])
         assert beat["step"] >= 3, beat  # step 3 done (metrics.jsonl has it), or a later one under way
@@ -332,7 +314,7 @@ def test_two_nodes_restart_after_a_killed_rank_rejoin_the_rendezvous_and_resume_
                               f"localhost:{port}", "--max-restarts", "1") for _ in range(2)]
     try:
         wait_for_losses(out, 11, nodes)
-        victim = rank_pids(nodes[1].pid) or rank_pids(nodes[0].pid)
+        victim = agent_ranks(nodes[1].pid) or agent_ranks(nodes[0].pid)
         os.kill(next(iter(victim.values())), signal.SIGKILL)
         codes = [node.wait(timeout=600) for node in nodes]
     finally:
@@ -365,7 +347,7 @@ def test_under_plain_torchrun_max_restarts_a_killed_rank_restarts_and_resumes_ex
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_for_losses(out, 13, [torchrun])
-        os.kill(rank_pids(torchrun.pid)[1], signal.SIGKILL)
+        os.kill(agent_ranks(torchrun.pid)[1], signal.SIGKILL)
         code = torchrun.wait(timeout=600)
     finally:
         kill_group(torchrun)

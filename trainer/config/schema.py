@@ -18,7 +18,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 from trainer.config.tree import apply_override, build, field_key, rule
-from trainer.runtime.errors import ConfigError, one_line
+from trainer.runtime.errors import ConfigError, decode_utf8, one_line
 
 
 def positive(default):
@@ -377,12 +377,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            line = data[:err.start].count(b"\n") + 1
-            raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x})") from None
+        text = decode_utf8(path.read_bytes(), path, ConfigError)
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from trainer.data.records import short_repr
-from trainer.runtime.errors import DataError
+from trainer.runtime.errors import DataError, decode_utf8
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,7 @@ def _read_json_lines(path: Path) -> Iterator[Row]:
 
 def _read_json(path: Path) -> Iterator[Row]:
     """A JSON array of objects, an object holding one such array, or JSON Lines named .json."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
+    text = decode_utf8(path.read_bytes(), path, DataError)
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:

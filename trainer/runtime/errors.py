@@ -125,6 +125,15 @@ def locate_problems(message: str, config: str | os.PathLike | None, overrides: l
     return located
 
 
+def decode_utf8(data: bytes, path, error: type[UserError]) -> str:
+    """`data` (the file `path`) as text, or `error` naming the line of the first byte that is no UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x})") from None
+
+
 def one_line(text: str) -> str:
     """`text` as one line: a value the user gave may hold line breaks (any that str.splitlines
     knows), and a problem is one line."""
