@@ -39,7 +39,8 @@ setup(
         # real models and text used by the demo configs, benchmarks and tests
         "data": ["gguf>=0.10", "gensim>=4.3"],
         # import-linter: `lint-imports` checks the layers of .importlinter (make test)
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "import-linter>=2.1"],
+        # hypothesis: the fuzz tests (tests/*/test_*_fuzz.py; FINETRAIN_FUZZ=long for the longer run)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "import-linter>=2.1", "hypothesis>=6.100"],
         # `finetrain eval`: lm-evaluation-harness on a checkpoint, a run folder or a HF folder
         "eval": ["lm-eval>=0.4.9"],
         # bench/vs_peers.py runs TRL's SFTTrainer as one of finetrain's peers; nothing else imports it

@@ -302,9 +302,10 @@ def assert_each_step_once(output_dir: Path, steps: int) -> None:
 @pytest.mark.slow
 def test_two_nodes_restart_after_a_killed_rank_rejoin_the_rendezvous_and_resume_exactly(tmp_path, reference_curve):
     """Two agents of one rank each (two nodes on localhost, c10d) with --max-restarts 1: SIGKILL to
-    the rank of one node after step 10; that node's agent restarts its rank, the other node's agent
-    restarts its own (it lost contact), both rejoin the rendezvous, resume from the checkpoint of
-    step 10 and finish on the uninterrupted curve, every step logged once."""
+    the rank of one node after step 11; that node's agent restarts its rank, the other node's agent
+    restarts its own (it lost contact), both rejoin the rendezvous, resume from the newest sealed
+    checkpoint (step 10, or 5 when the kill came before 10 was sealed) and finish on the
+    uninterrupted curve, every step logged once."""
     cfg = causal_config(tmp_path, rows=96, **STOP_SECTIONS)
     cfg["train"]["save_every"] = 5
     config_path = write_config(cfg, tmp_path / "config.yaml")
@@ -327,7 +328,7 @@ def test_two_nodes_restart_after_a_killed_rank_rejoin_the_rendezvous_and_resume_
     assert_follows(step_losses(out), reference_curve, 40)
     assert_each_step_once(out, 40)
     (record,) = restart_records(out)
-    assert record["resumed_from"] == 10 and record["steps_recomputed"] >= 1, record
+    assert record["resumed_from"] in (5, 10) and record["steps_recomputed"] >= 1, record  # 10 once sealed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["steps_recomputed"] == record["steps_recomputed"]
 
@@ -355,7 +356,7 @@ def test_under_plain_torchrun_max_restarts_a_killed_rank_restarts_and_resumes_ex
     assert code == 0, stderr[-3000:]
     said = [line for line in stderr.splitlines() if line.startswith("finetrain: ")]
     assert len(said) == 1 and said[0].startswith("finetrain: restart 1 of 1: rank 1 ended without a report"), said
-    assert "resumed from step 12" in said[0]
+    assert "resumed from step 12" in said[0] or "resumed from step 6" in said[0], said  # 12 once sealed
     assert_follows(step_losses(out), reference_curve, 40)
     assert_each_step_once(out, 40)
     assert restart_records(out)[0]["rank"] == 1
