@@ -10,7 +10,7 @@ TORCH_INDEX_URL ?=
 # 2 workers keep 2 cores busy, one torch thread each; each worker takes a few GB at most.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo smoke test test-fast bench docs
+.PHONY: setup demo smoke test test-fast fuzz bench docs
 
 setup: $(STAMP)
 
@@ -58,6 +58,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+# The fuzz tests' longer mode: 50 times the cases of `make test`, from fresh random seeds (a failure
+# prints the @reproduce_failure line that replays it; docs/faults.md).
+fuzz: $(STAMP)
+	FINETRAIN_FUZZ=long OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests/config/test_schema_fuzz.py \
+		tests/data/test_formats_fuzz.py tests/launch/test_cli_fuzz.py
 
 # docs/config.md, the config reference, rendered from the schema (trainer/config/reference.py);
 # tests/config/test_reference.py fails when it is out of date.

@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the repository (launch/rank_watch.py starts without torch)
 
 from launch.rank_watch import agent_ranks  # noqa: E402
+from trainer.runtime.faults import WATCH_DIR_ENV  # noqa: E402
 FAULTS = ("kill", "stop", "term", "fill", "flip")
 RESTARTING = ("kill", "stop", "fill", "flip")  # faults the launcher heals by itself (term: the job is started again)
 STEP_TIMEOUT_S = 10  # parallel.step_timeout_s: how long a stopped rank goes unnoticed
@@ -123,7 +124,7 @@ def stop_during_a_step(pid: int) -> bool:
                        if b"=" in item)
     except OSError:
         return False
-    beat = Path(environ[b"FINETRAIN_WATCH_DIR"].decode()) / f"rank-{int(environ[b'RANK'])}.json"
+    beat = Path(environ[WATCH_DIR_ENV.encode()].decode()) / f"rank-{int(environ[b'RANK'])}.json"
     for _ in range(600):
         try:
             os.kill(pid, signal.SIGSTOP)

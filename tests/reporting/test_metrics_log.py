@@ -258,3 +258,19 @@ def test_a_resumed_run_drops_the_records_past_its_checkpoint_and_a_line_cut_shor
     assert trim_records(path, 4, 4) == 4 and {"step": 4, "eval/sft/loss": 3.6} not in map(json.loads, path.open())
     assert trim_records(path, 0, 4) == 4
     assert [json.loads(line) for line in path.read_text().splitlines()] == [kept[3]]
+
+
+def test_every_attempt_of_a_run_logs_into_one_wandb_run(tmp_path):
+    """The W&B run id: the checkpoint's when resuming; else the one an earlier attempt that failed
+    before its first checkpoint left in the run folder (a restart); else the new one, kept there."""
+    from types import SimpleNamespace
+
+    from trainer.reporting.metrics_log import WANDB_RUN_ID_FILE, MetricsLogger
+
+    def run_id(new: str, from_checkpoint=None) -> str:
+        return MetricsLogger._one_wandb_run(SimpleNamespace(wandb_run_id=new), tmp_path, from_checkpoint)
+
+    assert run_id("first") == "first"
+    assert run_id("second") == "first"  # restarted before any checkpoint: the same W&B run
+    assert run_id("third", from_checkpoint="saved") == "saved"
+    assert (tmp_path / WANDB_RUN_ID_FILE).read_text().strip() == "saved"

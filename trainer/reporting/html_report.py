@@ -9,8 +9,9 @@ It shows the training curves (loss, learning rate, gradient norm, tokens/s, peak
 logged step), each eval set's loss and accuracy (and the scores of generated answers) over
 the steps, a forgetting check's margin drawn as a dashed line at its step-0 value plus (loss)
 or minus (accuracy) the margin, the summary's first, best and last evaluations, and each
-held-out question's answer at the first evaluation beside its answer at the last. A resumed
-run logs some steps twice (those after its last checkpoint): the latest record of a step wins.
+held-out question's answer at the first evaluation beside its answer at the last. A resumed run
+drops the records its predecessor wrote past the checkpoint (reporting/metrics_log.py); should a
+folder still hold a step twice (one written before that), the latest record of a step wins.
 """
 
 from __future__ import annotations
