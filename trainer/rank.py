@@ -55,9 +55,8 @@ class RankOutcome:
 
 class EndedBefore(UserError):
     """A restarted attempt of a run whose earlier attempt ended on a user's mistake or a non-finite
-    step: it ends at once, with the same line and exit code (trainer/runtime/restarts.py)."""
-
-    agreed = True  # every rank reads the same journal: rank 0 reports it
+    step: it ends at once, with the same line and exit code (trainer/runtime/restarts.py). Each rank
+    says it: the first to exit has the agent end the others, possibly before rank 0 could."""
 
     def __init__(self, entry: dict):
         super().__init__(entry["line"])

@@ -366,8 +366,8 @@ def test_under_plain_torchrun_max_restarts_a_killed_rank_restarts_and_resumes_ex
 def test_a_diverged_run_is_never_restarted(tmp_path):
     """lr 1e4 without clipping diverges at step 2 (exit 3). `finetrain train --max-restarts 2` ends
     there in one line, without a restart; under plain `torchrun --max-restarts 1`, whose agent
-    restarts any failure, the restarted attempt ends before it starts training, with the same line
-    and code (the run journal says how the attempt before it ended)."""
+    restarts any failure, the ranks of the restarted attempt end before they start training, with the
+    same line and code (the run journal says how the attempt before it ended)."""
     cfg = causal_config(tmp_path, parallel={"strategy": "ddp", "mixed_precision": "fp32"},
                         optim={"lr": 1e4, "max_grad_norm": 0, "warmup_steps": 0})
     config_path = write_config(cfg, tmp_path / "config.yaml")
@@ -383,5 +383,5 @@ def test_a_diverged_run_is_never_restarted(tmp_path):
                            str(config_path), "checkpoint.resume=never", "run.overwrite=true"],
                           cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("finetrain: ")]
-    assert proc.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], lines
+    assert proc.returncode != 0 and len(lines) >= 2 and len(set(lines)) == 1, lines  # (each rank of attempt 2 says it)
     assert not [r for r in read_metrics(out) if "loss" in r and r["step"] > 2]

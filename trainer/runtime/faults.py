@@ -320,9 +320,9 @@ def report_collective_failure(err: BaseException, kind: str, quiet: bool = False
     log_stream = _log if _log is not None else sys.stderr
     if _log is not None or os.environ.get("FINETRAIN_TRACEBACK") == "1":
         traceback.print_exception(err, file=log_stream)
-    if os.environ.get(WATCH_DIR_ENV) or quiet:
+    if os.environ.get(WATCH_DIR_ENV):
         print(f"finetrain: {line}", file=log_stream, flush=True)
-    else:
+    elif not quiet:  # (quiet without a log of its own: the restart's line says it)
         say(line)
     return EXIT_HUNG
 
