@@ -6,8 +6,11 @@ started it. Exit codes: 0 when the run finished or was stopped by SIGTERM/SIGUSR
 checkpointed; 2 for a user's mistake (config, data, files, launch layout), reported as one
 line `finetrain: ...` by rank 0 for every rank that agreed on it; 3 when a non-finite loss or
 gradient norm stopped the run (nothing saved); 4 when a collective with the other ranks timed
-out or lost one of them (another rank hung or died: one line, the traceback in the rank's log);
-130 after Ctrl-C. Anything else is a bug of finetrain's and keeps its traceback.
+out or lost one of them (another rank hung or died: one line, the traceback in the rank's log); 5
+when a checkpoint could not be written; 130 after Ctrl-C. Anything else is a bug of finetrain's and
+keeps its traceback. Where restarts are allowed (trainer/runtime/restarts.py) a rank that ends with
+an error says so in the run's journal, for the attempt after it; one that finds its attempt is a
+restart of a run that ended on a user's mistake or diverged ends at once, as it did.
 """
 
 from __future__ import annotations
@@ -74,10 +77,11 @@ def run_rank(config: str, overrides: list[str] = (), debug: bool = False) -> Ran
 
     # From the start: a stop requested while the run sets up is honoured at its first step.
     stop = StopSignal()
-    overrides = debug_overrides(overrides) if debug else list(overrides)
+    overrides = list(overrides)
     outcome = RankOutcome(1)  # a bug raises through
     run_dir, lines = None, []
     try:
+        overrides = debug_overrides(overrides) if debug else overrides
         cfg = load_config(config, overrides)
         run_dir = cfg.output_dir
         ended = restarts.final_end(run_dir)

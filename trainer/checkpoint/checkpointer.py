@@ -8,15 +8,18 @@ or DeepSpeed's), the trainer state (`trainer_state.json`: step, data loader posi
 counters, forgetting monitor, summary, W&B run id; its tensors in
 `trainer_state.safetensors`), the resolved `config.yaml` and the `tokenizer/`, so that a
 checkpoint is exportable on its own. Nothing in it is a pickle that finetrain unpickles
-freely: DCP's own `.metadata` is read through an allow-list (trainer/parallel/dcp.py).
+freely: DCP's own `.metadata` is read through an allow-list (trainer/parallel/dcp.py), and
+every other pickle of any strategy (DeepSpeed's files too, before DeepSpeed reads them) with
+torch's weights-only unpickler and an allow-list (trainer/parallel/safe_load.py).
 
 The mark lists every file with its size and checksum (trainer/checkpoint/checksums.py). The loop only
 waits while the state is written (or, with `checkpoint.async`, copied to host memory): each
 rank sums its own shards in a background thread, and once every rank is done (`poll`, a
 small collective at each step) rank 0 sums the rest, writes the mark, renames and applies
 retention, in the background too. A write that fails (a full disk, a permission, an I/O
-error) ends the run on every rank with one line naming the path and the cause; the
-half-written folder is removed and every earlier checkpoint stays as it was. Weights that
+error) ends the run on every rank with one line naming the path and the cause (exit code 5,
+which a restart retries; 2 for a folder the run may not write); the half-written folder is
+removed and every earlier checkpoint stays as it was. Weights that
 are not finite are never saved. Resume verifies the checksums first (spread over the ranks);
 `resume: auto` falls back to the newest checkpoint that verifies.
 
