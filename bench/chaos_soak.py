@@ -9,8 +9,9 @@ The faults, each after a step drawn from the seed:
   launcher exits 0; the job is then started again with the same command, as a scheduler's requeue;
 - fill: the checkpoint folder's file system fills up before the next save, which fails (no space
   left); the space comes back once the restart is under way;
-- flip: bytes flipped in a shard of the newest checkpoint, then SIGKILL to one rank: the restart
-  finds the checkpoint failing its checksums and resumes from the one before.
+- flip: bytes flipped in a shard of the newest checkpoint, then SIGKILL to both ranks (a node
+  that fails): the restart finds the checkpoint failing its checksums and resumes from the one
+  before.
 
 The checkpoint folder is a tmpfs in a mount namespace of this script's own (`unshare -rm`: no root
 outside it needed, nothing mounted where others see it). At the end the script compares the faulty
@@ -214,8 +215,11 @@ def inject(kind: str, rank: int, launch: Launch, out: Path) -> str:
         middle = len(data) // 2
         data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
         shard.write_bytes(bytes(data))
-        os.kill(pids[1 - rank], signal.SIGKILL)
-        return f"flipped 64 bytes of {shard.relative_to(out)}, then SIGKILL to rank {1 - rank}"
+        # Both ranks, while still stopped (as a node that fails): a rank left running could seal a
+        # newer checkpoint in the background, and the restart would never look at the flipped one.
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+        return f"flipped 64 bytes of {shard.relative_to(out)}, then SIGKILL to both ranks"
 
 
 def attempt_step(out: Path, restarts: int) -> int:
