@@ -13,6 +13,7 @@ import random
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from trainer.build import build_model
-from trainer.config.schema import Config, EvalSetConfig
+from trainer.checkpoint.layout import complete_checkpoints
+from trainer.config.schema import Config, EvalSetConfig, load_config
 from trainer.data.collate import Batch
 from trainer.data.stream import StreamDataset
 from trainer.data.tokenized import TokenizedDataset
+from trainer.loop import Trainer
 from trainer.model.loss import IGNORE_INDEX, count_targets
 from trainer.model.tokenizer import train_bpe_tokenizer
 from trainer.peft.methods import peft_keys
@@ -454,3 +457,43 @@ def as_batches(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[B
     return [Batch(inputs={"input_ids": ids}, labels=labels, num_targets=count_targets(labels, "causal_lm"),
                   num_tokens=int((labels != IGNORE_INDEX).sum()), num_slots=labels.numel(), examples={}, tokens={})
             for ids, labels in micro_batches]
+
+
+# ---------------------------------------------------------------- Runs trained in this process, and their export
+
+
+def train_in_process(cfg_dict: dict, tmp_path: Path) -> tuple[Trainer, dict]:
+    trainer = Trainer(load_config(write_config(cfg_dict, tmp_path / "config.yaml")))
+    record = trainer.fit()
+    trainer.strategy.model.eval()
+    return trainer, record
+
+
+
+def export(checkpoint: Path, out: Path, *flags: str) -> Path:
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(checkpoint), "--out", str(out), *flags],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+
+def sample_ids(trainer: Trainer) -> torch.Tensor:
+    text = "reverse: alpha beta gamma"
+    return torch.tensor([trainer.tokenizer(text)["input_ids"]] * 2)
+
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+
+def latest_checkpoint(trainer: Trainer) -> Path:
+    return complete_checkpoints(trainer.cfg.checkpoint_dir)[-1]
+
+
+def extensions_dir() -> str:
+    """DeepSpeed compiles a CPU op on first use (minutes on 2 cores): keep it across sessions."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(tempfile.gettempdir()) / f"finetrain-torch-extensions-{os.getuid()}")

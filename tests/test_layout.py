@@ -205,3 +205,18 @@ def test_every_shipped_config_plans_for_the_world_its_command_names(name, tmp_pa
     for world in named_worlds(path.read_text()):
         plan = plan_run(cfg, world, RECIPE_DEVICE[name])
         assert plan.world_size == world and plan.mesh.replicate * plan.mesh.shard == world
+
+
+def test_no_test_module_imports_another():
+    """What tests share is in tests/helpers.py; a test module imported as a library would run its
+    tests' imports and fixtures twice, and hide where a helper lives."""
+    tests = REPO / "tests"
+    names = {path.stem for path in tests.rglob("test_*.py")} | {path.stem for path in (tests / "workers").glob("*.py")}
+    found = []
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(REPO)}:{node.lineno} imports {name}" for name in imported
+                      if name.split(".")[0] in names]
+    assert found == []

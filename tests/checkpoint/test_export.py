@@ -5,45 +5,14 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from helpers import REPO, causal_config, classification_config, write_config
+from helpers import (REPO, causal_config, classification_config, export, latest_checkpoint, logits_of, sample_ids,
+                     train_in_process)
 from trainer.build import build_model
-from trainer.checkpoint.layout import complete_checkpoints
-from trainer.config.schema import load_config
-from trainer.loop import Trainer
-
-
-def train_in_process(cfg_dict: dict, tmp_path: Path) -> tuple[Trainer, dict]:
-    trainer = Trainer(load_config(write_config(cfg_dict, tmp_path / "config.yaml")))
-    record = trainer.fit()
-    trainer.strategy.model.eval()
-    return trainer, record
-
-
-def export(checkpoint: Path, out: Path, *flags: str) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(checkpoint), "--out", str(out), *flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
-
-
-def sample_ids(trainer: Trainer) -> torch.Tensor:
-    text = "reverse: alpha beta gamma"
-    return torch.tensor([trainer.tokenizer(text)["input_ids"]] * 2)
-
-
-@torch.no_grad()
-def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits.float()
-
-
-def latest_checkpoint(trainer: Trainer) -> Path:
-    return complete_checkpoints(trainer.cfg.checkpoint_dir)[-1]
 
 
 def test_full_model_export_loads_in_transformers(tmp_path):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import export, latest_checkpoint, logits_of, sample_ids, train_in_process
 from transformers import AutoModelForCausalLM
 
-from helpers import NF4_LLAMA, TOY_TEXTS, causal_config, read_metrics, run_cli, write_config
+from helpers import (NF4_LLAMA, TOY_TEXTS, causal_config, export, latest_checkpoint, logits_of, read_metrics, run_cli,
+                     sample_ids, train_in_process, write_config)
 from trainer.build import build_model
 from trainer.config.schema import Config, load_config
 from trainer.model.tokenizer import train_bpe_tokenizer

@@ -22,13 +22,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import NF4_LLAMA, REPO, TINY_LLAMA, Run, make_config, make_model
+from helpers import NF4_LLAMA, REPO, TINY_LLAMA, Run, extensions_dir, make_config, make_model
 
 WORKER = REPO / "tests" / "workers" / "parallel_worker.py"
 SHARDED = ("ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -41,11 +40,6 @@ RTOL = 1e-4
 SEQUENCE = {"packed": True, "sequence_parallel": 2}
 # QLoRA (model.quantization nf4) trains on these; zero1-3 refuse it.
 NF4_STRATEGIES = ("ddp", "fsdp")
-
-
-def extensions_dir() -> str:
-    """DeepSpeed compiles a CPU op on first use (minutes on 2 cores): keep it across sessions."""
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(tempfile.gettempdir()) / f"finetrain-torch-extensions-{os.getuid()}")
 
 
 def launch(tmp: Path, name: str, nproc: int, runs: list[dict], timeout: int = 600) -> dict:
