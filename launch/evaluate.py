@@ -176,7 +176,7 @@ def choice_task(source: str, fields: dict, folder: Path, cache_dir: Path) -> str
     import yaml
 
     # here, not at the top: torch loads when the command runs, and the command line starts without it
-    from trainer.data.formats import choice_question
+    from trainer.data.formats import choice_question, context_fallback_note
     from trainer.data.records import RowError, field_names
     from trainer.data.run_data import resolve_source
     from trainer.data.sources import location, read_rows
@@ -190,6 +190,8 @@ def choice_task(source: str, fields: dict, folder: Path, cache_dir: Path) -> str
             if row.error is not None:
                 raise RowError(row.error)
             q = choice_question(row.record, names)
+            if q.context_from != names["context"] and not rows:
+                log.info("%s", context_fallback_note(source))
         except RowError as err:
             raise DataError(f"{location(source, row.number, row.by_line)}: {err}") from None
         rows.append({"context": q.context, "choices": list(q.choices), "answer": q.answer})

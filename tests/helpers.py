@@ -454,3 +454,39 @@ def as_batches(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[B
     return [Batch(inputs={"input_ids": ids}, labels=labels, num_targets=count_targets(labels, "causal_lm"),
                   num_tokens=int((labels != IGNORE_INDEX).sum()), num_slots=labels.numel(), examples={}, tokens={})
             for ids, labels in micro_batches]
+
+
+# ---------------------------------------------------------------- A Hugging Face hub cache, laid out as huggingface_hub lays it
+
+
+def hub_cache_repo(hub_cache: Path, repo_id: str, files: dict[str, bytes | str | Path], repo_type: str = "model",
+                   revision: str = "main") -> Path:
+    """Put `files` (path in the repo -> content, or a file to copy) into `hub_cache` as
+    huggingface_hub's downloads leave them: each content once under `blobs/<its hash>`, the
+    snapshot `snapshots/<commit>/` of relative symlinks to them, and `refs/<revision>` naming the
+    commit; returns the snapshot folder."""
+    import hashlib
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = hub_cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    contents = {name: Path(value).read_bytes() if isinstance(value, Path) else
+                value.encode() if isinstance(value, str) else value for name, value in files.items()}
+    commit = hashlib.sha1(repr(sorted(contents.items())).encode()).hexdigest()
+    snapshot = storage / "snapshots" / commit
+    for name, content in contents.items():
+        blob = storage / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+def hub_cache_model(hub_cache: Path, repo_id: str, folder: Path, **kwargs) -> Path:
+    """A model folder (config.json, weights, tokenizer) put into `hub_cache` as `repo_id`."""
+    files = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    return hub_cache_repo(hub_cache, repo_id, files, **kwargs)
