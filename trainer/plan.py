@@ -23,7 +23,7 @@ import torch
 
 from trainer.checkpoint.run_folder import config_problems as run_folder_problems
 from trainer.config.plan_types import Mesh, RunPlan
-from trainer.config.schema import Config, dataset_name, to_dict
+from trainer.config.schema import Config, dataset_name, flatten, to_dict
 from trainer.data.eval_sets import eval_config_problems, format_problems
 from trainer.data.formats import train_on_problems
 from trainer.data.mixing import primary_index
@@ -32,6 +32,7 @@ from trainer.model.attention import (MASKED_ATTENTION, SDPA_VARLEN, SEQUENCE_PAR
 from trainer.model.loading import dropout_problems, hub_problems, model_config
 from trainer.parallel.registry import resolve_strategy, strategy_class, strategy_problems
 from trainer.peft.methods import is_prompt_learning, peft_config_problems
+from trainer.reporting.metrics_log import tracker_problems
 from trainer.runtime.errors import ConfigError
 from trainer.runtime.precision import compute_dtype, compute_precision
 
@@ -41,7 +42,7 @@ def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
     ConfigError naming every key that cannot work together."""
     strategy = resolve_strategy(cfg, world_size)
     problems = [*model_problems(cfg), *peft_config_problems(cfg), *data_problems(cfg), *eval_config_problems(cfg),
-                *run_folder_problems(cfg),
+                *run_folder_problems(cfg), *tracker_problems(cfg),
                 *strategy_problems(cfg, strategy, world_size)]
     attention = None
     try:
@@ -220,7 +221,7 @@ FIXED_ON_RESUME = (
 def resume_changes(saved: Config, current: Config) -> list[str]:
     """The keys whose values differ between a checkpoint's config and this run's, as
     `key: old -> new` lines (they take effect); raises ConfigError naming those that cannot."""
-    before, after = _flatten(to_dict(saved)), _flatten(to_dict(current))
+    before, after = flatten(to_dict(saved)), flatten(to_dict(current))
     changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
     refused, applied = [], []
     for key in changed:
@@ -234,10 +235,3 @@ def resume_changes(saved: Config, current: Config) -> list[str]:
                                     "checkpoint.resume=never)" for line in refused))
     return applied
 
-
-def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
-        return {k: v for i, item in enumerate(node) for k, v in _flatten(item, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): node}

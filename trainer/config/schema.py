@@ -324,9 +324,24 @@ class WandbConfig:
 
 
 @dataclass
+class MlflowConfig:
+    # The MLflow experiment the run logs into (created when missing); null: no MLflow.
+    experiment: Optional[str] = None
+    # The MLflow tracking server or store (http://host:5000, databricks, file:./mlruns); null:
+    # MLflow's own default ($MLFLOW_TRACKING_URI).
+    tracking_uri: Optional[str] = None
+
+
+@dataclass
 class LoggingConfig:
     # Weights & Biases (docs/evaluation.md).
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # TensorBoard event files in run.output_dir/tensorboard: every scalar of metrics.jsonl, the
+    # config as text; a resumed run goes on in the same folder.
+    tensorboard: bool = False
+    # MLflow: every scalar of metrics.jsonl, the config as the run's parameters; a resumed run logs
+    # into the same MLflow run (its id is kept in the checkpoint).
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     # metrics.jsonl in run.output_dir.
     jsonl: bool = True
     # A progress bar on rank 0's console.
@@ -428,6 +443,15 @@ def to_dict(cfg: Config) -> dict:
         return node
 
     return keys(dataclasses.asdict(cfg))
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """Nested dicts (and lists of dicts) as {dotted key: value}: `optim.lr`, `data.datasets.0.path`."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
+        return {k: v for i, item in enumerate(node) for k, v in flatten(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): node}
 
 
 def dump_yaml(cfg: Config) -> str:
