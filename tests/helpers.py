@@ -469,7 +469,6 @@ def train_in_process(cfg_dict: dict, tmp_path: Path) -> tuple[Trainer, dict]:
     return trainer, record
 
 
-
 def export(checkpoint: Path, out: Path, *flags: str) -> Path:
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(checkpoint), "--out", str(out), *flags],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -477,17 +476,14 @@ def export(checkpoint: Path, out: Path, *flags: str) -> Path:
     return out
 
 
-
 def sample_ids(trainer: Trainer) -> torch.Tensor:
     text = "reverse: alpha beta gamma"
     return torch.tensor([trainer.tokenizer(text)["input_ids"]] * 2)
 
 
-
 @torch.no_grad()
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
-
 
 
 def latest_checkpoint(trainer: Trainer) -> Path:
@@ -497,3 +493,39 @@ def latest_checkpoint(trainer: Trainer) -> Path:
 def extensions_dir() -> str:
     """DeepSpeed compiles a CPU op on first use (minutes on 2 cores): keep it across sessions."""
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(tempfile.gettempdir()) / f"finetrain-torch-extensions-{os.getuid()}")
+
+
+# ---------------------------------------------------------------- A Hugging Face hub cache, laid out as huggingface_hub lays it
+
+
+def hub_cache_repo(hub_cache: Path, repo_id: str, files: dict[str, bytes | str | Path], repo_type: str = "model",
+                   revision: str = "main") -> Path:
+    """Put `files` (path in the repo -> content, or a file to copy) into `hub_cache` as
+    huggingface_hub's downloads leave them: each content once under `blobs/<its hash>`, the
+    snapshot `snapshots/<commit>/` of relative symlinks to them, and `refs/<revision>` naming the
+    commit; returns the snapshot folder."""
+    import hashlib
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = hub_cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    contents = {name: Path(value).read_bytes() if isinstance(value, Path) else
+                value.encode() if isinstance(value, str) else value for name, value in files.items()}
+    commit = hashlib.sha1(repr(sorted(contents.items())).encode()).hexdigest()
+    snapshot = storage / "snapshots" / commit
+    for name, content in contents.items():
+        blob = storage / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+def hub_cache_model(hub_cache: Path, repo_id: str, folder: Path, **kwargs) -> Path:
+    """A model folder (config.json, weights, tokenizer) put into `hub_cache` as `repo_id`."""
+    files = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    return hub_cache_repo(hub_cache, repo_id, files, **kwargs)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from trainer.config.schema import Config
+from trainer.runtime.precision import compute_dtype as precision_dtype
 
 BLOCK_SIZE = 64  # elements per absmax scale (transformers' default for bitsandbytes 4-bit)
 NESTED_BLOCK_SIZE = 256  # scales per second-level scale (double quantization)
@@ -29,7 +30,7 @@ NESTED_BLOCK_SIZE = 256  # scales per second-level scale (double quantization)
 def compute_dtype(cfg: Config) -> torch.dtype:
     """The dtype the 4-bit weights are dequantized to for each matmul: the compute dtype of
     every strategy (`Strategy.compute_dtype`), known here before a strategy exists."""
-    return torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else torch.float32
+    return precision_dtype(cfg.parallel.mixed_precision, cfg.model.dtype)
 
 
 def bnb_config(cfg: Config):
