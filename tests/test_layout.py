@@ -16,7 +16,6 @@ import pytest
 
 from helpers import REPO
 from trainer.config.schema import load_config
-from trainer.plan import plan_run
 
 PACKAGES = ("trainer", "launch")
 # The start-up comment a function-level import of a project module carries (the only reason one stays).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers import REPO, causal_config, chat_rows, trainer_env, write_config, write_jsonl
+from helpers import REPO, causal_config, trainer_env, write_config, write_jsonl
 
 
 def finetrain_check(config, *args: str) -> subprocess.CompletedProcess:
