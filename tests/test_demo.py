@@ -64,6 +64,7 @@ def test_held_out_questions_never_appear_in_training_rows(demo):
     assert loader.stats["chat/held_out_prompt_twins"] > 0  # the corpus's repeats of held-out questions
 
 
+@pytest.mark.slow
 def test_the_general_benchmark_shares_no_example_with_training_data(demo):
     """news_cloze (builtin:lee-cloze) is built from lee.cor's stories: none of its contexts or
     choices is in any document of the demo's training sources (gensim-lee, chatterbot), of

@@ -188,6 +188,7 @@ def test_every_shipped_config_is_a_known_recipe():
     assert sorted(p.stem for p in (REPO / "configs").glob("*.yaml")) == sorted(RECIPE_DEVICE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPE_DEVICE))
 def test_finetrain_check_plans_every_shipped_config_for_the_world_its_command_names(name, tmp_path, monkeypatch,
                                                                                     capsys):

@@ -16,6 +16,7 @@ from helpers import REPO, causal_config, read_metrics, run_cli, run_history, ste
 from trainer.checkpoint.layout import COMPLETE_MARK, complete_checkpoints
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_logs_every_step(tmp_path):
     cfg = causal_config(tmp_path, rows=96, train={"max_steps": 24, "log_every": 3, "eval_every": 12},
                         data={"eval": {"fraction": 0.1}})
@@ -164,6 +165,7 @@ def test_incomplete_checkpoint_folders_are_ignored(tmp_path):
     assert [p.name for p in complete_checkpoints(directory)] == ["step-00000010"]
 
 
+@pytest.mark.slow
 def test_debug_mode_prints_first_batch_and_runs_few_steps(tmp_path):
     cfg = causal_config(tmp_path, train={"max_steps": 100})
     proc = run_cli(write_config(cfg, tmp_path / "config.yaml"), "--debug")
@@ -175,6 +177,7 @@ def test_debug_mode_prints_first_batch_and_runs_few_steps(tmp_path):
             "turns of the first 16 rows of sft") in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_follows_the_new_schedule(tmp_path):
     """A finished 4-step run extended to 8 steps with another optim.lr: every resumed step runs at
     the new schedule's rate (cosine over 8 steps from the new lr), the changes are listed once; a

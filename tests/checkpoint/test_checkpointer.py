@@ -72,6 +72,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_the_mark_appears_only_after_every_rank_has_written(tmp_path):
     script = tmp_path / "sealing.py"
     script.write_text(SEALING.format(repo=str(REPO), out=str(tmp_path / "run")))
@@ -100,6 +101,7 @@ def reference(reference_run) -> dict:
     return step_losses(reference_run)
 
 
+@pytest.mark.slow
 def test_the_time_waited_for_checkpoints_is_logged_with_the_next_step(reference_run):
     """checkpoint_wait_s: the save after step 5 is waited for before step 6, and so on; the
     steps after that wait only while they look whether the checkpoint's checksums are done

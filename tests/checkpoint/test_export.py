@@ -15,6 +15,7 @@ from helpers import (REPO, causal_config, classification_config, export, latest_
 from trainer.build import build_model
 
 
+@pytest.mark.slow
 def test_full_model_export_loads_in_transformers(tmp_path):
     trainer, record = train_in_process(causal_config(tmp_path, train={"max_steps": 4}), tmp_path)
     out = export(latest_checkpoint(trainer), tmp_path / "hf")
@@ -25,6 +26,7 @@ def test_full_model_export_loads_in_transformers(tmp_path):
     assert AutoTokenizer.from_pretrained(out)("reverse: alpha")["input_ids"] == trainer.tokenizer("reverse: alpha")["input_ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_adapter_export_and_merge(tmp_path, method):
     from peft import PeftModel
@@ -52,6 +54,7 @@ def test_adapter_export_and_merge(tmp_path, method):
     assert not torch.allclose(logits_of(untouched, ids), trained, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_merge_without_adapter_is_refused(tmp_path):
     trainer, record = train_in_process(causal_config(tmp_path, train={"max_steps": 2}), tmp_path)
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(latest_checkpoint(trainer)),

@@ -379,6 +379,7 @@ def test_describe_batch_shows_documents_and_targets(tiny_tokenizer, attention):
 DOC_WORDS = 15  # + EOS = 16 tokens: four documents fill a 64-token row exactly
 
 
+@pytest.mark.slow
 def test_packed_and_padded_runs_log_equal_losses(tmp_path):
     rng = random.Random(0)
     docs = [{"text": " ".join(rng.choice(WORDS) for _ in range(DOC_WORDS))} for _ in range(8)]

@@ -33,6 +33,7 @@ def test_prepare_then_train_logs_the_losses_of_train_alone(tmp_path):
     assert step_losses(Path(prepared["run"]["output_dir"])) == step_losses(Path(alone["run"]["output_dir"]))
 
 
+@pytest.mark.slow
 def test_prepare_stops_on_a_config_mistake_or_a_bad_row_with_one_line(tmp_path):
     cfg = causal_config(tmp_path)
     config = write_config(cfg, tmp_path / "config.yaml")

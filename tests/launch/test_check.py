@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO, causal_config, trainer_env, write_config, write_jsonl
 
 
@@ -14,6 +16,7 @@ def finetrain_check(config, *args: str) -> subprocess.CompletedProcess:
                           text=True, cwd=REPO, env=trainer_env(), timeout=300)
 
 
+@pytest.mark.slow
 def test_check_prints_the_plan_with_the_datas_counts_and_starts_nothing(tmp_path):
     rehearsal = write_jsonl(tmp_path / "data" / "general.jsonl", [{"text": f"general text {i}"} for i in range(30)])
     cfg = causal_config(tmp_path, rows=60, data={"eval": {"fraction": 0.1}},
@@ -35,6 +38,7 @@ def test_check_prints_the_plan_with_the_datas_counts_and_starts_nothing(tmp_path
     assert not (tmp_path / "run").exists()  # nothing written into the run folder
 
 
+@pytest.mark.slow
 def test_a_broken_config_or_world_is_one_line_exit_2(tmp_path):
     config = write_config(causal_config(tmp_path, rows=8), tmp_path / "c.yaml")
     proc = finetrain_check(config, "--nproc", "3")

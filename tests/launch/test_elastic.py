@@ -286,6 +286,7 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_a_repeated_signal_is_one_request_and_a_later_second_kills(tmp_path):
     """Slurm and the launcher may deliver one stop twice within a moment: that is one request.
     A second signal after the repeat window ends the process at once."""

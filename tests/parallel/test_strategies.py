@@ -210,6 +210,7 @@ def test_every_strategy_follows_the_single_device_curve(runs, strategy):
     assert_same_curve(runs[strategy], runs["single"], strategy)
 
 
+@pytest.mark.slow
 def test_training_after_generation_is_unchanged(runs):
     """FSDP2 generation keeps each unit gathered for all the tokens of an answer, then
     reshards: training after it (the loop's step-0 evaluation) follows the same curve and
