@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from trainer.build import build_model
+from trainer.checkpoint.export import export_checkpoint
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.config.schema import Config, EvalSetConfig, load_config
 from trainer.data.collate import Batch
@@ -469,9 +470,13 @@ def train_in_process(cfg_dict: dict, tmp_path: Path) -> tuple[Trainer, dict]:
     return trainer, record
 
 
-def export(checkpoint: Path, out: Path, *flags: str) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(checkpoint), "--out", str(out), *flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+def export(checkpoint: Path, out: Path, merge: bool = False, through_the_command_line: bool = False) -> Path:
+    """`finetrain export CHECKPOINT --out OUT [--merge]`: in this process (what the command calls),
+    or through the command line in a process of its own."""
+    if not through_the_command_line:
+        return export_checkpoint(checkpoint, out, merge=merge)
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(checkpoint), "--out", str(out),
+                           *(["--merge"] if merge else [])], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 

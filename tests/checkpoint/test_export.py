@@ -18,7 +18,7 @@ from trainer.build import build_model
 @pytest.mark.slow
 def test_full_model_export_loads_in_transformers(tmp_path):
     trainer, record = train_in_process(causal_config(tmp_path, train={"max_steps": 4}), tmp_path)
-    out = export(latest_checkpoint(trainer), tmp_path / "hf")
+    out = export(latest_checkpoint(trainer), tmp_path / "hf", through_the_command_line=True)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = sample_ids(trainer)
@@ -26,7 +26,6 @@ def test_full_model_export_loads_in_transformers(tmp_path):
     assert AutoTokenizer.from_pretrained(out)("reverse: alpha")["input_ids"] == trainer.tokenizer("reverse: alpha")["input_ids"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_adapter_export_and_merge(tmp_path, method):
     from peft import PeftModel
@@ -45,7 +44,7 @@ def test_adapter_export_and_merge(tmp_path, method):
     reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
     torch.testing.assert_close(logits_of(reloaded, ids), trained, rtol=0, atol=1e-5)
 
-    merged_dir = export(checkpoint, tmp_path / "merged", "--merge")
+    merged_dir = export(checkpoint, tmp_path / "merged", merge=True)
     assert not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     torch.testing.assert_close(logits_of(merged, ids), trained, rtol=0, atol=1e-5)

@@ -71,7 +71,7 @@ def test_qlora_trains_and_exports(tmp_path, base_folder, method):
     assert not torch.allclose(logits_of(quantized_base(trainer), ids), trained, atol=1e-3)  # the adapter trained
 
     # --merge: a plain model (4-bit weights dequantized, adapter folded in), no quantization_config.
-    merged_dir = export(checkpoint, tmp_path / "merged", "--merge")
+    merged_dir = export(checkpoint, tmp_path / "merged", merge=True)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert getattr(merged.config, "quantization_config", None) is None
     assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
