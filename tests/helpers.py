@@ -34,6 +34,7 @@ from trainer.loop import Trainer
 from trainer.model.loss import IGNORE_INDEX, count_targets
 from trainer.model.tokenizer import train_bpe_tokenizer
 from trainer.peft.methods import peft_keys
+from trainer.rank import run_rank
 
 # ---------------------------------------------------------------- Tiny models and a toy corpus
 
@@ -239,6 +240,15 @@ def run_cli(config: Path, *args: str, timeout: int = 600, check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"finetrain exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def train_here(config: Path, *overrides: str) -> None:
+    """What `finetrain train CONFIG overrides...` runs on one process (trainer.rank.run_rank), in
+    this one: for the uninterrupted reference runs that other runs are compared with, without
+    the seconds a fresh process spends importing torch and transformers."""
+    torch.set_num_threads(1)  # as the runs in subprocesses (OMP_NUM_THREADS=1): the same arithmetic
+    outcome = run_rank(str(config), list(overrides))
+    assert outcome.exit_code == 0 and outcome.step == outcome.total_steps, outcome
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, causal_config, read_metrics, run_cli, run_history, step_losses, trainer_env, write_config
+from helpers import (REPO, causal_config, read_metrics, run_cli, run_history, step_losses, train_here, trainer_env,
+                     write_config)
 from trainer.checkpoint.layout import COMPLETE_MARK, complete_checkpoints
 
 
@@ -72,7 +73,10 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
         sections["data"] = {"eval": {"fraction": 0.1, "generate": 2, "max_new_tokens": 8}}
     launch = ["--nproc", str(ranks)] if ranks > 1 else []
     reference = causal_config(tmp_path / "reference", rows=96, **sections)
-    run_cli(write_config(reference, tmp_path / "reference.yaml"), *launch)
+    if launch:
+        run_cli(write_config(reference, tmp_path / "reference.yaml"), *launch)
+    else:
+        train_here(write_config(reference, tmp_path / "reference.yaml"))
     expected = step_losses(Path(reference["run"]["output_dir"]))
     assert sorted(expected) == list(range(1, steps + 1))
 
@@ -137,7 +141,7 @@ def test_resume_after_kill_between_saves_is_exact(tmp_path):
     steps = 40
     sections = dict(train={"max_steps": steps, "log_every": 1, "save_every": 20})
     reference = causal_config(tmp_path / "reference", rows=96, **sections)
-    run_cli(write_config(reference, tmp_path / "reference.yaml"))
+    train_here(write_config(reference, tmp_path / "reference.yaml"))
     expected = step_losses(Path(reference["run"]["output_dir"]))
 
     cfg = causal_config(tmp_path / "killed", rows=96, **sections)

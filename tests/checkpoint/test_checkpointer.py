@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
+from helpers import REPO, causal_config, read_metrics, run_cli, step_losses, train_here, trainer_env, write_config
 from trainer.checkpoint.layout import COMPLETE_MARK, complete_checkpoints
 
 SEALING = '''
@@ -92,7 +92,7 @@ def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted run, saving synchronously."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = causal_config(tmp, rows=96, train=SECTIONS["train"])
-    run_cli(write_config(cfg, tmp / "config.yaml"))
+    train_here(write_config(cfg, tmp / "config.yaml"))
     return Path(cfg["run"]["output_dir"])
 
 

@@ -14,10 +14,10 @@ from huggingface_hub import constants
 
 from helpers import REPO, TINY_LLAMA, chat_rows, hub_cache_repo, trainer_env, write_config
 from trainer.config.schema import Config, DatasetConfig, EvalSetConfig, ModelConfig
+from trainer.data.eval_sets import declared_sets
 from trainer.data.hub_datasets import hub_data_files, parse_hub_data
 from trainer.data.run_data import RunData
 from trainer.eval.multiple_choice import read_questions
-from trainer.data.eval_sets import declared_sets
 from trainer.runtime.errors import ConfigError, DataError
 
 
