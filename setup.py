@@ -36,6 +36,10 @@ setup(
         # the wheel carries kernels for every CUDA/ROCm/XPU toolkit (over 100 MB) that only QLoRA uses.
         "qlora": ["bitsandbytes>=0.50"],
         "wandb": ["wandb>=0.18"],
+        # logging.tensorboard: event files through torch.utils.tensorboard
+        "tensorboard": ["tensorboard>=2.14"],
+        # logging.mlflow: the tracking client alone (the full `mlflow` adds a server and pins pyarrow)
+        "mlflow": ["mlflow-skinny>=2.10"],
         # real models and text used by the demo configs, benchmarks and tests
         "data": ["gguf>=0.10", "gensim>=4.3"],
         # import-linter: `lint-imports` checks the layers of .importlinter (make test)

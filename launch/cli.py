@@ -1,4 +1,4 @@
-"""The `finetrain` command: train, prepare, submit, export, estimate, eval, report.
+"""The `finetrain` command: train, prepare, check, submit, export, estimate, eval, report.
 
 `finetrain train` validates the config in this process first, so a bad key stops
 before any worker or process group starts; with --nproc N (and --nnodes M) it then runs
@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from launch.check import add_check_parser
 from launch.elastic import default_rdzv_id, run_ranks
 from launch.evaluate import add_eval_parser
 from launch.submit import add_submit_parser
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="host memory of one node, for what offloading keeps there (--longest; default: unbounded)")
     estimate.set_defaults(run=cmd_estimate)
 
+    add_check_parser(sub)
     add_submit_parser(sub)
     add_eval_parser(sub)
 

@@ -5,9 +5,9 @@ The model is rebuilt in each process as `finetrain export` rebuilds it: a peft c
 merged into the base weights in memory (`--no-merge`: base + adapter through peft). Tasks come
 from local disk only (the harness runs with the Hugging Face hub and datasets offline):
 
-- a finetrain `format: choice` data file (JSON Lines, JSON, Parquet, CSV, or a `builtin:`
-  choice set; `--fields` maps MMLU-, HellaSwag- or ARC-shaped records as `data.eval.sets.N.fields`
-  does) becomes a harness task of the same name as the file: the context as the prompt, each
+- a finetrain `format: choice` data file (JSON Lines, JSON, Parquet, CSV, a `builtin:` choice set,
+  or `hf:org/name[:config]:split` from the local Hugging Face cache; `--fields` maps MMLU-,
+  HellaSwag- or ARC-shaped records as `data.eval.sets.N.fields` does) becomes a harness task of the same name as the file: the context as the prompt, each
   choice after the harness's default delimiter " ", scored with acc and acc_norm, which is
   how finetrain's own choice eval sets score it;
 - a task YAML file of the harness (its folder is added to the include path);
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from launch.elastic import run_ranks
 from trainer.checkpoint.layout import COMPLETE_MARK
-from trainer.config.schema import cache_root
+from trainer.config.schema import HUB_DATA_PREFIX, cache_root, is_hub_id
 from trainer.rank import setup_logging
 from trainer.runtime.errors import DataError, UserError, report_user_error
 
@@ -108,8 +108,13 @@ def resolve_model_path(path: Path) -> tuple[str, Path]:
     # here, not at the top: torch loads when the command runs, and the command line starts without it
     from trainer.checkpoint.export import newest_checkpoint
 
+    if is_hub_id(str(path)):  # a hub id: its snapshot in the local Hugging Face cache
+        # here, not at the top: torch loads when the command runs, and the command line starts without it
+        from trainer.model.loading import resolve_model_path as resolve_hub_model
+
+        path = Path(resolve_hub_model(str(path), weights=True, key="finetrain eval"))
     if not path.is_dir():
-        raise UserError(f"{path}: not a folder (a checkpoint, a run folder or a Hugging Face folder)")
+        raise UserError(f"{path}: not a folder (a checkpoint, a run folder, a Hugging Face folder or hub id)")
     if (path / COMPLETE_MARK).is_file() or (path / "config.yaml").is_file():
         return "checkpoint", newest_checkpoint(path)
     if (path / "adapter_config.json").is_file():
@@ -176,20 +181,22 @@ def choice_task(source: str, fields: dict, folder: Path, cache_dir: Path) -> str
     import yaml
 
     # here, not at the top: torch loads when the command runs, and the command line starts without it
-    from trainer.data.formats import choice_question
+    from trainer.data.formats import choice_question, context_fallback_note
     from trainer.data.records import RowError, field_names
     from trainer.data.run_data import resolve_source
     from trainer.data.sources import location, read_rows
 
     path = resolve_source(source, "choice", "--tasks", cache_dir)
     names = field_names("choice", fields, "--fields")
-    name = _task_name(Path(source.removeprefix("builtin:")).stem)
+    name = _task_name(Path(source.removeprefix("builtin:").removeprefix(HUB_DATA_PREFIX).replace(":", "_")).stem)
     rows = []
     for row in read_rows(path, cache_dir / "hf"):
         try:
             if row.error is not None:
                 raise RowError(row.error)
             q = choice_question(row.record, names)
+            if q.context_from != names["context"] and not rows:
+                log.info("%s", context_fallback_note(source))
         except RowError as err:
             raise DataError(f"{location(source, row.number, row.by_line)}: {err}") from None
         rows.append({"context": q.context, "choices": list(q.choices), "answer": q.answer})
@@ -216,7 +223,7 @@ def resolve_tasks(specs: list[str], include: list[str], fields: dict, folder: Pa
             raise UserError(f"--include-path {p}: not a folder")
     for spec in specs:
         path = Path(spec)
-        if spec.startswith("builtin:") or (path.suffix.lower() in DATA_SUFFIXES and path.is_file()):
+        if spec.startswith(("builtin:", HUB_DATA_PREFIX)) or (path.suffix.lower() in DATA_SUFFIXES and path.is_file()):
             names.append(choice_task(spec, fields, folder, cache_dir))
             if str(folder.resolve()) not in paths:
                 paths.append(str(folder.resolve()))

@@ -24,13 +24,17 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from trainer.build import build_model
-from trainer.config.schema import Config, EvalSetConfig
+from trainer.checkpoint.export import export_checkpoint
+from trainer.checkpoint.layout import complete_checkpoints
+from trainer.config.schema import Config, EvalSetConfig, load_config
 from trainer.data.collate import Batch
 from trainer.data.stream import StreamDataset
 from trainer.data.tokenized import TokenizedDataset
+from trainer.loop import Trainer
 from trainer.model.loss import IGNORE_INDEX, count_targets
 from trainer.model.tokenizer import train_bpe_tokenizer
 from trainer.peft.methods import peft_keys
+from trainer.rank import run_rank
 
 # ---------------------------------------------------------------- Tiny models and a toy corpus
 
@@ -236,6 +240,15 @@ def run_cli(config: Path, *args: str, timeout: int = 600, check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"finetrain exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def train_here(config: Path, *overrides: str) -> None:
+    """What `finetrain train CONFIG overrides...` runs on one process (trainer.rank.run_rank), in
+    this one: for the uninterrupted reference runs that other runs are compared with, without
+    the seconds a fresh process spends importing torch and transformers."""
+    torch.set_num_threads(1)  # as the runs in subprocesses (OMP_NUM_THREADS=1): the same arithmetic
+    outcome = run_rank(str(config), list(overrides))
+    assert outcome.exit_code == 0 and outcome.step == outcome.total_steps, outcome
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -479,6 +492,77 @@ def as_batches(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[B
     return [Batch(inputs={"input_ids": ids}, labels=labels, num_targets=count_targets(labels, "causal_lm"),
                   num_tokens=int((labels != IGNORE_INDEX).sum()), num_slots=labels.numel(), examples={}, tokens={})
             for ids, labels in micro_batches]
+
+
+# ---------------------------------------------------------------- Runs trained in this process, and their export
+
+
+def train_in_process(cfg_dict: dict, tmp_path: Path) -> tuple[Trainer, dict]:
+    trainer = Trainer(load_config(write_config(cfg_dict, tmp_path / "config.yaml")))
+    record = trainer.fit()
+    trainer.strategy.model.eval()
+    return trainer, record
+
+
+def export(checkpoint: Path, out: Path, merge: bool = False, through_the_command_line: bool = False) -> Path:
+    """`finetrain export CHECKPOINT --out OUT [--merge]`: in this process (what the command calls),
+    or through the command line in a process of its own."""
+    if not through_the_command_line:
+        return export_checkpoint(checkpoint, out, merge=merge)
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(checkpoint), "--out", str(out),
+                           *(["--merge"] if merge else [])], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def sample_ids(trainer: Trainer) -> torch.Tensor:
+    text = "reverse: alpha beta gamma"
+    return torch.tensor([trainer.tokenizer(text)["input_ids"]] * 2)
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def latest_checkpoint(trainer: Trainer) -> Path:
+    return complete_checkpoints(trainer.cfg.checkpoint_dir)[-1]
+
+
+# ---------------------------------------------------------------- A Hugging Face hub cache, laid out as huggingface_hub lays it
+
+
+def hub_cache_repo(hub_cache: Path, repo_id: str, files: dict[str, bytes | str | Path], repo_type: str = "model",
+                   revision: str = "main") -> Path:
+    """Put `files` (path in the repo -> content, or a file to copy) into `hub_cache` as
+    huggingface_hub's downloads leave them: each content once under `blobs/<its hash>`, the
+    snapshot `snapshots/<commit>/` of relative symlinks to them, and `refs/<revision>` naming the
+    commit; returns the snapshot folder."""
+    import hashlib
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = hub_cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    contents = {name: Path(value).read_bytes() if isinstance(value, Path) else
+                value.encode() if isinstance(value, str) else value for name, value in files.items()}
+    commit = hashlib.sha1(repr(sorted(contents.items())).encode()).hexdigest()
+    snapshot = storage / "snapshots" / commit
+    for name, content in contents.items():
+        blob = storage / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+def hub_cache_model(hub_cache: Path, repo_id: str, folder: Path, **kwargs) -> Path:
+    """A model folder (config.json, weights, tokenizer) put into `hub_cache` as `repo_id`."""
+    files = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    return hub_cache_repo(hub_cache, repo_id, files, **kwargs)
 
 
 # ---------------------------------------------------------------- Fuzzing (Hypothesis)

@@ -64,6 +64,7 @@ def test_held_out_questions_never_appear_in_training_rows(demo):
     assert loader.stats["chat/held_out_prompt_twins"] > 0  # the corpus's repeats of held-out questions
 
 
+@pytest.mark.slow
 def test_the_general_benchmark_shares_no_example_with_training_data(demo):
     """news_cloze (builtin:lee-cloze) is built from lee.cor's stories: none of its contexts or
     choices is in any document of the demo's training sources (gensim-lee, chatterbot), of
@@ -95,11 +96,13 @@ def test_the_general_benchmark_shares_no_example_with_training_data(demo):
 
 
 @pytest.mark.slow
-def test_a_short_lora_run_lowers_the_chat_loss_and_prints_the_answers(tmp_path):
+def test_a_short_lora_run_lowers_the_chat_loss_and_prints_the_answers(tmp_path, demo):
     """The demo recipe cut to 4 steps of 4 rows on its 2 FSDP ranks: the chat eval loss falls,
     the general one is measured for forgetting, and the summary prints each held-out question
-    with the base model's and the tuned model's answers."""
-    proc = run_cli(DEMO, "--nproc", "2", f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+    with the base model's and the tuned model's answers. (The model converted and the data
+    tokenized for the other tests of this module are the run's cache, as a user's second run finds it.)"""
+    cache = demo[0].data.cache_dir
+    proc = run_cli(DEMO, "--nproc", "2", f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}",
                    "train.max_steps=4", "train.global_batch_size=4", "data.seq_len=128",
                    "data.eval.max_examples=16", "data.eval.generate=2", "data.eval.max_new_tokens=12",
                    "data.eval.sets.0.max_examples=8", "logging.progress_bar=false", timeout=900)

@@ -16,7 +16,6 @@ import pytest
 
 from helpers import REPO
 from trainer.config.schema import load_config
-from trainer.plan import plan_run
 
 PACKAGES = ("trainer", "launch")
 # The start-up comment a function-level import of a project module carries (the only reason one stays).
@@ -166,7 +165,7 @@ def test_few_modules_at_the_top_and_no_two_modules_share_a_name():
 RECIPE_DEVICE = {"debug-tiny": "cpu", "smollm2-demo": "cpu", "minilm-polarity": "cpu",
                  "llama3-8b-full-fsdp": "cuda", "llama3-8b-lora": "cuda", "llama3-8b-long-context": "cuda",
                  "llama3-8b-multinode": "cuda", "llama3-8b-zero3-offload": "cuda"}
-# Llama-3.1-8B's config.json: what the 8B recipes' model folder holds for the plan to read.
+# Llama-3.1-8B's config.json: all a hub cache holds of the 8B recipes' model for `finetrain check`.
 LLAMA31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
               "num_key_value_heads": 8, "max_position_embeddings": 131072, "rope_theta": 500000.0,
@@ -174,34 +173,68 @@ LLAMA31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "voc
 COMMAND = re.compile(r"finetrain (?:train|submit) configs/\S+((?: --?[\w-]+(?: \d+)?)*)")
 
 
-def named_worlds(text: str) -> list[int]:
-    """The world size of each `finetrain train|submit` command in a config's header comment."""
+def named_worlds(text: str) -> list[tuple[int, int]]:
+    """(nodes, ranks per node) of each `finetrain train|submit` command in a config's header comment."""
     worlds = []
     for flags in COMMAND.findall(text):
         nproc = re.search(r"--nproc (\d+)", flags)
         nodes, gpus = re.search(r"--nodes (\d+)", flags), re.search(r"--gpus-per-node (\d+)", flags)
-        worlds.append(int(nproc.group(1)) if nproc else int(nodes.group(1)) * int(gpus.group(1)) if nodes and gpus else 1)
-    return worlds or [1]
+        worlds.append((1, int(nproc.group(1))) if nproc else (int(nodes.group(1)), int(gpus.group(1))) if nodes and gpus
+                      else (1, 1))
+    return worlds or [(1, 1)]
 
 
 def test_every_shipped_config_is_a_known_recipe():
     assert sorted(p.stem for p in (REPO / "configs").glob("*.yaml")) == sorted(RECIPE_DEVICE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPE_DEVICE))
-def test_every_shipped_config_plans_for_the_world_its_command_names(name, tmp_path):
-    """As `finetrain train` (or `submit`) plans it before starting a rank: every rule between keys
-    holds for each world the recipe's own header command names (a model folder the recipe expects
-    but this machine lacks is stood in by one holding the model's config.json)."""
+def test_finetrain_check_plans_every_shipped_config_for_the_world_its_command_names(name, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """`finetrain check` on each recipe, for each world its own header command names (GPU recipes as
+    `--nodes N --gpus-per-node G`, the others as `--nproc N`), exits 0 and prints the plan. The 8B
+    recipes name a hub id: the hub cache holds its config.json alone (what the plan and the estimate
+    read) and their data files are stood in by one-row files (absolute paths as overrides)."""
     import json
+
+    from huggingface_hub import constants
+
+    from helpers import hub_cache_repo, write_jsonl
+    from launch.cli import main
 
     path = REPO / "configs" / f"{name}.yaml"
     cfg = load_config(path, check_files=False)
-    if cfg.model.path and not cfg.model.path.startswith("builtin:") and not Path(cfg.model.path).is_dir():
-        (tmp_path / "model").mkdir()
-        (tmp_path / "model" / "config.json").write_text(json.dumps(LLAMA31_8B))
-        cfg.model.path = str(tmp_path / "model")
-    assert cfg.train.max_steps or cfg.train.epochs
-    for world in named_worlds(path.read_text()):
-        plan = plan_run(cfg, world, RECIPE_DEVICE[name])
-        assert plan.world_size == world and plan.mesh.replicate * plan.mesh.shard == world
+    overrides = []
+    if cfg.model.path and "/" in cfg.model.path and not cfg.model.path.startswith("builtin:"):
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        hub_cache_repo(tmp_path / "hub", cfg.model.path, {"config.json": json.dumps(LLAMA31_8B)})
+        for i, ds in enumerate(cfg.data.datasets):
+            if not ds.path.startswith("builtin:"):
+                stand_in = write_jsonl(tmp_path / "data" / Path(ds.path).name, [{"text": "a row"}])
+                overrides.append(f"data.datasets.{i}.path={stand_in}")
+    monkeypatch.chdir(tmp_path)
+    for nodes, per_node in named_worlds(path.read_text()):
+        world = ["--nodes", str(nodes), "--gpus-per-node", str(per_node)] if RECIPE_DEVICE[name] == "cuda" else \
+            ["--nproc", str(per_node)]
+        assert main(["check", str(path), *world, *overrides]) == 0, capsys.readouterr().err[-2000:]
+        printed = capsys.readouterr().out
+        lines = {line.split()[0] for line in printed.splitlines() if line and not line.startswith(" ")}
+        assert {"strategy", "batch", "dtypes", "attention", "model", "data", "eval", "checkpoint", "memory"} <= lines
+        assert f"{nodes * per_node} rank(s)" in printed or f"{nodes} node(s) x {per_node} GPU(s)" in printed
+        assert f"strategy    {cfg.parallel.strategy if cfg.parallel.strategy != 'auto' else ''}" in printed
+
+
+def test_no_test_module_imports_another():
+    """What tests share is in tests/helpers.py; a test module imported as a library would run its
+    tests' imports and fixtures twice, and hide where a helper lives."""
+    tests = REPO / "tests"
+    names = {path.stem for path in tests.rglob("test_*.py")} | {path.stem for path in (tests / "workers").glob("*.py")}
+    found = []
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(REPO)}:{node.lineno} imports {name}" for name in imported
+                      if name.split(".")[0] in names]
+    assert found == []

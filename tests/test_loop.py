@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, causal_config, read_metrics, run_cli, run_history, step_losses, trainer_env, write_config
+from helpers import (REPO, causal_config, read_metrics, run_cli, run_history, step_losses, train_here, trainer_env,
+                     write_config)
 from trainer.checkpoint.layout import COMPLETE_MARK, complete_checkpoints
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_logs_every_step(tmp_path):
     cfg = causal_config(tmp_path, rows=96, train={"max_steps": 24, "log_every": 3, "eval_every": 12},
                         data={"eval": {"fraction": 0.1}})
@@ -71,7 +73,10 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
         sections["data"] = {"eval": {"fraction": 0.1, "generate": 2, "max_new_tokens": 8}}
     launch = ["--nproc", str(ranks)] if ranks > 1 else []
     reference = causal_config(tmp_path / "reference", rows=96, **sections)
-    run_cli(write_config(reference, tmp_path / "reference.yaml"), *launch)
+    if launch:
+        run_cli(write_config(reference, tmp_path / "reference.yaml"), *launch)
+    else:
+        train_here(write_config(reference, tmp_path / "reference.yaml"))
     expected = step_losses(Path(reference["run"]["output_dir"]))
     assert sorted(expected) == list(range(1, steps + 1))
 
@@ -136,7 +141,7 @@ def test_resume_after_kill_between_saves_is_exact(tmp_path):
     steps = 40
     sections = dict(train={"max_steps": steps, "log_every": 1, "save_every": 20})
     reference = causal_config(tmp_path / "reference", rows=96, **sections)
-    run_cli(write_config(reference, tmp_path / "reference.yaml"))
+    train_here(write_config(reference, tmp_path / "reference.yaml"))
     expected = step_losses(Path(reference["run"]["output_dir"]))
 
     cfg = causal_config(tmp_path / "killed", rows=96, **sections)
@@ -164,6 +169,7 @@ def test_incomplete_checkpoint_folders_are_ignored(tmp_path):
     assert [p.name for p in complete_checkpoints(directory)] == ["step-00000010"]
 
 
+@pytest.mark.slow
 def test_debug_mode_prints_first_batch_and_runs_few_steps(tmp_path):
     cfg = causal_config(tmp_path, train={"max_steps": 100})
     proc = run_cli(write_config(cfg, tmp_path / "config.yaml"), "--debug")
@@ -175,6 +181,7 @@ def test_debug_mode_prints_first_batch_and_runs_few_steps(tmp_path):
             "turns of the first 16 rows of sft") in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_follows_the_new_schedule(tmp_path):
     """A finished 4-step run extended to 8 steps with another optim.lr: every resumed step runs at
     the new schedule's rate (cosine over 8 steps from the new lr), the changes are listed once; a

@@ -40,6 +40,7 @@ from trainer.reporting.summary import RunSummary
 from trainer.runtime import faults, restarts
 from trainer.runtime.distributed import agree, all_reduce_max, all_reduce_sum, init_distributed, main_first
 from trainer.runtime.errors import ConfigError, UserError, say
+from trainer.runtime.precision import compute_precision
 
 log = logging.getLogger("finetrain")
 
@@ -168,9 +169,11 @@ class Trainer:
         training = build_training(cfg, plan, dist_info, self.tokenizer, self.total_steps)
         self.strategy = training.strategy
         trainable, self.num_params = training.trainable_params, training.total_params
-        log.info("strategy %s on %d rank(s)%s, attention %s, %d micro-batch(es) of %d per step, %d steps; "
-                 "%s of %s parameters trainable", plan.strategy, world,
-                 f" in sequence groups of {plan.mesh.sequence}" if plan.mesh.sequence > 1 else "", plan.attention,
+        precision, why = compute_precision(cfg.parallel.mixed_precision, cfg.model.dtype, dist_info.device.type)
+        log.info("strategy %s on %d rank(s)%s, compute %s (%s), attention %s, %d micro-batch(es) of %d per step, "
+                 "%d steps; %s of %s parameters trainable", plan.strategy, world,
+                 f" in sequence groups of {plan.mesh.sequence}" if plan.mesh.sequence > 1 else "", precision, why,
+                 plan.attention,
                  plan.accumulation, cfg.train.micro_batch_size, self.total_steps, f"{trainable:,}", f"{self.num_params:,}")
 
         self.dataset_names = [dataset_name(ds) for ds in cfg.data.datasets]
@@ -179,12 +182,12 @@ class Trainer:
         self.counts = torch.zeros(2 + 2 * len(self.dataset_names), dtype=torch.float64)
         self.skipped_steps = self.skipped_in_a_row = 0  # steps whose update was dropped (train.on_nonfinite)
         self.checkpoint = None  # the newest checkpoint this run resumed from or wrote
-        wandb_run_id = agree(self.resume)
+        tracker_runs = agree(self.resume) or {}
         self.start_step = self.step
         description = run_description(cfg, plan.strategy, world, trainable, self.num_params,
                                       self.loader.dataset_examples) if dist_info.is_main else None
-        self.metrics = agree(lambda: MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step, wandb_run_id,
-                                                   description))
+        self.metrics = agree(lambda: MetricsLogger(cfg, dist_info.is_main, self.total_steps, self.step,
+                                                   tracker_runs.get("wandb"), description, tracker_runs.get("mlflow")))
         if dist_info.is_main:  # only now: a run that could not start leaves the last config.yaml as it was
             (cfg.output_dir / "config.yaml").write_text(dump_yaml(cfg))
             if restarts.is_restart(cfg.output_dir):
@@ -213,8 +216,9 @@ class Trainer:
         else:
             say(line)
 
-    def resume(self) -> str | None:
-        """Continue from the checkpoint `checkpoint.resume` names, if any; returns its W&B run id.
+    def resume(self) -> dict | None:
+        """Continue from the checkpoint `checkpoint.resume` names, if any; returns its W&B and MLflow
+        run ids ({"wandb": ..., "mlflow": ...}).
         Keys changed since the checkpoint take effect from the first resumed step (the learning
         rate follows this run's schedule), or the resume is refused naming those that cannot."""
         resume_from = self.checkpointer.resume_path()
@@ -238,11 +242,12 @@ class Trainer:
             log.info("resuming %s at step %d with %d key(s) changed since it was saved (in effect from step %d):\n  %s",
                      resume_from, self.step, len(changes), self.step + 1, "\n  ".join(changes))
         self.checkpoint = resume_from
-        return state["wandb_run_id"]
+        return {"wandb": state["wandb_run_id"], "mlflow": state.get("mlflow_run_id")}
 
     def save(self, wait: bool = False) -> None:
         trainer_state = {"step": self.step, "loader": self.loader.state_dict(), "counts": self.counts,
-                         "wandb_run_id": self.metrics.wandb_run_id, "forgetting": self.evaluator.forgetting.state_dict(),
+                         "wandb_run_id": self.metrics.wandb_run_id, "mlflow_run_id": self.metrics.mlflow_run_id,
+                         "forgetting": self.evaluator.forgetting.state_dict(),
                          "summary": self.summary.state_dict(), "skipped_steps": self.skipped_steps,
                          "skipped_in_a_row": self.skipped_in_a_row}
         with faults.long_phase("checkpoint", self.step):

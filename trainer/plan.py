@@ -23,16 +23,18 @@ import torch
 
 from trainer.checkpoint.run_folder import config_problems as run_folder_problems
 from trainer.config.plan_types import Mesh, RunPlan
-from trainer.config.schema import Config, dataset_name, to_dict
+from trainer.config.schema import Config, dataset_name, flatten, to_dict
 from trainer.data.eval_sets import eval_config_problems, format_problems
 from trainer.data.formats import train_on_problems
 from trainer.data.mixing import primary_index
 from trainer.model.attention import (MASKED_ATTENTION, SDPA_VARLEN, SEQUENCE_PARALLEL_ATTENTION, TORCH_VARLEN,
                                      VARLEN_ATTENTION, torch_varlen_problem)
-from trainer.model.loading import dropout_problems, model_config
+from trainer.model.loading import dropout_problems, hub_problems, model_config
 from trainer.parallel.registry import resolve_strategy, strategy_class, strategy_problems
 from trainer.peft.methods import is_prompt_learning, peft_config_problems
+from trainer.reporting.metrics_log import tracker_problems
 from trainer.runtime.errors import ConfigError
+from trainer.runtime.precision import compute_dtype, compute_precision
 
 
 def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
@@ -40,7 +42,7 @@ def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
     ConfigError naming every key that cannot work together."""
     strategy = resolve_strategy(cfg, world_size)
     problems = [*model_problems(cfg), *peft_config_problems(cfg), *data_problems(cfg), *eval_config_problems(cfg),
-                *run_folder_problems(cfg),
+                *run_folder_problems(cfg), *tracker_problems(cfg),
                 *strategy_problems(cfg, strategy, world_size)]
     attention = None
     try:
@@ -59,7 +61,7 @@ def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
     master = getattr(torch, cfg.model.dtype)
     return RunPlan(
         strategy=strategy, world_size=world_size, mesh=mesh, accumulation=accumulation, master_dtype=master,
-        compute_dtype=torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else master, attention=attention,
+        compute_dtype=compute_dtype(cfg.parallel.mixed_precision, cfg.model.dtype, device_type), attention=attention,
         primary_dataset=names[primary],
         checkpoint_format=strategy_class(strategy).checkpoint_format)
 
@@ -73,7 +75,7 @@ def resolve_attention(cfg: Config, device_type: str) -> str:
     computes no position outside a document, where sdpa with a block mask over whole rows computes
     them all. Unpacked rows (and classification) take sdpa with its padding mask there."""
     flash_attn = importlib.util.find_spec("flash_attn") is not None
-    half = cfg.parallel.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16"
+    half = compute_precision(cfg.parallel.mixed_precision, cfg.model.dtype, device_type)[0] == "bf16"
     wanted = cfg.model.attention
     if wanted == "auto":
         if device_type == "cuda" and half:
@@ -161,13 +163,13 @@ def _accumulation(cfg: Config, data_parallel: int) -> tuple[int, list[str]]:
 def model_problems(cfg: Config) -> list[str]:
     m, problems = cfg.model, []
     if (m.path is None) == (m.config is None):
-        problems.append("model: set model.path (a Hugging Face folder) or model.config (random init)"
+        problems.append("model: set model.path (a Hugging Face folder or hub id) or model.config (random init)"
                         if m.path is None else "model: set only one of model.path and model.config")
     if m.tokenizer is None and m.path is None:
         problems.append("model.tokenizer: required with model.config (a tokenizer folder, or train-bpe)")
     if m.tokenizer == "train-bpe" and "vocab_size" not in (m.config or {}):
         problems.append("model.tokenizer: train-bpe needs model.config.vocab_size")
-    problems += dropout_problems(cfg)
+    problems += hub_problems(cfg) + dropout_problems(cfg)
     if m.dtype == "bfloat16" and cfg.parallel.mixed_precision == "fp32":
         problems.append("model.dtype: bfloat16 master weights cannot compute in parallel.mixed_precision fp32")
     if m.quantization != "none":
@@ -219,7 +221,7 @@ FIXED_ON_RESUME = (
 def resume_changes(saved: Config, current: Config) -> list[str]:
     """The keys whose values differ between a checkpoint's config and this run's, as
     `key: old -> new` lines (they take effect); raises ConfigError naming those that cannot."""
-    before, after = _flatten(to_dict(saved)), _flatten(to_dict(current))
+    before, after = flatten(to_dict(saved)), flatten(to_dict(current))
     changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
     refused, applied = [], []
     for key in changed:
@@ -233,10 +235,3 @@ def resume_changes(saved: Config, current: Config) -> list[str]:
                                     "checkpoint.resume=never)" for line in refused))
     return applied
 
-
-def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
-        return {k: v for i, item in enumerate(node) for k, v in _flatten(item, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): node}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
+from helpers import REPO, causal_config, read_metrics, run_cli, step_losses, train_here, trainer_env, write_config
 from trainer.checkpoint.layout import COMPLETE_MARK, complete_checkpoints
 
 SEALING = '''
@@ -72,6 +72,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_the_mark_appears_only_after_every_rank_has_written(tmp_path):
     script = tmp_path / "sealing.py"
     script.write_text(SEALING.format(repo=str(REPO), out=str(tmp_path / "run")))
@@ -91,7 +92,7 @@ def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted run, saving synchronously."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = causal_config(tmp, rows=96, train=SECTIONS["train"])
-    run_cli(write_config(cfg, tmp / "config.yaml"))
+    train_here(write_config(cfg, tmp / "config.yaml"))
     return Path(cfg["run"]["output_dir"])
 
 
@@ -100,6 +101,7 @@ def reference(reference_run) -> dict:
     return step_losses(reference_run)
 
 
+@pytest.mark.slow
 def test_the_time_waited_for_checkpoints_is_logged_with_the_next_step(reference_run):
     """checkpoint_wait_s: the save after step 5 is waited for before step 6, and so on; the
     steps after that wait only while they look whether the checkpoint's checksums are done

@@ -443,7 +443,7 @@ def test_a_disk_that_fills_up_ends_the_run_in_one_line_and_the_run_resumes_once_
     lines = finetrain_lines(full["stderr"])
     assert len(lines) == 1, lines
     assert re.fullmatch(rf"finetrain: checkpoint step 8: cannot write {re.escape(str(run / 'checkpoints'))}/\S+ "
-                        r"\(rank \d\): no space left on device \(about [\d.]+ [KM]i?B needed, [\d.]+ [KM]i?B free\); "
+                        r"\(rank \d\): no space left on device \(about [\d.]+ [KM]iB needed, [\d.]+ [KM]iB free\); "
                         r"the half-written checkpoint was removed, step-00000004 is intact", lines[0]), lines[0]
     assert "the next one may not fit" in full["stderr"]  # warned before the save
     assert full["listing"] == ["filler.bin", "step-00000004"] and full["intact"] is None

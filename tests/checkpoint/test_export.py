@@ -5,50 +5,20 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from helpers import REPO, causal_config, classification_config, write_config
+from helpers import (REPO, causal_config, classification_config, export, latest_checkpoint, logits_of, sample_ids,
+                     train_in_process)
 from trainer.build import build_model
-from trainer.checkpoint.layout import complete_checkpoints
-from trainer.config.schema import load_config
-from trainer.loop import Trainer
 
 
-def train_in_process(cfg_dict: dict, tmp_path: Path) -> tuple[Trainer, dict]:
-    trainer = Trainer(load_config(write_config(cfg_dict, tmp_path / "config.yaml")))
-    record = trainer.fit()
-    trainer.strategy.model.eval()
-    return trainer, record
-
-
-def export(checkpoint: Path, out: Path, *flags: str) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(checkpoint), "--out", str(out), *flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
-
-
-def sample_ids(trainer: Trainer) -> torch.Tensor:
-    text = "reverse: alpha beta gamma"
-    return torch.tensor([trainer.tokenizer(text)["input_ids"]] * 2)
-
-
-@torch.no_grad()
-def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits.float()
-
-
-def latest_checkpoint(trainer: Trainer) -> Path:
-    return complete_checkpoints(trainer.cfg.checkpoint_dir)[-1]
-
-
+@pytest.mark.slow
 def test_full_model_export_loads_in_transformers(tmp_path):
     trainer, record = train_in_process(causal_config(tmp_path, train={"max_steps": 4}), tmp_path)
-    out = export(latest_checkpoint(trainer), tmp_path / "hf")
+    out = export(latest_checkpoint(trainer), tmp_path / "hf", through_the_command_line=True)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = sample_ids(trainer)
@@ -74,7 +44,7 @@ def test_adapter_export_and_merge(tmp_path, method):
     reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
     torch.testing.assert_close(logits_of(reloaded, ids), trained, rtol=0, atol=1e-5)
 
-    merged_dir = export(checkpoint, tmp_path / "merged", "--merge")
+    merged_dir = export(checkpoint, tmp_path / "merged", merge=True)
     assert not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     torch.testing.assert_close(logits_of(merged, ids), trained, rtol=0, atol=1e-5)
@@ -83,6 +53,7 @@ def test_adapter_export_and_merge(tmp_path, method):
     assert not torch.allclose(logits_of(untouched, ids), trained, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_merge_without_adapter_is_refused(tmp_path):
     trainer, record = train_in_process(causal_config(tmp_path, train={"max_steps": 2}), tmp_path)
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(latest_checkpoint(trainer)),

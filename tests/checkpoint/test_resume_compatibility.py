@@ -9,7 +9,7 @@ import shutil
 import pytest
 import yaml
 
-from helpers import REPO, read_metrics, run_cli, write_config
+from helpers import REPO, read_metrics, train_here, write_config
 
 FIXTURE = REPO / "tests" / "fixtures" / "checkpoint_before_layout"
 
@@ -22,7 +22,7 @@ def test_a_checkpoint_of_the_flat_layout_resumes_exactly(tmp_path):
     cfg["run"]["output_dir"] = str(run)
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
     cfg["data"]["datasets"][0]["path"] = str(data)  # where a data file lives may change on resume
-    run_cli(write_config(cfg, tmp_path / "config.yaml"))
+    train_here(write_config(cfg, tmp_path / "config.yaml"))
 
     expected = [json.loads(line) for line in (FIXTURE / "uninterrupted_metrics.jsonl").read_text().splitlines()]
     resumed = read_metrics(run)

@@ -90,6 +90,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         load_config(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", [["-m", "trainer"], ["-m", "launch.cli", "train"]])
 def test_cli_exits_2_and_writes_nothing(tmp_path, entry):
     cfg = base_config(tmp_path)

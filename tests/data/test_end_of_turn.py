@@ -98,6 +98,7 @@ def test_instruction_data_and_untrained_turns(tmp_path, tiny_tokenizer):
         run_config(tmp_path, rows, fmt="instruction"), tiny_tokenizer, "t")[0]
 
 
+@pytest.mark.slow
 def test_a_run_with_such_a_template_stops_at_start_up_in_one_line(tmp_path):
     (tmp_path / "eot.jinja").write_text(EOT_IN_NEXT_HEADER)
     cfg = causal_config(tmp_path, model={"chat_template": str(tmp_path / "eot.jinja")})

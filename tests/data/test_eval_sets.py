@@ -120,6 +120,7 @@ def test_choice_sets_need_a_causal_lm(files):
                                     f"data.eval.sets=[{{path: {files / 'bench.jsonl'}, format: choice}}]"]), 1, "cpu")
 
 
+@pytest.mark.slow
 def test_a_mistake_in_a_set_points_at_its_line_in_the_config(files, tmp_path):
     cfg = {"model": {"config": {"model_type": "llama", "vocab_size": 320}, "tokenizer": "train-bpe"},
            "data": {"datasets": [{"path": str(files / "task.jsonl")}],

@@ -135,7 +135,7 @@ def test_template_that_rewrites_history_is_detected(tiny_tokenizer):
     original = tiny_tokenizer.chat_template
     try:  # a template that prints the number of turns first changes every prefix
         tiny_tokenizer.chat_template = "{{ messages|length }}" + original
-        with pytest.raises(ValueError, match="renders earlier turns differently"):
+        with pytest.raises(ValueError, match="differently once later turns follow"):
             encoder.encode(CHAT)
     finally:
         tiny_tokenizer.chat_template = original
@@ -343,6 +343,24 @@ def test_choice_records_of_mmlu_hellaswag_and_arc_shape(record, fields, expected
         return
     q = choice_question(record, names)
     assert (q.context, q.choices, q.answer) == expected
+
+
+def test_mmlu_and_arc_shapes_read_without_a_mapping_and_a_missing_field_names_the_mapping():
+    from trainer.data.formats import choice_question
+    from trainer.data.records import RowError
+
+    names = field_names("choice", {}, "k")
+    q = choice_question(MMLU, names)
+    assert (q.context, q.choices, q.answer, q.context_from) == ("What is 2 + 2?", ("3", "4", "5", "22"), 1, "question")
+    arc = {"question": "Which is a gas?", "choices": {"text": ["ice", "steam"], "label": ["A", "B"]}, "answer": "B"}
+    assert choice_question(arc, names).choices == ("ice", "steam") and choice_question(arc, names).answer == 1
+    with pytest.raises(RowError) as err:
+        choice_question({"choices": ["a", "b"], "answer": 0}, names)
+    assert str(err.value) == ('missing field "context" (nor "question"); name the file\'s field of it with fields: '
+                              '{context: NAME}')
+    with pytest.raises(RowError) as err:
+        choice_question({**arc, "answer": None, "answerKey": "B"}, names)
+    assert str(err.value) == 'missing field "answer"; name the file\'s field of it with fields: {answer: NAME}'
 
 
 CHOICE_BAD_ROWS = [

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (PAD, TINY_LLAMA, WORDS, causal_config, make_dataset, read_metrics, run_cli, step_losses,
-                     word_tokenizer, write_config, write_jsonl)
+from helpers import (PAD, TINY_LLAMA, WORDS, causal_config, make_dataset, read_metrics, step_losses,
+                     train_here, word_tokenizer, write_config, write_jsonl)
 from trainer.build import build_model
 from trainer.config.schema import Config, ModelConfig, PeftConfig, TrainConfig
 from trainer.data.collate import Collator
@@ -393,7 +393,7 @@ def test_packed_and_padded_runs_log_equal_losses(tmp_path):
                             optim={"lr": 1e-2, "warmup_steps": 0, "scheduler": "constant"},
                             train={"micro_batch_size": rows_per_step // 2, "global_batch_size": rows_per_step,
                                    "max_steps": 5, "log_every": 1})
-        run_cli(write_config(cfg, tmp_path / f"packing-{packing}.yaml"))
+        train_here(write_config(cfg, tmp_path / f"packing-{packing}.yaml"))
         out = Path(cfg["run"]["output_dir"])
         losses[packing] = step_losses(out)
         records = [r for r in read_metrics(out) if "loss" in r]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, causal_config, run_cli, step_losses, trainer_env, write_config, write_jsonl
+from helpers import REPO, causal_config, run_cli, step_losses, train_here, trainer_env, write_config, write_jsonl
 
 
 def prepare(config: Path, *args: str) -> subprocess.CompletedProcess:
@@ -21,7 +21,7 @@ def prepare(config: Path, *args: str) -> subprocess.CompletedProcess:
 def test_prepare_then_train_logs_the_losses_of_train_alone(tmp_path):
     sections = dict(data={"eval": {"fraction": 0.1}}, train={"max_steps": 6, "log_every": 1})
     alone = causal_config(tmp_path / "alone", **sections)
-    run_cli(write_config(alone, tmp_path / "alone.yaml"))
+    train_here(write_config(alone, tmp_path / "alone.yaml"))
 
     prepared = causal_config(tmp_path / "prepared", **sections)
     config = write_config(prepared, tmp_path / "prepared.yaml")
@@ -33,6 +33,7 @@ def test_prepare_then_train_logs_the_losses_of_train_alone(tmp_path):
     assert step_losses(Path(prepared["run"]["output_dir"])) == step_losses(Path(alone["run"]["output_dir"]))
 
 
+@pytest.mark.slow
 def test_prepare_stops_on_a_config_mistake_or_a_bad_row_with_one_line(tmp_path):
     cfg = causal_config(tmp_path)
     config = write_config(cfg, tmp_path / "config.yaml")

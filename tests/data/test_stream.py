@@ -273,6 +273,7 @@ def tokenized_parquet(path: Path, count: int, seed: int, vocab: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_hundred_thousand_examples_mix_and_resume_exactly(tmp_path):
     """Invariants 4 and 5 on memory-mapped data of 200k examples: two ranks split the
     1-rank stream, a checkpoint of a few hundred bytes resumes it exactly on one rank, and

@@ -175,6 +175,7 @@ def test_estimate_matches_the_measured_peak_of_a_real_step():
     assert saved(plain) - saved(ckpt) == pytest.approx(estimate["activations"] - estimate_ckpt["activations"], rel=0.25)
 
 
+@pytest.mark.slow
 def test_estimate_command_prints_a_table_per_strategy(tmp_path):
     cfg = causal_config(tmp_path)
     path = write_config(cfg, tmp_path / "config.yaml")
@@ -231,6 +232,7 @@ def test_the_longest_seq_len_fits_and_the_next_one_does_not():
     assert limited["longest"] < offloaded["longest"]
 
 
+@pytest.mark.slow
 def test_estimate_longest_command(tmp_path):
     cfg = causal_config(tmp_path)
     path = write_config(cfg, tmp_path / "config.yaml")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (CHOICE_SEQ_LEN, REPO, TINY_LLAMA, TOY_TEXTS, method_keys, planned, run_config, tokenizer_of,
-                     write_jsonl)
+from helpers import (CHOICE_SEQ_LEN, REPO, TINY_LLAMA, TOY_TEXTS, extensions_dir, method_keys, planned, run_config,
+                     tokenizer_of, write_jsonl)
 from trainer.build import build_model, build_training
 from trainer.config.schema import Config
 from trainer.eval.multiple_choice import (accuracy, build_choice_sets, choice_log_likelihoods, encode_pair, lay_out,
@@ -203,8 +203,6 @@ def test_two_ranks_score_as_one_under_every_strategy_and_peft_method(tmp_path, m
     """The set's micro-batches dealt over 2 ranks (an odd number: one rank recomputes one in the
     last round) give every choice the log-likelihood one rank gives it, and so the same
     accuracies, on every strategy, with and without an adapter."""
-    from test_parallel import extensions_dir
-
     reference = {}
     for method in PEFT:
         cfg = run_config(tmp_path / method, model_dir, bench, **method_keys(method))

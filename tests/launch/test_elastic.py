@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, causal_config, read_metrics, run_cli, step_losses, trainer_env, write_config
+from helpers import REPO, causal_config, read_metrics, run_cli, step_losses, train_here, trainer_env, write_config
 from launch.rank_watch import agent_ranks
 from trainer.checkpoint.layout import complete_checkpoints
 from trainer.runtime.faults import WATCH_DIR_ENV
@@ -24,7 +24,7 @@ from trainer.runtime.faults import WATCH_DIR_ENV
 def test_two_ranks_match_one_rank_and_write_no_temp_files_outside_the_run(tmp_path):
     sections = dict(train={"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 6, "log_every": 1})
     one = causal_config(tmp_path / "one", **sections)
-    run_cli(write_config(one, tmp_path / "one.yaml"))
+    train_here(write_config(one, tmp_path / "one.yaml"))
     two = causal_config(tmp_path / "two", parallel={"strategy": "ddp", "mixed_precision": "fp32"}, **sections)
     run_cli(write_config(two, tmp_path / "two.yaml"), "--nproc", "2")
     expected, got = step_losses(Path(one["run"]["output_dir"])), step_losses(Path(two["run"]["output_dir"]))
@@ -268,6 +268,7 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_a_repeated_signal_is_one_request_and_a_later_second_kills(tmp_path):
     """Slurm and the launcher may deliver one stop twice within a moment: that is one request.
     A second signal after the repeat window ends the process at once."""

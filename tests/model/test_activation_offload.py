@@ -68,6 +68,7 @@ def test_parameters_and_small_tensors_stay_where_they_are():
     assert torch.equal(offload.unpack(packed), big)
 
 
+@pytest.mark.slow
 def test_offloading_composes_with_compiled_layers(tiny_tokenizer):
     from trainer.model.compile import BACKEND, backend_problem
 

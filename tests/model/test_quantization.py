@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import export, latest_checkpoint, logits_of, sample_ids, train_in_process
 from transformers import AutoModelForCausalLM
 
-from helpers import NF4_LLAMA, TOY_TEXTS, causal_config, read_metrics, run_cli, write_config
+from helpers import (NF4_LLAMA, TOY_TEXTS, causal_config, export, latest_checkpoint, logits_of, read_metrics, run_cli,
+                     sample_ids, train_in_process, write_config)
 from trainer.build import build_model
 from trainer.config.schema import Config, load_config
 from trainer.model.tokenizer import train_bpe_tokenizer
@@ -71,7 +71,7 @@ def test_qlora_trains_and_exports(tmp_path, base_folder, method):
     assert not torch.allclose(logits_of(quantized_base(trainer), ids), trained, atol=1e-3)  # the adapter trained
 
     # --merge: a plain model (4-bit weights dequantized, adapter folded in), no quantization_config.
-    merged_dir = export(checkpoint, tmp_path / "merged", "--merge")
+    merged_dir = export(checkpoint, tmp_path / "merged", merge=True)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert getattr(merged.config, "quantization_config", None) is None
     assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear

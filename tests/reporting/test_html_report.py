@@ -54,6 +54,7 @@ def finished(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_finished_run_writes_its_report(finished):
     page = assert_report_complete(finished, ["loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png", "memory.png",
                                              "eval-sft-loss.png", "eval-sft-answers.png", "eval-sft-corpus.png",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -237,6 +238,122 @@ def test_forgetting_warning_by_accuracy(tmp_path, general_model, trains_the_answ
     else:
         assert min(changes.values()) >= -0.1, changes
         assert warnings == []
+
+
+# ---------------------------------------------------------------- TensorBoard and MLflow
+
+
+def scalars_by_step(records: list[dict]) -> dict[str, dict[int, float]]:
+    """Each scalar of `records` by step; a step logged twice (recomputed after a resume from an
+    earlier checkpoint) keeps its later value, the one that counted."""
+    values: dict[str, dict[int, float]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values.setdefault(key, {})[record["step"]] = value
+    return values
+
+
+@pytest.mark.slow
+def test_tensorboard_and_mlflow_hold_the_steps_of_metrics_jsonl_after_a_resume(tmp_path, monkeypatch):
+    """A run of 4 steps saving every 2, its step-4 checkpoint then lost (as a crash between saves
+    would lose it), resumed to step 8: it recomputes steps 3 and 4. Read back with TensorBoard's own
+    event reader and MLflow's client on a local file store, every scalar of metrics.jsonl is there
+    at every step with the value that counted, in one MLflow run that holds the config. TensorBoard
+    purges what the first run logged past the checkpoint resumed from (its eval at step 4 too: that
+    work was lost); MLflow cannot delete a value: it holds metrics.jsonl's, step 4's eval included,
+    and of a step logged twice its latest value is the later record's."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = f"file://{tmp_path / 'mlruns'}"
+    cfg = causal_config(tmp_path, rows=64, train={"max_steps": 4, "save_every": 2},
+                        data={"eval": {"fraction": 0.1}},
+                        logging={"progress_bar": False, "tensorboard": True,
+                                 "mlflow": {"experiment": "finetrain-test", "tracking_uri": store}})
+    env = {"MLFLOW_ALLOW_FILE_STORE": "true"}  # MLflow 3 keeps its file store only on request
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_cli(write_config(cfg, tmp_path / "c.yaml"), env_extra=env)
+    out = Path(cfg["run"]["output_dir"])
+    first_run = read_metrics(out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    run_cli(write_config(cfg, tmp_path / "c.yaml"), "train.max_steps=8", env_extra=env)
+
+    records = read_metrics(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]
+    logged = scalars_by_step(records)
+    assert sorted(logged["eval/sft/loss"]) == [0, 4, 8]
+    # what counted: the first run's records up to the checkpoint resumed from, then the resumed run's
+    counted = scalars_by_step([r for r in first_run if r["step"] <= 2] + records[len(first_run):])
+    assert sorted(counted["loss"]) == list(range(1, 9)) and sorted(counted["eval/sft/loss"]) == [0, 8]
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == sorted(counted)
+    for key, by_step in counted.items():
+        assert [e.step for e in events.Scalars(key)] == sorted(by_step), key  # each step once
+        in_events = {e.step: e.value for e in events.Scalars(key)}
+        assert in_events == pytest.approx(by_step, rel=1e-6), key  # float32 in the event files
+    assert "config" in {t.split("/")[0] for t in events.Tags()["tensors"]}
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("finetrain-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["optim.lr"] == "0.003" and run.data.params["data.datasets.0.name"] == "sft"
+    assert run.info.status == "FINISHED"
+    for key, by_step in logged.items():
+        latest: dict[int, tuple[int, float]] = {}
+        for metric in client.get_metric_history(run.info.run_id, key):
+            if metric.step not in latest or metric.timestamp >= latest[metric.step][0]:
+                latest[metric.step] = (metric.timestamp, metric.value)
+        assert {step: value for step, (_, value) in latest.items()} == pytest.approx(by_step, rel=1e-12), key
+
+
+def test_a_tracker_whose_package_is_missing_is_one_line_at_start_up(tmp_path, monkeypatch):
+    from trainer.config.schema import load_config
+    from trainer.reporting import metrics_log
+
+    cfg = load_config(write_config(causal_config(tmp_path, logging={"tensorboard": True,
+                                                                    "mlflow": {"experiment": "x"}}), tmp_path / "c.yaml"))
+    assert metrics_log.tracker_problems(cfg) == []
+    monkeypatch.setattr(metrics_log.importlib.util, "find_spec", lambda name: None)
+    assert metrics_log.tracker_problems(cfg) == [
+        "logging.tensorboard: needs the tensorboard package: pip install 'finetrain[tensorboard]' (or make setup)",
+        "logging.mlflow: needs the mlflow package: pip install 'finetrain[mlflow]' (or make setup)"]
+
+
+def test_warnings_and_log_lines_during_training_are_whole_lines_beside_the_progress_bar(tmp_path, capsys):
+    """A warning or a log line raised while the bar is drawn is written through the bar: on the
+    console it starts a line of its own instead of continuing the bar's."""
+    import logging
+    import warnings
+
+    from trainer.config.schema import load_config
+    from trainer.reporting.metrics_log import MetricsLogger
+
+    cfg = load_config(write_config(causal_config(tmp_path, logging={"progress_bar": True, "jsonl": False}),
+                                   tmp_path / "c.yaml"))
+    handler = logging.StreamHandler(sys.stderr)  # what a rank's logging set-up installs
+    logging.root.addHandler(handler)
+    try:
+        metrics = MetricsLogger(cfg, True, total_steps=4, start_step=0, wandb_run_id=None)
+        metrics.advance()
+        warnings.warn("a warning raised in a step", UserWarning)
+        logging.getLogger("finetrain").warning("a log line in a step")
+        metrics.advance()
+        metrics.close()
+    finally:
+        logging.root.removeHandler(handler)
+    console = capsys.readouterr().err
+    assert "1/4" in console  # the bar was drawn before the warning
+    shown = {}  # what the terminal shows of each line: what follows its last carriage return
+    for text in ("UserWarning: a warning raised in a step", "a log line in a step"):
+        (line,) = [line for line in console.split("\n") if text in line]
+        shown[text] = line.split("\r")[-1]
+    assert shown["a log line in a step"] == "a log line in a step"
+    warned = shown["UserWarning: a warning raised in a step"]
+    assert warned.startswith(f"{__file__}:") and warned.endswith(": UserWarning: a warning raised in a step")
+    assert warnings.showwarning.__module__ == "warnings"  # restored when the bar closes
 
 
 def test_a_resumed_run_drops_the_records_past_its_checkpoint_and_a_line_cut_short(tmp_path):

@@ -66,6 +66,7 @@ def impossible_layout(tmp_path: Path) -> tuple[Path, str]:
 MISTAKES = {"bad key": bad_key, "bad row": bad_row, "missing file": missing_file}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", MISTAKES)
 def test_a_mistake_is_one_line_and_exit_2_on_one_rank(tmp_path, mistake):
     config, pattern = MISTAKES[mistake](tmp_path)
@@ -81,6 +82,7 @@ def test_a_mistake_is_one_line_and_exit_2_on_two_ranks(tmp_path, mistake):
     assert_one_line_error(proc, pattern, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_the_previous_config_of_the_run(tmp_path):
     """Resuming with a mistake must not overwrite what the run folder says ran."""
     config, _ = bad_row(tmp_path)
@@ -91,6 +93,7 @@ def test_a_failed_start_leaves_the_previous_config_of_the_run(tmp_path):
     assert (out / "config.yaml").read_text() == "what ran before\n"
 
 
+@pytest.mark.slow
 def test_estimate_of_a_model_folder_without_its_config_is_one_line(tmp_path):
     """`finetrain estimate` reads only the model's config.json; a folder without it (say, the
     path the model will have on the cluster) is the user's to fix, not a traceback."""
@@ -106,6 +109,7 @@ def test_estimate_of_a_model_folder_without_its_config_is_one_line(tmp_path):
                           tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_traceback_on_request(tmp_path):
     config, pattern = bad_row(tmp_path)
     proc = run_cli(config, check=False, env_extra={"FINETRAIN_TRACEBACK": "1"})

@@ -86,6 +86,7 @@ def all_finite(state: dict) -> bool:
     return bool(tensors) and all(torch.isfinite(t).all() for t in tensors)
 
 
+@pytest.mark.slow
 def test_a_nonfinite_step_stops_the_run_in_one_line_and_saves_nothing(tmp_path):
     cfg = causal_config(tmp_path, train={"max_steps": 8, "log_every": 1, "save_every": 1}, **DIVERGING)
     proc = run_cli(write_config(cfg, tmp_path / "config.yaml"), check=False)
@@ -103,6 +104,7 @@ def test_a_nonfinite_step_stops_the_run_in_one_line_and_saves_nothing(tmp_path):
     assert all_finite(checkpoint_state(good, tmp_path))
 
 
+@pytest.mark.slow
 def test_skipped_steps_are_counted_and_the_weights_stay_finite(tmp_path):
     """With `skip` the diverged steps drop their update (the weights saved after them are those of
     the last good step) until max_skipped_steps in a row stop the run."""

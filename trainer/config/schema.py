@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -29,12 +30,23 @@ def at_least(default, low):
     return rule(default, lambda v: v >= low, f"must be >= {low}")
 
 
-def _local(value: str) -> bool:  # names of things finetrain builds itself, not paths
-    return value.startswith("builtin:") or value == "train-bpe"
+# A Hugging Face hub repository id, `org/name`, optionally `@revision` (a branch, tag or commit).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+# A data set in the local Hugging Face cache: `hf:org/name[@revision][:split]` or `...:config:split`.
+HUB_DATA_PREFIX = "hf:"
+
+
+def is_hub_id(value: str) -> bool:
+    """`org/name[@revision]` that is no local path: a folder of that name is taken as the folder."""
+    return bool(HUB_ID.fullmatch(value)) and not Path(value).exists()
+
+
+def _local(value: str) -> bool:  # names finetrain resolves itself, not paths
+    return value.startswith(("builtin:", HUB_DATA_PREFIX)) or value == "train-bpe"
 
 
 def folder(default=None, what: str = "a folder"):
-    return rule(default, lambda v: _local(v) or Path(v).is_dir(), f"is not {what}", files=True)
+    return rule(default, lambda v: _local(v) or Path(v).is_dir() or is_hub_id(v), f"is not {what}", files=True)
 
 
 def existing(default=None):
@@ -57,14 +69,15 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    # A local Hugging Face folder, or builtin:smollm2-135m-instruct, builtin:all-minilm-l6-v2;
-    # or `config` instead.
-    path: Optional[str] = folder(what="a folder (or a builtin: model)")
+    # A local Hugging Face folder; a hub id (org/name, optionally @revision) read from the local
+    # Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub) without network access; or
+    # builtin:smollm2-135m-instruct, builtin:all-minilm-l6-v2; or `config` instead.
+    path: Optional[str] = folder(what="a folder, a hub id (org/name) or a builtin: model")
     # Instead of `path`: a transformers config dict (model_type, sizes) for a seeded random init.
     config: Optional[dict] = rule(None, lambda v: "model_type" in v, "needs model_type (e.g. llama, bert)")
-    # A tokenizer folder (default: `path`), or "train-bpe": a byte-level BPE trained on the training
-    # data (model.config.vocab_size tokens).
-    tokenizer: Optional[str] = folder(what="a folder (or use train-bpe)")
+    # A tokenizer folder or hub id (default: `path`), or "train-bpe": a byte-level BPE trained on the
+    # training data (model.config.vocab_size tokens).
+    tokenizer: Optional[str] = folder(what="a folder, a hub id (org/name) or train-bpe")
     # The master weights' dtype (the compute dtype is parallel.mixed_precision).
     dtype: Literal["float32", "bfloat16"] = "float32"
     # nf4 (QLoRA): the base's linear layers quantized to 4-bit NormalFloat as they load, frozen;
@@ -120,7 +133,8 @@ class PeftConfig:
 class DatasetConfig:
     # Names the data set in the metrics (data/<name>/...) and its held-out set; default: the file's stem.
     name: str = ""
-    # A data file (JSON Lines, JSON, Parquet, CSV), a save_to_disk folder, or builtin:NAME
+    # A data file (JSON Lines, JSON, Parquet, CSV), a save_to_disk folder, builtin:NAME, or
+    # hf:org/name[:split] (hf:org/name:config:split) from the local Hugging Face cache, offline
     # (docs/data-formats.md).
     path: str = existing("")
     # How its rows are read and what in them trains (docs/data-formats.md).
@@ -141,7 +155,7 @@ EVAL_FORMATS = Literal["chat", "instruction", "text", "classification", "tokeniz
 class EvalSetConfig:
     # Keys the set's metrics, eval/<name>/...; default: the file's stem.
     name: str = ""
-    # A data file, or builtin:NAME (e.g. builtin:lee-cloze).
+    # A data file, builtin:NAME (e.g. builtin:lee-cloze), or hf:org/name[:config]:split.
     path: str = existing("")
     # Any data format, or choice (multiple choice, scored by acc and acc_norm).
     format: EVAL_FORMATS = "chat"
@@ -216,8 +230,10 @@ class ParallelConfig:
     strategy: str = "auto"
     # fsdp (optimizer and params alike: FSDP2's CPUOffloadPolicy) and zero1-3: state in host memory.
     offload: Literal["none", "optimizer", "params"] = "none"
-    # The compute dtype; reductions and the loss stay fp32.
-    mixed_precision: Literal["bf16", "fp32"] = "bf16"
+    # The compute dtype; reductions and the loss stay fp32. auto: bf16 on CUDA, on a CPU with native
+    # bf16 matmuls (AVX512-BF16 or AMX) and with bfloat16 master weights; fp32 elsewhere (bf16 on
+    # other CPUs runs through reference kernels, tens of times slower). The start-up line says which.
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     # Recompute each decoder layer in backward (every strategy).
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True  # fsdp: ZeRO-3 style; False keeps params gathered (ZeRO-2 style)
@@ -308,9 +324,24 @@ class WandbConfig:
 
 
 @dataclass
+class MlflowConfig:
+    # The MLflow experiment the run logs into (created when missing); null: no MLflow.
+    experiment: Optional[str] = None
+    # The MLflow tracking server or store (http://host:5000, databricks, file:./mlruns); null:
+    # MLflow's own default ($MLFLOW_TRACKING_URI).
+    tracking_uri: Optional[str] = None
+
+
+@dataclass
 class LoggingConfig:
     # Weights & Biases (docs/evaluation.md).
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # TensorBoard event files in run.output_dir/tensorboard: every scalar of metrics.jsonl, the
+    # config as text; a resumed run goes on in the same folder.
+    tensorboard: bool = False
+    # MLflow: every scalar of metrics.jsonl, the config as the run's parameters; a resumed run logs
+    # into the same MLflow run (its id is kept in the checkpoint).
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     # metrics.jsonl in run.output_dir.
     jsonl: bool = True
     # A progress bar on rank 0's console.
@@ -423,6 +454,15 @@ def to_dict(cfg: Config) -> dict:
         return node
 
     return keys(dataclasses.asdict(cfg))
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """Nested dicts (and lists of dicts) as {dotted key: value}: `optim.lr`, `data.datasets.0.path`."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
+        return {k: v for i, item in enumerate(node) for k, v in flatten(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): node}
 
 
 def dump_yaml(cfg: Config) -> str:

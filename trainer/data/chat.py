@@ -154,14 +154,26 @@ class ChatEncoder:
                 continue
             before = conversation.upto(k)
             start = self._prefix(before) if role == "assistant" else self._render(before, generation_prompt=False)
-            end = self._render(conversation.upto(k + 1), generation_prompt=False)
+            end = self._closed_turn(conversation.upto(k + 1), text)
             if not (text.startswith(start) and text.startswith(end) and len(start) <= len(end)):
                 raise RowError(
-                    "the tokenizer's chat template renders earlier turns differently once later turns follow, "
-                    "so assistant turns cannot be located; use data.train_on_prompt or another template"
+                    f"the chat template renders turn {k} ({role}) differently once later turns follow (as Qwen 3's "
+                    "drops the reasoning of earlier assistant turns), so the tokens to train cannot be located; "
+                    "end each row at such a turn (split the conversation), or use another template "
+                    "(model.chat_template: finetrain keeps every turn as it was)"
                 )
             spans.append((len(start), len(end)))
         return spans
+
+    def _closed_turn(self, upto: Conversation, text: str) -> str:
+        """The rendering of the conversation up to a turn, as the whole conversation's `text` holds
+        it: a template that ends every rendered conversation with the EOS token (Phi-3's) ends it
+        only after the last turn, so an earlier turn ends before that token."""
+        end = self._render(upto, generation_prompt=False)
+        eos = self.tokenizer.eos_token
+        if eos and end.endswith(eos) and not text.startswith(end) and text.startswith(end[: -len(eos)]):
+            return end[: -len(eos)]
+        return end
 
     def _untrained_parts(self, conversation: Conversation, k: int) -> list[tuple[int, int]]:
         """Character spans of the parts of assistant turn `k` that `train_on` leaves out."""

@@ -154,6 +154,17 @@ class ChoiceQuestion:
     context: str
     choices: tuple[str, ...]
     answer: int  # index into choices
+    context_from: str = "context"  # the field the context was read from ("question": MMLU's and ARC's)
+
+
+# MMLU- and ARC-shaped files name their context `question`: read where no `context` is mapped or present.
+CONTEXT_FALLBACK = "question"
+
+
+def context_fallback_note(source: str) -> str:
+    """What a run says, once per file, when its questions' context came from CONTEXT_FALLBACK."""
+    return (f'{source}: no "context" field; the questions\' "{CONTEXT_FALLBACK}" is their context (MMLU and ARC '
+            'shape; fields: {context: NAME} reads another)')
 
 
 def _field(record: dict, name: str):
@@ -173,18 +184,27 @@ def choice_question(record: dict, names: dict) -> ChoiceQuestion:
     """A multiple-choice question from a record of MMLU, HellaSwag or ARC shape (with
     `fields` mapping their names: HellaSwag `{context: ctx, choices: endings, answer:
     label}`, ARC `{context: question, choices: choices.text, labels: choices.label, answer:
-    answerKey}`). The answer is an index; or a string: one of `labels` (ARC's "A" or "1"),
+    answerKey}`; without a mapping an MMLU- or ARC-shaped `question` is the context and ARC's
+    `choices` {text, label} the choices and labels). The answer is an index; or a string: one of `labels` (ARC's "A" or "1"),
     else a number ("2", HellaSwag), else a letter (A = the first choice), else a choice's text."""
-    def get(key: str, required: bool = True):
+    def get(key: str, required: bool = True, also: str = ""):
         value = _field(record, names[key])
         if value is None and required:
             shown = f'"{names[key]}"' if names[key] == key else f'"{names[key]}" ({key})'
-            raise RowError(f"missing field {shown}")
+            raise RowError(f"missing field {shown}{also}; name the file's field of it with fields: {{{key}: NAME}}")
         return value
 
-    context, choices, answer = get("context"), get("choices"), get("answer")
+    context_from = names["context"]
+    if context_from == "context" and "context" not in record and CONTEXT_FALLBACK in record:
+        context_from = CONTEXT_FALLBACK
+    context = _field(record, context_from) if context_from != names["context"] else \
+        get("context", also=f' (nor "{CONTEXT_FALLBACK}")' if context_from == "context" else "")
+    choices, answer = get("choices"), get("answer")
+    if isinstance(choices, dict) and isinstance(choices.get("text"), list) and names["labels"] not in record:
+        # ARC's {"text": [...], "label": [...]}: the choices and their labels
+        choices, record = choices["text"], {**record, names["labels"]: choices.get("label")}
     if not isinstance(context, str):
-        raise RowError(f'field "{names["context"]}" must be str, got {type(context).__name__} {short_repr(context)}')
+        raise RowError(f'field "{context_from}" must be str, got {type(context).__name__} {short_repr(context)}')
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
         raise RowError(f'field "{names["choices"]}" must be a list of at least 2 non-empty strings, got {short_repr(choices)}')
     labels = get("labels", required=False)
@@ -208,7 +228,7 @@ def choice_question(record: dict, names: dict) -> ChoiceQuestion:
                        "labels, a letter or a choice's text")
     if not 0 <= index < len(choices):
         raise RowError(f'field "{names["answer"]}": {short_repr(answer)} is not among the {len(choices)} choices')
-    return ChoiceQuestion(context, tuple(choices), index)
+    return ChoiceQuestion(context, tuple(choices), index, context_from)
 
 
 ENCODERS = {

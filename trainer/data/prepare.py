@@ -41,7 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.data.formats import build_encoder
 from trainer.data.records import TRAIN_ON_DEFAULT, RowError
-from trainer.data.sources import Row, location, read_rows, source_fingerprint
+from trainer.data.sources import Row, Source, location, read_rows, source_fingerprint
 from trainer.data.tokenized import (EncodedChunk, TokenizedDataset, TokenizedWriter, is_complete, open_tokenized,
                                     prompt_key)
 from trainer.runtime.errors import DataError
@@ -165,7 +165,7 @@ class Progress:
         return self.count / max(time.perf_counter() - self.start, 1e-9)
 
 
-def tokenize_source(path: Path, source: str, spec: EncodingSpec, on_bad_row: str, folder: Path,
+def tokenize_source(path: Source, source: str, spec: EncodingSpec, on_bad_row: str, folder: Path,
                     hf_cache_dir: Path | None = None, workers: int = 1, progress: bool = False,
                     chunk_rows: int = CHUNK_ROWS) -> None:
     """Encode every record of `path` into a new tokenized folder. A bad record raises
@@ -209,7 +209,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()
 
 
-def cache_folder(path: Path, source: str, spec: EncodingSpec, on_bad_row: str, cache_dir: Path) -> Path:
+def cache_folder(path: Source, source: str, spec: EncodingSpec, on_bad_row: str, cache_dir: Path) -> Path:
     key = hashlib.sha256(json.dumps({
         "version": CACHE_VERSION,
         "content": source_fingerprint(path),
@@ -243,7 +243,7 @@ def exclusive(lock_file: Path, waiting_message: str) -> Iterator[None]:
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
-def load_tokenized(path: Path, source: str, spec: EncodingSpec, on_bad_row: str, cache_dir: Path,
+def load_tokenized(path: Source, source: str, spec: EncodingSpec, on_bad_row: str, cache_dir: Path,
                    workers: int = 1, progress: bool = False) -> TokenizedDataset:
     """The tokenized data set from the cache, tokenizing it on a miss (one process at a time)."""
     folder = cache_folder(path, source, spec, on_bad_row, cache_dir)

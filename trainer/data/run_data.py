@@ -20,7 +20,8 @@ from trainer.data.formats import record_texts
 from trainer.data.mixing import RandomPermutation
 from trainer.data.prepare import EncodingSpec, load_tokenized
 from trainer.data.records import field_names
-from trainer.data.sources import read_rows
+from trainer.data.hub_datasets import hub_data_files, is_hub_data
+from trainer.data.sources import Source, read_rows
 from trainer.data.stream import ExampleSet, GlobalStream, StreamDataset
 from trainer.data.tokenized import TokenizedDataset
 from trainer.runtime.distributed import local_world_size, on_node_leaders
@@ -29,8 +30,11 @@ from trainer.runtime.errors import ConfigError, DataError
 log = logging.getLogger("finetrain")
 
 
-def resolve_source(path: str, fmt: str, key: str, cache_dir: Path) -> Path:
-    """A data file or folder; a builtin data set is built into the cache first."""
+def resolve_source(path: str, fmt: str, key: str, cache_dir: Path) -> Source:
+    """A data file or folder; a builtin data set is built into the cache first; a hub data set
+    (`hf:org/name...`) is the files of its split in the local Hugging Face cache."""
+    if is_hub_data(path):
+        return hub_data_files(path, key, cache_dir / "hf")
     if not is_builtin(path):
         return Path(path)
     try:

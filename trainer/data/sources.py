@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 from trainer.data.records import short_repr
 from trainer.runtime.errors import DataError, decode_utf8
@@ -38,8 +38,18 @@ def location(path: str | Path, number: int, by_line: bool) -> str:
     return f"{path}:{number}" if by_line else f"{path}: row {number}"
 
 
-def read_rows(path: str | Path, hf_cache_dir: Path | None = None) -> Iterator[Row]:
-    """Every record of a data file or `save_to_disk` folder, in file order."""
+# What `read_rows` reads, besides `save_to_disk` folders.
+READABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# A data file or folder, or several files read one after another (a split of a hub data set).
+Source = Union[str, Path, tuple[Path, ...]]
+
+
+def read_rows(path: Source, hf_cache_dir: Path | None = None) -> Iterator[Row]:
+    """Every record of a data file or `save_to_disk` folder, in file order; of several files, in
+    their order, numbered as rows through all of them."""
+    if isinstance(path, tuple):
+        yield from _read_files(path, hf_cache_dir)
+        return
     path = Path(path)
     if path.is_dir():
         yield from _read_saved_dataset(path)
@@ -54,8 +64,19 @@ def read_rows(path: str | Path, hf_cache_dir: Path | None = None) -> Iterator[Ro
     elif suffix == ".csv":
         yield from _read_csv(path, hf_cache_dir)
     else:
-        raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json, .csv, .parquet "
+        raise DataError(f"{path}: unknown data file type {suffix!r}; use {', '.join(READABLE_SUFFIXES)} "
                         "or a folder written by datasets' save_to_disk")
+
+
+def _read_files(files: tuple[Path, ...], hf_cache_dir: Path | None) -> Iterator[Row]:
+    """The rows of each file in turn, numbered through all of them; a row that cannot be read
+    names its own file and line."""
+    number = 0
+    for file in files:
+        for row in read_rows(file, hf_cache_dir):
+            number += 1
+            error = row.error and f"{row.error} ({location(file, row.number, row.by_line)})"
+            yield Row(number, False, row.record, error)
 
 
 def _read_json_lines(path: Path) -> Iterator[Row]:
@@ -199,7 +220,7 @@ def _check_utf8_lines(path: Path) -> None:
 FINGERPRINT_EDGE_BYTES = 1 << 20
 
 
-def source_fingerprint(path: str | Path) -> str:
+def source_fingerprint(path: Source) -> str:
     """What identifies a data file's content in the tokenization cache, without reading it all.
 
     Hashing a multi-GB file would cost seconds to minutes at every launch. Instead: each
@@ -210,7 +231,9 @@ def source_fingerprint(path: str | Path) -> str:
     time was set back to the old file's on purpose (`touch -d`, `cp -p` of a different
     file). A miss costs one re-tokenization, never wrong data; after such a copy delete the
     cache's `tokenized/` folder. A folder (`save_to_disk`) is the fingerprint of its files
-    with their relative names."""
+    with their relative names; several files, the fingerprint of theirs in order."""
+    if isinstance(path, tuple):
+        return hashlib.sha256("\0".join(source_fingerprint(file) for file in path).encode()).hexdigest()
     path = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

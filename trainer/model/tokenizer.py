@@ -82,21 +82,28 @@ def load_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> 
     saved = cfg.output_dir / "tokenizer"
     if saved.is_dir():
         return AutoTokenizer.from_pretrained(saved)
+    tokenizer = build_tokenizer(cfg, training_texts)
+    write_folder_atomically(saved, tokenizer.save_pretrained)
+    return tokenizer
+
+
+def build_tokenizer(cfg: Config, training_texts: Callable[[], Iterable[str]]) -> PreTrainedTokenizerBase:
+    """The tokenizer `model.tokenizer` (or `model.path`) names, with its pad token and the chat
+    template `model.chat_template` asks for, as the run uses it; saved nowhere."""
     source = cfg.model.tokenizer or cfg.model.path
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     if source == "train-bpe":
         tokenizer = train_bpe_tokenizer(training_texts(), cfg.model.config["vocab_size"])
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source, cache_root(cfg)))
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source, cache_root(cfg), key=key))
         except (OSError, ValueError) as err:
-            key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
             raise ConfigError(f"{key}: {source}: transformers cannot load a tokenizer from it: {first_line(err)}") from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"model.tokenizer: {source} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.chat_template = chat_template(cfg.model.chat_template, tokenizer.chat_template)
-    write_folder_atomically(saved, tokenizer.save_pretrained)
     return tokenizer
 
 

@@ -38,6 +38,7 @@ from trainer.parallel.safe_load import load_plain
 from trainer.parallel.strategy import Strategy
 from trainer.runtime.distributed import DistInfo, barrier
 from trainer.runtime.errors import ConfigError, UserError
+from trainer.runtime.precision import compute_precision
 
 log = logging.getLogger("finetrain")
 
@@ -90,7 +91,7 @@ def generated_config(cfg: Config, stage: int, world_size: int, hidden_size: int 
         "train_batch_size": micro * accumulation * world_size,
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.optim.max_grad_norm,
-        "bf16": {"enabled": cfg.parallel.mixed_precision == "bf16"},
+        "bf16": {"enabled": compute_precision(cfg.parallel.mixed_precision, cfg.model.dtype)[0] == "bf16"},
         "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,  # finetrain logs its own metrics
         "wall_clock_breakdown": False,

@@ -1,17 +1,22 @@
-"""Throughput, MFU, memory; sinks: console progress, metrics.jsonl, generations.jsonl,
-Weights & Biases.
+"""Throughput, MFU, memory; sinks: console progress, metrics.jsonl, generations.jsonl, and the
+trackers: Weights & Biases, TensorBoard, MLflow.
 
-Only rank 0 writes. `metrics.jsonl` is opened for append, so a resumed run adds
-to the records of the run it continues; the W&B run id is kept in the checkpoint,
-so the resumed run logs into the same W&B run. Before it appends, a resumed run drops
-the records that the run it continues wrote after the checkpoint it resumes from (work
-lost to a crash or a kill, done again now) and a last line cut short by a kill, from
-metrics.jsonl and generations.jsonl alike: each step appears once, with the value that
-counted, and every line of either file is whole JSON.
+Only rank 0 writes. Every record goes to `MetricsLogger.log`, which fans its scalars out to every
+tracker alike (training, eval, rewards, memory, MFU: whatever a record holds). `metrics.jsonl` is
+opened for append, so a resumed run adds to the records of the run it continues; the W&B and
+MLflow run ids are kept in the checkpoint and TensorBoard writes into the run folder, so a resumed
+run logs into the same run of each tracker. While the progress bar is on, warnings and log lines
+are written through it (tqdm's write), so each stays a whole line.
+Before it appends, a resumed run drops the records that the run it continues wrote after the
+checkpoint it resumes from (work lost to a crash or a kill, done again now) and a last line cut
+short by a kill, from metrics.jsonl and generations.jsonl alike: each step appears once, with the
+value that counted, and every line of either file is whole JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -22,12 +27,15 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from trainer.config.schema import Config, dataset_name, to_dict
+from trainer.config.schema import Config, dataset_name, dump_yaml, flatten, to_dict
+from trainer.runtime.errors import ConfigError, first_line
 from trainer.runtime.memory import peak_rss_bytes
 
 log = logging.getLogger("finetrain")
@@ -197,18 +205,112 @@ def trim_records(path: Path, step: int, total_steps: int) -> int:
     return highest
 
 
+# The package each tracker needs, and the extra of finetrain that installs it.
+TRACKER_PACKAGES = {"logging.tensorboard": ("tensorboard", "tensorboard"), "logging.mlflow": ("mlflow", "mlflow")}
+
+
+def tracker_problems(cfg: Config) -> list[str]:
+    """Trackers asked for whose package is not installed (one line each, before the run starts)."""
+    wanted = {"logging.tensorboard": cfg.logging.tensorboard, "logging.mlflow": cfg.logging.mlflow.experiment}
+    return [f"{key}: needs the {package} package: pip install 'finetrain[{extra}]' (or make setup)"
+            for key, (package, extra) in TRACKER_PACKAGES.items()
+            if wanted[key] and importlib.util.find_spec(package) is None]
+
+
+def scalars_of(record: dict) -> dict[str, float]:
+    """The record's numbers but its step and wall time (which every tracker keeps with each value):
+    what every tracker logs of it."""
+    return {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))
+            and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class TensorBoardTracker:
+    """Event files in `run.output_dir/tensorboard`. A resumed run writes on in the same folder from
+    the step after its checkpoint: events of later steps left by the run before (work a crash lost,
+    recomputed now) are purged by TensorBoard's readers, so each step shows the value that counted."""
+
+    def __init__(self, out: Path, cfg: Config, start_step: int, run_description: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.writer.add_text("config", "```yaml\n" + dump_yaml(cfg) + "```", global_step=start_step)
+        self.writer.add_text("finetrain", "```json\n" + json.dumps(run_description, indent=1) + "\n```",
+                             global_step=start_step)
+
+    def log(self, step: int, scalars: dict[str, float], wall_time: float) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step=step, walltime=wall_time)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MlflowTracker:
+    """An MLflow run in `logging.mlflow.experiment`: the config as its parameters (dotted keys), every
+    scalar as a metric at its step. A resumed run continues the MLflow run whose id the checkpoint
+    holds (its parameters stay those it started with: MLflow's are immutable; keys changed on resume
+    are listed in the run's log)."""
+
+    MAX_PARAMS_PER_CALL = 100  # MLflow's limit of one log_batch
+    MAX_PARAM_CHARS = 6000
+
+    def __init__(self, cfg: Config, run_id: str | None, run_description: dict):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        settings = cfg.logging.mlflow
+        self.client = MlflowClient(tracking_uri=settings.tracking_uri)
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        experiment = self.client.get_experiment_by_name(settings.experiment)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(settings.experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=cfg.run.name).info.run_id
+        values = {**flatten(to_dict(cfg)), **flatten({"finetrain": run_description})}
+        params = [Param(key, str(value)[: self.MAX_PARAM_CHARS]) for key, value in values.items()]
+        for first in range(0, len(params), self.MAX_PARAMS_PER_CALL):
+            self.client.log_batch(self.run_id, params=params[first: first + self.MAX_PARAMS_PER_CALL])
+
+    def log(self, step: int, scalars: dict[str, float], wall_time: float) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(wall_time * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in scalars.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def start_mlflow(cfg: Config, run_id: str | None, run_description: dict) -> MlflowTracker:
+    """The MLflow run; a store or server that refuses it (a wrong tracking_uri, a file store MLflow
+    keeps only on request) is one line naming logging.mlflow."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowTracker(cfg, run_id, run_description)
+    except MlflowException as err:
+        raise ConfigError(f"logging.mlflow: {cfg.logging.mlflow.tracking_uri or 'MLflow'} refuses the run: "
+                          f"{first_line(err)}") from None
+
+
 class MetricsLogger:
-    """Rank 0's sinks: metrics.jsonl, generations.jsonl, W&B, the progress bar."""
+    """Rank 0's sinks: metrics.jsonl, generations.jsonl, the trackers (W&B, TensorBoard, MLflow),
+    the progress bar."""
 
     def __init__(self, cfg: Config, is_main: bool, total_steps: int, start_step: int, wandb_run_id: str | None,
-                 run_description: dict | None = None):
+                 run_description: dict | None = None, mlflow_run_id: str | None = None):
         self.cfg = cfg
         self.is_main = is_main
         self.jsonl = None
         self.wandb = None
         self.progress = None
+        self.trackers: list[TensorBoardTracker | MlflowTracker] = []  # besides W&B, which also takes tables
+        self.console = contextlib.ExitStack()
         self.wandb_run_id = wandb_run_id or uuid.uuid4().hex[:12]
         self.last_dropped_step = start_step
+        self.mlflow_run_id = mlflow_run_id
         if not is_main:
             return
         out = Path(cfg.run.output_dir)
@@ -222,11 +324,31 @@ class MetricsLogger:
         if cfg.logging.wandb.mode != "disabled":
             self.wandb_run_id = self._one_wandb_run(out, wandb_run_id)
             self.wandb = self._start_wandb(out, run_description or {})
+        if cfg.logging.tensorboard:
+            self.trackers.append(TensorBoardTracker(out, cfg, start_step, run_description or {}))
+        if cfg.logging.mlflow.experiment:
+            mlflow = start_mlflow(cfg, mlflow_run_id, run_description or {})
+            self.mlflow_run_id = mlflow.run_id
+            self.trackers.append(mlflow)
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
             self.progress = tqdm(total=total_steps, initial=start_step, desc=cfg.run.name, unit="step",
                                  dynamic_ncols=True, file=sys.stderr)
+            self._write_console_through_progress_bar()
+
+    def _write_console_through_progress_bar(self) -> None:
+        """Log lines and Python warnings printed while the bar is drawn would land on its line:
+        they go through tqdm's write (which clears the bar, prints the line, redraws the bar)."""
+        self.console.enter_context(logging_redirect_tqdm())
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
+            self.progress.write(text, file=sys.stderr)
+
+        warnings.showwarning = show
+        self.console.callback(setattr, warnings, "showwarning", shown)
 
     def _one_wandb_run(self, out: Path, from_checkpoint: str | None) -> str:
         """The W&B run id of this run folder: the checkpoint's when resuming, else the one an earlier
@@ -264,6 +386,9 @@ class MetricsLogger:
             self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        scalars, wall_time = scalars_of(record), record.get("time") or time.time()
+        for tracker in self.trackers:
+            tracker.log(record["step"], scalars, wall_time)
         if self.progress is not None:
             if "loss" in record:
                 self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -273,8 +398,8 @@ class MetricsLogger:
                 self.progress.write(f"step {record['step']}: " + "  ".join(f"{k}={v:.4f}" for k, v in evals.items()))
 
     def log_event(self, record: dict) -> None:
-        """A record of something that happened to the run (a restart), in metrics.jsonl only: W&B
-        takes steps in increasing order, and the run's step went back to the checkpoint."""
+        """A record of something that happened to the run (a restart), in metrics.jsonl only: the
+        trackers take steps in increasing order, and the run's step went back to the checkpoint."""
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
@@ -310,12 +435,15 @@ class MetricsLogger:
             self.progress.update(steps)
 
     def close(self) -> None:
+        self.console.close()
         if self.progress is not None:
             self.progress.close()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.wandb is not None:
             self.wandb.finish()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class StepTimer:
