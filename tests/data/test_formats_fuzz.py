@@ -26,7 +26,7 @@ from trainer.data.records import DEFAULT_FIELDS, RowError
 from trainer.data.sources import Row, location, read_rows
 from trainer.runtime.errors import DataError
 
-FORMAT_CASES = 400
+FORMAT_CASES = 200
 RAW_CASES = 300
 TRAIN_FORMATS = ("chat", "instruction", "text", "classification", "tokenized")
 
@@ -190,3 +190,15 @@ def test_a_lone_surrogate_is_a_bad_row_named_by_file_and_line(tmp_path, encoders
     array.write_text(json.dumps([{"text": "ok"}, {"text": "\ud800"}]))
     assert [row.error is None for row in read_rows(array)] == [True, False]
     assert math.isnan(json.loads("NaN"))  # NaN is JSON to Python's reader: the encoders must refuse it as a type
+
+
+def test_a_conversation_opening_with_the_assistant_or_with_tool_calls_of_no_list_is_handled(tmp_path, encoders):
+    """Regressions: a conversation whose first turn is the assistant's made the chat encoder render
+    the empty conversation before it, which transformers refuses with a ValueError (a traceback);
+    `tool_calls` that is no list (a number) was a TypeError while collecting the tokenizer's texts."""
+    names = dict(DEFAULT_FIELDS["chat"])
+    opening = {"messages": [{"role": "assistant", "content": "hello"}]}
+    encoded = encoders["chat"].encode(opening)
+    assert len(encoded.tokens) and encoded.targets[1:].any()
+    odd = {"messages": [{"role": "user", "content": "hi", "tool_calls": 5}, {"role": "assistant", "content": "x"}]}
+    assert record_texts("chat", odd, names) == ["hi", "x"]

@@ -11,7 +11,7 @@ import numpy as np
 from jinja2 import TemplateError
 
 from trainer.data.records import TRAIN_ON_DEFAULT, Encoded, RowError, get_field, short_repr
-from trainer.runtime.errors import ConfigError
+from trainer.runtime.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -224,8 +224,8 @@ class ChatEncoder:
         try:
             return self.tokenizer.apply_chat_template(conversation.messages, tools=conversation.tools, tokenize=False,
                                                       add_generation_prompt=generation_prompt)
-        except TemplateError as err:
-            raise RowError(f"the chat template rejects this conversation: {err}") from None
+        except (TemplateError, ValueError) as err:  # ValueError: transformers' own refusals (an empty conversation)
+            raise RowError(f"the chat template rejects this conversation: {one_line(str(err))}") from None
 
 
 

@@ -275,7 +275,8 @@ def record_texts(fmt: str, record: dict, names: dict) -> list[str]:
             for key in ("content", "reasoning"):
                 if isinstance(turn.get(names[key]), str):
                     texts.append(turn[names[key]])
-            for call in turn.get(names["tool_calls"]) or []:
+            calls = turn.get(names["tool_calls"])
+            for call in calls if isinstance(calls, list) else []:  # anything else is a bad row, reported later
                 if isinstance(call, dict):
                     texts.append(json.dumps(call.get("function", call), ensure_ascii=False))
         return texts
