@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -238,26 +239,19 @@ def test_two_nodes_equal_one_node_and_resume_after_sigterm_to_both(tmp_path, ref
                 for _ in range(2)]
 
     nodes = start_nodes(free_port())
-    try:
+    with killed_at_the_end(nodes):
         wait_for_losses(out, 10, nodes)
         for node in nodes:
             os.killpg(node.pid, signal.SIGTERM)
-        codes = [node.wait(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:
-            kill_group(node)
-    stderrs = [node.stderr.read() for node in nodes]
+        codes, stderrs = ended(nodes, timeout=300)
     assert codes == [0, 0], [s[-2000:] for s in stderrs]
     assert not any("Traceback" in s for s in stderrs), [s[-2000:] for s in stderrs]
     assert complete_checkpoints(out / "checkpoints")
 
     nodes = start_nodes(free_port())
-    try:
-        codes = [node.wait(timeout=600) for node in nodes]
-    finally:
-        for node in nodes:
-            kill_group(node)
-    assert codes == [0, 0], [node.stderr.read()[-2000:] for node in nodes]
+    with killed_at_the_end(nodes):
+        codes, stderrs = ended(nodes, timeout=600)
+    assert codes == [0, 0], [s[-2000:] for s in stderrs]
     assert_follows(step_losses(out), reference_curve, 40)
 
 
@@ -266,6 +260,22 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+@contextlib.contextmanager
+def killed_at_the_end(nodes: list[subprocess.Popen]):
+    """Whatever a test leaves of the launchers it started (in sessions of their own) is killed."""
+    try:
+        yield
+    finally:
+        for node in nodes:
+            kill_group(node)
+
+
+def ended(nodes: list[subprocess.Popen], timeout: float) -> tuple[list[int], list[str]]:
+    """Each launcher's exit code and stderr, once all have ended."""
+    codes = [node.wait(timeout=timeout) for node in nodes]
+    return codes, [node.stderr.read() for node in nodes]
 
 
 @pytest.mark.slow
@@ -314,15 +324,11 @@ def test_two_nodes_restart_after_a_killed_rank_rejoin_the_rendezvous_and_resume_
     port = free_port()
     nodes = [start_in_session(str(config_path), "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint",
                               f"localhost:{port}", "--max-restarts", "1") for _ in range(2)]
-    try:
+    with killed_at_the_end(nodes):
         wait_for_losses(out, 11, nodes)
         victim = agent_ranks(nodes[1].pid) or agent_ranks(nodes[0].pid)
         os.kill(next(iter(victim.values())), signal.SIGKILL)
-        codes = [node.wait(timeout=600) for node in nodes]
-    finally:
-        for node in nodes:
-            kill_group(node)
-    stderrs = [node.stderr.read() for node in nodes]
+        codes, stderrs = ended(nodes, timeout=600)
     assert codes == [0, 0], [s[-3000:] for s in stderrs]
     said = [line for s in stderrs for line in s.splitlines() if line.startswith("finetrain: restart 1 of 1: ")]
     assert 1 <= len(said) <= 2 and any("was killed by SIGKILL" in line for line in said), said
