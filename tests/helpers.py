@@ -185,6 +185,33 @@ def make_dataset(docs: list[list[int]], targets: list[list[bool]], name: str = "
     return StreamDataset(name, data, np.arange(len(docs)), seq_len, text)
 
 
+def make_pair_dataset(pairs: list[tuple[list[int], list[int], list[int]]], name: str = "pairs", seq_len: int = 64,
+                      margins: list[float] | None = None) -> StreamDataset:
+    """An in-memory preference data set: each (prompt, chosen answer, rejected answer) of token ids
+    as one example of two sequences, prompt + answer each, only the answers' tokens targets."""
+    tokens, targets, splits = [], [], []
+    for prompt, chosen, rejected in pairs:
+        splits.append(len(prompt) + len(chosen))
+        for answer in (chosen, rejected):
+            tokens += prompt + answer
+            targets += [False] * len(prompt) + [True] * len(answer)
+    lengths = [2 * len(prompt) + len(chosen) + len(rejected) for prompt, chosen, rejected in pairs]
+    data = TokenizedDataset(source=name, format="preference", tokens=np.asarray(tokens, dtype=np.int32),
+                            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                            targets=np.asarray(targets, dtype=bool), rows=np.arange(1, len(pairs) + 1),
+                            prompt_keys=np.arange(len(pairs), dtype=np.uint64), by_line=True,
+                            pair_splits=np.asarray(splits, dtype=np.int64),
+                            margins=np.asarray(margins or [0.0] * len(pairs), dtype=np.float32))
+    return StreamDataset(name, data, np.arange(len(pairs)), seq_len, False)
+
+
+def random_pairs(count: int, seed: int, vocab: int = 300) -> list[tuple[list[int], list[int], list[int]]]:
+    """Pairs of token ids of varied lengths: a prompt of 2..12 tokens, answers of 1..15."""
+    rng = np.random.default_rng(seed)
+    return [tuple(rng.integers(1, vocab, int(rng.integers(low, high))).tolist() for low, high in ((2, 13), (1, 16), (1, 16)))
+            for _ in range(count)]
+
+
 # ---------------------------------------------------------------- Runs of `finetrain train` in a subprocess
 
 
