@@ -139,6 +139,19 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs of varied lengths with a learnable preference: the words reversed is the
+    chosen answer, the words as given the rejected one."""
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 9))]
+        if words != words[::-1]:
+            rows.append({"prompt": "reverse: " + " ".join(words), "chosen": " ".join(reversed(words)),
+                         "rejected": " ".join(words)})
+    return rows
+
+
 def classification_rows(n: int, seed: int = 0) -> list[dict]:
     """Separable toy task: label 1 when the text speaks of colours, 0 of animals."""
     rng = random.Random(seed)
@@ -227,6 +240,16 @@ def causal_config(tmp_path: Path, rows: int = 64, **sections) -> dict:
         "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_steps": 8, "log_every": 1},
         "logging": {"progress_bar": False},
     }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def preference_config(tmp_path: Path, rows: int = 64, **sections) -> dict:
+    """causal_config's run on preference pairs (pair_rows) instead of chat rows."""
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pair_rows(rows))
+    cfg = causal_config(tmp_path, rows=1)
+    cfg["data"]["datasets"] = [{"name": "pairs", "path": str(data), "format": "preference"}]
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
