@@ -22,14 +22,18 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from trainer.build import build_model
-from trainer.config.schema import Config, EvalSetConfig
-from trainer.data.collate import Batch
+from trainer.build import build_model, build_training
+from trainer.config.schema import Config, DatasetConfig, EvalSetConfig
+from trainer.data.collate import Batch, build_collator
 from trainer.data.stream import StreamDataset
 from trainer.data.tokenized import TokenizedDataset
+from trainer.loop import train_step
 from trainer.model.loss import IGNORE_INDEX, count_targets
 from trainer.model.tokenizer import train_bpe_tokenizer
 from trainer.peft.methods import peft_keys
+from trainer.preference.objective import PreferenceObjective
+from trainer.preference.reference_model import AdapterReference, CopyReference
+from trainer.runtime.distributed import agree
 
 # ---------------------------------------------------------------- Tiny models and a toy corpus
 
@@ -140,16 +144,14 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def pair_rows(n: int, seed: int = 0) -> list[dict]:
-    """Preference pairs of varied lengths with a learnable preference: the words reversed is the
-    chosen answer, the words as given the rejected one."""
+    """Preference pairs of varied lengths with a learnable preference: asked to name some words, the
+    chosen answer names words of the first half of WORDS (Greek letters), the rejected one words of
+    the second half (colours, animals, things)."""
     rng = random.Random(seed)
-    rows = []
-    while len(rows) < n:
-        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 9))]
-        if words != words[::-1]:
-            rows.append({"prompt": "reverse: " + " ".join(words), "chosen": " ".join(reversed(words)),
-                         "rejected": " ".join(words)})
-    return rows
+    liked, disliked = WORDS[:len(WORDS) // 2], WORDS[len(WORDS) // 2:]
+    return [{"prompt": "name some words like " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
+             "chosen": " ".join(rng.choice(liked) for _ in range(rng.randint(2, 9))),
+             "rejected": " ".join(rng.choice(disliked) for _ in range(rng.randint(2, 9)))} for _ in range(n)]
 
 
 def classification_rows(n: int, seed: int = 0) -> list[dict]:
@@ -504,3 +506,67 @@ def as_batches(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[B
     return [Batch(inputs={"input_ids": ids}, labels=labels, num_targets=count_targets(labels, "causal_lm"),
                   num_tokens=int((labels != IGNORE_INDEX).sum()), num_slots=labels.numel(), examples={}, tokens={})
             for ids, labels in micro_batches]
+
+
+# ---------------------------------------------------------------- Preference runs: fixed pairs trained through train_step (tests/workers/)
+
+
+@dataclasses.dataclass
+class PairRun:
+    """A few optimizer steps on fixed preference pairs, through the loop's own train_step with a
+    preference objective: each step's 8 rows (2 pairs to a packed row, 1 unpacked) dealt to the
+    ranks as the loader deals them."""
+
+    name: str
+    strategy: str
+    micro: int = 2
+    accum: int = 2
+    steps: int = 3
+    peft: str = "none"
+    reference: str = "copy"  # copy or adapter (precomputed reads a run's data: tests/preference/test_precompute.py)
+    loss: str = "dpo"
+    packed: bool = True
+
+
+PAIR_ROWS = 8  # rows of every step, all ranks
+
+
+def pair_step_dataset(step: int):
+    """The 16 pairs of a step (varied lengths), as a preference data set."""
+    return make_pair_dataset(random_pairs(2 * PAIR_ROWS, seed=100 + step, vocab=VOCAB), seq_len=4 * RUN_SEQ_LEN)
+
+
+def pair_config(run: PairRun, out: Path, world_size: int) -> Config:
+    cfg = make_config(Run(name=run.name, strategy=run.strategy, micro=run.micro, accum=run.accum, steps=run.steps,
+                          peft=run.peft, packed=True), out, world_size)
+    cfg.data.packing, cfg.data.seq_len = run.packed, 4 * RUN_SEQ_LEN
+    cfg.data.datasets = [DatasetConfig(name="pairs", path="pairs", format="preference")]  # the rows are made here
+    cfg.preference.loss, cfg.preference.reference = run.loss, run.reference
+    return cfg
+
+
+def pair_run(run: PairRun, out: Path, dist_info) -> dict:
+    """Train `run` on this rank; per step: loss, grad norm and the rewards (the same on every rank)."""
+    cfg = pair_config(run, out, dist_info.world_size)
+    plan = agree(lambda: planned(cfg, dist_info.world_size))
+    strategy = build_training(cfg, plan, dist_info, toy_tokenizer(), run.steps,
+                              lambda: make_model(cfg, plan.attention)).strategy
+    reference = AdapterReference(strategy, "causal_lm") if run.reference == "adapter" else \
+        CopyReference(strategy, lambda: make_model(cfg, plan.attention), "causal_lm")
+    objective = PreferenceObjective(cfg, reference)
+    per_rank = run.micro * run.accum
+    result = {"losses": [], "grad_norms": [], "accuracies": [], "margins": [], "pairs": []}
+    for step in range(run.steps):
+        dataset = pair_step_dataset(step)
+        pieces = [p for e in dataset.examples for p in dataset.pieces(0, int(e))]
+        rows = [pieces[2 * r: 2 * r + 2] for r in range(PAIR_ROWS)] if run.packed else [[p] for p in pieces[:PAIR_ROWS]]
+        mine = rows[dist_info.rank * per_rank: (dist_info.rank + 1) * per_rank]
+        collate = build_collator(cfg, [dataset], toy_tokenizer(), plan.attention)
+        record = train_step(strategy, [collate(mine[i:i + run.micro]) for i in range(0, per_rank, run.micro)],
+                            "causal_lm", objective)
+        metrics = record["preference"]
+        for key, value in (("losses", record["loss"]), ("grad_norms", record["grad_norm"]),
+                           ("accuracies", metrics.get("rewards/accuracies")), ("margins", metrics["rewards/margins"]),
+                           ("pairs", metrics["pairs"])):
+            result[key].append(value)
+    return result

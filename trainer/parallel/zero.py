@@ -208,7 +208,8 @@ class ZeroStrategy(Strategy):
             import deepspeed
 
             engine, *_ = deepspeed.initialize(model=model, config=self.ds_config, dist_init_required=False)
-            return engine.eval()
+            engine.eval()
+            return engine
         model.to(self.dist.device)
         return (model.to(torch.bfloat16) if self.ds_config["bf16"]["enabled"] else model).eval()
 
