@@ -1,7 +1,8 @@
 """Preference runs end to end: DPO with LoRA beside 10 % rehearsal text learns a learnable preference
 (held-out reward accuracy at least 0.9), logs what TRL logs in metrics.jsonl, W&B, the summary and
 the report, adds the two losses as documented, and exports a merged model that transformers loads;
-a run stopped by SIGTERM on 2 ranks resumes exactly on 1; a bad pair stops
+a reward model learns the pairs and exports as a one-label classifier; a run stopped by SIGTERM on 2
+ranks resumes exactly on 1; a bad pair stops
 `finetrain train` in one line naming its file and line."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from helpers import (REPO, WORDS, preference_config, read_metrics, run_cli, run_history, step_losses, trainer_env,
                      write_config, write_jsonl)
@@ -77,6 +78,30 @@ def test_dpo_with_lora_beside_rehearsal_text_learns_logs_and_exports(tmp_path):
     merged = export_checkpoint(out, tmp_path / "merged", merge=True)
     loaded = AutoModelForCausalLM.from_pretrained(merged).eval()
     ids = torch.tensor([trainer.tokenizer("name some words like alpha beta")["input_ids"]])
+    trainer.strategy.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.strategy.model(input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
+
+
+def test_a_reward_model_learns_the_pairs_and_exports_as_a_one_label_classifier(tmp_path):
+    """model.task reward_model: Bradley-Terry over each pair's scores, minus the pair's margin (1 here)."""
+    cfg = preference_config(tmp_path, rows=160, model={"task": "reward_model"}, data={"packing": False},
+                            train={"max_steps": 16, "eval_every": 0, "micro_batch_size": 4, "global_batch_size": 8})
+    path = Path(cfg["data"]["datasets"][0]["path"])
+    write_jsonl(path, [{**json.loads(line), "margin": 1.0} for line in path.read_text().splitlines()])
+    cfg["data"]["eval"] = {"fraction": 0.1}
+    trainer = Trainer(load_config(write_config(cfg, tmp_path / "config.yaml")))
+    trainer.fit()
+    evals = [r for r in read_metrics(trainer.cfg.output_dir) if "eval/pairs/loss" in r]
+    first, last = evals[0], evals[-1]
+    assert first["eval/pairs/loss"] == pytest.approx(-torch.nn.functional.logsigmoid(
+        torch.tensor(first["eval/pairs/rewards/margins"] - 1.0)).item(), abs=0.05)  # scores start near 0
+    assert last["eval/pairs/rewards/accuracies"] >= 0.9 and last["eval/pairs/loss"] < first["eval/pairs/loss"]
+    exported = export_checkpoint(trainer.cfg.output_dir, tmp_path / "hf")
+    loaded = AutoModelForSequenceClassification.from_pretrained(exported).eval()
+    assert loaded.config.num_labels == 1
+    ids = torch.tensor([trainer.tokenizer("name some words like alpha")["input_ids"]])
     trainer.strategy.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.strategy.model(input_ids=ids).logits,
