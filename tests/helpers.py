@@ -13,6 +13,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +224,8 @@ def make_pair_dataset(pairs: list[tuple[list[int], list[int], list[int]]], name:
 def random_pairs(count: int, seed: int, vocab: int = 300) -> list[tuple[list[int], list[int], list[int]]]:
     """Pairs of token ids of varied lengths: a prompt of 2..12 tokens, answers of 1..15."""
     rng = np.random.default_rng(seed)
-    return [tuple(rng.integers(1, vocab, int(rng.integers(low, high))).tolist() for low, high in ((2, 13), (1, 16), (1, 16)))
+    spans = ((2, 13), (1, 16), (1, 16))  # prompt, chosen, rejected
+    return [tuple(rng.integers(1, vocab, int(rng.integers(low, high))).tolist() for low, high in spans)
             for _ in range(count)]
 
 
@@ -287,6 +289,24 @@ def run_cli(config: Path, *args: str, timeout: int = 600, check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"finetrain exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def start_cli(config: Path, *args: str) -> subprocess.Popen:
+    """`finetrain train CONFIG args...` started in a subprocess (to be signalled, or killed)."""
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config), *args], cwd=REPO,
+                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_records(path: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until metrics.jsonl at `path` holds `count` training records (the run in `proc` still going)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and sum(1 for line in path.read_text().splitlines() if '"loss"' in line) >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {count} records:\n{proc.stderr.read()[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for metrics")
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -508,7 +528,7 @@ def as_batches(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[B
             for ids, labels in micro_batches]
 
 
-# ---------------------------------------------------------------- Preference runs: fixed pairs trained through train_step (tests/workers/)
+# ---------------------------------------------------------------- Preference runs: fixed pairs through train_step
 
 
 @dataclasses.dataclass

@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from helpers import (REPO, WORDS, preference_config, read_metrics, run_cli, run_history, step_losses, trainer_env,
-                     write_config, write_jsonl)
+from helpers import (WORDS, preference_config, read_metrics, run_cli, run_history, start_cli, step_losses,
+                     wait_for_records, write_config, write_jsonl)
 from trainer.checkpoint.export import export_checkpoint
 from trainer.config.schema import load_config
 from trainer.loop import Trainer
@@ -108,17 +105,6 @@ def test_a_reward_model_learns_the_pairs_and_exports_as_a_one_label_classifier(t
                                    rtol=0, atol=1e-5)
 
 
-def wait_for_records(path: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.is_file() and sum('"loss"' in line for line in path.read_text().splitlines()) >= count:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before {count} records:\n{proc.stderr.read()[-4000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for metrics")
-
-
 @pytest.mark.slow
 def test_resume_after_sigterm_is_exact_also_on_another_world_size(tmp_path):
     """Full fine-tuning (the precomputed reference, its pass split over the 2 ranks): stopped by SIGTERM
@@ -126,14 +112,12 @@ def test_resume_after_sigterm_is_exact_also_on_another_world_size(tmp_path):
     steps = 18
     sections = dict(train={"max_steps": steps, "save_every": 6}, data={"eval": {"fraction": 0.1}},
                     logging={"progress_bar": False})
-    reference = preference_config(tmp_path / "reference", rows=96, **sections)
-    run_cli(write_config(reference, tmp_path / "reference.yaml"))
-    expected = read_metrics(Path(reference["run"]["output_dir"]))
-    cfg = preference_config(tmp_path / "stopped", rows=96, **sections)
-    config = write_config(cfg, tmp_path / "stopped.yaml")
-    out = Path(cfg["run"]["output_dir"])
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config), "--nproc", "2"], cwd=REPO,
-                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    configs = {name: write_config(preference_config(tmp_path / name, rows=96, **sections), tmp_path / f"{name}.yaml")
+               for name in ("reference", "stopped")}
+    run_cli(configs["reference"])
+    expected = read_metrics(tmp_path / "reference" / "run")
+    config, out = configs["stopped"], tmp_path / "stopped" / "run"
+    proc = start_cli(config, "--nproc", "2")
     wait_for_records(out / "metrics.jsonl", 8, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-4000:]

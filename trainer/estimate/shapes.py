@@ -217,7 +217,8 @@ def activation_shape(cfg: Config, compute_dtype: torch.dtype) -> ActivationShape
     # The fused head picks its target positions from the labels' values, so they are real.
     labels = labels if head is not None else labels.to("meta")
     with saved_tensor_bytes(model, decoder_layers(model)) as totals:
-        forward_summed_loss(model, {"input_ids": ids}, labels, "sequence_classification" if classification else "causal_lm")
+        task = "sequence_classification" if classification else "causal_lm"
+        forward_summed_loss(model, {"input_ids": ids}, labels, task)
     hidden = getattr(model.config, "hidden_size", 0)
     element = torch.empty((), dtype=compute_dtype).element_size()
     outputs = model.config.num_labels if classification else model.config.vocab_size

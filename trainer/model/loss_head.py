@@ -76,6 +76,21 @@ def chunk_loss_and_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tupl
     return loss, grad.to(logits.dtype)
 
 
+def add_chunk_gradients(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, start: int, grad_hidden: torch.Tensor | None,
+                        grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None) -> None:
+    """One chunk's d/d logits `g` (in the compute dtype) into the gradients of the hidden states (its
+    rows from `start`), of the weight and of the bias (fp32 sums; None: not wanted)."""
+    if grad_hidden is not None:
+        grad_hidden[start:start + g.size(0)] = g @ w
+    if grad_weight is not None:
+        if g.dtype == torch.float32:
+            grad_weight.addmm_(g.t(), h)
+        else:
+            grad_weight += g.t() @ h  # the 16-bit product added in fp32, no fp32 copy of it
+    if grad_bias is not None:
+        grad_bias += g.float().sum(0)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed CE of `hidden @ weight.T + bias` against `targets`, chunk by chunk; the
     gradients are computed in forward for the inputs listed in `wanted`."""
@@ -100,15 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             chunk_loss, g = chunk_loss_and_gradient(logits, t)
             loss += chunk_loss
-            if want_hidden:
-                grad_hidden[start:start + chunk] = g @ w
-            if want_weight:
-                if compute_dtype == torch.float32:
-                    grad_weight.addmm_(g.t(), h)
-                else:
-                    grad_weight += g.t() @ h  # the 16-bit product added in fp32, no fp32 copy of it
-            if want_bias:
-                grad_bias += g.float().sum(0)
+            add_chunk_gradients(g, h, w, start, grad_hidden, grad_weight, grad_bias)
         ctx.save_for_backward(
             grad_hidden,
             grad_weight.to(weight.dtype) if want_weight else None,
@@ -185,16 +192,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             # d log p(t) / d logits = one-hot(t) - softmax, times the incoming gradient
             g = torch.exp_(F.linear(h, w, b).float().sub_(lse[start:start + chunk, None])).mul_(-scale)
             g.scatter_add_(1, targets[start:start + chunk, None], scale)
-            g = g.to(compute_dtype)
-            if want_hidden:
-                grad_hidden[start:start + chunk] = g @ w
-            if want_weight:
-                if compute_dtype == torch.float32:
-                    grad_weight.addmm_(g.t(), h)
-                else:
-                    grad_weight += g.t() @ h
-            if want_bias:
-                grad_bias += g.float().sum(0)
+            add_chunk_gradients(g.to(compute_dtype), h, w, start, grad_hidden, grad_weight, grad_bias)
         return (grad_hidden, grad_weight.to(weight.dtype) if want_weight else None,
                 grad_bias.to(bias.dtype) if want_bias else None, None, None, None)
 

@@ -54,7 +54,8 @@ class _Tally:
 
     def add_units(self, units: UnitLosses, scored: Scored) -> None:
         self.add(preference=units.losses.detach().double().sum(), units=len(units.losses),
-                 chosen_reward=units.chosen_rewards.double().sum(), rejected_reward=units.rejected_rewards.double().sum(),
+                 chosen_reward=units.chosen_rewards.double().sum(),
+                 rejected_reward=units.rejected_rewards.double().sum(),
                  chosen=len(units.chosen_rewards), rejected=len(units.rejected_rewards),
                  chosen_logp=units.chosen_logps.double().sum(), rejected_logp=units.rejected_logps.double().sum(),
                  nll=-scored.policy.detach()[scored.chosen].double().sum(),
@@ -79,7 +80,8 @@ class PreferenceObjective:
         self.task = cfg.model.task
         self.reference = reference  # None: the loss needs none
         self.kto = self.task != "reward_model" and self.cfg.loss == "kto"
-        self.nll_weight = 0.0 if self.task == "reward_model" else 1.0 if self.cfg.loss == "orpo" else self.cfg.sft_weight
+        orpo = self.task != "reward_model" and self.cfg.loss == "orpo"
+        self.nll_weight = 1.0 if orpo else 0.0 if self.task == "reward_model" else self.cfg.sft_weight
         self.counts: dict[str, float] = {}
         self.reference_point = 0.0
         self._tally = _Tally()

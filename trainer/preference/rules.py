@@ -17,7 +17,8 @@ def preference_data(cfg: Config) -> list[tuple[str, str]]:
              if ds.format in PREFERENCE_FORMATS]
     if cfg.data.eval.path and cfg.data.eval.format in PREFERENCE_FORMATS:
         found.append(("data.eval", cfg.data.eval.format))
-    found += [(f"data.eval.sets.{i}", s.format) for i, s in enumerate(cfg.data.eval.sets) if s.format in PREFERENCE_FORMATS]
+    found += [(f"data.eval.sets.{i}", s.format) for i, s in enumerate(cfg.data.eval.sets)
+              if s.format in PREFERENCE_FORMATS]
     return found
 
 
