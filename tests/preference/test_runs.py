@@ -81,6 +81,23 @@ def test_dpo_with_lora_beside_rehearsal_text_learns_logs_and_exports(tmp_path):
                                    rtol=0, atol=1e-5)
 
 
+def test_kto_on_unpaired_rows(tmp_path):
+    """unpaired_preference rows (each pair's answers as a desirable and an undesirable completion):
+    KTO starts at 0.5 with its reference point 0, then moves it."""
+    cfg = preference_config(tmp_path, rows=32, preference={"loss": "kto"}, train={"max_steps": 3})
+    path = Path(cfg["data"]["datasets"][0]["path"])
+    pairs = [json.loads(line) for line in path.read_text().splitlines()]
+    write_jsonl(path, [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+                       for p in pairs for key in ("chosen", "rejected")])
+    cfg["data"]["datasets"][0]["format"] = "unpaired_preference"
+    trainer = Trainer(load_config(write_config(cfg, tmp_path / "config.yaml")))
+    trainer.fit()
+    records = [r for r in read_metrics(trainer.cfg.output_dir) if "loss" in r]
+    assert records[0]["loss"] == pytest.approx(0.5, abs=1e-6) and records[0]["kl"] == 0.0
+    assert "rewards/accuracies" not in records[0] and records[0]["pairs"] > 0  # completions, not pairs
+    assert records[-1]["kl"] > 0 and records[-1]["loss"] != pytest.approx(0.5, abs=1e-5)
+
+
 def test_a_reward_model_learns_the_pairs_and_exports_as_a_one_label_classifier(tmp_path):
     """model.task reward_model: Bradley-Terry over each pair's scores, minus the pair's margin (1 here)."""
     cfg = preference_config(tmp_path, rows=160, model={"task": "reward_model"}, data={"packing": False},
