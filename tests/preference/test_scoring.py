@@ -67,7 +67,7 @@ def run(model, collate: Collator, rows: list, per_batch: int, use_cache: bool = 
         loss = unit_losses(PreferenceConfig(), "causal_lm", scored).losses.sum() - others.sum()
         loss.backward()
         total += float(loss.detach())
-        logps.update({key: float(value) for key, value in zip(batch.preference.keys, scored.policy)})
+        logps.update({key: float(value) for key, value in zip(batch.preference.keys, scored.policy.detach())})
     return logps, total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
