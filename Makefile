@@ -79,3 +79,4 @@ bench: $(STAMP)
 	$(PY) bench/long_context.py
 	$(PIP) install -e '.[bench]'
 	$(PY) bench/vs_peers.py
+	$(PY) bench/vs_trl_dpo.py

@@ -47,7 +47,8 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "import-linter>=2.1", "hypothesis>=6.100"],
         # `finetrain eval`: lm-evaluation-harness on a checkpoint, a run folder or a HF folder
         "eval": ["lm-eval>=0.4.9"],
-        # bench/vs_peers.py runs TRL's SFTTrainer as one of finetrain's peers; nothing else imports it
+        # bench/vs_peers.py and bench/vs_trl_dpo.py run TRL's SFTTrainer and DPOTrainer as finetrain's
+        # peers; nothing else imports it
         "bench": ["trl>=1.16"],
     },
     entry_points={"console_scripts": ["finetrain=launch.cli:main"]},

@@ -77,7 +77,8 @@ def step_end() -> dict:
 def train_finetrain(config: str):
     """Train through the loop's own Trainer, recording each optimizer step: the time of
     `train_step` alone (wall-clock and CPU seconds of this process, which other load on the
-    machine does not inflate), `step_end()`, the real input tokens, targets and loss.
+    machine does not inflate), `step_end()`, the real input tokens, targets, loss and preference
+    pairs.
     Returns the Trainer (its model, trained) and the measurements."""
     import trainer.loop as loop
     from trainer.config.schema import load_config
@@ -88,13 +89,13 @@ def train_finetrain(config: str):
     steps = []
     step = loop.train_step
 
-    def timed_step(strategy, batches, task):
+    def timed_step(strategy, batches, task, objective=None):
         wall, cpu = time.perf_counter(), time.process_time()
-        result = step(strategy, batches, task)
+        result = step(strategy, batches, task, objective)
         steps.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, **step_end(),
                       "real_tokens": sum(b.num_tokens for b in batches),
                       "slots": sum(b.num_slots for b in batches), "targets": result["targets"],
-                      "loss": result["loss"]})
+                      "loss": result["loss"], "pairs": result.get("preference", {}).get("pairs", 0)})
         return result
 
     loop.train_step = timed_step

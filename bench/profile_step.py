@@ -70,13 +70,13 @@ def main() -> None:
         seen = {"n": 0}
         records = {}
 
-        def profiled_step(strategy, batches, task):
+        def profiled_step(strategy, batches, task, objective=None):
             seen["n"] += 1
             if seen["n"] <= args.warmup:
-                return step(strategy, batches, task)
+                return step(strategy, batches, task, objective)
             wall, cpu = time.perf_counter(), time.process_time()
             with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
-                result = step(strategy, batches, task)
+                result = step(strategy, batches, task, objective)
             records.setdefault("profiles", []).append(prof.key_averages(group_by_input_shape=args.shapes))
             records.setdefault("wall_s", []).append(time.perf_counter() - wall)
             records.setdefault("cpu_s", []).append(time.process_time() - cpu)

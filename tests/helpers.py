@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +24,21 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from trainer.build import build_model
+from trainer.build import build_model, build_training
 from trainer.checkpoint.export import export_checkpoint
 from trainer.checkpoint.layout import complete_checkpoints
-from trainer.config.schema import Config, EvalSetConfig, load_config
-from trainer.data.collate import Batch
+from trainer.config.schema import Config, DatasetConfig, EvalSetConfig, load_config
+from trainer.data.collate import Batch, build_collator
 from trainer.data.stream import StreamDataset
 from trainer.data.tokenized import TokenizedDataset
-from trainer.loop import Trainer
+from trainer.loop import Trainer, train_step
 from trainer.model.loss import IGNORE_INDEX, count_targets
 from trainer.model.tokenizer import train_bpe_tokenizer
 from trainer.peft.methods import peft_keys
+from trainer.preference.objective import PreferenceObjective
+from trainer.preference.reference_model import AdapterReference, CopyReference
 from trainer.rank import run_rank
+from trainer.runtime.distributed import agree
 
 # ---------------------------------------------------------------- Tiny models and a toy corpus
 
@@ -144,6 +148,17 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs of varied lengths with a learnable preference: asked to name some words, the
+    chosen answer names words of the first half of WORDS (Greek letters), the rejected one words of
+    the second half (colours, animals, things)."""
+    rng = random.Random(seed)
+    liked, disliked = WORDS[:len(WORDS) // 2], WORDS[len(WORDS) // 2:]
+    return [{"prompt": "name some words like " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
+             "chosen": " ".join(rng.choice(liked) for _ in range(rng.randint(2, 9))),
+             "rejected": " ".join(rng.choice(disliked) for _ in range(rng.randint(2, 9)))} for _ in range(n)]
+
+
 def classification_rows(n: int, seed: int = 0) -> list[dict]:
     """Separable toy task: label 1 when the text speaks of colours, 0 of animals."""
     rng = random.Random(seed)
@@ -190,6 +205,34 @@ def make_dataset(docs: list[list[int]], targets: list[list[bool]], name: str = "
     return StreamDataset(name, data, np.arange(len(docs)), seq_len, text)
 
 
+def make_pair_dataset(pairs: list[tuple[list[int], list[int], list[int]]], name: str = "pairs", seq_len: int = 64,
+                      margins: list[float] | None = None) -> StreamDataset:
+    """An in-memory preference data set: each (prompt, chosen answer, rejected answer) of token ids
+    as one example of two sequences, prompt + answer each, only the answers' tokens targets."""
+    tokens, targets, splits = [], [], []
+    for prompt, chosen, rejected in pairs:
+        splits.append(len(prompt) + len(chosen))
+        for answer in (chosen, rejected):
+            tokens += prompt + answer
+            targets += [False] * len(prompt) + [True] * len(answer)
+    lengths = [2 * len(prompt) + len(chosen) + len(rejected) for prompt, chosen, rejected in pairs]
+    data = TokenizedDataset(source=name, format="preference", tokens=np.asarray(tokens, dtype=np.int32),
+                            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                            targets=np.asarray(targets, dtype=bool), rows=np.arange(1, len(pairs) + 1),
+                            prompt_keys=np.arange(len(pairs), dtype=np.uint64), by_line=True,
+                            pair_splits=np.asarray(splits, dtype=np.int64),
+                            margins=np.asarray(margins or [0.0] * len(pairs), dtype=np.float32))
+    return StreamDataset(name, data, np.arange(len(pairs)), seq_len, False)
+
+
+def random_pairs(count: int, seed: int, vocab: int = 300) -> list[tuple[list[int], list[int], list[int]]]:
+    """Pairs of token ids of varied lengths: a prompt of 2..12 tokens, answers of 1..15."""
+    rng = np.random.default_rng(seed)
+    spans = ((2, 13), (1, 16), (1, 16))  # prompt, chosen, rejected
+    return [tuple(rng.integers(1, vocab, int(rng.integers(low, high))).tolist() for low, high in spans)
+            for _ in range(count)]
+
+
 # ---------------------------------------------------------------- Runs of `finetrain train` in a subprocess
 
 
@@ -205,6 +248,16 @@ def causal_config(tmp_path: Path, rows: int = 64, **sections) -> dict:
         "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_steps": 8, "log_every": 1},
         "logging": {"progress_bar": False},
     }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def preference_config(tmp_path: Path, rows: int = 64, **sections) -> dict:
+    """causal_config's run on preference pairs (pair_rows) instead of chat rows."""
+    data = write_jsonl(tmp_path / "data" / "pairs.jsonl", pair_rows(rows))
+    cfg = causal_config(tmp_path, rows=1)
+    cfg["data"]["datasets"] = [{"name": "pairs", "path": str(data), "format": "preference"}]
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
@@ -249,6 +302,24 @@ def train_here(config: Path, *overrides: str) -> None:
     torch.set_num_threads(1)  # as the runs in subprocesses (OMP_NUM_THREADS=1): the same arithmetic
     outcome = run_rank(str(config), list(overrides))
     assert outcome.exit_code == 0 and outcome.step == outcome.total_steps, outcome
+
+
+def start_cli(config: Path, *args: str) -> subprocess.Popen:
+    """`finetrain train CONFIG args...` started in a subprocess (to be signalled, or killed)."""
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config), *args], cwd=REPO,
+                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_records(path: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until metrics.jsonl at `path` holds `count` training records (the run in `proc` still going)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and sum(1 for line in path.read_text().splitlines() if '"loss"' in line) >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {count} records:\n{proc.stderr.read()[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for metrics")
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -583,3 +654,67 @@ def fuzz_settings(cases: int):
                     deadline=None, database=None, print_blob=FUZZ_LONG,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+
+
+# ---------------------------------------------------------------- Preference runs: fixed pairs through train_step
+
+
+@dataclasses.dataclass
+class PairRun:
+    """A few optimizer steps on fixed preference pairs, through the loop's own train_step with a
+    preference objective: each step's 8 rows (2 pairs to a packed row, 1 unpacked) dealt to the
+    ranks as the loader deals them."""
+
+    name: str
+    strategy: str
+    micro: int = 2
+    accum: int = 2
+    steps: int = 3
+    peft: str = "none"
+    reference: str = "copy"  # copy or adapter (precomputed reads a run's data: tests/preference/test_precompute.py)
+    loss: str = "dpo"
+    packed: bool = True
+
+
+PAIR_ROWS = 8  # rows of every step, all ranks
+
+
+def pair_step_dataset(step: int):
+    """The 16 pairs of a step (varied lengths), as a preference data set."""
+    return make_pair_dataset(random_pairs(2 * PAIR_ROWS, seed=100 + step, vocab=VOCAB), seq_len=4 * RUN_SEQ_LEN)
+
+
+def pair_config(run: PairRun, out: Path, world_size: int) -> Config:
+    cfg = make_config(Run(name=run.name, strategy=run.strategy, micro=run.micro, accum=run.accum, steps=run.steps,
+                          peft=run.peft, packed=True), out, world_size)
+    cfg.data.packing, cfg.data.seq_len = run.packed, 4 * RUN_SEQ_LEN
+    cfg.data.datasets = [DatasetConfig(name="pairs", path="pairs", format="preference")]  # the rows are made here
+    cfg.preference.loss, cfg.preference.reference = run.loss, run.reference
+    return cfg
+
+
+def pair_run(run: PairRun, out: Path, dist_info) -> dict:
+    """Train `run` on this rank; per step: loss, grad norm and the rewards (the same on every rank)."""
+    cfg = pair_config(run, out, dist_info.world_size)
+    plan = agree(lambda: planned(cfg, dist_info.world_size))
+    strategy = build_training(cfg, plan, dist_info, toy_tokenizer(), run.steps,
+                              lambda: make_model(cfg, plan.attention)).strategy
+    reference = AdapterReference(strategy, "causal_lm") if run.reference == "adapter" else \
+        CopyReference(strategy, lambda: make_model(cfg, plan.attention), "causal_lm")
+    objective = PreferenceObjective(cfg, reference)
+    per_rank = run.micro * run.accum
+    result = {"losses": [], "grad_norms": [], "accuracies": [], "margins": [], "pairs": []}
+    for step in range(run.steps):
+        dataset = pair_step_dataset(step)
+        pieces = [p for e in dataset.examples for p in dataset.pieces(0, int(e))]
+        rows = [pieces[2 * r: 2 * r + 2] for r in range(PAIR_ROWS)] if run.packed else [[p] for p in pieces[:PAIR_ROWS]]
+        mine = rows[dist_info.rank * per_rank: (dist_info.rank + 1) * per_rank]
+        collate = build_collator(cfg, [dataset], toy_tokenizer(), plan.attention)
+        record = train_step(strategy, [collate(mine[i:i + run.micro]) for i in range(0, per_rank, run.micro)],
+                            "causal_lm", objective)
+        metrics = record["preference"]
+        for key, value in (("losses", record["loss"]), ("grad_norms", record["grad_norm"]),
+                           ("accuracies", metrics.get("rewards/accuracies")), ("margins", metrics["rewards/margins"]),
+                           ("pairs", metrics["pairs"])):
+            result[key].append(value)
+    return result

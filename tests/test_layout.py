@@ -162,7 +162,7 @@ def test_few_modules_at_the_top_and_no_two_modules_share_a_name():
 # ------------------------------------------------------------------ shipped configs
 
 # The device each recipe is written for: the 8B recipes are GPU jobs, the others run on a CPU too.
-RECIPE_DEVICE = {"debug-tiny": "cpu", "smollm2-demo": "cpu", "minilm-polarity": "cpu",
+RECIPE_DEVICE = {"debug-tiny": "cpu", "smollm2-demo": "cpu", "smollm2-dpo": "cpu", "minilm-polarity": "cpu",
                  "llama3-8b-full-fsdp": "cuda", "llama3-8b-lora": "cuda", "llama3-8b-long-context": "cuda",
                  "llama3-8b-multinode": "cuda", "llama3-8b-zero3-offload": "cuda"}
 # Llama-3.1-8B's config.json: all a hub cache holds of the 8B recipes' model for `finetrain check`.

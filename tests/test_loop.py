@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import (REPO, causal_config, read_metrics, run_cli, run_history, step_losses, train_here, trainer_env,
+from helpers import (causal_config, read_metrics, run_cli, run_history, start_cli, step_losses, train_here,
+                     wait_for_records,
                      write_config)
 from trainer.checkpoint.layout import COMPLETE_MARK, complete_checkpoints
 
@@ -45,17 +43,6 @@ def test_tiny_run_learns_and_logs_every_step(tmp_path):
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000024"]
 
 
-def _wait_for_records(path: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.is_file() and sum(1 for line in path.read_text().splitlines() if '"loss"' in line) >= count:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before {count} records:\n{proc.stderr.read()[-4000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for metrics")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,ranks,resume_ranks,sequence", [(signal.SIGTERM, 1, [1], 1), (signal.SIGUSR1, 1, [1], 1),
                                                              (signal.SIGTERM, 2, [2, 1], 2)],
@@ -85,10 +72,9 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
                         **sections)
     config_path = write_config(cfg, tmp_path / "stopped.yaml")
     out = Path(cfg["run"]["output_dir"])
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config_path), *launch], cwd=REPO,
-                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(config_path, *launch)
     signalled_after = steps // 3 + 5
-    _wait_for_records(out / "metrics.jsonl", signalled_after, proc)
+    wait_for_records(out / "metrics.jsonl", signalled_after, proc)
     proc.send_signal(sig)
     code = proc.wait(timeout=300)
     stderr = proc.stderr.read()
@@ -147,9 +133,8 @@ def test_resume_after_kill_between_saves_is_exact(tmp_path):
     cfg = causal_config(tmp_path / "killed", rows=96, **sections)
     config_path = write_config(cfg, tmp_path / "killed.yaml")
     out = Path(cfg["run"]["output_dir"])
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config_path)], cwd=REPO,
-                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_records(out / "metrics.jsonl", 30, proc)
+    proc = start_cli(config_path)
+    wait_for_records(out / "metrics.jsonl", 30, proc)
     proc.kill()
     proc.wait()
     assert [p.name for p in complete_checkpoints(out / "checkpoints")][-1] in ("step-00000020", "step-00000040")

@@ -34,6 +34,7 @@ from trainer.model.tokenizer import describe_template, load_tokenizer
 from trainer.optim import set_schedule_step
 from trainer.peft.methods import with_adapter_penalty
 from trainer.plan import plan_run, resume_changes
+from trainer.preference.objective import PreferenceObjective, build_objective
 from trainer.reporting.metrics_log import (MetricsLogger, StepTimer, flops_per_token, memory_stats, peak_flops,
                                            run_description)
 from trainer.reporting.summary import RunSummary
@@ -94,30 +95,44 @@ def total_steps(cfg: Config, loader) -> int:
     return max(1, math.ceil(cfg.train.epochs * loader.steps_per_epoch()))
 
 
-def train_step(strategy, batches: list, task: str) -> dict:
+def train_step(strategy, batches: list, task: str, objective: PreferenceObjective | None = None) -> dict:
     """One optimizer step over this rank's micro-batches; returns global sums. A step whose loss or
     gradient norm is not finite leaves the weights as they were (`nonfinite`; the same on every rank:
-    both values are global before the strategy decides)."""
+    both values are global before the strategy decides). With a preference `objective` each
+    micro-batch's loss is its share of the step's preference and language-model means
+    (trainer/preference/objective.py), and the step's rewards come back under `preference`."""
     device = strategy.dist.device
     offload = strategy.cfg.train.activation_offload
     global_targets = all_reduce_sum(torch.tensor([sum(b.num_targets for b in batches)], dtype=torch.float64))
     # A step whose every label is masked still runs (all ranks must), with zero gradient.
     denominator = max(float(global_targets.item()), 1.0)
+    if objective is not None:
+        objective.begin_step(strategy, batches)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last else strategy.no_sync():
             labels = batch.labels.to(device)
             with strategy.autocast(), activation_offload(offload):
-                summed = with_adapter_penalty(strategy.model, forward_summed_loss(
-                    strategy.model, to_device(batch.inputs, device), labels, task, batch.labels_shifted), batch.num_targets)
-            strategy.backward(summed / denominator)
+                if objective is None:
+                    summed = with_adapter_penalty(strategy.model, forward_summed_loss(
+                        strategy.model, to_device(batch.inputs, device), labels, task, batch.labels_shifted),
+                        batch.num_targets)
+                    share = summed / denominator
+                else:  # the adapter's penalty once per step: an equal part on every micro-batch of every rank
+                    share = with_adapter_penalty(strategy.model, objective.micro_batch_loss(strategy, batch),
+                                                 1 / (len(batches) * strategy.dist.world_size))
+                    summed = share.detach().double() * denominator
+            strategy.backward(share)
         loss_sum += summed.detach().double().cpu()
     loss = float(all_reduce_sum(loss_sum.reshape(1)).item()) / denominator
     lr = strategy.lr()  # the rate this update uses; the scheduler moves on in step()
     grad_norm = strategy.step(skip=not math.isfinite(loss))
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "targets": int(global_targets.item()),
-            "nonfinite": not (math.isfinite(loss) and math.isfinite(grad_norm))}
+    result = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "targets": int(global_targets.item()),
+              "nonfinite": not (math.isfinite(loss) and math.isfinite(grad_norm))}
+    if objective is not None:
+        result["preference"] = objective.step_metrics()
+    return result
 
 
 def step_counts(batches: list, names: list[str]) -> torch.Tensor:
@@ -168,6 +183,10 @@ class Trainer:
 
         training = build_training(cfg, plan, dist_info, self.tokenizer, self.total_steps)
         self.strategy = training.strategy
+        # Preference data: the loss and its reference model, from the model as it is before any resume.
+        self.objective = agree(lambda: build_objective(cfg, plan, self.strategy, self.data, self.tokenizer, dist_info,
+                                                       self.total_steps))
+        self.evaluator.objective = self.objective
         trainable, self.num_params = training.trainable_params, training.total_params
         precision, why = compute_precision(cfg.parallel.mixed_precision, cfg.model.dtype, dist_info.device.type)
         log.info("strategy %s on %d rank(s)%s, compute %s (%s), attention %s, %d micro-batch(es) of %d per step, "
@@ -276,7 +295,7 @@ class Trainer:
                     print(describe_batch(batches[0], self.tokenizer), flush=True)
                 faults.enter("compute", self.step + 1)
                 with StepTimer(self.dist.device) as compute_timer:
-                    result = train_step(strategy, batches, cfg.model.task)
+                    result = train_step(strategy, batches, cfg.model.task, self.objective)
                 self.step += 1
                 faults.step_done(self.step)
                 self.skipped_in_a_row = self.skipped_in_a_row + 1 if result["nonfinite"] else 0
@@ -366,6 +385,9 @@ class Trainer:
             record["row_fill"] = real_tokens / (self.cfg.train.global_batch_size * self.cfg.data.seq_len)
         if device_peak:
             record["mfu"] = flops_token * real_tokens / self.dist.world_size / seconds / device_peak
+        if "preference" in result:  # rewards/..., logps/..., loss/...; pairs (or KTO completions) per second
+            record.update(result["preference"])
+            record["pairs_per_s"] = record["pairs"] / seconds
         for i, name in enumerate(self.dataset_names):
             record[f"data/{name}/examples"] = int(self.counts[2 + 2 * i])
             record[f"data/{name}/tokens"] = int(self.counts[3 + 2 * i])

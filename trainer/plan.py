@@ -32,6 +32,7 @@ from trainer.model.attention import (MASKED_ATTENTION, SDPA_VARLEN, SEQUENCE_PAR
 from trainer.model.loading import dropout_problems, hub_problems, model_config
 from trainer.parallel.registry import resolve_strategy, strategy_class, strategy_problems
 from trainer.peft.methods import is_prompt_learning, peft_config_problems
+from trainer.preference.rules import preference_problems
 from trainer.reporting.metrics_log import tracker_problems
 from trainer.runtime.errors import ConfigError
 from trainer.runtime.precision import compute_dtype, compute_precision
@@ -42,7 +43,7 @@ def plan_run(cfg: Config, world_size: int, device_type: str) -> RunPlan:
     ConfigError naming every key that cannot work together."""
     strategy = resolve_strategy(cfg, world_size)
     problems = [*model_problems(cfg), *peft_config_problems(cfg), *data_problems(cfg), *eval_config_problems(cfg),
-                *run_folder_problems(cfg), *tracker_problems(cfg),
+                *preference_problems(cfg), *run_folder_problems(cfg), *tracker_problems(cfg),
                 *strategy_problems(cfg, strategy, world_size)]
     attention = None
     try:

@@ -94,8 +94,9 @@ def test_tokenization_is_cached_by_content_and_tokenizer(tmp_path, tiny_tokenize
     assert len(cache_entries(cache)) == 3
 
 
-BUILTIN_SIZES = {"toy-chat": (2000, 2000), "chatterbot": (500, 5000), "gensim-lee": (250, 400),
-                 "gensim-wiki": (50, 200), "polarity": (200, 200), "newsgroups": (150, 200), "lee-cloze": (90, 110)}
+BUILTIN_SIZES = {"toy-chat": (2000, 2000), "chatterbot": (500, 5000), "chatterbot-pairs": (700, 800),
+                 "gensim-lee": (250, 400), "gensim-wiki": (50, 200), "polarity": (200, 200), "newsgroups": (150, 200),
+                 "lee-cloze": (90, 110)}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from trainer.build import build_model
 from trainer.config.schema import Config, ModelConfig, PeftConfig, TrainConfig
 from trainer.model.loss import IGNORE_INDEX, forward_summed_loss
-from trainer.model.loss_head import TargetOnlyHead, fused_head, linear_cross_entropy
+from trainer.model.loss_head import TargetOnlyHead, fused_head, linear_cross_entropy, linear_token_log_probs
 from trainer.runtime.errors import ConfigError
 
 RTOL = 1e-5
@@ -193,3 +193,21 @@ def test_a_model_that_changes_the_head_output_is_refused(tiny_tokenizer):
     inputs, labels = padded_batch()
     with pytest.raises(ConfigError, match=r"^train\.fused_loss: .* set train\.fused_loss=false"):
         forward_summed_loss(model, inputs, labels, "causal_lm")
+
+
+@pytest.mark.parametrize("chunk", [5, 256])
+def test_token_log_probs_and_their_gradients_equal_the_full_log_softmax(chunk):
+    """The per-target log-probabilities preference losses weigh one by one (the gradient comes back
+    per position and is formed in backward, recomputing each chunk's logits)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(40, 16, generator=gen, requires_grad=True)
+    bias = torch.randn(40, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 40, (23,), generator=gen)
+    upstream = torch.randn(23, generator=gen)  # a different weight on each position, as a sequence sum gives
+    got = linear_token_log_probs(hidden, weight, bias, targets, chunk)
+    want = F.linear(hidden, weight, bias).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL)
+    for g, w in zip(torch.autograd.grad((got * upstream).sum(), (hidden, weight, bias)),
+                    torch.autograd.grad((want * upstream).sum(), (hidden, weight, bias))):
+        assert_close_in_norm(g, w)

@@ -24,7 +24,7 @@ from trainer.config.schema import Config, load_config
 from trainer.model.quantization import dequantized_state_dict
 from trainer.parallel.registry import strategy_for_format
 from trainer.peft.bottleneck import is_bottleneck_model, save_bottleneck_adapters
-from trainer.peft.methods import has_adapter, is_peft_model, merge_adapter, merge_problem
+from trainer.peft.methods import has_adapter, is_peft_model, merge_adapter, merge_problem, trained_adapters
 from trainer.runtime.errors import UserError
 
 log = logging.getLogger("finetrain")
@@ -60,6 +60,8 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if is_bottleneck_model(model):
         save_bottleneck_adapters(model, out)
+    elif is_peft_model(model):  # the trained adapter, without the frozen copy a continued run keeps
+        model.save_pretrained(out, safe_serialization=True, selected_adapters=trained_adapters(model))
     else:
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

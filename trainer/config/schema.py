@@ -90,8 +90,10 @@ class ModelConfig:
     # document at a time, any device; sdpa, eager: a block mask; varlen_reference: the
     # FlashAttention varlen inputs computed in plain torch (docs/performance.md).
     attention: Literal["auto", "flash_attention_2", "torch_varlen", "sdpa_varlen", "sdpa", "eager", "varlen_reference"] = "auto"
-    # sequence_classification: an encoder or decoder with a linear head.
-    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    # sequence_classification: an encoder or decoder with a linear head; reward_model: a decoder with a
+    # scalar head trained on preference pairs (Bradley-Terry), exported as a sequence-classification
+    # model with one label (docs/preference.md).
+    task: Literal["causal_lm", "sequence_classification", "reward_model"] = "causal_lm"
     # Classification classes.
     num_labels: int = at_least(2, 2)
     # The base model's attention and hidden dropout while fine-tuning (null: as its config has it),
@@ -127,6 +129,10 @@ class PeftConfig:
     # {rank_dropout: 0.1}; bottleneck: reduction_factor, placement, activation), checked by the
     # method's config class at start-up.
     options: dict = field(default_factory=dict)
+    # An adapter folder (finetrain export's, or peft's save_pretrained) the adapter starts from, e.g.
+    # an SFT adapter continued by preference tuning; its own adapter_config.json decides the method's
+    # settings. With preference.reference adapter, the reference is this adapter, not the bare base.
+    adapter_path: Optional[str] = folder(what="an adapter folder (adapter_config.json and its weights)")
 
 
 @dataclass
@@ -137,8 +143,10 @@ class DatasetConfig:
     # hf:org/name[:split] (hf:org/name:config:split) from the local Hugging Face cache, offline
     # (docs/data-formats.md).
     path: str = existing("")
-    # How its rows are read and what in them trains (docs/data-formats.md).
-    format: Literal["chat", "instruction", "text", "classification", "tokenized"] = "chat"
+    # How its rows are read and what in them trains (docs/data-formats.md); preference and
+    # unpaired_preference rows train with the preference section's loss (docs/preference.md).
+    format: Literal["chat", "instruction", "text", "classification", "tokenized", "preference",
+                    "unpaired_preference"] = "chat"
     # Its share of the mix, against the other data sets' weights (they need not sum to 1).
     weight: float = positive(1.0)
     # finetrain's field names -> the file's, e.g. {messages: conversations, role: from, content: value}.
@@ -148,7 +156,8 @@ class DatasetConfig:
     train_on: list = field(default_factory=lambda: ["content", "reasoning", "tool_calls"])
 
 
-EVAL_FORMATS = Literal["chat", "instruction", "text", "classification", "tokenized", "choice"]
+EVAL_FORMATS = Literal["chat", "instruction", "text", "classification", "tokenized", "choice", "preference",
+                       "unpaired_preference"]
 
 
 @dataclass
@@ -157,7 +166,8 @@ class EvalSetConfig:
     name: str = ""
     # A data file, builtin:NAME (e.g. builtin:lee-cloze), or hf:org/name[:config]:split.
     path: str = existing("")
-    # Any data format, or choice (multiple choice, scored by acc and acc_norm).
+    # Any data format, or choice (multiple choice, scored by acc and acc_norm); preference sets report
+    # their preference loss, rewards/accuracies and rewards/margins.
     format: EVAL_FORMATS = "chat"
     # As a data set's fields, dotted for nested ones (HellaSwag {context: ctx, choices: endings, answer: label}).
     fields: dict = field(default_factory=dict)
@@ -221,6 +231,26 @@ class DataConfig:
     # Stop when a trained assistant turn of the first rows lacks the template's end-of-turn target
     # (docs/data-formats.md).
     check_end_of_turn: bool = True
+
+
+@dataclass
+class PreferenceConfig:
+    # The loss of preference data (docs/preference.md gives each formula): dpo (sigmoid), ipo, hinge,
+    # robust (with label_smoothing), simpo (length-normalised, no reference), orpo (odds ratio plus the
+    # chosen answer's NLL, no reference), kto (unpaired rows, or pairs split into two).
+    loss: Literal["dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = "dpo"
+    # The strength of the preference: DPO's beta (the KL penalty), ORPO's lambda.
+    beta: float = positive(0.1)
+    # dpo (conservative DPO) and robust: the probability that a pair's preference is flipped.
+    label_smoothing: float = rule(0.0, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+    # simpo: the target reward margin.
+    gamma: float = at_least(0.5, 0)
+    # Adds sft_weight times the chosen answers' token-mean NLL (RPO); orpo has its own.
+    sft_weight: float = at_least(0.0, 0)
+    # The reference model: adapter (the peft adapter switched off: no second copy), precomputed (one
+    # pass of the initial model before step 1, stored beside the tokenized cache), copy (a frozen
+    # second model sharded like the trained one); auto: adapter for peft runs, precomputed otherwise.
+    reference: Literal["auto", "adapter", "precomputed", "copy"] = "auto"
 
 
 @dataclass
@@ -381,6 +411,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -4,6 +4,9 @@ from a deterministic generator or from text that PyPI packages ship (never commi
 - toy-chat (chat): generated question/answer pairs (arithmetic, word reversal, capitals,
   counting, spelling) that a tiny model learns within a minute.
 - chatterbot (chat): the English conversations of `chatterbot-corpus`.
+- chatterbot-pairs (preference): each chatterbot question (once) with its first answer as the
+  chosen one and the answer of another conversation (seeded) as the rejected one: a preference for
+  answers that answer the question.
 - gensim-lee (text): the Lee news corpus from gensim's test data.
 - gensim-wiki (text): the Wikipedia article extract from gensim's test data.
 - lee-cloze (choice): a HellaSwag-style cloze from gensim's `lee.cor` (50 news stories, none
@@ -102,6 +105,20 @@ def _chatterbot() -> Iterator[dict]:
             yield {"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]}
 
 
+def _chatterbot_pairs() -> Iterator[dict]:
+    # the first answer to each question (the corpus asks some questions a hundred times)
+    answers = {}
+    for conversation in _chatterbot():
+        answers.setdefault(conversation["messages"][0]["content"], conversation["messages"][1]["content"])
+    exchanges = list(answers.items())
+    rng = random.Random(2026)
+    for question, answer in exchanges:
+        rejected = answer
+        while rejected.strip().lower() == answer.strip().lower():
+            rejected = rng.choice(exchanges)[1]
+        yield {"prompt": question, "chosen": answer, "rejected": rejected}
+
+
 def _gensim_lee() -> Iterator[dict]:
     for line in (_gensim_test_data() / "lee_background.cor").read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -193,6 +210,7 @@ def _newsgroups() -> Iterator[dict]:
 BUILTINS: dict[str, tuple[str, int, Callable[[], Iterator[dict]]]] = {
     "toy-chat": ("chat", 1, _toy_chat),
     "chatterbot": ("chat", 1, _chatterbot),
+    "chatterbot-pairs": ("preference", 1, _chatterbot_pairs),
     "gensim-lee": ("text", 1, _gensim_lee),
     "gensim-wiki": ("text", 1, _gensim_wiki),
     "lee-cloze": ("choice", 1, _lee_cloze),

@@ -56,17 +56,23 @@ class ChatEncoder:
         if not turns:
             raise RowError(f'empty conversation: field "{self.names["messages"]}" has no turns')
         tools = self._tools(record)
-        messages = []
+        messages = self.read_turns(turns, self.names["messages"])
+        if not any(m["role"] == "assistant" for m in messages) and not self.train_on_prompt:
+            raise RowError("conversation has no assistant turn (nothing to train on)")
+        return Conversation(messages, tools)
+
+    def read_turns(self, turns: list, field: str, before: tuple = ()) -> list[dict]:
+        """The turns of a list (the field `field`) as the chat template takes them, each checked;
+        `before`: the turns that precede them (a tool result must follow a tool call)."""
+        messages = list(before)
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict):
-                raise RowError(f'turn {i} of "{self.names["messages"]}" must be an object, got {type(turn).__name__}')
+                raise RowError(f'turn {i} of "{field}" must be an object, got {type(turn).__name__}')
             try:
                 messages.append(self._message(turn, messages))
             except RowError as err:
                 raise RowError(f"turn {i}: {err}") from None
-        if not any(m["role"] == "assistant" for m in messages) and not self.train_on_prompt:
-            raise RowError("conversation has no assistant turn (nothing to train on)")
-        return Conversation(messages, tools)
+        return messages[len(before):]
 
     def _message(self, turn: dict, before: list[dict]) -> dict:
         role = get_field(turn, self.names, "role", str)
@@ -116,7 +122,9 @@ class ChatEncoder:
     def encode(self, record: dict) -> Encoded:
         return self.encode_messages(self.conversation(record))
 
-    def encode_messages(self, conversation: Conversation | list[dict]) -> Encoded:
+    def encode_messages(self, conversation: Conversation | list[dict], from_turn: int = 0) -> Encoded:
+        """The conversation's tokens and targets; `from_turn`: only assistant turns from this index
+        on train (a preference completion after its prompt's turns)."""
         if not isinstance(conversation, Conversation):
             conversation = Conversation(conversation, None)
         messages = conversation.messages
@@ -132,6 +140,8 @@ class ChatEncoder:
             return Encoded(tokens, targets)
         targets = np.zeros(len(tokens), dtype=bool)
         for k, (a, b) in zip(self.assistant_turns(messages), self.turn_spans(conversation, text)):
+            if k < from_turn:
+                continue
             inside = (starts >= a) & (starts < b)
             for c, d in self._untrained_parts(conversation, k):
                 inside &= ~((starts >= c) & (starts < d))

@@ -19,11 +19,14 @@ rounding. How, depends on what the backend takes:
   causal mask [B, 1, T, T]: boolean (True = attend) on sdpa, additive (0 or the dtype's minimum)
   on eager.
 
-Both are built by `_fill(rows, width)`, which lays pieces out left to right in rows of `width`
-tokens: position ids restart at 0 with every piece, and the padding at the end of a row (if
+Both are built by `_fill(rows, width)`, which lays documents out left to right in rows of `width`
+tokens: position ids restart at 0 with every document, and the padding at the end of a row (if
 any) is a document of its own (positions from 0, no targets), so it needs no special case in
 any mask and `cu_seq_lens` cover every position. `_documents` gives each row's sequence lengths,
-from which the mask or `cu_seq_lens` are built. Transformers would also infer the block mask
+from which the mask or `cu_seq_lens` are built. A piece is one document, except a preference
+pair: its chosen and its rejected sequence are two (trainer/data/preference_rows.py), side by side in
+a packed row, or each in a padded row of its own when rows are not packed; `Batch.preference`
+says which tokens belong to which sequence. Transformers would also infer the block mask
 from restarting `position_ids` on sdpa and eager, but only when no KV cache is built; the
 explicit mask does not depend on that, and `use_cache=False` is passed as well.
 
@@ -36,12 +39,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from trainer.config.schema import Config
 from trainer.data.packing import Piece
+from trainer.data.preference_rows import PREFERENCE_FORMATS, PreferenceSequences
 from trainer.data.stream import StreamDataset
 from trainer.model.attention import NAME as VARLEN_REFERENCE, VARLEN_ATTENTION
 from trainer.model.loss import IGNORE_INDEX, count_targets
@@ -71,21 +76,36 @@ class Batch:
     labels_shifted: bool = False  # labels[t] is the target of position t (a sequence shard), not of t - 1
     row_starts: list[int] = field(default_factory=list)  # per row, its first position in the flattened inputs
     capacity: int = 0  # rows x data.seq_len: what the rows could hold
+    preference: PreferenceSequences | None = None  # the preference sequences, where the rows hold any
 
     def pin_memory(self) -> "Batch":
         """The tensors in page-locked host memory, for asynchronous copies to a GPU."""
         self.inputs = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.inputs.items()}
         self.labels = self.labels.pin_memory()
+        if self.preference is not None:
+            self.preference.token_sequence = self.preference.token_sequence.pin_memory()
         return self
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         self.inputs = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
                        for k, v in self.inputs.items()}
         self.labels = self.labels.to(device, non_blocking=non_blocking)
+        if self.preference is not None:
+            self.preference.token_sequence = self.preference.token_sequence.to(device, non_blocking=non_blocking)
         return self
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.labels, *(v for v in self.inputs.values() if torch.is_tensor(v))]
+        extra = [self.preference.token_sequence] if self.preference is not None else []
+        return [self.labels, *(v for v in self.inputs.values() if torch.is_tensor(v)), *extra]
+
+
+class _Document(NamedTuple):
+    """One document of a row: a piece, or one sequence of a preference pair."""
+
+    piece: Piece
+    part: int  # which sequence of its example (a pair: 0 chosen, 1 rejected)
+    start: int  # first token within the example
+    length: int
 
 
 @dataclass
@@ -109,12 +129,16 @@ class Collator:
             return self._padded(rows)
         return self._flat(rows) if self.attention in VARLEN_ATTENTION else self._masked(rows)
 
-    def _piece(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+    def _documents_of(self, row: list[Piece]) -> list[_Document]:
+        return [_Document(piece, part, start, length) for piece in row
+                for part, (start, length) in enumerate(self.datasets[piece.dataset].documents(piece))]
+
+    def _tokens(self, document: _Document) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (int64: stored ids may be uint16, where -100 would wrap) and target flags."""
-        data = self.datasets[piece.dataset].data
-        begin = int(data.offsets[piece.example]) + piece.start
-        tokens = data.tokens[begin: begin + piece.length].astype(np.int64)
-        return tokens, data.targets[begin: begin + piece.length]
+        data = self.datasets[document.piece.dataset].data
+        begin = int(data.offsets[document.piece.example]) + document.start
+        tokens = data.tokens[begin: begin + document.length].astype(np.int64)
+        return tokens, data.targets[begin: begin + document.length]
 
     def _counts(self, rows: list[list[Piece]]) -> tuple[dict, dict]:
         examples = {ds.name: 0 for ds in self.datasets}
@@ -126,53 +150,58 @@ class Collator:
                 tokens[name] += piece.length
         return examples, tokens
 
-    def _fill(self, rows: list[list[Piece]], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """input_ids, labels and position_ids [len(rows), width]: each row's pieces left to right,
-        positions from 0 in each piece and in the padding tail."""
+    def _fill(self, rows: list[list[_Document]], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       PreferenceSequences | None]:
+        """input_ids, labels and position_ids [len(rows), width]: each row's documents left to right,
+        positions from 0 in each document and in the padding tail; and the preference sequences
+        among the documents (None: there are none)."""
         input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
         labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
         positions = np.zeros((len(rows), width), dtype=np.int64)
+        sequences = _SequenceTable(self.datasets, (len(rows), width))
         for b, row in enumerate(rows):
             at = 0
-            for piece in row:
-                ids, targets = self._piece(piece)
-                end = at + piece.length
+            for document in row:
+                ids, targets = self._tokens(document)
+                end = at + document.length
                 input_ids[b, at:end] = ids
                 if len(targets):  # causal formats
                     labels[b, at:end] = np.where(targets, ids, IGNORE_INDEX)
                     labels[b, at] = IGNORE_INDEX  # a document's first token is nobody's target
-                positions[b, at:end] = np.arange(piece.length)
+                positions[b, at:end] = np.arange(document.length)
+                sequences.add(document, b, at, end)
                 at = end
             positions[b, at:] = np.arange(width - at)
-        return torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(positions)
+        return torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(positions), sequences.result()
 
     @staticmethod
-    def _documents(row: list[Piece], width: int) -> list[int]:
-        """The sequence lengths of a row of `width` positions: its pieces, then the padding tail."""
-        used = sum(p.length for p in row)
-        return [p.length for p in row] + ([width - used] if used < width else [])
+    def _documents(row: list[_Document], width: int) -> list[int]:
+        """The sequence lengths of a row of `width` positions: its documents, then the padding tail."""
+        used = sum(d.length for d in row)
+        return [d.length for d in row] + ([width - used] if used < width else [])
 
     def _flat(self, rows: list[list[Piece]]) -> Batch:
-        """Varlen backends: all rows as one stream [1, N] with cu_seq_lens over its pieces."""
-        stream = [piece for row in rows for piece in row]
-        width = round_up(sum(p.length for p in stream), self.flat_multiple)
-        input_ids, labels, positions = self._fill([stream], width)
+        """Varlen backends: all rows as one stream [1, N] with cu_seq_lens over its documents."""
+        stream = [document for row in rows for document in self._documents_of(row)]
+        width = round_up(sum(d.length for d in stream), self.flat_multiple)
+        input_ids, labels, positions, preference = self._fill([stream], width)
         lengths = self._documents(stream, width)
         cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         inputs = {"input_ids": input_ids, "position_ids": positions, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
                   "max_length_q": max(lengths), "max_length_k": max(lengths), "use_cache": False}
         starts = np.concatenate([[0], np.cumsum([sum(p.length for p in row) for row in rows])[:-1]])
-        return self._batch(rows, inputs, labels, [int(s) for s in starts])
+        return self._batch(rows, inputs, labels, [int(s) for s in starts], preference)
 
     def _masked(self, rows: list[list[Piece]]) -> Batch:
         """sdpa and eager: rows [B, T] as long as the longest (rounded), a block-diagonal mask."""
+        documents = [self._documents_of(row) for row in rows]
         longest = max(sum(p.length for p in row) for row in rows)
         width = min(round_up(longest, ROW_MULTIPLE), max(self.seq_len, longest))
-        input_ids, labels, positions = self._fill(rows, width)
+        input_ids, labels, positions, preference = self._fill(documents, width)
         inputs = {"input_ids": input_ids, "position_ids": positions,
-                  "attention_mask": self._block_causal_mask([self._documents(row, width) for row in rows]),
+                  "attention_mask": self._block_causal_mask([self._documents(row, width) for row in documents]),
                   "use_cache": False}
-        return self._batch(rows, inputs, labels, [b * width for b in range(len(rows))])
+        return self._batch(rows, inputs, labels, [b * width for b in range(len(rows))], preference)
 
     def _block_causal_mask(self, documents: list[list[int]]) -> torch.Tensor:
         ids = torch.from_numpy(np.stack([np.repeat(np.arange(len(row)), row) for row in documents]))
@@ -186,26 +215,31 @@ class Collator:
         return additive.masked_fill_(~allowed, torch.finfo(self.mask_dtype).min)
 
     def _padded(self, rows: list[list[Piece]]) -> Batch:
-        longest = max(sum(p.length for p in row) for row in rows)
-        input_ids, labels, _ = self._fill(rows, longest)
-        real = torch.tensor([[1] * sum(p.length for p in row) + [0] * (longest - sum(p.length for p in row))
-                             for row in rows], dtype=torch.int64)
+        """One document per row, right-padded to the longest (a pair's two sequences: two rows)."""
+        documents = [[document] for row in rows for document in self._documents_of(row)]
+        longest = max(row[0].length for row in documents)
+        input_ids, labels, _, preference = self._fill(documents, longest)
+        real = torch.tensor([[1] * row[0].length + [0] * (longest - row[0].length) for row in documents],
+                            dtype=torch.int64)
         inputs = {"input_ids": input_ids, "attention_mask": real, "use_cache": False}
         if self.position_ids:
-            inputs["position_ids"] = torch.arange(longest).expand(len(rows), -1).clone()
-        return self._batch(rows, inputs, labels, [b * longest for b in range(len(rows))])
+            inputs["position_ids"] = torch.arange(longest).expand(len(documents), -1).clone()
+        return self._batch(rows, inputs, labels, [b * longest for b in range(len(documents))], preference, documents)
 
     def _classification(self, rows: list[list[Piece]]) -> Batch:
         longest = max(sum(p.length for p in row) for row in rows)
-        input_ids, _, _ = self._fill(rows, longest)
+        input_ids, _, _, _ = self._fill([self._documents_of(row) for row in rows], longest)
         real = torch.tensor([[1] * row[0].length + [0] * (longest - row[0].length) for row in rows], dtype=torch.int64)
         labels = torch.tensor([self.datasets[row[0].dataset].class_id(row[0].example) for row in rows],
                               dtype=torch.int64)
         return self._batch(rows, {"input_ids": input_ids, "attention_mask": real}, labels,
                            [b * longest for b in range(len(rows))])
 
-    def _batch(self, rows: list[list[Piece]], inputs: dict, labels: torch.Tensor, row_starts: list[int]) -> Batch:
+    def _batch(self, rows: list[list[Piece]], inputs: dict, labels: torch.Tensor, row_starts: list[int],
+               preference: PreferenceSequences | None = None, documents: list[list[_Document]] | None = None) -> Batch:
+        """`documents`: the documents of each row of `inputs` (default: those of `rows`)."""
         examples, tokens = self._counts(rows)
+        documents = documents if documents is not None else [self._documents_of(row) for row in rows]
         return Batch(
             inputs=inputs,
             labels=labels,
@@ -214,10 +248,45 @@ class Collator:
             num_slots=int(inputs["input_ids"].numel()),
             examples=examples,
             tokens=tokens,
-            row_lengths=[[p.length for p in row] for row in rows],
+            row_lengths=[[d.length for d in row] for row in documents],
             row_starts=row_starts,
             capacity=len(rows) * self.seq_len,
+            preference=preference,
         )
+
+
+class _SequenceTable:
+    """The preference sequences among a micro-batch's documents, as `_fill` lays them out."""
+
+    def __init__(self, datasets: list[StreamDataset], shape: tuple[int, int]):
+        self.datasets = datasets
+        self.token_sequence = np.full(shape, -1, dtype=np.int64)
+        self.pair, self.chosen, self.margin, self.keys = [], [], [], []
+        self.pairs = 0
+
+    def add(self, document: _Document, row: int, begin: int, end: int) -> None:
+        dataset = self.datasets[document.piece.dataset]
+        data, example = dataset.data, document.piece.example
+        if data.format not in PREFERENCE_FORMATS:
+            return
+        self.token_sequence[row, begin:end] = len(self.keys)
+        self.keys.append((dataset.name, example, document.part))
+        if data.pair_splits is not None:  # chosen (part 0), then rejected (part 1)
+            self.pair.append(self.pairs)
+            self.pairs += document.part
+            self.chosen.append(document.part == 0)
+            self.margin.append(float(data.margins[example]))
+        else:
+            self.pair.append(-1)
+            self.chosen.append(bool(data.label(example)))
+            self.margin.append(0.0)
+
+    def result(self) -> PreferenceSequences | None:
+        if not self.keys:
+            return None
+        return PreferenceSequences(torch.from_numpy(self.token_sequence), torch.tensor(self.pair, dtype=torch.int64),
+                                   torch.tensor(self.chosen, dtype=torch.bool),
+                                   torch.tensor(self.margin, dtype=torch.float32), self.keys)
 
 
 def describe_batch(batch: Batch, tokenizer) -> str:

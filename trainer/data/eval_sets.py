@@ -143,6 +143,8 @@ def format_problems(cfg: Config, key: str, fmt: str) -> list[str]:
     task = cfg.model.task
     if fmt == "choice" and task != "causal_lm":
         return [f"{key}: choice sets are scored by a causal LM's likelihood of each choice, not by model.task {task}"]
+    if task == "reward_model" and fmt != "preference":
+        return [f"{key}: model.task reward_model trains and evaluates on pairs (format preference), not {fmt}"]
     if task == "sequence_classification" and fmt not in ("classification", "choice"):
         return [f"{key}: model.task sequence_classification needs format classification, got {fmt}"]
     if task != "sequence_classification" and fmt == "classification":

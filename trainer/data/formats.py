@@ -13,6 +13,8 @@
   again where a token is a target, -100 where not; unshifted, as in Hugging Face).
 - choice (evaluation only): a `context`, its `choices` and the `answer` (see
   `choice_question`), scored by trainer/eval/multiple_choice.py.
+- preference and unpaired_preference: pairs of answers to one prompt, or judged answers
+  (trainer/data/preference_rows.py).
 
 Field names are mapped per dataset (`fields: {messages: conversations, role: from,
 content: value}` reads sharegpt, `{prompt: instruction, input: input, response: output}`
@@ -28,6 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from trainer.data.chat import ChatEncoder
+from trainer.data.preference_rows import (PREFERENCE_FORMATS, PreferenceEncoder, UnpairedPreferenceEncoder,
+                                          preference_texts)
 from trainer.data.records import TRAIN_ON_DEFAULT, TRAIN_PARTS, Encoded, RowError, get_field, short_repr
 from trainer.model.loss import IGNORE_INDEX
 from trainer.runtime.errors import ConfigError
@@ -237,6 +241,8 @@ ENCODERS = {
     "text": TextEncoder,
     "classification": ClassificationEncoder,
     "tokenized": TokenizedEncoder,
+    "preference": PreferenceEncoder,
+    "unpaired_preference": UnpairedPreferenceEncoder,
 }
 
 
@@ -255,8 +261,8 @@ def train_on_problems(fmt: str, train_on, key: str) -> list[str]:
                 "(tool results never train)"]
     if fmt == "instruction" and "content" not in train_on:
         return [f"{key}: instruction data has only the response to train on; keep content"]
-    if fmt not in ("chat", "instruction") and set(train_on) != set(TRAIN_PARTS):
-        return [f"{key}: only chat and instruction data have assistant turns, not {fmt} data"]
+    if fmt not in ("chat", "instruction", *PREFERENCE_FORMATS) and set(train_on) != set(TRAIN_PARTS):
+        return [f"{key}: only chat, instruction and preference data have assistant turns, not {fmt} data"]
     return []
 
 
@@ -280,6 +286,8 @@ def record_texts(fmt: str, record: dict, names: dict) -> list[str]:
                 if isinstance(call, dict):
                     texts.append(json.dumps(call.get("function", call), ensure_ascii=False))
         return texts
+    if fmt in PREFERENCE_FORMATS:
+        return preference_texts(record, names)
     if fmt == "choice":
         choices = _field(record, names["choices"])
         context = _field(record, names["context"])

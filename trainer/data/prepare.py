@@ -73,6 +73,7 @@ class EncodingSpec:
 
 def encode_chunk(encoder, rows: list[Row]) -> EncodedChunk:
     tokens, targets, lengths, numbers, keys, labels, problems = [], [], [], [], [], [], []
+    splits, margins = [], []
     for row in rows:
         problem = row.error
         if problem is None:
@@ -89,10 +90,13 @@ def encode_chunk(encoder, rows: list[Row]) -> EncodedChunk:
         lengths.append(len(encoded.tokens))
         numbers.append(row.number)
         labels.append(encoded.label)
+        splits.append(encoded.sequences[0] if encoded.sequences else len(encoded.tokens))
+        margins.append(encoded.margin)
     return EncodedChunk(by_line=rows[0].by_line, tokens=_joined(tokens, np.int64), targets=_joined(targets, bool),
                         lengths=np.asarray(lengths, dtype=np.int64), rows=np.asarray(numbers, dtype=np.int64),
                         prompt_keys=np.asarray(keys, dtype=np.uint64),
-                        labels=labels, problems=problems, rows_read=len(rows))
+                        labels=labels, problems=problems, rows_read=len(rows),
+                        pair_splits=np.asarray(splits, dtype=np.int64), margins=np.asarray(margins, dtype=np.float32))
 
 
 def _joined(parts: list[np.ndarray], dtype) -> np.ndarray:

@@ -22,6 +22,12 @@ DEFAULT_FIELDS = {
     "classification": {"text": "text", "label": "label"},
     "tokenized": {"input_ids": "input_ids", "labels": "labels"},
     "choice": {"context": "context", "choices": "choices", "answer": "answer", "labels": "labels"},
+    # prompt, chosen, rejected: strings or lists of chat messages (role, content); margin: optional,
+    # a reward model's Bradley-Terry margin
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": "margin",
+                   "role": "role", "content": "content"},
+    "unpaired_preference": {"prompt": "prompt", "completion": "completion", "label": "label", "role": "role",
+                            "content": "content"},
 }
 
 
@@ -48,6 +54,10 @@ class Encoded:
     tokens: list[int] | np.ndarray
     targets: list[bool] | np.ndarray = field(default_factory=list)  # causal formats: which tokens are trained on
     label: int | str | None = None  # classification: raw label, mapped to an id when all are known
+    # preference formats: the example's sequences, one after the other in `tokens` (a pair: chosen then
+    # rejected); the margin of a pair (reward models), 0 when the row has none
+    sequences: list[int] | None = None
+    margin: float = 0.0
 
 
 

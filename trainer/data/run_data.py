@@ -18,6 +18,7 @@ from trainer.data.builtin import builtin_format, is_builtin, materialize
 from trainer.data.eval_sets import declared_sets
 from trainer.data.formats import record_texts
 from trainer.data.mixing import RandomPermutation
+from trainer.data.preference_rows import trains_after_cut
 from trainer.data.prepare import EncodingSpec, load_tokenized
 from trainer.data.records import field_names
 from trainer.data.hub_datasets import hub_data_files, is_hub_data
@@ -135,7 +136,7 @@ def _usable(source: _Source, cfg: Config, stats: dict, report: bool = True) -> E
         raise DataError(f"{data.where(i)}: example of {data.length(i)} tokens is longer than data.seq_len {seq_len} "
                         f"({len(over)} such examples; set data.overlong=truncate or drop)")
     dropped = [int(i) for i in over if policy == "drop" or
-               (data.format != "classification" and not data.example_targets(int(i))[1:seq_len].any())]
+               (data.format != "classification" and not trains_after_cut(data, int(i), seq_len))]
     truncated = len(over) - len(dropped)
     if len(over) and report:
         log.warning("%s: %d examples longer than data.seq_len %d: %d truncated, %d dropped (data.overlong=%s)",

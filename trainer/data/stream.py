@@ -25,6 +25,7 @@ import numpy as np
 
 from trainer.data.mixing import DatasetOrder, MixingSchedule, primary_index
 from trainer.data.packing import Piece, RowPacker, split_example
+from trainer.data.preference_rows import pair_lengths
 from trainer.data.tokenized import TokenizedDataset
 from trainer.runtime.errors import ConfigError
 
@@ -76,9 +77,25 @@ class StreamDataset:
     class_of_label: np.ndarray | None = None  # classification: class id of each of data.label_values
 
     def length(self, example: int) -> int:
-        """Tokens of an example after truncation (split documents keep them all)."""
+        """Tokens of an example after truncation (split documents keep them all; a pair is cut
+        as `pair_lengths` cuts it)."""
         length = self.data.length(example)
+        if self.data.pair_splits is not None:
+            return sum(self._pair(example, length))
         return length if self.splittable else min(length, self.seq_len)
+
+    def _pair(self, example: int, length: int) -> tuple[int, int]:
+        first = int(self.data.pair_splits[example])
+        return pair_lengths(first, length - first, self.seq_len)
+
+    def documents(self, piece: Piece) -> list[tuple[int, int]]:
+        """(first token within the example, length) of each document of a piece: a pair is its two
+        sequences, chosen then rejected, each isolated in the row like any document; any other
+        piece is one document."""
+        if self.data.pair_splits is None:
+            return [(piece.start, piece.length)]
+        chosen, rejected = self._pair(piece.example, self.data.length(piece.example))
+        return [(0, chosen), (int(self.data.pair_splits[piece.example]), rejected)]
 
     def pieces(self, index: int, example: int, length: int | None = None) -> list[Piece]:
         """The example as pieces of at most a row; `length` when the caller has it already."""

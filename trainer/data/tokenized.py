@@ -11,8 +11,12 @@ A tokenized data set is a folder of raw arrays and a `meta.json` that describes 
     prompt_keys.uint64     per example, a hash of its prompt (the tokens before its first
                            target; the whole example when it has no prompt): examples that
                            share a held-out example's prompt are kept out of training
-    labels.int32           classification: each example's label, an index into the
-                           `label_values` of meta.json (the distinct raw labels)
+    labels.int32           classification (and unpaired preference: desirable or not): each
+                           example's label, an index into the `label_values` of meta.json
+                           (the distinct raw labels)
+    pair_splits.int64      preference pairs: the tokens of each example's first (chosen)
+                           sequence; the rest of the example is the rejected one
+    margins.float32        preference pairs: each pair's margin (0 where the row has none)
 
 The ranks of a node map these files, so the node holds one copy in its page cache and no
 rank holds any in its heap, whatever the size of the data. `TokenizedWriter` appends
@@ -34,6 +38,9 @@ import numpy as np
 from trainer.data.sources import location
 
 META = "meta.json"
+# Formats whose examples carry a label (labels.int32), and those whose examples are pairs of sequences.
+LABELLED_FORMATS = ("classification", "unpaired_preference")
+PAIRED_FORMATS = ("preference",)
 
 
 @dataclass
@@ -50,6 +57,8 @@ class TokenizedDataset:
     by_line: bool
     label_values: list = field(default_factory=list)  # classification: the distinct raw labels
     label_index: np.ndarray | None = None  # classification: per example, an index into label_values
+    pair_splits: np.ndarray | None = None  # preference pairs: per example, its chosen sequence's tokens
+    margins: np.ndarray | None = None  # preference pairs: per example, its margin
     skipped: int = 0
     skipped_where: list[str] = field(default_factory=list)  # the first few, for the warning
     folder: Path | None = None  # where the arrays are mapped from (None: in memory)
@@ -116,6 +125,8 @@ class EncodedChunk:
     labels: list  # classification: the raw label of each example
     problems: list[tuple[int, str]]
     rows_read: int  # good and bad
+    pair_splits: np.ndarray | None = None  # int64 per example: its first sequence's tokens (preference)
+    margins: np.ndarray | None = None  # float32 per example (preference)
 
 
 def prompt_key(tokens: np.ndarray, targets: np.ndarray) -> int:
@@ -144,7 +155,7 @@ class TokenizedWriter:
         folder.mkdir(parents=True)
         self.files = {name: open(folder / name, "wb") for name in
                       (f"tokens.{self.dtype.name}", "targets.bool", "offsets.int64", "rows.int64",
-                       "prompt_keys.uint64", "labels.int32")}
+                       "prompt_keys.uint64", "labels.int32", "pair_splits.int64", "margins.float32")}
         self.files["offsets.int64"].write(np.zeros(1, dtype=np.int64).tobytes())
         self.examples = 0
         self.num_tokens = 0
@@ -165,9 +176,12 @@ class TokenizedWriter:
         (self.num_tokens + np.cumsum(chunk.lengths)).astype(np.int64).tofile(self.files["offsets.int64"])
         chunk.rows.astype(np.int64).tofile(self.files["rows.int64"])
         chunk.prompt_keys.astype(np.uint64).tofile(self.files["prompt_keys.uint64"])
-        if self.format == "classification":
+        if self.format in LABELLED_FORMATS:
             ids = [self.label_ids.setdefault(value, len(self.label_ids)) for value in chunk.labels]
             np.asarray(ids, dtype=np.int32).tofile(self.files["labels.int32"])
+        if self.format in PAIRED_FORMATS:
+            chunk.pair_splits.astype(np.int64).tofile(self.files["pair_splits.int64"])
+            chunk.margins.astype(np.float32).tofile(self.files["margins.float32"])
         self.examples += len(chunk.lengths)
         self.num_tokens += int(chunk.lengths.sum())
 
@@ -183,8 +197,11 @@ class TokenizedWriter:
         targets = "none" if self.format == "classification" else "all" if self.every_token_a_target else "file"
         if targets != "file":
             (self.folder / "targets.bool").unlink()
-        if self.format != "classification":
+        if self.format not in LABELLED_FORMATS:
             (self.folder / "labels.int32").unlink()
+        if self.format not in PAIRED_FORMATS:
+            (self.folder / "pair_splits.int64").unlink()
+            (self.folder / "margins.float32").unlink()
         meta = {"source": self.source, "format": self.format, "by_line": self.by_line,
                 "examples": self.examples, "tokens": self.num_tokens, "token_dtype": self.dtype.name,
                 "targets": targets, "label_values": list(self.label_ids),
@@ -218,12 +235,14 @@ def open_tokenized(folder: Path) -> TokenizedDataset:
     targets = {"file": lambda: mapped("targets.bool", np.bool_, count),
                "all": lambda: np.broadcast_to(np.True_, (count,)),  # no memory, any length
                "none": lambda: np.empty(0, dtype=np.bool_)}[meta["targets"]]()
-    classification = meta["format"] == "classification"
+    labelled, paired = meta["format"] in LABELLED_FORMATS, meta["format"] in PAIRED_FORMATS
     return TokenizedDataset(
         source=meta["source"], format=meta["format"],
         tokens=mapped(f"tokens.{meta['token_dtype']}", np.dtype(meta["token_dtype"]), count),
         offsets=mapped("offsets.int64", np.int64, n + 1), targets=targets,
         rows=mapped("rows.int64", np.int64, n), prompt_keys=mapped("prompt_keys.uint64", np.uint64, n),
         by_line=meta["by_line"],
-        label_values=meta["label_values"], label_index=mapped("labels.int32", np.int32, n) if classification else None,
+        label_values=meta["label_values"], label_index=mapped("labels.int32", np.int32, n) if labelled else None,
+        pair_splits=mapped("pair_splits.int64", np.int64, n) if paired else None,
+        margins=mapped("margins.float32", np.float32, n) if paired else None,
         skipped=meta["skipped"], skipped_where=meta["skipped_where"], folder=folder)

@@ -213,15 +213,16 @@ def activation_shape(cfg: Config, compute_dtype: torch.dtype) -> ActivationShape
     # sequence parallelism: this rank's tokens of each row (its attention: all of them, 1/N of the heads)
     rows, seq = cfg.train.micro_batch_size, cfg.data.seq_len // cfg.parallel.sequence_parallel
     ids = torch.zeros(rows, seq, dtype=torch.long, device="meta")
-    classification = cfg.model.task == "sequence_classification"
+    classification = cfg.model.task != "causal_lm"  # a reward model scores a row as a one-label classifier
     labels = torch.zeros(rows if classification else (rows, seq), dtype=torch.long)
     # The fused head picks its target positions from the labels' values, so they are real.
     labels = labels if head is not None else labels.to("meta")
     with saved_tensor_bytes(model, decoder_layers(model)) as totals:
-        forward_summed_loss(model, {"input_ids": ids}, labels, cfg.model.task)
+        task = "sequence_classification" if classification else "causal_lm"
+        forward_summed_loss(model, {"input_ids": ids}, labels, task)
     hidden = getattr(model.config, "hidden_size", 0)
     element = torch.empty((), dtype=compute_dtype).element_size()
-    outputs = cfg.model.num_labels if classification else model.config.vocab_size
+    outputs = model.config.num_labels if classification else model.config.vocab_size
     return ActivationShape(
         in_layers=totals["in_layers"],
         outside=totals["outside"],

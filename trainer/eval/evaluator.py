@@ -29,6 +29,7 @@ from trainer.eval.generation import HeldOutGeneration
 from trainer.eval.multiple_choice import ChoiceSet, build_choice_sets, evaluate_choice_set
 from trainer.eval.scores import classification_scores
 from trainer.model.loss import forward_summed_loss, model_logits, summed_loss
+from trainer.preference.objective import PreferenceObjective
 from trainer.runtime.distributed import DistInfo, all_reduce_max, all_reduce_sum
 
 log = logging.getLogger("finetrain")
@@ -135,8 +136,8 @@ class ForgettingMonitor:
 
 class Evaluator:
     """What one evaluation of the run measures, built from `data.eval`: held-out loss per
-    dataset, the task metrics of generated answers, the accuracy of choice sets, and the
-    change since step 0."""
+    dataset, the task metrics of generated answers, the accuracy of choice sets, the preference loss, reward
+    accuracy and margin of preference sets, and the change since step 0."""
 
     def __init__(self, cfg: Config, eval_sets: dict, generation: HeldOutGeneration | None, is_main: bool,
                  choice_sets: dict[str, ChoiceSet] | None = None):
@@ -146,6 +147,8 @@ class Evaluator:
         self.choice_sets = choice_sets or {}
         self.generation = generation
         self.forgetting = ForgettingMonitor(forgetting_checks(cfg), is_main)
+        # A run that trains preference data scores its preference eval sets with its loss (set by the trainer).
+        self.objective: PreferenceObjective | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, plan, tokenizer, data: RunData, dist_info: DistInfo) -> "Evaluator":
@@ -158,7 +161,12 @@ class Evaluator:
         """(eval/<dataset>/<metric> values, the generated answers); collective."""
         if not self.eval_sets and not self.choice_sets:
             return {}, []
-        results = evaluate(strategy, self.eval_sets, self.task, self.num_labels) if self.eval_sets else {}
+        preference = {name: batches for name, batches in self.eval_sets.items()
+                      if batches and batches[0].preference is not None}
+        scored_by_loss = {name: batches for name, batches in self.eval_sets.items() if name not in preference}
+        results = evaluate(strategy, scored_by_loss, self.task, self.num_labels) if scored_by_loss else {}
+        for name, batches in preference.items():  # loss, rewards/accuracies, rewards/margins, ...
+            results.update({f"eval/{name}/{k}": v for k, v in self.objective.evaluate(strategy, batches).items()})
         for name, choice_set in self.choice_sets.items():
             results.update({f"eval/{name}/{k}": v for k, v in evaluate_choice_set(strategy, choice_set).items()})
         generations: list[dict] = []

@@ -127,9 +127,11 @@ def model_config(cfg: Config, pad_token_id: int | None = None):
     buckets, the estimate)."""
     m = cfg.model
     head = {}
-    if m.task == "sequence_classification":
-        # Decoders classify from the last non-pad token, found through pad_token_id.
-        head = {"num_labels": m.num_labels, "pad_token_id": pad_token_id if pad_token_id is not None else 0}
+    if m.task != "causal_lm":
+        # Decoders classify from the last non-pad token, found through pad_token_id; a reward model
+        # is a classifier of one label, its score.
+        head = {"num_labels": m.num_labels if m.task == "sequence_classification" else 1,
+                "pad_token_id": pad_token_id if pad_token_id is not None else 0}
     try:
         if m.path:
             config = AutoConfig.from_pretrained(resolve_model_path(m.path, cache_root(cfg)), **head)

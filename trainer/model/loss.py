@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model.loss_head import fused_head, head_log_probs, summed_target_loss
+from trainer.model.loss_head import fused_head, head_log_probs, head_token_log_probs, summed_target_loss
 
 IGNORE_INDEX = -100
 
@@ -78,3 +78,18 @@ def target_log_probs(model: nn.Module, inputs: dict, rows: torch.Tensor, cols: t
     logits = logits[:, logits.size(1) - inputs["input_ids"].shape[1]:]  # after prompt tuning's virtual tokens
     picked = logits[rows.to(logits.device), cols.to(logits.device)].float()
     return picked.log_softmax(-1).gather(1, targets.to(logits.device)[:, None]).squeeze(1)
+
+
+def token_log_probs(model: nn.Module, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward one micro-batch: (the log-probability [N] (fp32, differentiable) of each target for
+    the position before it, in row-major order; `is_target` [B, T-1], which positions those are),
+    through the target-only head when the model has one, else from the full logits."""
+    next_tokens = labels[..., 1:]
+    is_target = next_tokens != IGNORE_INDEX
+    targets = next_tokens[is_target]
+    head = fused_head(model)
+    if head is not None:
+        return head_token_log_probs(model, head, inputs, is_target, targets), is_target
+    logits = model_logits(model, inputs, labels)[..., :-1, :]
+    picked = logits[is_target].float()
+    return picked.log_softmax(-1).gather(1, targets.to(picked.device)[:, None]).squeeze(1), is_target

@@ -76,6 +76,21 @@ def chunk_loss_and_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tupl
     return loss, grad.to(logits.dtype)
 
 
+def add_chunk_gradients(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, start: int, grad_hidden: torch.Tensor | None,
+                        grad_weight: torch.Tensor | None, grad_bias: torch.Tensor | None) -> None:
+    """One chunk's d/d logits `g` (in the compute dtype) into the gradients of the hidden states (its
+    rows from `start`), of the weight and of the bias (fp32 sums; None: not wanted)."""
+    if grad_hidden is not None:
+        grad_hidden[start:start + g.size(0)] = g @ w
+    if grad_weight is not None:
+        if g.dtype == torch.float32:
+            grad_weight.addmm_(g.t(), h)
+        else:
+            grad_weight += g.t() @ h  # the 16-bit product added in fp32, no fp32 copy of it
+    if grad_bias is not None:
+        grad_bias += g.float().sum(0)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed CE of `hidden @ weight.T + bias` against `targets`, chunk by chunk; the
     gradients are computed in forward for the inputs listed in `wanted`."""
@@ -100,15 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             chunk_loss, g = chunk_loss_and_gradient(logits, t)
             loss += chunk_loss
-            if want_hidden:
-                grad_hidden[start:start + chunk] = g @ w
-            if want_weight:
-                if compute_dtype == torch.float32:
-                    grad_weight.addmm_(g.t(), h)
-                else:
-                    grad_weight += g.t() @ h  # the 16-bit product added in fp32, no fp32 copy of it
-            if want_bias:
-                grad_bias += g.float().sum(0)
+            add_chunk_gradients(g, h, w, start, grad_hidden, grad_weight, grad_bias)
         ctx.save_for_backward(
             grad_hidden,
             grad_weight.to(weight.dtype) if want_weight else None,
@@ -142,6 +149,65 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
               grad and bias is not None and bias.requires_grad)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         return _LinearCrossEntropy.apply(hidden, weight, bias, targets, wanted, compute_dtype, chunk)
+
+
+class _LinearTokenLogProbs(torch.autograd.Function):
+    """Per-position log softmax(hidden @ weight.T + bias)[targets], [N] in fp32, chunk by chunk.
+    Preference losses weigh each position's log-probability by a factor known only once every
+    sequence of the micro-batch is summed, so the gradient cannot be formed in forward as the
+    summed cross-entropy's is: forward keeps each position's log-sum-exp, backward recomputes each
+    chunk's logits (one matmul more than the cross-entropy head, still no [N, vocab] tensor beyond
+    a chunk)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype, chunk):
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.size(0), chunk):
+            logits = F.linear(hidden[start:start + chunk].to(compute_dtype), w, b).float()
+            lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
+            out[start:start + chunk] = logits.gather(1, targets[start:start + chunk, None]).squeeze(1) - \
+                lse[start:start + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.compute_dtype, ctx.chunk = compute_dtype, chunk
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        compute_dtype, chunk = ctx.compute_dtype, ctx.chunk
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
+        grad_out = grad_out.float()
+        for start in range(0, hidden.size(0), chunk):
+            h = hidden[start:start + chunk].to(compute_dtype)
+            scale = grad_out[start:start + chunk, None]
+            # d log p(t) / d logits = one-hot(t) - softmax, times the incoming gradient
+            g = torch.exp_(F.linear(h, w, b).float().sub_(lse[start:start + chunk, None])).mul_(-scale)
+            g.scatter_add_(1, targets[start:start + chunk, None], scale)
+            add_chunk_gradients(g.to(compute_dtype), h, w, start, grad_hidden, grad_weight, grad_bias)
+        return (grad_hidden, grad_weight.to(weight.dtype) if want_weight else None,
+                grad_bias.to(bias.dtype) if want_bias else None, None, None, None)
+
+
+def linear_token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias)[targets] per position, [N] in fp32, differentiable,
+    with no [N, vocab] tensor alive beyond one chunk. Under autocast the matmuls run in the
+    autocast dtype, as the plain head's would."""
+    device_type = hidden.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    chunk = chunk or chunk_tokens(weight.shape[0], compute_dtype)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        return _LinearTokenLogProbs.apply(hidden, weight, bias, targets, compute_dtype, chunk)
 
 
 # ----------------------------------------------------------------------------- the head
@@ -182,6 +248,16 @@ class _LossRequest:
     loss: torch.Tensor | None = None
 
 
+@dataclass
+class _TokenLogProbRequest:
+    """As a loss request, for each target's log-probability (with its gradient) instead of their sum."""
+
+    is_target: torch.Tensor
+    targets: torch.Tensor
+    shifted: bool = False
+    loss: torch.Tensor | None = None  # the [N] log-probabilities (named as a loss request's result)
+
+
 class TargetOnlyHead(nn.Linear):
     """The model's LM head. Called while a loss request is pending (`summed_target_loss`)
     it returns the summed CE over the target positions; otherwise it is the plain linear."""
@@ -206,7 +282,11 @@ class TargetOnlyHead(nn.Linear):
         row, col = request.is_target.nonzero(as_tuple=True)
         positions = (row * length + offset + col).to(hidden.device)
         selected = hidden.reshape(rows * length, width).index_select(0, positions)
-        request.loss = linear_cross_entropy(selected, self.weight, self.bias, request.targets.to(hidden.device))
+        targets = request.targets.to(hidden.device)
+        if isinstance(request, _TokenLogProbRequest):
+            request.loss = linear_token_log_probs(selected, self.weight, self.bias, targets)
+        else:
+            request.loss = linear_cross_entropy(selected, self.weight, self.bias, targets)
         return request.loss
 
 
@@ -255,7 +335,19 @@ def summed_target_loss(model: nn.Module, head: TargetOnlyHead, inputs: dict, is_
                        targets: torch.Tensor, shifted: bool = False) -> torch.Tensor:
     """Forward through `model` (or its strategy wrapper), whose LM head is `head`; the
     summed CE of the positions `is_target` against `targets` (the caller normalises)."""
-    request = _LossRequest(is_target, targets, shifted)
+    return _through_head(model, head, inputs, _LossRequest(is_target, targets, shifted))
+
+
+def head_token_log_probs(model: nn.Module, head: TargetOnlyHead, inputs: dict, is_target: torch.Tensor,
+                         targets: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+    """Forward through `model`, whose LM head is `head`; the log-probability [N] (fp32, with its
+    gradient) of each position `is_target` for its target, in row-major order."""
+    return _through_head(model, head, inputs, _TokenLogProbRequest(is_target, targets, shifted))
+
+
+def _through_head(model: nn.Module, head: TargetOnlyHead, inputs: dict,
+                  request: _LossRequest | _TokenLogProbRequest) -> torch.Tensor:
+    """What the head computes for `request` in one forward, as the model passes it on."""
     head.request = request
     try:
         loss = model(**inputs).logits  # what the head returned, as the model passes it on
@@ -268,7 +360,7 @@ def summed_target_loss(model: nn.Module, head: TargetOnlyHead, inputs: dict, is_
     # Once (a transform after the head is in the model's code); meta tensors (`finetrain
     # estimate`) have no values to compare.
     if not head.output_checked and not loss.is_meta:
-        if loss.dim() != 0 or not torch.equal(loss.detach(), request.loss.detach()):
+        if loss.shape != request.loss.shape or not torch.equal(loss.detach(), request.loss.detach()):
             raise ConfigError(f"train.fused_loss: {name} transforms what its output layer returns; "
                               "set train.fused_loss=false")
         head.output_checked = True

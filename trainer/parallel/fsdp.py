@@ -120,6 +120,18 @@ class FSDPStrategy(TorchStrategy):
         self.model = model
         self.build_optimizer(model, total_steps)
 
+    def frozen_copy(self, make_model) -> nn.Module:
+        """Sharded as the trained model is, on the same mesh and mixed precision: its decoder layers
+        gathered one at a time in forward (there is no backward to keep them for)."""
+        model = make_model()
+        model.requires_grad_(False)
+        policies = {"mesh": self.device_mesh(), "mp_policy": self.mixed_precision_policy(),
+                    "offload_policy": self.offload_policy()}
+        for layer in decoder_layers(model):
+            fully_shard(layer, reshard_after_forward=True, **policies)
+        fully_shard(model, reshard_after_forward=True, **policies)
+        return model.eval()
+
     def autocast(self):
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters itself
 

@@ -74,6 +74,15 @@ class Strategy(ABC):
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """Apply parallelism + activation checkpointing, build optimizer and scheduler."""
 
+    def frozen_copy(self, make_model: Callable[[], nn.Module]) -> nn.Module:
+        """A second model for forward only (preference tuning's `copy` reference), frozen, in
+        evaluation mode, placed as this strategy places the trained one (sharded where it shards
+        it) and computing in its compute dtype, with no gradient or optimizer state. Here: a whole
+        copy on the device (single, ddp: a frozen model needs no gradient reduction)."""
+        model = self.build_model(make_model)
+        model.requires_grad_(False)
+        return model.to(self.dist.device).eval()
+
     # ------------------------------------------------------------------ train step
     def compute_dtype(self) -> torch.dtype:
         return self.plan.compute_dtype

@@ -200,6 +200,21 @@ class ZeroStrategy(Strategy):
                                "accumulation boundary to the caller; install deepspeed>=0.19.8")
         self.model = self.engine
 
+    def frozen_copy(self, make_model: Callable[[], nn.Module]) -> nn.Module:
+        """Stage 3: partitioned by an engine of its own without an optimizer (DeepSpeed gathers each
+        layer's weights for its forward); stages 1 and 2 do not partition weights: a whole copy,
+        in the dtype the engine computes the trained one in."""
+        model = self.build_model(make_model)
+        model.requires_grad_(False)
+        if self.stage == 3:
+            import deepspeed
+
+            engine, *_ = deepspeed.initialize(model=model, config=self.ds_config, dist_init_required=False)
+            engine.eval()
+            return engine
+        model.to(self.dist.device)
+        return (model.to(torch.bfloat16) if self.ds_config["bf16"]["enabled"] else model).eval()
+
     def _client_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """finetrain's AdamW groups; with offload, the same groups on DeepSpeed's vectorised
         CPU Adam (torch's AdamW is several times slower there)."""

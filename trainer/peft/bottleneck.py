@@ -21,6 +21,7 @@ it is a folder of its own (`bottleneck_config.json`, `bottleneck_model.safetenso
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -112,8 +113,26 @@ class BottleneckAdapter(nn.Module):
 
 
 def _apply_adapter(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook of an adapted linear layer: its output through its adapter."""
+    """Forward hook of an adapted linear layer: its output through its adapter (unless switched off)."""
+    if getattr(module, SWITCHED_OFF, False):
+        return output
     return getattr(module, ADAPTER)(output)
+
+
+SWITCHED_OFF = "bottleneck_adapter_off"  # set on an adapted linear layer while its adapter is switched off
+
+
+@contextlib.contextmanager
+def adapters_switched_off(model: nn.Module):
+    """The model computing as its base does (preference tuning's reference): every adapter skipped."""
+    sites = [module for module in model.modules() if hasattr(module, ADAPTER)]
+    for module in sites:
+        setattr(module, SWITCHED_OFF, True)
+    try:
+        yield
+    finally:
+        for module in sites:
+            setattr(module, SWITCHED_OFF, False)
 
 
 # --------------------------------------------------------------------------- placing adapters
@@ -180,7 +199,7 @@ def _attach(model: nn.Module, options: BottleneckOptions, dropout: float, task: 
                                                      reference.device))
         linear.register_forward_hook(_apply_adapter)
     heads = []
-    if task == "sequence_classification":
+    if task in ("sequence_classification", "reward_model"):
         heads = [name for name in HEADS if isinstance(getattr(model, name, None), nn.Module)]
         for name in heads:
             getattr(model, name).requires_grad_(True)

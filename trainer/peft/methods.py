@@ -12,6 +12,7 @@ method's own config class checks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from trainer.config.capabilities import WHOLE_BASE_WEIGHTS, WHOLE_GRADIENTS
 from trainer.config.schema import Config, PeftConfig
-from trainer.peft.bottleneck import BottleneckOptions, add_bottleneck_adapters, bottleneck_problems, is_bottleneck_model
+from trainer.peft.bottleneck import (BottleneckOptions, add_bottleneck_adapters, adapters_switched_off,
+                                    bottleneck_problems, is_bottleneck_model)
 from trainer.runtime.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -142,7 +144,7 @@ def peft_config_problems(cfg: Config) -> list[str]:
     line each, starting with the key; peft is imported only when a peft method is named."""
 
     p = cfg.peft
-    problems = []
+    problems = _adapter_path_problems(p)
     defaults = PeftConfig()
     if p.method == "none":
         if p.options:
@@ -183,6 +185,35 @@ def peft_config_problems(cfg: Config) -> list[str]:
         problems.append(f"data.packing: peft.method {p.method} {why}, so packed documents would not be isolated; "
                         "set data.packing=false")
     return problems
+
+
+def _adapter_path_problems(p: PeftConfig) -> list[str]:
+    """An adapter folder to continue: a peft method that adapts layers, the folder's own method, and
+    no generic key or option beside it (the folder's adapter_config.json sets them)."""
+    if p.adapter_path is None:
+        return []
+    import json
+    from pathlib import Path
+
+    key = "peft.adapter_path"
+    if p.method in OWN_METHODS or is_prompt_learning(p.method):
+        return [f"{key}: continues the adapter of a peft method that adapts layers (lora, dora, ia3, ...), "
+                f"not peft.method {p.method}"]
+    config_file = Path(p.adapter_path) / "adapter_config.json"
+    if not config_file.is_file():
+        return [f"{key}: {p.adapter_path} has no adapter_config.json (export the adapter run without --merge)"]
+    try:
+        saved = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        return [f"{key}: {config_file}:{err.lineno}: not valid JSON ({err.msg})"]
+    saved_method = "dora" if saved.get("use_dora") else str(saved.get("peft_type", "")).lower()
+    if saved_method != p.method:
+        return [f"{key}: {p.adapter_path} holds a {saved_method or 'unknown'} adapter, but peft.method is {p.method}"]
+    defaults = PeftConfig()
+    fixed = [k for k in ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens", "options")
+             if getattr(p, k) != getattr(defaults, k)]
+    return [f"peft.{k}: the adapter of peft.adapter_path keeps its own settings (its adapter_config.json); "
+            "leave it unset" for k in fixed]
 
 
 def _generic_problems(p: PeftConfig, defaults: PeftConfig, takes: set[str], method: str,
@@ -266,7 +297,10 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, task: str, total_steps: int | 
     import peft
     from transformers.modeling_layers import GenericForSequenceClassification
 
-    task_types = {"causal_lm": peft.TaskType.CAUSAL_LM, "sequence_classification": peft.TaskType.SEQ_CLS}
+    task_types = {"causal_lm": peft.TaskType.CAUSAL_LM, "sequence_classification": peft.TaskType.SEQ_CLS,
+                  "reward_model": peft.TaskType.SEQ_CLS}
+    if cfg.adapter_path:
+        return continue_adapter(model, cfg.adapter_path)
     if prepends_virtual_tokens(cfg.method) and isinstance(model, GenericForSequenceClassification):
         raise ConfigError(
             f"peft.method {cfg.method}: {type(model).__name__} classifies from the last non-pad token, which it "
@@ -286,6 +320,55 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, task: str, total_steps: int | 
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as err:
         raise ConfigError(f"peft.method {cfg.method}: cannot be applied to {type(model).__name__}: "
                           f"{_gist(err)[:300]}") from err
+
+
+# The frozen copy of the adapter a run continues (peft.adapter_path), beside the trained "default".
+REFERENCE_ADAPTER = "reference"
+
+
+def continue_adapter(model: nn.Module, folder: str) -> nn.Module:
+    """`model` with the adapter of `folder` to train on, and a frozen copy of it (REFERENCE_ADAPTER)
+    that never trains: what the run started from, which preference tuning compares against
+    (`reference_adapter`) instead of the bare base. Inactive, the copy costs its weights only."""
+    import peft
+
+    try:
+        model = peft.PeftModel.from_pretrained(model, folder, is_trainable=True)
+        model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
+        raise ConfigError(f"peft.adapter_path: {folder} cannot be loaded onto {type(model).__name__}: "
+                          f"{_gist(err)[:300]}") from err
+    for name, param in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name or name.endswith(f".{REFERENCE_ADAPTER}"):
+            param.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def reference_adapter(model: nn.Module):
+    """Forward as preference tuning's reference model: the trained adapter switched off (the base),
+    or, where the run continues an adapter, switched to the frozen copy of that adapter; which
+    parameters require gradients is left as it is (peft's set_adapter would change it)."""
+    model = getattr(model, "module", model)  # through a DDP or DeepSpeed wrapper
+    if is_bottleneck_model(model):
+        with adapters_switched_off(model):
+            yield
+        return
+    if REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
+        with model.disable_adapter():
+            yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    active = [layer._active_adapter for layer in layers]
+    for layer in layers:
+        layer._active_adapter = REFERENCE_ADAPTER
+    try:
+        yield
+    finally:
+        for layer, name in zip(layers, active):
+            layer._active_adapter = name
 
 
 def _linear_modules(model: nn.Module, target_modules: str | list) -> list[str]:
@@ -449,6 +532,11 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     except (NotImplementedError, ValueError, AttributeError) as err:
         raise UserError(f"merge: peft cannot merge peft.method {method}: {_gist(err)}; export the adapter "
                         "(without --merge) and load it with peft") from err
+
+
+def trained_adapters(model: nn.Module) -> list[str]:
+    """The names of a peft model's adapters that training changes (not the frozen reference copy)."""
+    return [name for name in model.peft_config if name != REFERENCE_ADAPTER]
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -6,7 +6,8 @@ report RUN_DIR` at any time, from `metrics.jsonl`, `summary.json`, `generations.
 next to it (`report/*.png`, matplotlib), no script and nothing fetched from the network.
 
 It shows the training curves (loss, learning rate, gradient norm, tokens/s, peak memory per
-logged step), each eval set's loss and accuracy (and the scores of generated answers) over
+logged step; a preference run's rewards and reward accuracy), each eval set's loss and accuracy
+(and the scores of generated answers, or a preference set's reward accuracy and margin) over
 the steps, a forgetting check's margin drawn as a dashed line at its step-0 value plus (loss)
 or minus (accuracy) the margin, the summary's first, best and last evaluations, and each
 held-out question's answer at the first evaluation beside its answer at the last. A resumed run
@@ -29,7 +30,12 @@ PLOT_INCHES = (6.4, 3.2)
 PLOT_DPI = 100  # 640 x 320 pixels
 STEP_PLOTS = (("loss", "training loss", ("loss",)), ("lr", "learning rate", ("lr",)),
               ("grad_norm", "gradient norm (before clipping)", ("grad_norm",)),
-              ("tokens_per_s", "tokens/s", ("tokens_per_s",)))
+              ("tokens_per_s", "tokens/s", ("tokens_per_s",)),
+              # preference runs (docs/preference.md)
+              ("rewards", "rewards of the chosen and rejected answers, and their margin",
+               ("rewards/chosen", "rewards/rejected", "rewards/margins")),
+              ("reward_accuracy", "reward accuracy (chosen rewarded above rejected)", ("rewards/accuracies",)))
+PREFERENCE_EVAL_KEYS = ("rewards/accuracies", "rewards/margins")  # of preference eval sets
 SCORE_KEYS = ("rougeL", "exact_match", "f1")  # 0-1 scores of generated answers
 CORPUS_KEYS = ("bleu", "chrf")  # 0-100
 
@@ -148,6 +154,8 @@ def _eval_plots(plots: _Plots, name: str, evals: list[dict], margin) -> list[str
     out.append(plots.line(f"eval-{name}-answers", f"{name}: scores of generated answers", scores))
     corpus = {m: _series(evals, key + m) for m in CORPUS_KEYS}
     out.append(plots.line(f"eval-{name}-corpus", f"{name}: BLEU and chrF of generated answers (0-100)", corpus))
+    rewards = {m: _series(evals, key + m) for m in PREFERENCE_EVAL_KEYS}
+    out.append(plots.line(f"eval-{name}-rewards", f"{name}: reward accuracy and margin of held-out pairs", rewards))
     return out
 
 
