@@ -259,10 +259,10 @@ def test_tensorboard_and_mlflow_hold_the_steps_of_metrics_jsonl_after_a_resume(t
     """A run of 4 steps saving every 2, its step-4 checkpoint then lost (as a crash between saves
     would lose it), resumed to step 8: it recomputes steps 3 and 4. Read back with TensorBoard's own
     event reader and MLflow's client on a local file store, every scalar of metrics.jsonl is there
-    at every step with the value that counted, in one MLflow run that holds the config. TensorBoard
-    purges what the first run logged past the checkpoint resumed from (its eval at step 4 too: that
-    work was lost); MLflow cannot delete a value: it holds metrics.jsonl's, step 4's eval included,
-    and of a step logged twice its latest value is the later record's."""
+    at every step with the value that counted, in one MLflow run that holds the config. metrics.jsonl
+    and TensorBoard drop what the first run logged past the checkpoint resumed from (its eval at
+    step 4 too: that work was lost); MLflow cannot delete a value: it also holds the first run's
+    step-4 eval, and of a step logged twice its latest value is the resumed run's."""
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -280,12 +280,13 @@ def test_tensorboard_and_mlflow_hold_the_steps_of_metrics_jsonl_after_a_resume(t
     run_cli(write_config(cfg, tmp_path / "c.yaml"), "train.max_steps=8", env_extra=env)
 
     records = read_metrics(out)
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]
-    logged = scalars_by_step(records)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))  # steps 3 and 4 once
+    kept = [r for r in first_run if r["step"] <= 2]  # the first run's records up to the checkpoint
+    assert records[:len(kept)] == kept
+    counted = scalars_by_step(records)
+    assert sorted(counted["eval/sft/loss"]) == [0, 8]
+    logged = scalars_by_step(first_run + records)  # all that was ever logged, the latest per step
     assert sorted(logged["eval/sft/loss"]) == [0, 4, 8]
-    # what counted: the first run's records up to the checkpoint resumed from, then the resumed run's
-    counted = scalars_by_step([r for r in first_run if r["step"] <= 2] + records[len(first_run):])
-    assert sorted(counted["loss"]) == list(range(1, 9)) and sorted(counted["eval/sft/loss"]) == [0, 8]
 
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()

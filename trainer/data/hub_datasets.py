@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-
 from trainer.config.schema import HUB_DATA_PREFIX, HUB_ID
 from trainer.data.sources import READABLE_SUFFIXES
 from trainer.model.hub import hub_snapshot
@@ -48,6 +46,10 @@ def parse_hub_data(path: str, key: str) -> HubDataSet:
 
 def hub_data_files(path: str, key: str, cache_dir: Path) -> tuple[Path, ...]:
     """The cached files of the data set's split, in the order `datasets` reads them."""
+    # Imported here, where an hf: data set is read: `datasets` takes a second to import and a
+    # training image without it (every other source reads without it) still trains.
+    import datasets
+
     spec = parse_hub_data(path, key)
     folder = hub_snapshot(spec.hub_id, f"{key}.path", repo_type="dataset")
     try:
