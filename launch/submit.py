@@ -167,10 +167,31 @@ def executor_parameters(cfg: Config, args) -> dict:
     return params
 
 
+# submitit configures logging as it is imported, unless this variable says NOCONFIG.
+SUBMITIT_LOG_ENV = "SUBMITIT_LOG_LEVEL"
+
+
+def import_submitit():
+    """submitit, imported without the logging set-up it does on import: its
+    logging.config.dictConfig closes every handler the process already has (finetrain's, and those
+    of libraries imported before it, which may close the stream they write to). Its records reach
+    finetrain's handlers instead. A variable the user set is left as it is; the job itself imports
+    submitit with the environment as it was (the variable is put back before submitting)."""
+    if os.environ.get(SUBMITIT_LOG_ENV) is not None:
+        import submitit
+
+        return submitit
+    os.environ[SUBMITIT_LOG_ENV] = "NOCONFIG"
+    try:
+        import submitit
+    finally:
+        del os.environ[SUBMITIT_LOG_ENV]
+    return submitit
+
+
 def submit(args) -> "submitit.Job":
     """Validate the config, then submit; raises a UserError before anything reaches Slurm."""
-    import submitit
-
+    submitit = import_submitit()
     config = str(Path(args.config).resolve())
     overrides = [*args.overrides, *slurm_overrides(args)]
     cfg = load_config(config, overrides)

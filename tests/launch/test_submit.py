@@ -268,3 +268,28 @@ def test_submitted_job_is_requeued_after_a_killed_rank_and_resumes(tmp_path, slu
     log = (output_dir / "slurm" / job_id / f"{job_id}_0_log.err").read_text()
     assert "finetrain: restart 1 of 3: rank 1 ended without a report" in log, log[-3000:]
     assert json.loads((output_dir / "summary.json").read_text())["restarts"] == 1
+
+
+def test_submitting_leaves_the_logging_of_the_process_as_it_was():
+    """submitit sets logging up as it is imported (logging.config.dictConfig), closing every
+    handler the process has: one writing to a stream it owns (absl's, installed by ROUGE's import)
+    closed that stream, and `finetrain submit` run in-process broke whatever wrote there. Imported
+    for `finetrain submit`, it closes none, its records reach the process's handlers, and the
+    environment the job inherits is the one before."""
+    code = """
+import logging, os
+closed = []
+class Handler(logging.StreamHandler):
+    def close(self):
+        closed.append(self)
+        super().close()
+logging.basicConfig(level=logging.INFO, handlers=[Handler()])
+from launch.submit import import_submitit
+submitit = import_submitit()
+assert not closed, "a handler was closed"
+assert "SUBMITIT_LOG_LEVEL" not in os.environ
+assert logging.getLogger("submitit").getEffectiveLevel() == logging.INFO
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=trainer_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
