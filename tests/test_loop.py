@@ -51,8 +51,9 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
     """Stopped by a signal, resumed from its checkpoint (on each of `resume_ranks` ranks,
     from copies of the stopped run), the run logs the uninterrupted run's losses. On 2 ranks the
     stopped run is sequence-parallel (parallel.sequence_parallel 2: both ranks read the same rows,
-    each computes half of every row), the uninterrupted one data-parallel (each rank its own rows),
-    and the copies resume on 2 ranks with sequence parallelism and on 1 rank without it."""
+    each computes half of every row), the uninterrupted one on one process (in this one: the same
+    global batch, summed in another order), and the copies resume on 2 ranks with sequence
+    parallelism and on 1 rank without it."""
     steps = 60 if ranks == 1 else 30  # two ranks start slower; fewer steps keep the test short
     sections = dict(train={"max_steps": steps, "log_every": 1, "save_every": steps // 3},
                     optim={"lr": 3e-3, "warmup_steps": 5})
@@ -60,10 +61,7 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
         sections["data"] = {"eval": {"fraction": 0.1, "generate": 2, "max_new_tokens": 8}}
     launch = ["--nproc", str(ranks)] if ranks > 1 else []
     reference = causal_config(tmp_path / "reference", rows=96, **sections)
-    if launch:
-        run_cli(write_config(reference, tmp_path / "reference.yaml"), *launch)
-    else:
-        train_here(write_config(reference, tmp_path / "reference.yaml"))
+    train_here(write_config(reference, tmp_path / "reference.yaml"))
     expected = step_losses(Path(reference["run"]["output_dir"]))
     assert sorted(expected) == list(range(1, steps + 1))
 
@@ -100,8 +98,8 @@ def test_resume_after_signal_is_exact(tmp_path, sig, ranks, resume_ranks, sequen
         finished = json.loads((copy / "summary.json").read_text())
         assert (finished["status"], finished["steps"]) == ("finished", steps)
         assert finished["wall_time_s"] > stopped["wall_time_s"]  # the summary covers both processes
-        # another world size, or another split of the rows, sums in another order
-        tolerance = 1e-6 if resumed_ranks == ranks and sequence == 1 else 1e-5
+        # another world size than the reference's, or another split of the rows, sums in another order
+        tolerance = 1e-6 if resumed_ranks == ranks == 1 else 1e-5
         for step in range(1, steps + 1):
             assert resumed[step] == pytest.approx(expected[step], rel=tolerance, abs=tolerance / 10), step
         lines = (copy / "metrics.jsonl").read_text().splitlines()
