@@ -54,10 +54,10 @@ smoke: $(STAMP)
 # The layers of .importlinter first (seconds): an import against them fails before any test runs.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --timeout 900 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --timeout 900 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 # The fuzz tests' longer mode: 50 times the cases of `make test`, from fresh random seeds (a failure
 # prints the @reproduce_failure line that replays it; docs/faults.md).
