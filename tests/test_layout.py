@@ -238,3 +238,13 @@ def test_no_test_module_imports_another():
             found += [f"{path.relative_to(REPO)}:{node.lineno} imports {name}" for name in imported
                       if name.split(".")[0] in names]
     assert found == []
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    """The README says what finetrain is and points to a page per topic: at most 250 lines, and every
+    page of docs/ linked from it (a page nobody links is a page nobody finds)."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    linked = set(re.findall(r"\]\((docs/[\w-]+\.md)\)", readme))
+    pages = {f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")}
+    assert pages and pages <= linked, sorted(pages - linked)
