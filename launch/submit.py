@@ -177,15 +177,13 @@ def import_submitit():
     of libraries imported before it, which may close the stream they write to). Its records reach
     finetrain's handlers instead. A variable the user set is left as it is; the job itself imports
     submitit with the environment as it was (the variable is put back before submitting)."""
-    if os.environ.get(SUBMITIT_LOG_ENV) is not None:
-        import submitit
-
-        return submitit
-    os.environ[SUBMITIT_LOG_ENV] = "NOCONFIG"
+    set_by_user = SUBMITIT_LOG_ENV in os.environ
+    os.environ.setdefault(SUBMITIT_LOG_ENV, "NOCONFIG")
     try:
         import submitit
     finally:
-        del os.environ[SUBMITIT_LOG_ENV]
+        if not set_by_user:
+            del os.environ[SUBMITIT_LOG_ENV]
     return submitit
 
 

@@ -33,4 +33,3 @@ def tiny_bert_config() -> dict:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests of tens of seconds (they still run in CI)")
-
